@@ -1,0 +1,117 @@
+"""mixed_sum: the weighted sum of a DARTS mixed op, ``sum(weights[k] * xs[k])``.
+
+Forward reads each input once and writes the output once. Backward reads the
+output gradient once and writes the gradient of every input that needs one,
+plus the weights' gradient by a fixed-order two-stage reduction (bit-identical
+across runs). Inputs are never stacked into one K-times larger tensor.
+
+Ops registered with torch.library:
+  fastnas::mixed_sum / mixed_sum_backward               C++ (CPU and CUDA kernels)
+  fastnas::mixed_sum_triton / mixed_sum_triton_backward  Triton kernels
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fastnas import backends
+from fastnas.ops._common import check_inputs, fill_grads, grad_flags, resolve
+
+
+def mixed_sum_reference(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """The oracle: eager PyTorch, one multiply and one add per candidate."""
+    out = weights[0] * xs[0]
+    for k in range(1, len(xs)):
+        out = out + weights[k] * xs[k]
+    return out
+
+
+def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """``sum(weights[k] * xs[k])`` over K tensors of one shape, dtype and device.
+
+    ``weights`` is 1-D of length K and may have another floating dtype than xs
+    (fp32 architecture weights with bf16 activations); the result has the dtype
+    of ``xs`` and is accumulated in fp32 (fp64 for fp64 inputs).
+    """
+    xs = check_inputs("mixed_sum", xs, weights)
+    name = resolve(xs[0].device, backend)
+    if name == "reference":
+        return mixed_sum_reference(xs, weights)
+    if name == "triton":
+        return torch.ops.fastnas.mixed_sum_triton(xs, weights)
+    return torch.ops.fastnas.mixed_sum(xs, weights)
+
+
+# --- autograd, shared by the C++ and the Triton op -------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    xs, weights = inputs
+    ctx.xs_need = grad_flags(xs)
+    ctx.w_need = bool(weights.requires_grad)
+    # xs are read back only for the weights' gradient; keep them only then.
+    ctx.save_for_backward(weights, *(xs if ctx.w_need else ()))
+
+
+def _make_backward(backward_op):
+    def backward(ctx, grad_out):
+        weights, *xs = ctx.saved_tensors
+        grad_xs, grad_w = backward_op(grad_out, xs, weights, ctx.xs_need, ctx.w_need)
+        return fill_grads(ctx.xs_need, grad_xs), (grad_w if ctx.w_need else None)
+
+    return backward
+
+
+def _fake_forward(xs, weights):
+    return torch.empty_like(xs[0], memory_format=torch.contiguous_format)
+
+
+def _fake_backward(grad_out, xs, weights, xs_need_grad, weights_need_grad):
+    grad_xs = [torch.empty_like(grad_out, memory_format=torch.contiguous_format) for need in xs_need_grad if need]
+    grad_w = weights.new_empty((weights.shape[0] if weights_need_grad else 0,))
+    return grad_xs, grad_w
+
+
+def _register_cpp():
+    if backends.extension() is None:
+        return
+    torch.library.register_fake("fastnas::mixed_sum")(_fake_forward)
+    torch.library.register_fake("fastnas::mixed_sum_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "fastnas::mixed_sum",
+        _make_backward(torch.ops.fastnas.mixed_sum_backward),
+        setup_context=_setup_context,
+    )
+
+
+# The Triton kernels take the K input pointers through a device-side table built
+# from data_ptr(), which Inductor cannot trace; so these are opaque custom ops
+# rather than torch.library.triton_op.
+@torch.library.custom_op("fastnas::mixed_sum_triton", mutates_args=())
+def _mixed_sum_triton(xs: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    from fastnas.kernels.mixed_sum import mixed_sum_forward
+
+    return mixed_sum_forward([x.contiguous() for x in xs], weights.contiguous())
+
+
+@torch.library.custom_op("fastnas::mixed_sum_triton_backward", mutates_args=())
+def _mixed_sum_triton_backward(
+    grad_out: torch.Tensor,
+    xs: list[torch.Tensor],
+    weights: torch.Tensor,
+    xs_need_grad: list[bool],
+    weights_need_grad: bool,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    from fastnas.kernels.mixed_sum import mixed_sum_backward
+
+    return mixed_sum_backward(
+        grad_out.contiguous(), [x.contiguous() for x in xs], weights.contiguous(), xs_need_grad, weights_need_grad
+    )
+
+
+_mixed_sum_triton.register_fake(_fake_forward)
+_mixed_sum_triton_backward.register_fake(_fake_backward)
+_mixed_sum_triton.register_autograd(_make_backward(_mixed_sum_triton_backward), setup_context=_setup_context)
+_register_cpp()

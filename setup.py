@@ -1,0 +1,123 @@
+"""Build of fastnas and its extension fastnas._C.
+
+The CPU kernels are always built. The CUDA kernels are built whenever nvcc and a
+CUDA build of torch are present, with or without a visible GPU; FASTNAS_CUDA=0
+skips them. Install with ``pip install --no-build-isolation -e .`` so the
+extension is compiled against the torch already in the environment.
+"""
+
+import glob
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+# Default arch list when TORCH_CUDA_ARCH_LIST is unset and no GPU can be asked:
+# Ampere and Hopper, the GPUs DARTS searches run on today.
+DEFAULT_CUDA_ARCHS = "8.0;9.0"
+
+
+def _cuda_wanted():
+    """Return (build_cuda, reason) from the environment, never raising."""
+    if os.environ.get("FASTNAS_CUDA", "1") == "0":
+        return False, "FASTNAS_CUDA=0"
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME
+    except Exception as exc:  # torch missing: the CPU build will fail loudly anyway
+        return False, f"torch not importable: {exc}"
+    if torch.version.cuda is None:
+        return False, "torch is a CPU-only build"
+    if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, ""
+
+
+def _torch_wheel_cuda_includes():
+    """Header folders of torch's pip CUDA libraries (cuBLAS, cuSPARSE, ...).
+
+    A bare CUDA toolkit may lack headers that ATen's CUDA headers include; the
+    nvidia-* wheels that torch depends on ship them.
+    """
+    dirs = []
+    for entry in sys.path:
+        base = Path(entry) / "nvidia"
+        if base.is_dir():
+            dirs += sorted(str(p) for p in base.glob("*/include") if p.is_dir())
+    return dirs
+
+
+def _set_max_jobs():
+    if "MAX_JOBS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gib = 8.0
+    # nvcc on ATen headers peaks near 3 GiB per job.
+    os.environ["MAX_JOBS"] = str(max(1, min(cores, int(mem_gib // 3))))
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    build_cuda, why_not = _cuda_wanted()
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    define_macros = []
+    include_dirs = [str(ROOT / "csrc")]
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros.append(("FASTNAS_WITH_CUDA", None))
+        include_dirs += _torch_wheel_cuda_includes()
+        ext = CUDAExtension(
+            "fastnas._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=openmp,
+        )
+    else:
+        print(f"fastnas: building without CUDA kernels ({why_not})")
+        ext = CppExtension(
+            "fastnas._C",
+            sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=openmp,
+        )
+    return [ext]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    _set_max_jobs()
+    setup(
+        packages=[
+            "fastnas",
+            "fastnas.ops",
+            "fastnas.kernels",
+            "fastnas.nn",
+            "fastnas.spaces",
+            "fastnas.search",
+            "fastnas.data",
+        ],
+        # The Triton kernels live in kernels/ but belong to the fastnas package:
+        # a bare top-level ``kernels`` module would clash with another project.
+        package_dir={"fastnas": "fastnas", "fastnas.kernels": "kernels"},
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
