@@ -1,1 +1,1 @@
-"""fastnas.spaces."""
+"""Search spaces: the DARTS cell space and the NAS-Bench-201 cell space."""

@@ -1,0 +1,117 @@
+"""The DARTS search cell: two inputs, ``steps`` intermediate nodes, one mixed op per edge."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from fastnas.ops import mixed_sum
+from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp
+from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
+
+
+def num_edges(steps: int) -> int:
+    """Edges of a DARTS cell: node i (0-based) has 2 + i incoming edges."""
+    return sum(2 + i for i in range(steps))
+
+
+def edge_endpoints(steps: int) -> list[tuple[int, int]]:
+    """(source state, target node) of every edge, in the order of the weight rows.
+
+    States 0 and 1 are the cell inputs; state 2 + i is intermediate node i.
+    """
+    return [(j, i) for i in range(steps) for j in range(2 + i)]
+
+
+def normalize_edge_weights(betas: torch.Tensor, steps: int) -> torch.Tensor:
+    """Softmax of the edge betas over the incoming edges of each node (PC-DARTS)."""
+    parts, start = [], 0
+    for i in range(steps):
+        end = start + 2 + i
+        parts.append(torch.softmax(betas[start:end], dim=-1))
+        start = end
+    return torch.cat(parts)
+
+
+class Cell(nn.Module):
+    """A DARTS search cell.
+
+    Args:
+        steps: intermediate nodes (4 in DARTS, giving 14 edges).
+        multiplier: how many of the last nodes are concatenated as the output.
+        C_prev_prev, C_prev: channels of the two cell inputs.
+        C: channels of every node.
+        reduction: this cell halves the resolution (stride 2 on edges from inputs).
+        reduction_prev: the previous cell did, so input 0 is reduced to match.
+        edge_primitives: one candidate list per edge, all the same length.
+        partial_channels: K of PC-DARTS, or None for full mixed ops.
+        backend, memory: passed to the mixed ops.
+
+    ``forward(s0, s1, weights, edge_weights=None, indices=None)``: ``weights`` is
+    (edges, candidates); ``edge_weights`` (edges,) scales each edge's output
+    before the node sum (edge normalisation); ``indices`` (one int per edge)
+    runs only that candidate of each edge.
+    """
+
+    def __init__(
+        self,
+        steps: int,
+        multiplier: int,
+        C_prev_prev: int,
+        C_prev: int,
+        C: int,
+        reduction: bool,
+        reduction_prev: bool,
+        edge_primitives: Sequence[Sequence[str]],
+        partial_channels: int | None = None,
+        backend: str | None = None,
+        memory: str = "save",
+    ):
+        super().__init__()
+        if len(edge_primitives) != num_edges(steps):
+            raise ValueError(f"a cell of {steps} steps has {num_edges(steps)} edges, got {len(edge_primitives)} lists")
+        self.steps = steps
+        self.multiplier = multiplier
+        self.reduction = reduction
+        self.backend = backend
+        if reduction_prev:
+            self.preprocess0 = FactorizedReduce(C_prev_prev, C, affine=False)
+        else:
+            self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
+        self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.edges = nn.ModuleList()
+        for (j, _), names in zip(edge_endpoints(steps), edge_primitives):
+            stride = 2 if reduction and j < 2 else 1
+            if partial_channels is None:
+                op = MixedOp(C, stride, names, backend=backend, memory=memory)
+            else:
+                op = PartialChannelMixedOp(C, stride, names, partial_channels, backend=backend, memory=memory)
+            self.edges.append(op)
+
+    def forward(
+        self,
+        s0: torch.Tensor,
+        s1: torch.Tensor,
+        weights: torch.Tensor,
+        edge_weights: torch.Tensor | None = None,
+        indices: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        offset = 0
+        for _ in range(self.steps):
+            n = len(states)
+            outs = [
+                self.edges[offset + j](h, weights[offset + j], None if indices is None else indices[offset + j])
+                for j, h in enumerate(states)
+            ]
+            if edge_weights is None:
+                node = outs[0]
+                for out in outs[1:]:
+                    node = node + out
+            else:
+                node = mixed_sum(outs, edge_weights[offset : offset + n], backend=self.backend)
+            states.append(node)
+            offset += n
+        return torch.cat(states[-self.multiplier :], dim=1)

@@ -1,0 +1,91 @@
+"""What every supernet shares: parameter groups, sampling mode, skip dropout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastnas.nn.mixed_op import MixedOp
+
+SAMPLING_MODES = ("softmax", "gumbel")
+
+
+def gumbel_softmax_hard(logits: torch.Tensor, tau: float, max_tries: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """Straight-through Gumbel-softmax over the last dimension (GDAS).
+
+    Returns ``(hard, index)``: ``hard`` is one-hot in value, with the gradient of
+    the soft sample; ``index`` is the sampled candidate of every row. Samples
+    whose soft weights contain inf or NaN (a Gumbel draw of -log(0), or a tiny
+    tau) are drawn again, as GDAS does.
+    """
+    for _ in range(max_tries):
+        gumbels = -torch.empty_like(logits).exponential_().log()
+        soft = torch.softmax((logits.log_softmax(dim=-1) + gumbels) / tau, dim=-1)
+        if torch.isfinite(gumbels).all() and torch.isfinite(soft).all():
+            index = soft.argmax(dim=-1)
+            one_hot = torch.zeros_like(soft).scatter_(-1, index.unsqueeze(-1), 1.0)
+            return one_hot - soft.detach() + soft, index
+    raise FloatingPointError(
+        f"Gumbel-softmax gave inf/NaN weights {max_tries} times in a row (tau={tau}); "
+        "the architecture parameters are probably not finite"
+    )
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the distributions in the rows of ``probs``."""
+    return -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1).mean()
+
+
+class SuperNet(nn.Module):
+    """Base of the search networks; subclasses define ``arch_parameters``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sampling = "softmax"
+        self.tau = 1.0
+        self._skip_drop_prob = 0.0
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """The architecture parameters (alphas, and betas where used)."""
+        raise NotImplementedError
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        """Every parameter that is not an architecture parameter."""
+        arch = {id(p) for p in self.arch_parameters()}
+        return [p for p in self.parameters() if id(p) not in arch]
+
+    def set_sampling(self, mode: str = "softmax", tau: float = 1.0) -> None:
+        """Choose how edge weights come from the alphas.
+
+        "softmax": every candidate, weighted by softmax(alpha) (DARTS).
+        "gumbel": one hard Gumbel-softmax sample per edge and forward pass,
+        temperature ``tau``; only the sampled candidate runs, forward and
+        backward, and the alphas get the straight-through gradient (GDAS).
+        """
+        if mode not in SAMPLING_MODES:
+            raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {mode!r}")
+        if not tau > 0:
+            raise ValueError(f"tau must be positive, got {tau}")
+        self.sampling = mode
+        self.tau = float(tau)
+
+    @property
+    def skip_drop_prob(self) -> float:
+        """Dropout probability on the identity skip_connect candidates in training (P-DARTS)."""
+        return self._skip_drop_prob
+
+    @skip_drop_prob.setter
+    def skip_drop_prob(self, p: float) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"skip_drop_prob must be in [0, 1), got {p}")
+        self._skip_drop_prob = float(p)
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.skip_drop_prob = float(p)
+
+    def _edge_weights(self, alphas: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+        """Per-edge candidate weights, and the sampled candidates in gumbel mode."""
+        if self.sampling == "softmax":
+            return torch.softmax(alphas, dim=-1), None
+        hard, index = gumbel_softmax_hard(alphas, self.tau)
+        return hard, index.tolist()
