@@ -1,0 +1,213 @@
+"""The NAS-Bench-201 search space (Dong and Yang, 2020).
+
+A cell has 4 nodes; node i takes every earlier node through one edge (6 edges)
+and each edge is one of 5 operations, 5**6 = 15,625 architectures. The search
+network stacks 3 stages of N cells with ResNet basic blocks between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from fastnas.nn.mixed_op import MixedOp
+from fastnas.nn.operations import ReLUConvBN, check_primitives
+from fastnas.nn.supernet import SuperNet, entropy
+
+NB201_PRIMITIVES = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
+NB201_NODES = 4
+
+
+def nb201_edges(max_nodes: int = NB201_NODES) -> list[tuple[int, int]]:
+    """(target node, source node) of every edge, in the order of the weight rows."""
+    return [(i, j) for i in range(1, max_nodes) for j in range(i)]
+
+
+class NB201Arch:
+    """A NAS-Bench-201 cell: for each node 1..3, its (op, source node) inputs.
+
+    ``str(arch)`` / ``to_string()`` give the benchmark's format, for example
+    ``|nor_conv_3x3~0|+|none~0|skip_connect~1|+|avg_pool_3x3~0|nor_conv_1x1~1|nor_conv_3x3~2|``.
+    """
+
+    def __init__(self, nodes: Sequence[Sequence[tuple[str, int]]]):
+        self.nodes = tuple(tuple((str(op), int(j)) for op, j in node) for node in nodes)
+        for i, node in enumerate(self.nodes, start=1):
+            sources = sorted(j for _, j in node)
+            if sources != list(range(i)):
+                raise ValueError(f"node {i} must take each of nodes 0..{i - 1} once, got sources {sources}")
+            for op, _ in node:
+                if "~" in op or "|" in op or "+" in op:
+                    raise ValueError(f"op name {op!r} cannot contain '~', '|' or '+'")
+
+    def to_string(self) -> str:
+        """The NAS-Bench-201 architecture string."""
+        return "+".join("|" + "|".join(f"{op}~{j}" for op, j in node) + "|" for node in self.nodes)
+
+    @classmethod
+    def from_string(cls, text: str) -> "NB201Arch":
+        """Parse a NAS-Bench-201 architecture string; raises ValueError if malformed."""
+        nodes = []
+        for part in text.strip().split("+"):
+            if len(part) < 2 or part[0] != "|" or part[-1] != "|":
+                raise ValueError(f"malformed NAS-Bench-201 string {text!r}: node {part!r} must be wrapped in '|'")
+            node = []
+            for item in part[1:-1].split("|"):
+                op, sep, j = item.partition("~")
+                if not sep or not op or not j.isdigit():
+                    raise ValueError(f"malformed NAS-Bench-201 string {text!r}: {item!r} is not 'op~input'")
+                node.append((op, int(j)))
+            nodes.append(node)
+        return cls(nodes)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict: {"arch": string, "nodes": [[[op, input], ...], ...]}."""
+        return {"arch": self.to_string(), "nodes": [[[op, j] for op, j in node] for node in self.nodes]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "NB201Arch":
+        """Inverse of ``to_dict`` (the string alone is enough)."""
+        if "arch" in data:
+            return cls.from_string(data["arch"])
+        if "nodes" in data:
+            return cls(data["nodes"])
+        raise ValueError("a NAS-Bench-201 arch dict needs an 'arch' string or a 'nodes' list")
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, NB201Arch) and self.nodes == other.nodes
+
+    def __hash__(self) -> int:
+        return hash(self.nodes)
+
+    def __str__(self) -> str:
+        return self.to_string()
+
+    def __repr__(self) -> str:
+        return f"NB201Arch({self.to_string()!r})"
+
+
+class ResNetBasicBlock(nn.Module):
+    """The residual reduction block between NAS-Bench-201 stages (stride 2)."""
+
+    def __init__(self, C_in: int, C_out: int, stride: int = 2):
+        super().__init__()
+        self.conv_a = ReLUConvBN(C_in, C_out, 3, stride, 1, affine=True)
+        self.conv_b = ReLUConvBN(C_out, C_out, 3, 1, 1, affine=True)
+        if stride == 2:
+            self.downsample = nn.Sequential(nn.AvgPool2d(2, 2), nn.Conv2d(C_in, C_out, 1, bias=False))
+        elif C_in != C_out:
+            self.downsample = ReLUConvBN(C_in, C_out, 1, 1, 0, affine=True)
+        else:
+            self.downsample = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample(x) + self.conv_b(self.conv_a(x))
+
+
+class NB201SearchCell(nn.Module):
+    """A NAS-Bench-201 search cell: a mixed op on each of the 6 edges, node sums."""
+
+    def __init__(self, C: int, primitives: Sequence[str], backend: str | None = None, max_nodes: int = NB201_NODES):
+        super().__init__()
+        self.max_nodes = max_nodes
+        # NAS-Bench-201 pools without a batch norm after them.
+        self.edges = nn.ModuleList(
+            MixedOp(C, 1, primitives, affine=False, pool_bn=False, backend=backend) for _ in nb201_edges(max_nodes)
+        )
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: Sequence[int] | None = None) -> torch.Tensor:
+        nodes = [x]
+        e = 0
+        for i in range(1, self.max_nodes):
+            node = None
+            for j in range(i):
+                out = self.edges[e](nodes[j], weights[e], None if indices is None else indices[e])
+                node = out if node is None else node + out
+                e += 1
+            nodes.append(node)
+        return nodes[-1]
+
+
+class NB201SearchNetwork(SuperNet):
+    """The NAS-Bench-201 supernet: stem, 3 stages of N search cells, residual reductions.
+
+    Args:
+        C: channels of the first stage (doubled at each reduction).
+        N: search cells per stage.
+        num_classes: outputs of the classifier.
+        primitives: candidate names of every edge.
+        backend: fastnas backend of the fused ops.
+        in_channels: channels of the input images.
+
+    All cells share one architecture parameter ``alphas`` (6 x candidates).
+    """
+
+    def __init__(
+        self,
+        C: int = 16,
+        N: int = 5,
+        num_classes: int = 10,
+        primitives: Sequence[str] = NB201_PRIMITIVES,
+        backend: str | None = None,
+        in_channels: int = 3,
+    ):
+        super().__init__()
+        self.primitives = check_primitives(primitives)
+        self.backend = backend
+        self.config = dict(C=C, N=N, num_classes=num_classes, primitives=list(self.primitives), backend=backend, in_channels=in_channels)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
+        self.cells = nn.ModuleList()
+        C_prev = C
+        for stage in range(3):
+            C_curr = C * 2**stage
+            if stage > 0:
+                self.cells.append(ResNetBasicBlock(C_prev, C_curr, 2))
+            for _ in range(N):
+                self.cells.append(NB201SearchCell(C_curr, self.primitives, backend))
+            C_prev = C_curr
+        self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
+        self.global_pooling = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(C_prev, num_classes)
+        self.alphas = nn.Parameter(1e-3 * torch.randn(len(nb201_edges()), len(self.primitives)))
+
+    def arch_parameters(self) -> list[nn.Parameter]:
+        """[alphas]."""
+        return [self.alphas]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits of shape (N, num_classes)."""
+        weights, indices = self._edge_weights(self.alphas)
+        out = self.stem(x)
+        for cell in self.cells:
+            out = cell(out, weights, indices) if isinstance(cell, NB201SearchCell) else cell(out)
+        out = self.global_pooling(self.lastact(out))
+        return self.classifier(out.flatten(1))
+
+    def arch_weights(self) -> dict[str, torch.Tensor]:
+        """{"cell": softmaxed alphas}, detached on the CPU."""
+        with torch.no_grad():
+            return {"cell": torch.softmax(self.alphas, dim=-1).cpu()}
+
+    def arch_entropy(self) -> dict[str, float]:
+        """Mean entropy (nats) of the candidate distribution of the edges."""
+        return {"cell": float(entropy(self.arch_weights()["cell"]))}
+
+    def genotype(self) -> NB201Arch:
+        """The architecture of the strongest candidate per edge (``none`` included, as NAS-Bench-201)."""
+        best = self.arch_weights()["cell"].argmax(dim=-1).tolist()
+        nodes: list[list[tuple[str, int]]] = [[] for _ in range(NB201_NODES - 1)]
+        for e, (i, j) in enumerate(nb201_edges()):
+            nodes[i - 1].append((self.primitives[best[e]], j))
+        return NB201Arch(nodes)
+
+
+def plot_nb201(arch: NB201Arch, path) -> None:
+    """Write a PNG picture of the NAS-Bench-201 cell ``arch`` to ``path``."""
+    from fastnas.spaces.plot import draw_cell, stack_images
+
+    edges = [(j, i, op) for i, node in enumerate(arch.nodes, start=1) for op, j in node]
+    last = len(arch.nodes)
+    image = draw_cell(f"cell {arch.to_string()}", ["0"], [str(i) for i in range(1, last + 1)], edges, [last], "out")
+    stack_images([image], path)
