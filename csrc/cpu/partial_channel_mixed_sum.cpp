@@ -1,0 +1,235 @@
+// partial_channel_mixed_sum on CPU: the PC-DARTS edge
+// channel_shuffle(cat([sum_k weights[k] * xs[k], pool?(bypass)], 1), groups)
+// in one pass, and its backward.
+//
+// Every (n, channel) plane of H*W elements is contiguous in the inputs and in
+// the output, so the work is cut into chunks of a plane, each written straight
+// to its shuffled output plane.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <tuple>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/weighted_sum.h"
+
+namespace fastnas {
+namespace cpu {
+namespace {
+
+constexpr const char* kForward = "partial_channel_mixed_sum";
+constexpr const char* kBackward = "partial_channel_mixed_sum_backward";
+
+// A chunk of one plane: plane index (over N * channels) and element range.
+struct PlaneChunk {
+  int64_t plane, off, len;
+};
+
+inline PlaneChunk plane_chunk(int64_t task, int64_t chunks_per_plane, int64_t plane_size) {
+  PlaneChunk pc;
+  pc.plane = task / chunks_per_plane;
+  pc.off = (task - pc.plane * chunks_per_plane) * kChunk;
+  pc.len = std::min(kChunk, plane_size - pc.off);
+  return pc;
+}
+
+// Pooled bypass for output positions [off, off + len) of one plane; src is
+// the bypass plane, (2h, 2w).
+template <typename scalar_t>
+inline void pool_chunk(const scalar_t* __restrict__ src, int64_t w, int64_t off, int64_t len,
+                       scalar_t* __restrict__ dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t oh = off / w, ow = off - (off / w) * w;
+  for (int64_t i = 0; i < len; ++i) {
+    const scalar_t* top = src + (2 * oh) * (2 * w) + 2 * ow;
+    const scalar_t* bottom = top + 2 * w;
+    dst[i] = static_cast<scalar_t>(math::max_pool_2x2<acc_t>(top[0], top[1], bottom[0], bottom[1]).value);
+    if (++ow == w) {
+      ow = 0;
+      ++oh;
+    }
+  }
+}
+
+// Gradient of the pooled bypass for output positions [off, off + len): each
+// 2x2 window gets the output gradient at its argmax and zeros elsewhere.
+template <typename scalar_t>
+inline void pool_backward_chunk(const scalar_t* __restrict__ go, const scalar_t* __restrict__ src, int64_t w,
+                                int64_t off, int64_t len, scalar_t* __restrict__ grad) {
+  using acc_t = at::opmath_type<scalar_t>;
+  int64_t oh = off / w, ow = off - (off / w) * w;
+  for (int64_t i = 0; i < len; ++i) {
+    const int64_t top = (2 * oh) * (2 * w) + 2 * ow;
+    const int64_t bottom = top + 2 * w;
+    const int arg = math::max_pool_2x2<acc_t>(src[top], src[top + 1], src[bottom], src[bottom + 1]).index;
+    const scalar_t g = go[i];
+    grad[top] = math::pool_grad_at(0, arg, g);
+    grad[top + 1] = math::pool_grad_at(1, arg, g);
+    grad[bottom] = math::pool_grad_at(2, arg, g);
+    grad[bottom + 1] = math::pool_grad_at(3, arg, g);
+    if (++ow == w) {
+      ow = 0;
+      ++oh;
+    }
+  }
+}
+
+at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
+                                     int64_t groups, bool bypass_pool) {
+  check_xs(kForward, xs);
+  const int64_t k_count = static_cast<int64_t>(xs.size());
+  check_weights(kForward, weights, k_count, xs[0].device());
+  TORCH_CHECK(xs[0].device().is_cpu(), kForward, ": the CPU kernel got xs on ", xs[0].device());
+  TORCH_CHECK(bypass.scalar_type() == xs[0].scalar_type(), kForward, ": bypass has dtype ", bypass.scalar_type(),
+              " but xs have dtype ", xs[0].scalar_type());
+  TORCH_CHECK(bypass.device() == xs[0].device(), kForward, ": bypass is on ", bypass.device(), " but xs are on ",
+              xs[0].device());
+  const PartialChannelShape s = check_partial_channel(kForward, xs[0].sizes(), bypass, groups, bypass_pool);
+
+  const auto dtype = xs[0].scalar_type();
+  at::Tensor out = at::empty({s.n, s.channels(), s.h, s.w}, xs[0].options());
+  const int64_t hw = s.plane();
+  if (out.numel() == 0) return out;
+  const auto xc = contiguous_all(xs);
+  const at::Tensor bc = bypass.contiguous();
+  const at::Tensor w = weights_for_accumulation(weights, dtype);
+  const int64_t chunks_per_plane = ceil_div(hw, kChunk);
+  const int64_t channels = s.channels(), cpg = s.channels_per_group();
+  const int64_t bypass_plane = bypass_pool ? 4 * hw : hw;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    std::vector<const scalar_t*> ptrs;
+    for (const auto& x : xc) ptrs.push_back(x.data_ptr<scalar_t>());
+    const acc_t* wp = w.data_ptr<acc_t>();
+    const scalar_t* bp = bc.data_ptr<scalar_t>();
+    scalar_t* outp = out.data_ptr<scalar_t>();
+    const int64_t tasks = s.n * channels * chunks_per_plane;
+    at::parallel_for(0, tasks, grain_in_chunks(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t t = begin; t < end; ++t) {
+        const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
+        const int64_t n = pc.plane / channels, c = pc.plane - n * channels;
+        scalar_t* dst = outp + (n * channels + math::shuffled_channel(c, cpg, groups)) * hw + pc.off;
+        if (c < s.cp) {
+          weighted_sum_chunk(ptrs.data(), k_count, wp, (n * s.cp + c) * hw + pc.off, pc.len, dst, buf);
+        } else if (bypass_pool) {
+          pool_chunk(bp + (n * s.cb + (c - s.cp)) * bypass_plane, s.w, pc.off, pc.len, dst);
+        } else {
+          const scalar_t* src = bp + (n * s.cb + (c - s.cp)) * hw + pc.off;
+          std::copy(src, src + pc.len, dst);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixed_sum_backward(
+    const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
+    int64_t groups, bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad,
+    bool bypass_need_grad) {
+  const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
+  check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
+  TORCH_CHECK(grad_out.device().is_cpu(), kBackward, ": the CPU kernel got grad_out on ", grad_out.device());
+  TORCH_CHECK(grad_out.dim() == 4, kBackward, ": grad_out must be 4-D NCHW, got shape ", grad_out.sizes());
+  TORCH_CHECK(bypass.dim() == 4, kBackward, ": bypass must be a 4-D NCHW tensor, got shape ", bypass.sizes());
+  const int64_t cb = bypass.size(1);
+  TORCH_CHECK(grad_out.size(1) >= cb, kBackward, ": grad_out has ", grad_out.size(1),
+              " channels, fewer than the bypass's ", cb);
+  const std::vector<int64_t> x_shape{grad_out.size(0), grad_out.size(1) - cb, grad_out.size(2), grad_out.size(3)};
+  const PartialChannelShape s = check_partial_channel(kBackward, x_shape, bypass, groups, bypass_pool);
+  for (size_t k = 0; k < xs.size(); ++k) {
+    TORCH_CHECK(xs[k].sizes() == at::IntArrayRef(x_shape), kBackward, ": xs[", k, "] has shape ", xs[k].sizes(),
+                " but grad_out implies ", at::IntArrayRef(x_shape));
+  }
+  if (bypass_need_grad) {
+    TORCH_CHECK(bypass.scalar_type() == grad_out.scalar_type(), kBackward, ": bypass has dtype ",
+                bypass.scalar_type(), " but grad_out has dtype ", grad_out.scalar_type());
+    TORCH_CHECK(bypass.device() == grad_out.device(), kBackward, ": bypass is on ", bypass.device(),
+                " but grad_out is on ", grad_out.device());
+  }
+
+  const int64_t k_count = weights.size(0);
+  const auto dtype = grad_out.scalar_type();
+  const auto acc_dtype = accumulate_dtype(dtype);
+  std::vector<at::Tensor> grad_xs;
+  for (int64_t k = 0; k < k_count; ++k) {
+    if (xs_need_grad[k]) grad_xs.push_back(at::empty(x_shape, grad_out.options()));
+  }
+  at::Tensor grad_w_acc = at::zeros({weights_need_grad ? k_count : 0}, weights.options().dtype(acc_dtype));
+  at::Tensor grad_b = bypass_need_grad ? at::empty(bypass.sizes(), grad_out.options()) : grad_out.new_empty({0});
+
+  const int64_t hw = s.plane();
+  const int64_t channels = s.channels(), cpg = s.channels_per_group();
+  if (grad_out.numel() == 0) return {std::move(grad_xs), grad_w_acc.to(weights.scalar_type()), grad_b};
+  const at::Tensor go = grad_out.contiguous();
+  const int64_t chunks_per_plane = ceil_div(hw, kChunk);
+  const int64_t grain = grain_in_chunks(std::min(hw, kChunk));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gop = go.data_ptr<scalar_t>();
+
+    if (s.cp > 0 && (weights_need_grad || !grad_xs.empty())) {
+      const auto xc = weights_need_grad ? contiguous_all(xs) : std::vector<at::Tensor>{};
+      const at::Tensor w = weights_for_accumulation(weights, dtype);
+      const int64_t tasks = s.n * s.cp * chunks_per_plane;
+      at::Tensor partials = at::empty({weights_need_grad ? tasks : 0, k_count}, weights.options().dtype(acc_dtype));
+      std::vector<scalar_t*> gx_ptrs(k_count, nullptr);
+      for (int64_t k = 0, j = 0; k < k_count; ++k) {
+        if (xs_need_grad[k]) gx_ptrs[k] = grad_xs[j++].data_ptr<scalar_t>();
+      }
+      std::vector<const scalar_t*> x_ptrs;
+      for (const auto& x : xc) x_ptrs.push_back(x.data_ptr<scalar_t>());
+      const acc_t* wp = w.data_ptr<acc_t>();
+      acc_t* pp = weights_need_grad ? partials.data_ptr<acc_t>() : nullptr;
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+        alignas(64) acc_t buf[kChunk];
+        for (int64_t t = begin; t < end; ++t) {
+          const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
+          const int64_t n = pc.plane / s.cp, c = pc.plane - n * s.cp;
+          const scalar_t* g = gop + (n * channels + math::shuffled_channel(c, cpg, groups)) * hw + pc.off;
+          weighted_sum_backward_chunk(g, gx_ptrs.data(), x_ptrs.data(), k_count, wp, pc.plane * hw + pc.off,
+                                      pc.len, pp != nullptr ? pp + t * k_count : nullptr, buf);
+        }
+      });
+      if (weights_need_grad) sum_partials(pp, tasks, k_count, grad_w_acc.data_ptr<acc_t>());
+    }
+
+    if (bypass_need_grad && s.cb > 0) {
+      // The bypass is read only to find the pooling argmax: without pooling
+      // Python passes a zero-stride stand-in that must not be touched.
+      const at::Tensor bc = bypass_pool ? bypass.contiguous() : at::Tensor();
+      const scalar_t* bp = bypass_pool ? bc.data_ptr<scalar_t>() : nullptr;
+      scalar_t* gbp = grad_b.data_ptr<scalar_t>();
+      const int64_t bypass_plane = bypass_pool ? 4 * hw : hw;
+      at::parallel_for(0, s.n * s.cb * chunks_per_plane, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
+          const int64_t n = pc.plane / s.cb, c = s.cp + (pc.plane - n * s.cb);
+          const scalar_t* g = gop + (n * channels + math::shuffled_channel(c, cpg, groups)) * hw + pc.off;
+          if (bypass_pool) {
+            pool_backward_chunk(g, bp + pc.plane * bypass_plane, s.w, pc.off, pc.len, gbp + pc.plane * bypass_plane);
+          } else {
+            std::copy(g, g + pc.len, gbp + pc.plane * hw + pc.off);
+          }
+        }
+      });
+    }
+  });
+  return {std::move(grad_xs), grad_w_acc.to(weights.scalar_type()), grad_b};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastnas
+
+TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
+  m.impl("partial_channel_mixed_sum", &fastnas::cpu::partial_channel_mixed_sum);
+  m.impl("partial_channel_mixed_sum_backward", &fastnas::cpu::partial_channel_mixed_sum_backward);
+}

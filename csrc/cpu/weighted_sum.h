@@ -1,0 +1,95 @@
+// Chunk loops of the weighted sum and its backward, shared by the CPU ops.
+//
+// Work is cut into chunks of a fixed number of elements, never by the number
+// of threads: a chunk of all K streams stays in L1/L2, and the per-chunk
+// partial dot products, summed in a fixed order afterwards, give the same bits
+// whatever the thread count.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/macros/Macros.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fastnas_math.h"
+
+namespace fastnas {
+namespace cpu {
+
+constexpr int64_t kChunk = 2048;
+
+inline int64_t ceil_div(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+// Chunks per parallel task: below at::internal::GRAIN_SIZE elements, the
+// thread hand-off costs more than it saves.
+inline int64_t grain_in_chunks(int64_t chunk_len) {
+  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, chunk_len));
+}
+
+// dst[i] = sum_k w[k] * xs[k][src + i] for i < len, accumulated in buf.
+template <typename scalar_t, typename acc_t>
+inline void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_count, const acc_t* w, int64_t src, int64_t len,
+                               scalar_t* __restrict__ dst, acc_t* __restrict__ buf) {
+  {
+    const scalar_t* __restrict__ x = xs[0] + src;
+    const acc_t wk = w[0];
+    for (int64_t i = 0; i < len; ++i) buf[i] = math::weighted_accumulate(acc_t(0), wk, x[i]);
+  }
+  for (int64_t k = 1; k < k_count; ++k) {
+    const scalar_t* __restrict__ x = xs[k] + src;
+    const acc_t wk = w[k];
+    for (int64_t i = 0; i < len; ++i) buf[i] = math::weighted_accumulate(buf[i], wk, x[i]);
+  }
+  for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
+}
+
+// sum_i g[i] * x[i] with a fixed number of lanes (so gcc vectorises it without
+// -ffast-math) combined pairwise in a fixed order.
+template <typename scalar_t, typename acc_t>
+inline acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len) {
+  constexpr int kLanes = 16;
+  acc_t s[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) s[j] = math::dot_accumulate(s[j], g[i + j], x[i + j]);
+  }
+  for (int j = 0; i < len; ++i, ++j) s[j] = math::dot_accumulate(s[j], g[i], x[i]);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) s[j] += s[j + width];
+  }
+  return s[0];
+}
+
+// One chunk of the backward of the weighted sum. go holds the len output
+// gradients of the chunk; the inputs and their gradients are at offset src.
+// gxs[k] is null when input k needs no gradient; dots (K entries) is null
+// when the weights need none, and xs is then not read.
+template <typename scalar_t, typename acc_t>
+inline void weighted_sum_backward_chunk(const scalar_t* __restrict__ go, scalar_t* const* gxs,
+                                        const scalar_t* const* xs, int64_t k_count, const acc_t* w, int64_t src,
+                                        int64_t len, acc_t* dots, acc_t* __restrict__ buf) {
+  for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<acc_t>(go[i]);
+  for (int64_t k = 0; k < k_count; ++k) {
+    if (gxs[k] != nullptr) {
+      scalar_t* __restrict__ gx = gxs[k] + src;
+      const acc_t wk = w[k];
+      for (int64_t i = 0; i < len; ++i) gx[i] = static_cast<scalar_t>(wk * buf[i]);
+    }
+    if (dots != nullptr) dots[k] = chunk_dot(buf, xs[k] + src, len);
+  }
+}
+
+// grad_w[k] = sum over chunks of partials[chunk][k], in chunk order.
+template <typename acc_t>
+inline void sum_partials(const acc_t* partials, int64_t chunks, int64_t k_count, acc_t* grad_w) {
+  for (int64_t k = 0; k < k_count; ++k) grad_w[k] = acc_t(0);
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (int64_t k = 0; k < k_count; ++k) grad_w[k] += partials[c * k_count + k];
+  }
+}
+
+}  // namespace cpu
+}  // namespace fastnas

@@ -1,0 +1,37 @@
+// The Python extension fastnas._C: importing it registers the ops; it also
+// tells Python how it was built.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#ifdef FASTNAS_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+py::dict build_info() {
+  py::dict info;
+#ifdef FASTNAS_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+#else
+  info["cuda"] = false;
+  info["cuda_version"] = "";
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["torch_version"] = TORCH_VERSION;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastnas C++ and CUDA kernels; importing this module registers the torch.ops.fastnas ops";
+  m.def("build_info", &build_info, "How this extension was built: CUDA kernels, OpenMP, torch and CUDA versions");
+}

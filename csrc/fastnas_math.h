@@ -1,0 +1,77 @@
+// Per-element arithmetic of the fused ops, shared by the CPU loops and the
+// CUDA kernels so that the CPU tests exercise the same math the GPU runs.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace fastnas {
+namespace math {
+
+// Upper bound on K: the CUDA kernels receive the K pointers by value in a
+// kernel argument, whose size is bounded.
+constexpr int kMaxInputs = 128;
+
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline acc_t weighted_accumulate(acc_t acc, acc_t weight, scalar_t x) {
+  return acc + weight * static_cast<acc_t>(x);
+}
+
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline acc_t dot_accumulate(acc_t acc, acc_t grad, scalar_t x) {
+  return acc + grad * static_cast<acc_t>(x);
+}
+
+// channel_shuffle(x, groups) views C as (groups, C/groups) and transposes it,
+// so concat channel c lands on output channel (c % (C/g)) * g + c / (C/g).
+template <typename index_t>
+C10_HOST_DEVICE inline index_t shuffled_channel(index_t c, index_t channels_per_group, index_t groups) {
+  return (c % channels_per_group) * groups + c / channels_per_group;
+}
+
+template <typename index_t>
+C10_HOST_DEVICE inline index_t unshuffled_channel(index_t out_c, index_t channels_per_group, index_t groups) {
+  return (out_c % groups) * channels_per_group + out_c / groups;
+}
+
+template <typename T>
+C10_HOST_DEVICE inline bool is_nan(T v) {
+  return v != v;
+}
+
+// The result of a 2x2 max pool: the value and which of the four window
+// elements (0..3, row-major) it came from.
+template <typename acc_t>
+struct PoolResult {
+  acc_t value;
+  int index;
+};
+
+// Same rule as PyTorch's max_pool2d kernels: start at -inf with the first
+// element as argmax, take an element when it is strictly greater or NaN. So
+// ties go to the first maximum and a NaN always propagates (the last NaN wins).
+template <typename acc_t, typename scalar_t>
+C10_HOST_DEVICE inline PoolResult<acc_t> max_pool_2x2(scalar_t a, scalar_t b, scalar_t c, scalar_t d) {
+  const acc_t v[4] = {static_cast<acc_t>(a), static_cast<acc_t>(b), static_cast<acc_t>(c), static_cast<acc_t>(d)};
+  PoolResult<acc_t> r;
+  r.value = -static_cast<acc_t>(INFINITY);
+  r.index = 0;
+  for (int i = 0; i < 4; ++i) {
+    if (v[i] > r.value || is_nan(v[i])) {
+      r.value = v[i];
+      r.index = i;
+    }
+  }
+  return r;
+}
+
+// Where the gradient of one pooled output goes in its 2x2 window.
+template <typename scalar_t>
+C10_HOST_DEVICE inline scalar_t pool_grad_at(int position, int argmax, scalar_t grad) {
+  return position == argmax ? grad : scalar_t(0);
+}
+
+}  // namespace math
+}  // namespace fastnas
