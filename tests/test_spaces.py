@@ -177,7 +177,8 @@ def test_gumbel_sampling_runs_only_the_sampled_candidate():
     for name, module in net.named_modules():
         if isinstance(module, MixedOp):
             for k, candidate in enumerate(module.ops):
-                candidate.register_forward_hook(lambda m, i, o, key=(name, k): calls.__setitem__(key, calls.get(key, 0) + 1))
+                key = (name, k)
+                candidate.register_forward_hook(lambda m, i, o, key=key: calls.__setitem__(key, calls.get(key, 0) + 1))
     _, arch_grads, _ = _step(net, torch.randn(2, 3, 8, 8))
     edges = [n for n, m in net.named_modules() if isinstance(m, MixedOp)]
     per_edge = {e: sum(v for (n, _), v in calls.items() if n == e) for e in edges}

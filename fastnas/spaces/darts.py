@@ -80,7 +80,8 @@ def validate_genotype(genotype: Genotype, steps: int = 4) -> None:
         if len(gene) != 2 * steps:
             raise ValueError(f"genotype.{cell} has {len(gene)} edges; {steps} nodes need {2 * steps}")
         for e, edge in enumerate(gene):
-            if len(edge) != 2 or not isinstance(edge[0], str) or isinstance(edge[1], bool) or not isinstance(edge[1], int):
+            well_formed = len(edge) == 2 and isinstance(edge[0], str) and type(edge[1]) is int
+            if not well_formed:
                 raise ValueError(f"genotype.{cell}[{e}] must be (op name, input state), got {edge!r}")
             node = e // 2
             if not 0 <= edge[1] < 2 + node:
@@ -136,7 +137,11 @@ def _stem(kind: str, in_channels: int, C: int, stem_multiplier: int):
         nn.Conv2d(C // 2, C, 3, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(C),
     )
-    stem1 = nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(C))
+    stem1 = nn.Sequential(
+        nn.ReLU(inplace=False),
+        nn.Conv2d(C, C, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(C),
+    )
     return stem0, stem1, C, C, True
 
 
@@ -189,7 +194,9 @@ class SearchNetwork(SuperNet):
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
         if layers < 1 or steps < 1 or not 1 <= multiplier <= steps:
-            raise ValueError(f"need layers >= 1, steps >= 1 and 1 <= multiplier <= steps; got {layers}, {steps}, {multiplier}")
+            raise ValueError(
+                f"need layers >= 1, steps >= 1 and 1 <= multiplier <= steps; got {layers}, {steps}, {multiplier}"
+            )
         check_memory(memory)
         self.primitives = check_primitives(primitives)
         self.num_classes = num_classes

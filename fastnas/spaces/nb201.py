@@ -156,7 +156,9 @@ class NB201SearchNetwork(SuperNet):
         super().__init__()
         self.primitives = check_primitives(primitives)
         self.backend = backend
-        self.config = dict(C=C, N=N, num_classes=num_classes, primitives=list(self.primitives), backend=backend, in_channels=in_channels)
+        self.config = dict(
+            C=C, N=N, num_classes=num_classes, primitives=list(self.primitives), backend=backend, in_channels=in_channels
+        )
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()
         C_prev = C

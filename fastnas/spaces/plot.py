@@ -79,7 +79,8 @@ def draw_cell(
 
     def node(centre, text, kind):
         x, y = centre
-        draw.rectangle([x - _NODE_W / 2, y - _NODE_H / 2, x + _NODE_W / 2, y + _NODE_H / 2], fill=_COLOURS[kind], outline="black")
+        box = [x - _NODE_W / 2, y - _NODE_H / 2, x + _NODE_W / 2, y + _NODE_H / 2]
+        draw.rectangle(box, fill=_COLOURS[kind], outline="black")
         draw.text(centre, text, fill="black", font=font, anchor="mm")
 
     for i, centre in enumerate(pos):
