@@ -1,0 +1,551 @@
+"""The search loop shared by DARTS, DARTS second order, PC-DARTS, P-DARTS and GDAS.
+
+The methods differ in the network they search (partial channels, edge
+normalisation, candidate subsets, hard sampling), in when the architecture
+starts to learn, and in how its gradient is taken; the loop, checkpoints,
+logs, mixed precision and distribution are the same for all of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fastnas.search import checkpoint as ckpt
+from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
+from fastnas.search.config import RESUME_FIELDS, SearchConfig
+from fastnas.search.data import epoch_loader, split_indices
+from fastnas.search.distributed import DistributedContext, setup
+from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
+
+GENOTYPE_NAME = "genotype.json"
+LOG_NAME = "log.jsonl"
+PLOT_NAME = "cells.png"
+
+# P-DARTS: after the warm-up the skip dropout decays as exp(-0.2 * epochs since).
+_SKIP_DROP_DECAY = 0.2
+
+
+@dataclass
+class SearchResult:
+    """What a finished search returns: the genotype, its JSON form and the epoch log."""
+
+    genotype: object
+    genotype_dict: dict
+    history: list = field(default_factory=list)
+    out_dir: str | None = None
+
+
+def build_network(config: SearchConfig, num_classes: int, in_channels: int, layers: int,
+                  edge_primitives: dict | None = None) -> nn.Module:
+    """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
+    if config.space == "darts":
+        from fastnas.spaces.darts import DARTS_PRIMITIVES, SearchNetwork
+
+        return SearchNetwork(
+            C=config.init_channels,
+            num_classes=num_classes,
+            layers=layers,
+            stem="imagenet" if config.dataset == "imagenet" else "cifar",
+            partial_channels=config.partial_channels,
+            primitives=list(config.primitives or DARTS_PRIMITIVES),
+            backend=config.backend,
+            edge_normalization=config.edge_normalization,
+            in_channels=in_channels,
+            edge_primitives=edge_primitives,
+            memory=config.memory,
+        )
+    from fastnas.spaces.nb201 import NB201SearchNetwork
+
+    kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
+    return NB201SearchNetwork(
+        C=config.init_channels, N=layers, num_classes=num_classes, backend=config.backend,
+        in_channels=in_channels, **kwargs,
+    )
+
+
+def genotype_to_json(genotype) -> dict:
+    """A JSON-able form of a DARTS genotype or a NAS-Bench-201 architecture."""
+    if hasattr(genotype, "to_string"):
+        return {"arch": genotype.to_string()}
+    from fastnas.spaces.darts import genotype_to_dict
+
+    return genotype_to_dict(genotype)
+
+
+def prune_candidates(net: nn.Module, keep: int) -> dict:
+    """Each edge's ``keep`` strongest candidates, in their original order (P-DARTS)."""
+    weights = net.arch_weights()
+    candidates = net.edge_candidates()
+    pruned = {}
+    for cell, edges in candidates.items():
+        pruned[cell] = []
+        for e, names in enumerate(edges):
+            w = weights[cell][e].tolist()
+            # Stable: ties keep the earlier candidate, so pruning is deterministic.
+            best = sorted(range(len(names)), key=lambda k: (-w[k], k))[:keep]
+            pruned[cell].append([names[k] for k in sorted(best)])
+    return pruned
+
+
+def _entropy(net: nn.Module) -> dict:
+    if hasattr(net, "arch_entropy"):
+        return net.arch_entropy()
+    out = {}
+    for name, w in net.arch_weights().items():
+        if w.dim() == 2:
+            out[name] = float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean())
+    return out
+
+
+def _memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # Linux reports the peak resident set in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+class Searcher:
+    """Runs one search described by a ``SearchConfig``.
+
+    Args:
+        config: the search.
+        out_dir: folder for checkpoint.pt, log.jsonl, genotype.json and
+            cells.png; None writes nothing (tests, notebooks).
+        dataset: optional ``(train_set, info)`` to search on instead of
+            ``fastnas.data.load_dataset(config.dataset)``; ``info`` needs
+            ``num_classes`` and ``in_channels``.
+        progress: show progress bars (on the first rank only).
+        resume_state: a loaded checkpoint to continue (see ``Searcher.resume``).
+
+    After ``run()``, ``self.net`` is the last stage's supernet.
+    """
+
+    def __init__(self, config: SearchConfig, out_dir: str | None = None, dataset=None, progress: bool = True,
+                 resume_state: dict | None = None):
+        config.validate()
+        self.config = config
+        self.out_dir = out_dir
+        self.dataset = dataset
+        self.progress = progress
+        self.resume_state = resume_state
+        self.net: nn.Module | None = None
+        self.dist = DistributedContext()
+
+    @classmethod
+    def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> "Searcher":
+        """Continue the search whose checkpoint is in ``out_dir``.
+
+        ``overrides`` may change how the search runs (device, workers, backend)
+        but not what it computes; a conflicting setting raises CheckpointError.
+        """
+        state = ckpt.load_checkpoint(out_dir)
+        try:
+            config = SearchConfig.from_dict(state["config"])
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint in {out_dir} has no valid search settings ({exc})") from None
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key in RESUME_FIELDS and getattr(config, key) != value:
+                raise CheckpointError(
+                    f"the checkpoint in {out_dir} was made with {key}={getattr(config, key)!r}, "
+                    f"but {key}={value!r} was asked for; drop that option to resume, or start a new search"
+                )
+            setattr(config, key, value)
+        return cls(config, out_dir=out_dir, resume_state=state, **kwargs)
+
+    # --- the run ----------------------------------------------------------------------
+
+    def run(self) -> SearchResult:
+        """Search, checkpointing every epoch; returns the final genotype and the log."""
+        self.dist = setup(self.config.device)
+        try:
+            return self._run()
+        except _cuda_oom_errors() as exc:
+            raise OutOfMemoryError(
+                f"the {self.dist.device} device ran out of memory at batch size {self.config.batch_size} "
+                f"({str(exc).splitlines()[0]}); try a smaller --batch-size, --amp bf16, fewer --layers or "
+                "--init-channels, or partial channels (--method pc-darts)"
+            ) from None
+        finally:
+            self.dist.close()
+
+    def _run(self) -> SearchResult:
+        cfg, dist = self.config, self.dist
+        if cfg.world_size != dist.world_size:
+            if self.resume_state is not None:
+                raise CheckpointError(
+                    f"the checkpoint was made by {cfg.world_size} processes but {dist.world_size} are running; "
+                    "resume with the same --nproc_per_node"
+                )
+            cfg.world_size = dist.world_size
+        if cfg.batch_size % dist.world_size:
+            raise SearchError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+        if self.out_dir is not None and dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        seed_everything(cfg.seed)
+        if dist.device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+
+        train_set, info = self._load_data()
+        self.train_idx, self.val_idx = split_indices(len(train_set), cfg.train_portion, cfg.seed)
+        self.train_set, self.info = train_set, info
+
+        stages = cfg.stages()
+        state = self.resume_state
+        history = list(state["history"]) if state else []
+        edge_primitives = state["edge_primitives"] if state else None
+        first_stage = state["stage"] if state else 0
+        stage_genotypes = list(state.get("stage_genotypes", [])) if state else []
+        if state is not None and self.out_dir is not None and dist.is_main:
+            # The log may hold epochs after the checkpoint (an interrupted epoch never
+            # reaches it, but a crash between the two writes could); rewrite it.
+            self._rewrite_log(history)
+
+        for s in range(first_stage, len(stages)):
+            stage = stages[s]
+            net = build_network(cfg, info.num_classes, info.in_channels, stage["layers"], edge_primitives)
+            net.to(dist.device)
+            self.net = net
+            parts = self._make_optimizers(net, stage)
+            start_epoch = 0
+            if state is not None and s == first_stage:
+                start_epoch = self._load_state(state, net, parts)
+            model = self._wrap(net)
+            for epoch in range(start_epoch, stage["epochs"]):
+                global_epoch = sum(st["epochs"] for st in stages[:s]) + epoch
+                record = self._epoch(model, net, parts, stage, s, epoch, global_epoch)
+                history.append(record)
+                self._save(net, parts, s, epoch + 1, edge_primitives, history, stage_genotypes, record)
+            if s + 1 < len(stages):
+                stage_genotypes.append(genotype_to_json(net.genotype()))
+                edge_primitives = prune_candidates(net, cfg.stage_keep[s])
+
+        genotype = self._final_genotype(self.net)
+        result = SearchResult(genotype, genotype_to_json(genotype), history, self.out_dir)
+        if self.out_dir is not None and dist.is_main:
+            self._write_outputs(result)
+        return result
+
+    def _final_genotype(self, net):
+        if self.config.space == "darts":
+            return net.genotype(max_skip_connect=self.config.max_skip_connect)
+        return net.genotype()
+
+    def _load_data(self):
+        if self.dataset is not None:
+            return self.dataset
+        from fastnas.data import load_dataset
+
+        cfg = self.config
+        train_set, _test_set, info = load_dataset(
+            cfg.dataset, root=cfg.data, image_size=cfg.image_size, fraction=cfg.fraction, seed=cfg.seed
+        )
+        return train_set, info
+
+    def _make_optimizers(self, net: nn.Module, stage: dict) -> dict:
+        cfg = self.config
+        w_opt = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        a_opt = torch.optim.Adam(
+            net.arch_parameters(), lr=cfg.arch_lr, betas=tuple(cfg.arch_betas), weight_decay=cfg.arch_weight_decay
+        )
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
+        use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
+        return {
+            "w_opt": w_opt,
+            "a_opt": a_opt,
+            "sched": sched,
+            "w_scaler": torch.amp.GradScaler("cuda", enabled=use_scaler),
+            "a_scaler": torch.amp.GradScaler("cuda", enabled=use_scaler),
+        }
+
+    def _wrap(self, net: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return net
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        # GDAS runs one candidate per edge, so most weights get no gradient in a step.
+        return DDP(net, device_ids=device_ids, find_unused_parameters=self.config.method == "gdas")
+
+    def _autocast(self):
+        amp = self.config.amp
+        if amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    # --- one epoch --------------------------------------------------------------------
+
+    def _set_schedules(self, net: nn.Module, stage: dict, epoch: int) -> dict:
+        """Temperature and skip dropout for this epoch; returns them for the log."""
+        cfg, extra = self.config, {}
+        if cfg.method == "gdas":
+            span = max(1, stage["epochs"] - 1)
+            tau = cfg.tau_max - (cfg.tau_max - cfg.tau_min) * epoch / span
+            net.set_sampling("gumbel", tau)
+            extra["tau"] = tau
+        if cfg.method == "p-darts":
+            p, warm = stage["skip_drop"], stage["warmup"]
+            if epoch < warm:
+                p = p * (stage["epochs"] - epoch - 1) / stage["epochs"]
+            else:
+                p = p * math.exp(-(epoch - warm) * _SKIP_DROP_DECAY)
+            net.skip_drop_prob = p
+            extra["skip_drop_prob"] = p
+        return extra
+
+    def _epoch(self, model, net, parts, stage, s, epoch, global_epoch) -> dict:
+        cfg, dist = self.config, self.dist
+        extra = self._set_schedules(net, stage, epoch)
+        train_arch = epoch >= stage["warmup"]
+        per_rank = cfg.batch_size // dist.world_size
+        pin = dist.device.type == "cuda"
+        loaders = [
+            epoch_loader(self.train_set, idx, per_rank, cfg.seed + salt, global_epoch, dist.rank, dist.world_size,
+                         cfg.workers, pin)
+            for salt, idx in ((0, self.train_idx), (1, self.val_idx))
+        ]
+        steps = min(len(loader) for loader in loaders)
+        if steps == 0:
+            raise SearchError(
+                f"the {len(self.train_idx)}-image search split is smaller than one batch of {per_rank}; "
+                "use a smaller --batch-size"
+            )
+        unrolled = UnrolledArchGrad(net, dist) if (cfg.unrolled and train_arch) else None
+        lr = parts["w_opt"].param_groups[0]["lr"]
+        totals = torch.zeros(6, dtype=torch.float64)  # train loss, correct, n; arch-val loss, correct, n
+        bar = self._progress(steps, global_epoch)
+        start = time.perf_counter()
+        images = 0
+        net.train()
+        for step, ((xt, yt), (xv, yv)) in enumerate(zip(*loaders)):
+            xt, yt = xt.to(dist.device, non_blocking=True), yt.to(dist.device, non_blocking=True)
+            xv, yv = xv.to(dist.device, non_blocking=True), yv.to(dist.device, non_blocking=True)
+            if train_arch:
+                val_loss, val_logits = self._arch_step(net, parts, unrolled, xt, yt, xv, yv, lr)
+                totals[3:] += torch.tensor([val_loss * len(yv), _correct(val_logits, yv), len(yv)], dtype=torch.float64)
+            loss, logits = self._weight_step(model, net, parts, xt, yt)
+            loss_value = self._check_finite(loss, global_epoch, step)
+            totals[:3] += torch.tensor([loss_value * len(yt), _correct(logits, yt), len(yt)], dtype=torch.float64)
+            images += len(yt) * dist.world_size
+            if bar is not None:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}",
+                                mem=f"{_memory_mib(dist.device):.0f}MiB", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        parts["sched"].step()
+        totals = dist.all_reduce_sum(totals)
+        val = self._evaluate(net, global_epoch)
+        record = {
+            "epoch": global_epoch + 1,
+            "stage": s,
+            "stage_epoch": epoch + 1,
+            "layers": stage["layers"],
+            "lr": lr,
+            "arch_trained": train_arch,
+            "train_loss": _ratio(totals[0], totals[2]),
+            "train_acc": _ratio(totals[1], totals[2]),
+            "search_val_loss": _ratio(totals[3], totals[5]),
+            "search_val_acc": _ratio(totals[4], totals[5]),
+            "val_loss": val[0],
+            "val_acc": val[1],
+            "arch_weights": {k: v.tolist() for k, v in net.arch_weights().items()},
+            "entropy": _entropy(net),
+            "genotype": genotype_to_json(self._final_genotype(net)),
+            "time_s": elapsed,
+            "images_per_s": images / max(elapsed, 1e-9),
+            **extra,
+        }
+        if dist.is_main and self.progress:
+            print(
+                f"epoch {global_epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
+                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} | {record['images_per_s']:.0f} img/s",
+                flush=True,
+            )
+        return record
+
+    def _arch_step(self, net, parts, unrolled, xt, yt, xv, yv, lr):
+        cfg, a_opt, scaler = self.config, parts["a_opt"], parts["a_scaler"]
+        arch = net.arch_parameters()
+        if unrolled is not None:
+            grads, loss, logits = unrolled(
+                xt, yt, xv, yv, lr, cfg.momentum, cfg.weight_decay, parts["w_opt"], self._autocast
+            )
+        else:
+            grads, loss, logits = first_order_arch_grads(
+                net, arch, xv, yv, self._autocast, scaler.scale if scaler.is_enabled() else None
+            )
+        # The weights' gradients are averaged by DDP; the alphas' step bypasses it.
+        self.dist.all_reduce_mean_(grads)
+        a_opt.zero_grad(set_to_none=True)
+        for p, g in zip(arch, grads):
+            p.grad = g.to(p.dtype)
+        if scaler.is_enabled() and unrolled is None:
+            scaler.step(a_opt)
+            scaler.update()
+        else:
+            a_opt.step()
+        return float(loss), logits
+
+    def _weight_step(self, model, net, parts, x, y):
+        cfg, w_opt, scaler = self.config, parts["w_opt"], parts["w_scaler"]
+        w_opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+        scaler.scale(loss).backward()
+        scaler.unscale_(w_opt)
+        nn.utils.clip_grad_norm_(net.weight_parameters(), cfg.grad_clip)
+        scaler.step(w_opt)
+        scaler.update()
+        # The alphas took a gradient from this loss too; it is not theirs to use.
+        parts["a_opt"].zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
+
+    def _check_finite(self, loss: torch.Tensor, global_epoch: int, step: int) -> float:
+        value = float(loss)
+        bad = not math.isfinite(value)
+        if self.dist.enabled:
+            # Every rank must stop together, or the others wait forever in a collective.
+            bad = bool(self.dist.all_reduce_sum(torch.tensor([float(bad)], device=self.dist.device)).item())
+        if bad:
+            where = f"epoch {global_epoch + 1}, step {step + 1}"
+            raise NonFiniteLossError(
+                f"the training loss became {value} at {where}; stopped, the last good checkpoint is kept. "
+                "Try a lower --lr, --amp bf16 instead of fp16, or another --seed"
+            )
+        return value
+
+    @torch.no_grad()
+    def _evaluate(self, net, global_epoch) -> tuple[float, float]:
+        """Loss and accuracy on the architecture's half, batch norm in eval mode (as DARTS' infer)."""
+        cfg, dist = self.config, self.dist
+        loader = epoch_loader(self.train_set, self.val_idx, cfg.batch_size // dist.world_size, cfg.seed + 2,
+                              global_epoch, dist.rank, dist.world_size, cfg.workers, dist.device.type == "cuda")
+        net.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for x, y in loader:
+            x, y = x.to(dist.device), y.to(dist.device)
+            with self._autocast():
+                logits = net(x)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            totals += torch.tensor([float(loss), _correct(logits, y), len(y)], dtype=torch.float64)
+        net.train()
+        totals = dist.all_reduce_sum(totals)
+        return _ratio(totals[0], totals[2]), _ratio(totals[1], totals[2])
+
+    def _progress(self, steps, global_epoch):
+        if not (self.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        total_epochs = sum(st["epochs"] for st in self.config.stages())
+        return tqdm(total=steps, desc=f"epoch {global_epoch + 1}/{total_epochs}", unit="step", leave=False,
+                    dynamic_ncols=True)
+
+    # --- checkpoints and outputs ----------------------------------------------------
+
+    def _save(self, net, parts, stage, stage_epoch, edge_primitives, history, stage_genotypes, record) -> None:
+        # Ranks hold the same parameters, so all of them stop here together.
+        for p in net.parameters():
+            if not torch.isfinite(p).all():
+                raise NonFiniteLossError(
+                    f"a parameter became inf or NaN in epoch {record['epoch']}; the last good checkpoint is kept. "
+                    "Try a lower --lr or --amp bf16"
+                )
+        if self.out_dir is None or not self.dist.is_main:
+            self.dist.barrier()
+            return
+        state = {
+            "config": self.config.to_dict(),
+            "stage": stage,
+            "stage_epoch": stage_epoch,
+            "edge_primitives": edge_primitives,
+            "stage_genotypes": stage_genotypes,
+            "history": history,
+            "model": net.state_dict(),
+            "w_opt": parts["w_opt"].state_dict(),
+            "a_opt": parts["a_opt"].state_dict(),
+            "sched": parts["sched"].state_dict(),
+            "w_scaler": parts["w_scaler"].state_dict(),
+            "a_scaler": parts["a_scaler"].state_dict(),
+            "rng": ckpt.capture_rng_state(),
+        }
+        ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state)
+        with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        ckpt.atomic_write_text(os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n")
+        self.dist.barrier()
+
+    def _load_state(self, state, net, parts) -> int:
+        try:
+            net.load_state_dict(state["model"])
+            for key in ("w_opt", "a_opt", "sched", "w_scaler", "a_scaler"):
+                if state.get(key):
+                    parts[key].load_state_dict(state[key])
+            stage_epoch = int(state["stage_epoch"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint does not fit this search network ({str(exc).splitlines()[0]}); "
+                "it was made by another version or settings; start a new search"
+            ) from None
+        # Last, so building the network above did not consume the restored state.
+        ckpt.restore_rng_state(state["rng"])
+        return stage_epoch
+
+    def _rewrite_log(self, history) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        ckpt.atomic_write_text(os.path.join(self.out_dir, LOG_NAME), text)
+
+    def _write_outputs(self, result: SearchResult) -> None:
+        ckpt.atomic_write_text(os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(result.genotype_dict, indent=2) + "\n")
+        try:
+            from fastnas.spaces import plot_genotype
+        except ImportError:
+            plot_genotype = None
+        if plot_genotype is not None:
+            plot_genotype(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == y).sum())
+
+
+def _ratio(a, b) -> float:
+    return float(a / b) if float(b) > 0 else float("nan")
+
+
+def _cuda_oom_errors() -> tuple:
+    errors = [torch.cuda.OutOfMemoryError]
+    if hasattr(torch, "OutOfMemoryError"):
+        errors.append(torch.OutOfMemoryError)
+    return tuple(dict.fromkeys(errors))
+
+
+def search(config: SearchConfig, out_dir: str | None = None, **kwargs) -> SearchResult:
+    """Run the search ``config`` describes; see ``Searcher`` for the arguments."""
+    return Searcher(config, out_dir=out_dir, **kwargs).run()
