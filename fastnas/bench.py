@@ -385,6 +385,7 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false", help="skip the op-counting step")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -444,9 +445,19 @@ def run_bench_step(args: argparse.Namespace) -> dict:
     this process has freed nothing large before, i.e. a fresh process per
     configuration (as benchmarks/bench_search_step.py runs it).
     """
+    device = torch.device(args.device)
+    threads = torch.get_num_threads()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_bench_step(args, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     from fastnas import backends
 
-    device = torch.device(args.device)
     torch.manual_seed(args.seed)
     reps = args.reps if args.reps is not None else (20 if device.type == "cuda" else 3)
     net = _build_network(args, device)
@@ -497,6 +508,7 @@ def run_bench_step(args: argparse.Namespace) -> dict:
         "channels": args.channels,
         "layers": args.layers,
         "reps": reps,
+        "threads": torch.get_num_threads(),
         "step_ms_median": timing.median_ms,
         "step_ms_q25": timing.q25_ms,
         "step_ms_q75": timing.q75_ms,

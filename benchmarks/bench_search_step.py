@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""Search-step benchmark: one first-order DARTS step (architecture step on a
+validation batch, then weight step on a training batch) of the DARTS and
+PC-DARTS CIFAR networks, fused backend vs reference backend vs checkpointing.
+
+    python benchmarks/bench_search_step.py [--device cpu|cuda] [--batch-size 64] [--reps 3] [--out DIR]
+
+Every configuration runs in a fresh process (``python -m fastnas.bench``, the
+same code as ``fastnas bench-step``), so that on the CPU the peak resident
+memory above the baseline taken after the network is built belongs to that
+configuration alone. Writes <device>_search_step.md/.csv under DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import fastnas  # noqa: F401
+except ImportError:  # running from a clone that is not installed
+    sys.path.insert(0, str(REPO))
+
+from fastnas import bench
+
+COLUMNS = [
+    "network", "backend", "backend_used", "memory", "batch_size", "reps", "step_ms_median", "step_ms_q25",
+    "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "aten_ops", "fastnas_ops", "note",
+]  # fmt: skip
+DEFAULT_CONFIGS = "auto:save,reference:save,auto:checkpoint"
+
+
+def child_command(args, network: str, backend: str, memory: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "fastnas.bench", "--network", network, "--backend", backend, "--memory", memory,
+        "--batch-size", str(args.batch_size), "--image-size", str(args.image_size), "--device", args.device,
+        "--channels", str(args.channels), "--layers", str(args.layers), "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    if args.reps is not None:
+        cmd += ["--reps", str(args.reps)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.no_count_ops:
+        cmd.append("--no-count-ops")
+    return cmd
+
+
+def run_config(args, network: str, backend: str, memory: str) -> dict:
+    row = {"network": network, "backend": backend, "memory": memory, "batch_size": args.batch_size}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
+    try:
+        proc = subprocess.run(
+            child_command(args, network, backend, memory), capture_output=True, text=True, timeout=args.timeout, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {**row, "note": f"timed out after {args.timeout:.0f} s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {**row, "note": f"failed (exit {proc.returncode}): {err[:200]}"}
+    result = json.loads(lines[-1])
+    ops = result.get("ops_per_step") or {}
+    return {**row, **result, "aten_ops": ops.get("aten"), "fastnas_ops": ops.get("fastnas")}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--networks", default="darts,pc-darts")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of backend:memory")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=None, help="timed steps per configuration")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-count-ops", action="store_true")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+
+    env = bench.environment(args.device)
+    print(json.dumps(env), flush=True)
+    stem = Path(args.out) / f"{args.device}_search_step"
+    notes = [
+        f"One first-order DARTS step, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+        f"C={args.channels}, {args.layers} cells: Adam step of the architecture on a validation batch, "
+        "then SGD step of the weights (grad clip 5) on a training batch; each configuration in a fresh process.",
+        "Peak memory: "
+        + (
+            "torch.cuda.max_memory_allocated above memory_allocated after the network was built."
+            if args.device == "cuda"
+            else "peak resident memory (VmHWM) above resident memory after the network, optimisers and batches were built."
+        ),
+        "Ops: ops reaching the dispatcher below autograd in one step (TorchDispatchMode), forward, backward "
+        "and optimisers; fastnas_ops are the fused kernels among them.",
+        "time_vs_reference and memory_vs_reference: this row over the same network with backend=reference, memory=save.",
+    ]
+    rows = []
+    for network in [n.strip() for n in args.networks.split(",") if n.strip()]:
+        ref = None
+        for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
+            backend, _, memory = config.partition(":")
+            t0 = time.perf_counter()
+            row = run_config(args, network, backend, memory or "save")
+            print(
+                f"{network:9s} {backend:10s} {memory or 'save':11s} "
+                + (
+                    f"{row['step_ms_median']:9.0f} ms  {row['peak_memory_mib']:8.0f} MiB  {row.get('aten_ops')} aten ops"
+                    if "step_ms_median" in row
+                    else row.get("note", "")
+                )
+                + f"  ({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
+            rows.append(row)
+            if backend == "reference" and (memory or "save") == "save" and "step_ms_median" in row:
+                ref = row
+        if ref is not None:
+            for row in rows:
+                if row["network"] == network and "step_ms_median" in row:
+                    row["time_vs_reference"] = row["step_ms_median"] / ref["step_ms_median"]
+                    row["memory_vs_reference"] = row["peak_memory_mib"] / max(ref["peak_memory_mib"], 1e-9)
+        bench.write_results(rows, COLUMNS, stem, f"fastnas search-step benchmark ({args.device})", env, notes)
+    print(f"wrote {stem}.md and {stem}.csv")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

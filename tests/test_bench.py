@@ -1,0 +1,123 @@
+"""Smoke tests of the benchmark harness: helpers, the ops benchmark's pieces and
+the search-step benchmark on a tiny network. Correctness of timings is not
+tested (they depend on the machine), only that the harness measures what it says.
+"""
+
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastnas import backends, bench
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_bench_ops():
+    spec = importlib.util.spec_from_file_location("bench_ops", REPO / "benchmarks" / "bench_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is built.
+    sys.modules["bench_ops"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_cpu_quartiles_and_untimed_setup():
+    calls = {"setup": 0, "fn": 0}
+
+    def setup():
+        calls["setup"] += 1
+
+    def fn():
+        calls["fn"] += 1
+
+    t = bench.time_cpu(fn, setup=setup, warmup=2, min_reps=7, min_time_s=0.0)
+    assert t.reps == 7 and calls["fn"] == 9 and calls["setup"] == 9
+    assert 0 <= t.q25_ms <= t.median_ms <= t.q75_ms
+
+
+def test_time_fn_cpu_drops_cuda_options():
+    t = bench.time_fn(lambda: None, "cpu", rep_ms=5, min_reps=3, min_time_s=0.0)
+    assert t.reps == 3
+
+
+def test_peak_memory_cpu_sees_a_large_allocation():
+    if not bench.reset_peak_rss():
+        pytest.skip("this kernel does not let a process reset its peak RSS (/proc/self/clear_refs)")
+    nbytes = 96 * 2**20
+    # Filled, so its pages become resident; large enough to be its own mapping.
+    peak = bench.peak_memory(lambda: torch.ones(nbytes // 4), "cpu")
+    assert peak is not None and peak >= 0.9 * nbytes
+
+
+def test_count_ops_counts_aten_and_fused_ops():
+    xs = [torch.randn(2, 3, 4, 4, requires_grad=True) for _ in range(3)]
+    w = torch.randn(3, requires_grad=True)
+
+    from fastnas.ops import mixed_sum
+
+    def step():
+        mixed_sum(xs, w).sum().backward()
+
+    counter = bench.count_ops(step)
+    assert counter.total("aten") > 0
+    if backends.resolve(torch.device("cpu")) == "cpu":
+        assert counter.counts["fastnas::mixed_sum"] == 1
+        assert counter.counts["fastnas::mixed_sum_backward"] == 1
+    assert counter.total() == counter.total("aten") + counter.total("fastnas")
+
+
+def test_write_results(tmp_path):
+    env = {"device": "test", "commit": bench.git_commit()}
+    rows = [{"a": 1, "b": 0.12345}, {"a": 2, "b": float("nan"), "c": "ignored"}]
+    md, csv_path = bench.write_results(rows, ["a", "b"], tmp_path / "x", "title", env, ["a note"])
+    text = md.read_text()
+    assert "- device: test" in text and "| a | b |" in text and "| 1 | 0.123 |" in text and "a note" in text
+    lines = csv_path.read_text().splitlines()
+    assert lines[0] == "# device: test" and "a,b" in lines and "2," in lines
+
+
+def test_environment_names_versions():
+    env = bench.environment("cpu")
+    for key in ("device", "torch", "triton", "commit", "date", "available_backends"):
+        assert env[key]
+
+
+def test_ops_benchmark_pieces_on_a_tiny_case():
+    bo = _load_bench_ops()
+    case = bo.Case("partial_channel_mixed_sum", 3, (2, 4, 3, 3), (2, 4, 6, 6), pool=True)
+    # fwd: 3 inputs + pooled-from bypass + output; bwd: grad out, xs twice, bypass twice.
+    n_x, n_b, n_out = 2 * 4 * 9, 2 * 4 * 36, 2 * 8 * 9
+    assert bo.minimal_bytes(case, "fwd") == 4 * (3 * n_x + n_b + n_out)
+    assert bo.minimal_bytes(case, "bwd") == 4 * (n_out + 2 * 3 * n_x + 2 * n_b)
+    impls = [i for i in bo.implementations("cpu", None) if i != "compile"]
+    assert "eager" in impls and "compile" in bo.implementations("cpu", None)
+    ref = bo.Prepared(case, "eager", "cpu")
+    for impl in impls:
+        prep = bo.Prepared(case, impl, "cpu")
+        assert bo.check_against(prep.out, ref.out) == ""
+        for mode in bo.MODES:
+            fn, setup = prep.closure(mode)
+            t = bench.time_cpu(fn, setup=setup, warmup=1, min_reps=2, min_time_s=0.0)
+            assert t.median_ms > 0
+
+
+def test_run_bench_step_tiny(capsys):
+    pytest.importorskip("fastnas.spaces.darts")
+    parser = bench.add_bench_step_args(argparse.ArgumentParser())
+    args = parser.parse_args(
+        "--network pc-darts --channels 4 --layers 2 --batch-size 2 --image-size 8 "
+        "--reps 1 --warmup 0 --threads 1 --device cpu".split()
+    )
+    threads = torch.get_num_threads()
+    result = bench.run_bench_step(args)
+    assert torch.get_num_threads() == threads
+    assert result["network"] == "pc-darts" and result["reps"] == 1
+    assert result["step_ms_median"] > 0 and math.isfinite(result["loss"])
+    assert result["ops_per_step"]["aten"] > 100
+    assert result["backend_used"] in backends.available_backends()
+    assert '"step_ms_median"' in capsys.readouterr().out
