@@ -319,6 +319,7 @@ def run(args) -> int:
                     f"({verdict} the 2x target)"
                 )
         notes = ["Ratios vs eager, fwd+bwd, at the issue's target sizes:", ""] + (summary or ["- (none yet)"])
+        env["load_average_end"] = bench.load_average()
         bench.write_results(rows, COLUMNS, stem, f"fastnas ops benchmark ({device})", env, notes)
 
     print("\n" + "\n".join(["TARGETS (fused fwd+bwd vs eager reference, goal >= 2x):"] + (summary or ["  none measured"])))

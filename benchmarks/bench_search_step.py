@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -53,10 +52,10 @@ def child_command(args, network: str, backend: str, memory: str) -> list[str]:
 
 def run_config(args, network: str, backend: str, memory: str) -> dict:
     row = {"network": network, "backend": backend, "memory": memory, "batch_size": args.batch_size}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}
     try:
+        # From the repository root ``-m fastnas.bench`` finds this checkout, installed or not.
         proc = subprocess.run(
-            child_command(args, network, backend, memory), capture_output=True, text=True, timeout=args.timeout, env=env
+            child_command(args, network, backend, memory), capture_output=True, text=True, timeout=args.timeout, cwd=REPO
         )
     except subprocess.TimeoutExpired:
         return {**row, "note": f"timed out after {args.timeout:.0f} s"}
@@ -128,6 +127,7 @@ def main(argv=None) -> int:
                 if row["network"] == network and "step_ms_median" in row:
                     row["time_vs_reference"] = row["step_ms_median"] / ref["step_ms_median"]
                     row["memory_vs_reference"] = row["peak_memory_mib"] / max(ref["peak_memory_mib"], 1e-9)
+        env["load_average_end"] = bench.load_average()
         bench.write_results(rows, COLUMNS, stem, f"fastnas search-step benchmark ({args.device})", env, notes)
     print(f"wrote {stem}.md and {stem}.csv")
     return 0

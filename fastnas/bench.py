@@ -314,7 +314,16 @@ def environment(device: str | torch.device) -> dict:
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "available_backends": ",".join(backends.available_backends()),
+        "load_average": load_average(),
     }
+
+
+def load_average() -> str:
+    """1, 5 and 15-minute load: other work on a shared machine skews CPU timings."""
+    try:
+        return " ".join(f"{x:.1f}" for x in os.getloadavg()) + f" on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
 
 
 def copy_bandwidth(device: str | torch.device, nbytes: int = 1 << 30) -> float:
