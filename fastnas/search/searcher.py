@@ -131,8 +131,8 @@ class Searcher:
         out_dir: folder for checkpoint.pt, log.jsonl, genotype.json and
             cells.png; None writes nothing (tests, notebooks).
         dataset: optional ``(train_set, info)`` to search on instead of
-            ``fastnas.data.load_dataset(config.dataset)``; ``info`` needs
-            ``num_classes`` and ``in_channels``.
+            ``fastnas.data.load_dataset(config.dataset)``; ``info`` (a dict or
+            an object) needs ``num_classes`` and ``in_channels``.
         progress: show progress bars (on the first rank only).
         resume_state: a loaded checkpoint to continue (see ``Searcher.resume``).
 
@@ -224,7 +224,8 @@ class Searcher:
 
         for s in range(first_stage, len(stages)):
             stage = stages[s]
-            net = build_network(cfg, info.num_classes, info.in_channels, stage["layers"], edge_primitives)
+            net = build_network(cfg, _info(info, "num_classes"), _info(info, "in_channels"), stage["layers"],
+                                edge_primitives)
             net.to(dist.device)
             self.net = net
             parts = self._make_optimizers(net, stage)
@@ -523,12 +524,15 @@ class Searcher:
 
     def _write_outputs(self, result: SearchResult) -> None:
         ckpt.atomic_write_text(os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(result.genotype_dict, indent=2) + "\n")
-        try:
-            from fastnas.spaces import plot_genotype
-        except ImportError:
-            plot_genotype = None
-        if plot_genotype is not None:
-            plot_genotype(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
+        from fastnas.spaces import plot_genotype, plot_nb201
+
+        plot = plot_nb201 if self.config.space == "nb201" else plot_genotype
+        plot(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
+
+
+def _info(info, key: str):
+    """A field of a dataset's info, a dict or an object with attributes."""
+    return info[key] if isinstance(info, dict) else getattr(info, key)
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
