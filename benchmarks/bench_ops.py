@@ -222,6 +222,7 @@ def cpu_memory(case: Case, impls: list[str], timeout: float) -> dict:
     """Run ``memory_child`` in a fresh process started with ``bench.CPU_MEMORY_ENV``."""
     env = {**os.environ, **bench.CPU_MEMORY_ENV}
     cmd = [sys.executable, __file__, "--memory-child", json.dumps(asdict(case)), "--impls", ",".join(impls)]
+    cmd += ["--threads", str(torch.get_num_threads())]
     try:
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
@@ -336,9 +337,12 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default=None, help="only cases whose label contains this text")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--memory-timeout", type=float, default=300.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         case = Case(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args.memory_child).items()})
         print(json.dumps(memory_child(case, args.device, implementations(args.device, args.impls))))
