@@ -3,5 +3,6 @@
 from fastnas._version import __version__
 from fastnas import ops
 from fastnas.ops import available_backends, use_backend
+from fastnas.patch import accelerate, patch, unpatch
 
-__all__ = ["__version__", "available_backends", "ops", "use_backend"]
+__all__ = ["__version__", "accelerate", "available_backends", "ops", "patch", "unpatch", "use_backend"]
