@@ -10,8 +10,9 @@
 ``fastnas.ops.mixed_sum`` (DARTS, P-DARTS) or ``partial_channel_mixed_sum``
 (PC-DARTS). The candidates still run through their own modules, parameters and
 buffers: nothing is copied, registered or renamed, so ``state_dict`` keys and
-values, checkpoints, optimisers and hooks are untouched. ``unpatch`` deletes the
-instance attributes again, leaving each module's ``__dict__`` as it was.
+values, checkpoints, optimisers and hooks are untouched. ``nn.DataParallel`` replicas,
+deep copies and pickles of a patched model run their own modules. ``unpatch`` deletes
+the instance attributes again, leaving each module's ``__dict__`` as it was.
 
 Recognition is by structure, since forks rename classes. A module is a mixed op when
 it holds an ``nn.ModuleList`` named ``_ops`` (DARTS, PC-DARTS) or ``m_ops`` (P-DARTS)
@@ -150,6 +151,33 @@ class _PatchedForward:
 
     def __repr__(self) -> str:
         return f"<fastnas patched forward of {type(self.module).__name__}>"
+
+
+class _Replicate:
+    """The instance ``_replicate_for_data_parallel`` of a patched mixed op.
+
+    ``nn.DataParallel`` builds each replica from a shallow copy of the module's
+    ``__dict__``, which would leave the replica's forward running the original
+    module; this rebinds the copy to the replica.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self):
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        _bind(replica)
+        return replica
+
+
+_INSTANCE_ATTRS = {"forward": _PatchedForward, "_replicate_for_data_parallel": _Replicate}
+
+
+def _bind(module: nn.Module) -> None:
+    for name, cls in _INSTANCE_ATTRS.items():
+        object.__setattr__(module, name, cls(module))
 
 
 # --- candidate recognition ---------------------------------------------------------
@@ -310,8 +338,9 @@ def _plan(module: nn.Module, backend: str | None) -> _Plan | str | None:
         extra.remove("mp")
     if extra:
         return f"it has submodules besides {attr} ({', '.join(extra)}), so its forward may do more than the weighted sum"
-    if "forward" in module.__dict__ and not isinstance(module.__dict__["forward"], _PatchedForward):
-        return "its instance already has a forward of its own"
+    for name, cls in _INSTANCE_ATTRS.items():
+        if name in module.__dict__ and not isinstance(module.__dict__[name], cls):
+            return f"its instance already has a {name} of its own"
     active = tuple(k for k, kind in enumerate(kinds) if kind != "zero")
     if not active:
         return "every candidate is zero; there is nothing to sum"
@@ -420,7 +449,7 @@ def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
             continue
         ops = module._modules[plan.attr]
         object.__setattr__(module, _STATE, plan)
-        object.__setattr__(module, "forward", _PatchedForward(module))
+        _bind(module)
         report.patched.append(
             PatchedOp(
                 path=_path(name),
@@ -443,8 +472,9 @@ def unpatch(model: nn.Module) -> list[str]:
 
 
 def _restore(module: nn.Module) -> None:
-    if isinstance(module.__dict__.get("forward"), _PatchedForward):
-        del module.__dict__["forward"]
+    for name, cls in _INSTANCE_ATTRS.items():
+        if isinstance(module.__dict__.get(name), cls):
+            del module.__dict__[name]
     del module.__dict__[_STATE]
 
 

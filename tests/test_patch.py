@@ -298,6 +298,18 @@ def test_copies_of_a_patched_model_run_their_own_modules():
         torch.testing.assert_close(clone._loss(x, y), model._loss(x, y), **TOL)
 
 
+def test_data_parallel_replicas_run_their_own_modules():
+    torch.manual_seed(0)
+    op = model_search.MixedOp(4, 1)
+    patch(op)
+    # What nn.DataParallel's replicate() does to each module before giving it parameters.
+    replica = op._replicate_for_data_parallel()
+    assert replica.forward.module is replica and op.forward.module is op
+    assert replica._replicate_for_data_parallel().forward.module is not op
+    unpatch(replica)
+    assert "forward" in op.__dict__ and "forward" not in replica.__dict__
+
+
 def test_unknown_backend_fails_at_patch_time():
     with pytest.raises(ValueError, match="unknown fastnas backend"):
         patch(_darts(), backend="tpu")
