@@ -52,12 +52,13 @@ def first_order_arch_grads(
 class UnrolledArchGrad:
     """Second-order DARTS architecture gradient for ``net``.
 
-    ``weight_names`` / ``arch_names`` are the parameter names (as in
-    ``named_parameters``) of the weights and the architecture parameters.
+    ``fd_radius`` is the length of the finite-difference step in weight space
+    (DARTS: 0.01, so ``eps = 0.01 / ||v||``).
     """
 
-    def __init__(self, net: nn.Module, dist_ctx: DistributedContext | None = None):
+    def __init__(self, net: nn.Module, dist_ctx: DistributedContext | None = None, fd_radius: float = 0.01):
         self.net = net
+        self.fd_radius = fd_radius
         self.dist = dist_ctx or DistributedContext()
         arch_ids = {id(p) for p in net.arch_parameters()}
         named = list(net.named_parameters())
@@ -117,8 +118,8 @@ class UnrolledArchGrad:
 
     def _hessian_vector_product(self, vector, buffers, x, y, autocast):
         """(d^2 L_train / dalpha dw) . vector by central differences."""
-        norm = torch.sqrt(sum((v.float() ** 2).sum() for v in vector))
-        eps = 0.01 / norm.clamp_min(1e-12)
+        norm = torch.sqrt(sum((v.double() ** 2).sum() for v in vector))
+        eps = self.fd_radius / norm.clamp_min(1e-12)
         grads = []
         for sign in (1.0, -1.0):
             with torch.no_grad():

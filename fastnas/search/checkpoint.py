@@ -58,7 +58,7 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or unreadable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            f"checkpoint {path} is corrupt, truncated or not a checkpoint ({type(exc).__name__}); "
             "start a new search, or resume from another folder"
         ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

@@ -22,7 +22,7 @@ METHOD_DEFAULTS: dict[str, dict] = {
     ),
     # P-DARTS: 25 epochs in each of three stages, architecture frozen for the first 10.
     "p-darts": dict(
-        epochs=75, batch_size=96, lr=0.025, lr_min=0.0, arch_lr=6e-4, warmup_epochs=10,
+        epochs=75, batch_size=96, lr=0.025, lr_min=0.0, arch_lr=6e-4, warmup_epochs=10, layers=5,
         skip_drop=(0.0, 0.4, 0.7), max_skip_connect=2,
     ),
     "gdas": dict(epochs=240, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4, tau_max=10.0, tau_min=0.1),
@@ -114,7 +114,7 @@ class SearchConfig:
             values.update(DIGITS_DEFAULTS)
             values["epochs"] = DIGITS_EPOCHS.get(method, DIGITS_DEFAULTS["epochs"])
         if dataset == "imagenet":
-            values.update(image_size=224, layers=8)
+            values["image_size"] = 224
             if method == "pc-darts":
                 values["partial_channels"] = 2
         values.update(method=method, dataset=dataset)

@@ -200,14 +200,13 @@ class Searcher:
             cfg.world_size = dist.world_size
         if cfg.batch_size % dist.world_size:
             raise SearchError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+        train_set, info = self._load_data()
         if self.out_dir is not None and dist.is_main:
             os.makedirs(self.out_dir, exist_ok=True)
         seed_everything(cfg.seed)
         if dist.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-
-        train_set, info = self._load_data()
         self.train_idx, self.val_idx = split_indices(len(train_set), cfg.train_portion, cfg.seed)
         self.train_set, self.info = train_set, info
 
