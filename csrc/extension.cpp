@@ -3,11 +3,15 @@
 #include <pybind11/pybind11.h>
 #include <torch/version.h>
 
-#ifdef FASTNAS_WITH_CUDA
-#include <cuda_runtime_api.h>
-#endif
+#include <string>
 
 namespace py = pybind11;
+
+#ifdef FASTNAS_WITH_CUDA
+namespace fastnas {
+int cuda_runtime_version();  // csrc/cuda/build_info.cu
+}
+#endif
 
 namespace {
 
@@ -15,7 +19,8 @@ py::dict build_info() {
   py::dict info;
 #ifdef FASTNAS_WITH_CUDA
   info["cuda"] = true;
-  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
+  const int version = fastnas::cuda_runtime_version();
+  info["cuda_version"] = std::to_string(version / 1000) + "." + std::to_string(version % 1000 / 10);
 #else
   info["cuda"] = false;
   info["cuda_version"] = "";
