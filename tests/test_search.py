@@ -294,8 +294,9 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, method, epochs, 
     searcher = Searcher.resume(out, dataset=tiny_dataset(), progress=False)
     resumed = searcher.run()
     assert _strip_times(resumed.history) == _strip_times(full.history)
+    resumed_state = searcher.net.state_dict()
     for k, v in full_net.state_dict().items():
-        assert torch.equal(v, searcher.net.state_dict()[k]), k
+        assert torch.equal(v, resumed_state[k]), k
     assert resumed.genotype_dict == full.genotype_dict
     with open(os.path.join(out, "log.jsonl")) as f:
         assert [json.loads(line)["epoch"] for line in f] == list(range(1, epochs + 1))

@@ -358,6 +358,8 @@ class Searcher:
             bar.close()
         elapsed = time.perf_counter() - start
         parts["sched"].step()
+        # Batch-norm statistics saw only this rank's images; evaluate and save their mean.
+        dist.all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
         totals = dist.all_reduce_sum(totals)
         val = self._evaluate(net, global_epoch)
         record = {
