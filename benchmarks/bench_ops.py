@@ -249,7 +249,7 @@ def run(args) -> int:
     )
     print(json.dumps(env, indent=1), flush=True)
     out_dir = Path(args.out)
-    stem = out_dir / f"{device}_ops"
+    stem = out_dir / f"{device}_ops{'_' + args.tag if args.tag else ''}"
     kw = {"min_time_s": 0.3 if args.quick else 1.0} if device == "cpu" else {}
     rows: list[dict] = []
     summary: list[str] = []
@@ -337,6 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--case", default=None, help="only cases whose label contains this text")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--memory-timeout", type=float, default=300.0)
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

@@ -29,7 +29,7 @@ except ImportError:  # running from a clone that is not installed
 from fastnas import bench
 
 COLUMNS = [
-    "network", "backend", "backend_used", "memory", "batch_size", "reps", "step_ms_median", "step_ms_q25",
+    "network", "backend", "backend_used", "memory", "batch_size", "threads", "reps", "step_ms_median", "step_ms_q25",
     "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "aten_ops", "fastnas_ops", "note",
 ]  # fmt: skip
 DEFAULT_CONFIGS = "auto:save,reference:save,auto:checkpoint"
@@ -79,15 +79,20 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--reps", type=int, default=None, help="timed steps per configuration")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-count-ops", action="store_true")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
+    if args.threads:
+        import torch
 
+        # So that the device line of the results names the children's thread count.
+        torch.set_num_threads(args.threads)
     env = bench.environment(args.device)
     print(json.dumps(env), flush=True)
-    stem = Path(args.out) / f"{args.device}_search_step"
+    stem = Path(args.out) / f"{args.device}_search_step{'_' + args.tag if args.tag else ''}"
     notes = [
         f"One first-order DARTS step, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
         f"C={args.channels}, {args.layers} cells: Adam step of the architecture on a validation batch, "
