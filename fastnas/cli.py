@@ -107,13 +107,6 @@ def _run_search(args: argparse.Namespace) -> int:
 
     from fastnas.search import SearchConfig, Searcher
 
-    threads = args.threads
-    if threads is None and (args.device or "cpu") == "cpu" and (args.dataset or "digits") == "digits" and not args.resume:
-        # The digits network runs thousands of tiny ops per step: threads gain
-        # little there and lose a lot when the cores are shared.
-        threads = 1
-    if threads:
-        torch.set_num_threads(threads)
     options = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()}
     progress = not args.no_progress
     if args.resume:
@@ -134,6 +127,13 @@ def _run_search(args: argparse.Namespace) -> int:
             )
         searcher = Searcher(config, out_dir=out, progress=progress)
     cfg = searcher.config
+    threads = args.threads
+    if threads is None and cfg.device == "cpu" and cfg.dataset == "digits":
+        # The digits network runs thousands of tiny ops per step: threads gain
+        # little there and lose a lot when the cores are shared.
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
     if _is_main_process() and progress:
         where = f"resuming {out}" if args.resume else f"writing to {out}"
         print(f"fastnas search: {cfg.method} on {cfg.dataset} ({cfg.space} space), {cfg.epochs} epochs, "

@@ -13,6 +13,7 @@ from torch.utils.data import TensorDataset
 from fastnas.search import (
     CheckpointError,
     NonFiniteLossError,
+    OutOfMemoryError,
     SearchConfig,
     SearchError,
     Searcher,
@@ -384,3 +385,18 @@ def test_bf16_autocast_runs():
     result, net = run(tiny_config("darts", amp="bf16"))
     assert all(torch.isfinite(p).all() for p in net.parameters())
     validate_genotype(result.genotype)
+
+
+def test_out_of_memory_becomes_a_clear_error(monkeypatch):
+    def epoch(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Searcher, "_epoch", epoch)
+    with pytest.raises(OutOfMemoryError, match="smaller --batch-size.*--amp bf16.*partial channels"):
+        run(tiny_config("darts"))
+
+
+def test_unavailable_backend_is_a_clear_error():
+    # CUDA kernels never serve CPU tensors, whatever was built.
+    with pytest.raises(SearchError, match="--backend cuda"):
+        run(tiny_config("darts", backend="cuda"))

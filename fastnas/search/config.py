@@ -162,10 +162,11 @@ class SearchConfig:
         if self.method != "p-darts":
             return [dict(layers=self.layers, epochs=self.epochs, warmup=self.warmup_epochs, skip_drop=0.0)]
         n = len(self.stage_layers)
-        per_stage = self.epochs // n
+        # Epochs that do not split evenly go to the later, deeper stages.
+        epochs = [self.epochs // n + (1 if i >= n - self.epochs % n else 0) for i in range(n)]
         drops = tuple(self.skip_drop) or (0.0,) * n
         return [
-            dict(layers=layers, epochs=per_stage, warmup=min(self.warmup_epochs, per_stage), skip_drop=drops[i])
+            dict(layers=layers, epochs=epochs[i], warmup=min(self.warmup_epochs, epochs[i]), skip_drop=drops[i])
             for i, layers in enumerate(self.stage_layers)
         ]
 

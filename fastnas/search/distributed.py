@@ -42,9 +42,12 @@ class DistributedContext:
             offset += n
 
     def all_reduce_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum of ``values`` over all ranks, on the device ``values`` came from."""
         if self.enabled:
-            values = values.clone()
-            dist.all_reduce(values)
+            # NCCL reduces only GPU tensors.
+            summed = values.to(self.device, copy=True)
+            dist.all_reduce(summed)
+            values = summed.to(values.device)
         return values
 
     def barrier(self) -> None:

@@ -198,6 +198,13 @@ class Searcher:
                     "resume with the same --nproc_per_node"
                 )
             cfg.world_size = dist.world_size
+        if cfg.backend is not None:
+            from fastnas import backends
+
+            try:
+                backends.resolve(dist.device, cfg.backend)
+            except (RuntimeError, ValueError) as exc:
+                raise SearchError(f"--backend {cfg.backend}: {exc}") from None
         if cfg.batch_size % dist.world_size:
             raise SearchError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
         train_set, info = self._load_data()
