@@ -8,6 +8,7 @@ peak resident memory (VmHWM) is its own.
 
     python benchmarks/bench_patch.py                # writes benchmarks/results/cpu_patch.md
     python benchmarks/bench_patch.py --batch 32 --reps 7
+    python benchmarks/bench_patch.py --paired      # timings interleaved in one process, appended
 """
 
 from __future__ import annotations
@@ -48,21 +49,20 @@ def _reset_peak() -> bool:
         return False
 
 
-def worker(args) -> dict:
+def _setup(config: str, args):
+    """A search-step closure for ``config`` on its own copy of the model and data."""
     import torch
     import torch.nn as nn
 
     sys.path.insert(0, str(ROOT))
-    import fastnas
     from fastnas.patch import patch
     from tests.darts_fixture import model_search
 
-    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = model_search.Network(args.C, 10, args.layers, nn.CrossEntropyLoss())
     report = None
-    if args.config != "unpatched":
-        report = patch(model, backend=args.config.split("-", 1)[1])
+    if config != "unpatched":
+        report = patch(model, backend=config.split("-", 1)[1])
     w_opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     g = torch.Generator().manual_seed(1)
@@ -82,6 +82,21 @@ def worker(args) -> dict:
         w_opt.step()
         return loss.item()
 
+    return step, (len(report.patched) if report else 0)
+
+
+def _summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    return {"median_ms": statistics.median(times), "q25_ms": q[0], "q75_ms": q[2], "reps": len(times)}
+
+
+def worker(args) -> dict:
+    import torch
+
+    import fastnas
+
+    torch.set_num_threads(args.threads)
+    step, patched = _setup(args.config, args)
     before_kib = _status_kib("VmRSS")
     exact_peak = _reset_peak()
     first_loss = step()
@@ -91,20 +106,34 @@ def worker(args) -> dict:
         t0 = time.perf_counter()
         step()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
     return {
         "config": args.config,
-        "patched": len(report.patched) if report else 0,
+        "patched": patched,
         "first_loss": first_loss,
-        "median_ms": statistics.median(times),
-        "q25_ms": q[0],
-        "q75_ms": q[2],
-        "reps": len(times),
+        **_summary(times),
         "rss_before_mib": before_kib / 1024,
         "peak_rss_mib": peak_kib / 1024,
         "step_peak_mib": (peak_kib - before_kib) / 1024 if exact_peak else None,
         "backends": fastnas.available_backends(),
     }
+
+
+def paired_worker(args, configs: list[str]) -> dict:
+    """Steps of every configuration interleaved in one process, so load from other
+    processes falls on all of them alike; the ratios are what to read."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    steps = {c: _setup(c, args)[0] for c in configs}
+    for step in steps.values():
+        step()
+    times = {c: [] for c in configs}
+    for _ in range(args.reps):
+        for c, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[c].append((time.perf_counter() - t0) * 1e3)
+    return {c: _summary(t) for c, t in times.items()}
 
 
 def _run_worker(config: str, args) -> dict:
@@ -148,6 +177,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="each configuration runs this many times, interleaved")
     # One thread: on a shared machine OpenMP spin-waits make multi-threaded timings noise.
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--paired", action="store_true", help="time all configurations interleaved in one process only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_patch.md")
     args = p.parse_args(argv)
     if args.worker:
@@ -161,6 +191,25 @@ def main(argv=None) -> int:
     import fastnas
 
     configs = ["unpatched", "patched-reference"] + (["patched-cpu"] if "cpu" in fastnas.available_backends() else [])
+    if args.paired:
+        os.environ.update(OMP_NUM_THREADS=str(args.threads))
+        res = paired_worker(args, configs)
+        base = res["unpatched"]["median_ms"]
+        lines = [
+            "",
+            f"Interleaved in one process (`python benchmarks/bench_patch.py {' '.join(argv if argv is not None else sys.argv[1:])}`), "
+            f"{args.reps} steps each after a warm-up, {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, "
+            f"load average {os.getloadavg()[0]:.1f}:",
+            "",
+            "| configuration | step median ms (q25-q75) | speed-up |",
+            "|---|---|---|",
+        ]
+        for c, r in res.items():
+            lines.append(f"| {c} | {r['median_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {base / r['median_ms']:.2f}x |")
+        print("\n".join(lines))
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+        return 0
     runs: dict[str, list[dict]] = {c: [] for c in configs}
     for _ in range(args.rounds):
         for config in configs:
