@@ -105,13 +105,13 @@ def _default_out(method: str, dataset: str) -> str:
 def _run_search(args: argparse.Namespace) -> int:
     import torch
 
-    from fastnas.search import SearchConfig, Searcher
+    from fastnas.search import SearchConfig, SearchError, Searcher
 
     options = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()}
     progress = not args.no_progress
     if args.resume:
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
-            raise _usage_error("--resume continues in its own folder; drop --out or give the same folder")
+            raise SearchError("--resume continues in its own folder; drop --out or give the same folder")
         overrides = dict(options, method=args.method, dataset=args.dataset)
         searcher = Searcher.resume(args.resume, overrides, progress=progress)
         out = args.resume
@@ -122,9 +122,7 @@ def _run_search(args: argparse.Namespace) -> int:
         config = SearchConfig.create(method, dataset=dataset, **options)
         out = args.out or _default_out(method, dataset)
         if os.path.exists(os.path.join(out, "checkpoint.pt")):
-            raise _usage_error(
-                f"{out} already holds a search; continue it with --resume {out}, or choose another --out"
-            )
+            raise SearchError(f"{out} already holds a search; continue it with --resume {out}, or choose another --out")
         searcher = Searcher(config, out_dir=out, progress=progress)
     cfg = searcher.config
     threads = args.threads
@@ -143,14 +141,6 @@ def _run_search(args: argparse.Namespace) -> int:
         print(f"genotype: {result.genotype}")
         print(f"wrote {out}/genotype.json, cells.png, log.jsonl, checkpoint.pt")
     return 0
-
-
-class _UsageError(Exception):
-    pass
-
-
-def _usage_error(message: str) -> _UsageError:
-    return _UsageError(message)
 
 
 def _is_main_process() -> bool:
@@ -196,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run_search(args)
-    except (SearchError, DatasetError, _UsageError) as exc:
+    except (SearchError, DatasetError) as exc:
         if _is_main_process():
             print(f"fastnas search: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
