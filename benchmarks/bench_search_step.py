@@ -91,6 +91,7 @@ def main(argv=None) -> int:
         # So that the device line of the results names the children's thread count.
         torch.set_num_threads(args.threads)
     env = bench.environment(args.device)
+    env["command"] = " ".join(["python", "benchmarks/bench_search_step.py", *(sys.argv[1:] if argv is None else argv)])
     print(json.dumps(env), flush=True)
     stem = Path(args.out) / f"{args.device}_search_step{'_' + args.tag if args.tag else ''}"
     notes = [
