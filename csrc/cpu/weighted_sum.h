@@ -47,16 +47,32 @@ inline void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_count, const
 }
 
 // sum_i g[i] * x[i] with a fixed number of lanes (so gcc vectorises it without
-// -ffast-math) combined pairwise in a fixed order.
+// -ffast-math) combined pairwise in a fixed order. With gx non-null it also
+// writes gx[i] = wk * g[i] in the same sweep, which keeps the number of
+// memory streams in flight down.
 template <typename scalar_t, typename acc_t>
-inline acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len) {
+inline acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len,
+                       scalar_t* __restrict__ gx = nullptr, acc_t wk = acc_t(0)) {
   constexpr int kLanes = 16;
   acc_t s[kLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) s[j] = math::dot_accumulate(s[j], g[i + j], x[i + j]);
+  if (gx != nullptr) {
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) {
+        gx[i + j] = static_cast<scalar_t>(wk * g[i + j]);
+        s[j] = math::dot_accumulate(s[j], g[i + j], x[i + j]);
+      }
+    }
+    for (int j = 0; i < len; ++i, ++j) {
+      gx[i] = static_cast<scalar_t>(wk * g[i]);
+      s[j] = math::dot_accumulate(s[j], g[i], x[i]);
+    }
+  } else {
+    for (; i + kLanes <= len; i += kLanes) {
+      for (int j = 0; j < kLanes; ++j) s[j] = math::dot_accumulate(s[j], g[i + j], x[i + j]);
+    }
+    for (int j = 0; i < len; ++i, ++j) s[j] = math::dot_accumulate(s[j], g[i], x[i]);
   }
-  for (int j = 0; i < len; ++i, ++j) s[j] = math::dot_accumulate(s[j], g[i], x[i]);
   for (int width = kLanes / 2; width > 0; width /= 2) {
     for (int j = 0; j < width; ++j) s[j] += s[j + width];
   }
@@ -73,12 +89,13 @@ inline void weighted_sum_backward_chunk(const scalar_t* __restrict__ go, scalar_
                                         int64_t len, acc_t* dots, acc_t* __restrict__ buf) {
   for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<acc_t>(go[i]);
   for (int64_t k = 0; k < k_count; ++k) {
-    if (gxs[k] != nullptr) {
-      scalar_t* __restrict__ gx = gxs[k] + src;
+    scalar_t* gx = gxs[k] != nullptr ? gxs[k] + src : nullptr;
+    if (dots != nullptr) {
+      dots[k] = chunk_dot(buf, xs[k] + src, len, gx, w[k]);
+    } else if (gx != nullptr) {
       const acc_t wk = w[k];
       for (int64_t i = 0; i < len; ++i) gx[i] = static_cast<scalar_t>(wk * buf[i]);
     }
-    if (dots != nullptr) dots[k] = chunk_dot(buf, xs[k] + src, len);
   }
 }
 
