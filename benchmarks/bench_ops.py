@@ -238,6 +238,7 @@ def run(args) -> int:
         return 2
     impls = implementations(device, args.impls)
     env = bench.environment(device)
+    env["command"] = " ".join(["python", "benchmarks/bench_ops.py", *args.argv])
     copy_bw = bench.copy_bandwidth(device) if device == "cuda" else None
     if copy_bw:
         env["copy_bandwidth"] = f"{copy_bw / 1e9:.0f} GB/s (1 GiB device-to-device copy, read+write)"
@@ -342,6 +343,7 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
