@@ -50,6 +50,20 @@ def _torch_wheel_cuda_includes():
     return dirs
 
 
+def _cuda_library_dirs():
+    """The folder with libcudart.so when CUDA_HOME lacks it.
+
+    torch guesses CUDA_HOME from the nvcc on PATH; behind a wrapper script such
+    as /usr/local/bin/nvcc that guess (/usr/local) has no CUDA libraries.
+    """
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    for folder in (Path(CUDA_HOME) / "lib64", Path(CUDA_HOME) / "cuda" / "lib64", Path("/usr/local/cuda/lib64")):
+        if (folder / "libcudart.so").exists():
+            return [str(folder)]
+    return []
+
+
 def _set_max_jobs():
     if "MAX_JOBS" in os.environ:
         return
@@ -68,7 +82,7 @@ def _extensions():
     build_cuda, why_not = _cuda_wanted()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++17"] + openmp
+    cxx_flags = ["-O3", "-std=c++20"] + openmp
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     if build_cuda:
@@ -81,7 +95,8 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17"]},
+            library_dirs=_cuda_library_dirs(),
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=openmp,
         )
     else:
