@@ -238,6 +238,8 @@ def run(args) -> int:
         return 2
     impls = implementations(device, args.impls)
     env = bench.environment(device)
+    if device == "cpu":
+        env["cpu_allocator"] = bench.steady_cpu_allocator()
     env["command"] = " ".join(["python", "benchmarks/bench_ops.py", *args.argv])
     copy_bw = bench.copy_bandwidth(device) if device == "cuda" else None
     if copy_bw:

@@ -17,6 +17,7 @@ the autograd engine's backward ops are counted too.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import csv
 import datetime
 import json
@@ -44,6 +45,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def steady_cpu_allocator() -> str:
+    """Make glibc keep freed memory for reuse; return a note for the result header.
+
+    By default glibc hands large freed blocks back to the kernel depending on its
+    history (a self-raising mmap threshold, heap trimming), so the same op can pay
+    for zeroing fresh pages on one run and not on the next: timings moved 2-3x
+    with what the process had done before. Fixed, high thresholds keep freed
+    blocks in the heap, as a caching allocator does on a GPU, so that timings
+    measure the ops rather than page faults. Eager and fused runs share it.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return "default allocator"
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    limit = 1 << 30
+    if libc.mallopt(m_mmap_threshold, limit) and libc.mallopt(m_trim_threshold, limit):
+        return "glibc mallopt: mmap and trim thresholds 1 GiB (freed memory reused, no page-fault noise)"
+    return "default allocator"
 
 
 # --- timing ------------------------------------------------------------------------
