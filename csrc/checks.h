@@ -81,6 +81,24 @@ inline void check_backward_common(const char* op, const at::Tensor& grad_out, at
   }
 }
 
+// The backward ops check xs against the input shape that grad_out implies.
+inline void check_xs_shape(const char* op, at::TensorList xs, at::IntArrayRef shape) {
+  for (size_t k = 0; k < xs.size(); ++k) {
+    TORCH_CHECK(xs[k].sizes() == shape, op, ": xs[", k, "] has shape ", xs[k].sizes(), " but grad_out implies ",
+                shape);
+  }
+}
+
+// A new contiguous gradient for each input that needs one, in input order.
+inline std::vector<at::Tensor> new_input_grads(at::IntArrayRef shape, const at::TensorOptions& options,
+                                               const std::vector<bool>& need) {
+  std::vector<at::Tensor> grads;
+  for (const bool n : need) {
+    if (n) grads.push_back(at::empty(shape, options.memory_format(at::MemoryFormat::Contiguous)));
+  }
+  return grads;
+}
+
 // Weights in the accumulation dtype, contiguous, on the weights' device.
 inline at::Tensor weights_for_accumulation(const at::Tensor& weights, at::ScalarType x_dtype) {
   return weights.to(accumulate_dtype(x_dtype)).contiguous();
@@ -120,6 +138,28 @@ inline PartialChannelShape check_partial_channel(const char* op, at::IntArrayRef
   }
   TORCH_CHECK(groups >= 1 && s.channels() % groups == 0, op, ": groups=", groups,
               " must be >= 1 and divide the ", s.channels(), " output channels");
+  return s;
+}
+
+// The backward of partial_channel_mixed_sum: the xs shape follows from grad_out
+// and the bypass, whose data is checked only when it is read.
+inline PartialChannelShape check_partial_channel_backward(const char* op, const at::Tensor& grad_out,
+                                                          at::TensorList xs, const at::Tensor& bypass,
+                                                          int64_t groups, bool bypass_pool, bool bypass_need_grad) {
+  TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D NCHW, got shape ", grad_out.sizes());
+  TORCH_CHECK(bypass.dim() == 4, op, ": bypass must be a 4-D NCHW tensor, got shape ", bypass.sizes());
+  const int64_t cb = bypass.size(1);
+  TORCH_CHECK(grad_out.size(1) >= cb, op, ": grad_out has ", grad_out.size(1), " channels, fewer than the bypass's ",
+              cb);
+  const std::vector<int64_t> x_shape{grad_out.size(0), grad_out.size(1) - cb, grad_out.size(2), grad_out.size(3)};
+  const PartialChannelShape s = check_partial_channel(op, x_shape, bypass, groups, bypass_pool);
+  check_xs_shape(op, xs, x_shape);
+  if (bypass_need_grad) {
+    TORCH_CHECK(bypass.scalar_type() == grad_out.scalar_type(), op, ": bypass has dtype ", bypass.scalar_type(),
+                " but grad_out has dtype ", grad_out.scalar_type());
+    TORCH_CHECK(bypass.device() == grad_out.device(), op, ": bypass is on ", bypass.device(), " but grad_out is on ",
+                grad_out.device());
+  }
   return s;
 }
 

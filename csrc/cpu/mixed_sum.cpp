@@ -57,20 +57,12 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
   check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
   TORCH_CHECK(grad_out.device().is_cpu(), kBackward, ": the CPU kernel got grad_out on ", grad_out.device());
-  for (size_t k = 0; k < xs.size(); ++k) {
-    TORCH_CHECK(xs[k].sizes() == grad_out.sizes(), kBackward, ": xs[", k, "] has shape ", xs[k].sizes(),
-                " but grad_out has shape ", grad_out.sizes());
-  }
+  check_xs_shape(kBackward, xs, grad_out.sizes());
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
   const int64_t n = grad_out.numel();
 
-  std::vector<at::Tensor> grad_xs;
-  for (int64_t k = 0; k < k_count; ++k) {
-    if (xs_need_grad[k]) {
-      grad_xs.push_back(at::empty(grad_out.sizes(), grad_out.options().memory_format(at::MemoryFormat::Contiguous)));
-    }
-  }
+  std::vector<at::Tensor> grad_xs = new_input_grads(grad_out.sizes(), grad_out.options(), xs_need_grad);
   const auto acc_dtype = accumulate_dtype(dtype);
   at::Tensor grad_w_acc = at::zeros({weights_need_grad ? k_count : 0}, weights.options().dtype(acc_dtype));
   if (n > 0 && (weights_need_grad || !grad_xs.empty())) {

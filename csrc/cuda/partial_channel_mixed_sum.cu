@@ -215,32 +215,15 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
   check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
   TORCH_CHECK(grad_out.is_cuda(), kBackward, ": the CUDA kernel got grad_out on ", grad_out.device());
-  TORCH_CHECK(grad_out.dim() == 4, kBackward, ": grad_out must be 4-D NCHW, got shape ", grad_out.sizes());
-  TORCH_CHECK(bypass.dim() == 4, kBackward, ": bypass must be a 4-D NCHW tensor, got shape ", bypass.sizes());
-  const int64_t cb = bypass.size(1);
-  TORCH_CHECK(grad_out.size(1) >= cb, kBackward, ": grad_out has ", grad_out.size(1),
-              " channels, fewer than the bypass's ", cb);
-  const std::vector<int64_t> x_shape{grad_out.size(0), grad_out.size(1) - cb, grad_out.size(2), grad_out.size(3)};
-  const PartialChannelShape s = check_partial_channel(kBackward, x_shape, bypass, groups, bypass_pool);
-  for (size_t k = 0; k < xs.size(); ++k) {
-    TORCH_CHECK(xs[k].sizes() == at::IntArrayRef(x_shape), kBackward, ": xs[", k, "] has shape ", xs[k].sizes(),
-                " but grad_out implies ", at::IntArrayRef(x_shape));
-  }
-  if (bypass_need_grad) {
-    TORCH_CHECK(bypass.scalar_type() == grad_out.scalar_type(), kBackward, ": bypass has dtype ",
-                bypass.scalar_type(), " but grad_out has dtype ", grad_out.scalar_type());
-    TORCH_CHECK(bypass.device() == grad_out.device(), kBackward, ": bypass is on ", bypass.device(),
-                " but grad_out is on ", grad_out.device());
-  }
+  const PartialChannelShape s =
+      check_partial_channel_backward(kBackward, grad_out, xs, bypass, groups, bypass_pool, bypass_need_grad);
+  const std::vector<int64_t> x_shape{s.n, s.cp, s.h, s.w};
   const c10::cuda::CUDAGuard guard(grad_out.device());
 
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
   const auto acc_dtype = accumulate_dtype(dtype);
-  std::vector<at::Tensor> grad_xs;
-  for (int64_t k = 0; k < k_count; ++k) {
-    if (xs_need_grad[k]) grad_xs.push_back(at::empty(x_shape, grad_out.options()));
-  }
+  std::vector<at::Tensor> grad_xs = new_input_grads(x_shape, grad_out.options(), xs_need_grad);
   at::Tensor grad_w_acc = at::zeros({weights_need_grad ? k_count : 0}, weights.options().dtype(acc_dtype));
   at::Tensor grad_b = bypass_need_grad ? at::empty(bypass.sizes(), grad_out.options()) : grad_out.new_empty({0});
   if (grad_out.numel() == 0) return {std::move(grad_xs), grad_w_acc.to(weights.scalar_type()), grad_b};
