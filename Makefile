@@ -16,7 +16,11 @@ $(STAMP): requirements.txt
 build: $(STAMP)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 
+# The C++ test (CMake build of the same sources, ctest) first, then the Python suite.
 test: build
+	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
+	cmake --build build/cmake -j2
+	ctest --test-dir build/cmake --output-on-failure
 	$(PY) -m pytest -q -ra tests
 
 search: build
