@@ -15,4 +15,23 @@ TORCH_LIBRARY(fastnas, m) {
       "partial_channel_mixed_sum_backward(Tensor grad_out, Tensor[] xs, Tensor weights, Tensor bypass, "
       "int groups, bool bypass_pool, bool[] xs_need_grad, bool weights_need_grad, bool bypass_need_grad) "
       "-> (Tensor[], Tensor, Tensor)");
+
+  // The memory engine's building blocks. Stacked tensors are channel-major,
+  // (J, C, N, H, W): J candidates, each a (C, N*H*W) matrix, so a pointwise
+  // convolution of all J is one bmm and per-channel statistics read rows.
+  m.def(
+      "multi_depthwise(Tensor x, Tensor[] weights, int[] dilations, int stride, Tensor? mean, "
+      "Tensor? rstd) -> Tensor");
+  m.def(
+      "multi_depthwise_backward(Tensor grad_out, Tensor x, Tensor[] weights, int[] dilations, int stride, "
+      "Tensor? mean, Tensor? rstd, bool input_need_grad) -> (Tensor, Tensor[])");
+  m.def("stacked_batch_norm_stats(Tensor z, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("stacked_batch_norm_backward(Tensor grad_yhat, Tensor z, Tensor mean, Tensor rstd) -> Tensor");
+  m.def("pool_batch_norm_stats(Tensor x, int stride, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "darts_sum(Tensor x, Tensor z, Tensor mean, Tensor rstd, Tensor coef, int stride, bool has_max, "
+      "bool has_avg, bool has_skip) -> Tensor");
+  m.def(
+      "darts_sum_backward(Tensor grad_out, Tensor x, Tensor z, Tensor mean, Tensor rstd, Tensor coef, "
+      "int stride, bool has_max, bool has_avg, bool has_skip, bool x_need_grad) -> (Tensor, Tensor, Tensor)");
 }
