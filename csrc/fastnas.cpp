@@ -34,4 +34,13 @@ TORCH_LIBRARY(fastnas, m) {
   m.def(
       "darts_sum_backward(Tensor grad_out, Tensor x, Tensor z, Tensor mean, Tensor rstd, Tensor coef, "
       "int stride, bool has_max, bool has_avg, bool has_skip, bool x_need_grad) -> (Tensor, Tensor, Tensor)");
+
+  // A PC-DARTS node: sum_e weights[e] * channel_shuffle(cat([mixed[e], pool?(bypass[e])], 1), groups).
+  m.def(
+      "partial_channel_node_sum(Tensor[] mixed, Tensor[] bypass, Tensor weights, int groups, int[] strides) "
+      "-> Tensor");
+  m.def(
+      "partial_channel_node_sum_backward(Tensor grad_out, Tensor[] mixed, Tensor[] bypass, Tensor weights, "
+      "int groups, int[] strides, bool[] mixed_need_grad, bool[] bypass_need_grad, bool weights_need_grad) "
+      "-> (Tensor[], Tensor[], Tensor)");
 }

@@ -23,6 +23,7 @@ Ops registered with torch.library:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -51,7 +52,7 @@ def stacked_batch_norm_stats_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-(j, c) mean, rstd and biased variance of ``z`` (J, C, *rest)."""
     j, c = z.shape[:2]
-    rows = z.reshape(j, c, -1).to(_accumulate_dtype(z.dtype))
+    rows = z.reshape(j, c, math.prod(z.shape[2:])).to(_accumulate_dtype(z.dtype))
     var, mean = torch.var_mean(rows, dim=2, correction=0)
     return mean, torch.rsqrt(var + eps), var
 
@@ -60,11 +61,11 @@ def stacked_batch_norm_backward_reference(
     grad_yhat: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor:
     """Gradient of batch norm (training mode, no affine) with respect to ``z``."""
-    j, c = z.shape[:2]
+    shape = (z.shape[0], z.shape[1], math.prod(z.shape[2:]))
     acc = _accumulate_dtype(z.dtype)
-    g = grad_yhat.reshape(j, c, -1).to(acc)
+    g = grad_yhat.reshape(shape).to(acc)
     r = rstd.to(acc).unsqueeze(-1)
-    yhat = (z.reshape(j, c, -1).to(acc) - mean.to(acc).unsqueeze(-1)) * r
+    yhat = (z.reshape(shape).to(acc) - mean.to(acc).unsqueeze(-1)) * r
     grad = r * (g - g.mean(-1, keepdim=True) - yhat * (g * yhat).mean(-1, keepdim=True))
     return grad.to(z.dtype).reshape(z.shape)
 
