@@ -293,6 +293,8 @@ def darts_sum(
     _check_darts("darts_sum", x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
     name = _backend(x.device, backend)
     if name == "reference":
+        if torch.is_grad_enabled() and (x.requires_grad or z.requires_grad or coef.requires_grad):
+            return _DartsSumReference.apply(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
         return darts_sum_reference(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
     if name == "triton":
         return torch.ops.fastnas.darts_sum_triton(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
@@ -362,6 +364,18 @@ def _make_backward(backward_op):
         )
 
     return backward
+
+
+class _DartsSumReference(torch.autograd.Function):
+    """The reference forward with the training-mode gradient the fused ops have
+    (plain autograd of darts_sum_reference would hold mean and rstd constant)."""
+
+    @staticmethod
+    def forward(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip):
+        return darts_sum_reference(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_make_backward(darts_sum_backward_reference))
 
 
 def _fake_stats(x, stride, eps):

@@ -1,0 +1,415 @@
+// multi_depthwise on CPU: J depthwise convolutions of relu(x) (or of
+// relu((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
+// their backward.
+//
+// Each task takes one channel (shared x: all J candidates; per-candidate x: one
+// (j, c) pair) and a fixed slice of the batch. For every image it writes the
+// activation once into a zero-bordered thread-local buffer, so the taps need no
+// bounds checks and every inner loop runs over a contiguous output row. With
+// stride 2 the buffer keeps even and odd columns apart ("phases"), which turns
+// the strided reads into contiguous ones too.
+//
+// The backward scatters w * grad_out into a second padded buffer (thread-local,
+// so no atomics) and reads the input gradient back from its interior; the
+// weights' gradient is summed per task into per-tap row accumulators. Tasks
+// depend on the shape only, and their partial sums are added in task order, so
+// the result does not depend on the thread count and reruns are bit-identical.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "checks.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// The build targets baseline x86-64 (SSE2); these clones let the hot loops use
+// AVX2 and FMA where the CPU has them, chosen once at load time.
+#define FASTNAS_DW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define FASTNAS_DW_CLONES
+#endif
+
+namespace fastnas {
+namespace cpu {
+namespace {
+
+constexpr const char* kForward = "multi_depthwise";
+constexpr const char* kBackward = "multi_depthwise_backward";
+// Tasks a backward call aims for: enough to keep every core busy, few enough
+// that each one's weight-gradient partial sums stay cheap to add up.
+constexpr int64_t kTargetTasks = 64;
+
+int64_t out_size(int64_t size, int64_t stride) { return size == 0 ? 0 : (size - 1) / stride + 1; }
+
+// Shapes and the padded-buffer layout of one call.
+struct Geometry {
+  int64_t J, C, N, H, W, Ho, Wo, stride;
+  bool shared;
+  int64_t P;   // the largest padding over candidates
+  int64_t Hp;  // rows of the padded buffer
+  int64_t Wq;  // columns of one phase of a padded row
+  int64_t row() const { return stride * Wq; }
+  int64_t size() const { return Hp * row(); }
+  // Offset of padded position (y, x).
+  int64_t at(int64_t y, int64_t x) const { return y * row() + (x % stride) * Wq + x / stride; }
+};
+
+struct Candidate {
+  int64_t k, d, o;  // kernel size, dilation, offset P - p of its window in the padded buffer
+};
+
+void check_forward_args(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
+                        int64_t stride, const std::optional<at::Tensor>& mean,
+                        const std::optional<at::Tensor>& rstd) {
+  TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x has dtype ", x.scalar_type(),
+              "; expected float32, float64, float16 or bfloat16");
+  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, op,
+              ": x must be (N, C, H, W) shared by all candidates or (J, C, N, H, W) per candidate, got shape ",
+              x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
+  const int64_t J = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(J >= 1, op, ": weights is empty; it needs at least one candidate");
+  TORCH_CHECK(static_cast<int64_t>(dilations.size()) == J, op, ": dilations has ", dilations.size(),
+              " entries but weights has ", J);
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  const bool shared = x.dim() == 4;
+  const int64_t C = x.size(1);
+  if (!shared) {
+    TORCH_CHECK(x.size(0) == J, op, ": x has ", x.size(0), " candidates (dim 0) but weights has ", J);
+  }
+  for (int64_t j = 0; j < J; ++j) {
+    const at::Tensor& w = weights[j];
+    TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3), op, ": weights[", j,
+                "] must be (", C, ", 1, k, k) for x's ", C, " channels, got shape ", w.sizes());
+    TORCH_CHECK(w.size(2) % 2 == 1, op, ": weights[", j, "] has an even kernel size ", w.size(2),
+                "; it must be odd");
+    TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": weights[", j, "] has dtype ", w.scalar_type(),
+                " but x has dtype ", x.scalar_type());
+    TORCH_CHECK(w.device() == x.device(), op, ": weights[", j, "] is on ", w.device(), " but x is on ", x.device());
+    TORCH_CHECK(dilations[j] >= 1, op, ": dilations[", j, "] must be >= 1, got ", dilations[j]);
+  }
+  TORCH_CHECK(mean.has_value() == rstd.has_value(), op, ": mean and rstd must be given together (got only ",
+              mean.has_value() ? "mean" : "rstd", ")");
+  if (mean.has_value()) {
+    TORCH_CHECK(!shared, op, ": mean/rstd need a per-candidate x of shape (J, C, N, H, W); x is shared, shape ",
+                x.sizes());
+    for (const auto* t : {&*mean, &*rstd}) {
+      const char* name = t == &*mean ? "mean" : "rstd";
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == J && t->size(1) == C, op, ": ", name, " must have shape (", J, ", ",
+                  C, "), got ", t->sizes());
+      TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+      TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+    }
+  }
+}
+
+Geometry geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
+                  std::vector<Candidate>& cands) {
+  Geometry g{};
+  g.shared = x.dim() == 4;
+  g.J = static_cast<int64_t>(weights.size());
+  g.C = x.size(1);
+  g.N = g.shared ? x.size(0) : x.size(2);
+  g.H = x.size(g.shared ? 2 : 3);
+  g.W = x.size(g.shared ? 3 : 4);
+  g.stride = stride;
+  g.Ho = out_size(g.H, stride);
+  g.Wo = out_size(g.W, stride);
+  g.P = 0;
+  for (int64_t j = 0; j < g.J; ++j) g.P = std::max(g.P, dilations[j] * (weights[j].size(2) - 1) / 2);
+  cands.clear();
+  for (int64_t j = 0; j < g.J; ++j) {
+    const int64_t k = weights[j].size(2), d = dilations[j];
+    cands.push_back({k, d, g.P - d * (k - 1) / 2});
+  }
+  g.Hp = g.H + 2 * g.P;
+  g.Wq = (g.W + 2 * g.P + stride - 1) / stride + 1;
+  return g;
+}
+
+// --- the hot loops, on the accumulation type ----------------------------------------
+
+// out (Ho x Wo) = the candidate's correlation of the padded activation.
+template <typename acc_t>
+inline void conv_plane_impl(const acc_t* __restrict pad, int64_t row, int64_t wq, int64_t s, const acc_t* w,
+                            int64_t k, int64_t d, int64_t o, int64_t ho_count, int64_t wo_count,
+                            acc_t* __restrict out) {
+  for (int64_t ho = 0; ho < ho_count; ++ho) {
+    acc_t* __restrict orow = out + ho * wo_count;
+    for (int64_t wo = 0; wo < wo_count; ++wo) orow[wo] = acc_t(0);
+    for (int64_t u = 0; u < k; ++u) {
+      const acc_t* prow = pad + (ho * s + u * d + o) * row;
+      for (int64_t v = 0; v < k; ++v) {
+        const int64_t xo = v * d + o;
+        const acc_t* __restrict src = prow + (xo % s) * wq + xo / s;
+        const acc_t wv = w[u * k + v];
+        for (int64_t wo = 0; wo < wo_count; ++wo) orow[wo] += wv * src[wo];
+      }
+    }
+  }
+}
+
+// taps (k*k x Wo) += grad * the padded activation under each tap; when ga is
+// given, also scatters w * grad into the padded input gradient ga.
+template <typename acc_t>
+inline void backward_plane_impl(const acc_t* __restrict pad, acc_t* __restrict ga, int64_t row, int64_t wq,
+                                int64_t s, const acc_t* w, int64_t k, int64_t d, int64_t o, int64_t ho_count,
+                                int64_t wo_count, const acc_t* __restrict grad, acc_t* __restrict taps) {
+  for (int64_t ho = 0; ho < ho_count; ++ho) {
+    const acc_t* __restrict grow = grad + ho * wo_count;
+    for (int64_t u = 0; u < k; ++u) {
+      const int64_t yoff = (ho * s + u * d + o) * row;
+      for (int64_t v = 0; v < k; ++v) {
+        const int64_t xo = v * d + o;
+        const int64_t off = yoff + (xo % s) * wq + xo / s;
+        const acc_t* __restrict src = pad + off;
+        acc_t* __restrict t = taps + (u * k + v) * wo_count;
+        for (int64_t wo = 0; wo < wo_count; ++wo) t[wo] += grow[wo] * src[wo];
+        if (ga != nullptr) {
+          acc_t* __restrict dst = ga + off;
+          const acc_t wv = w[u * k + v];
+          for (int64_t wo = 0; wo < wo_count; ++wo) dst[wo] += wv * grow[wo];
+        }
+      }
+    }
+  }
+}
+
+FASTNAS_DW_CLONES void conv_plane(const float* pad, int64_t row, int64_t wq, int64_t s, const float* w, int64_t k,
+                                  int64_t d, int64_t o, int64_t ho_count, int64_t wo_count, float* out) {
+  conv_plane_impl(pad, row, wq, s, w, k, d, o, ho_count, wo_count, out);
+}
+FASTNAS_DW_CLONES void conv_plane(const double* pad, int64_t row, int64_t wq, int64_t s, const double* w, int64_t k,
+                                  int64_t d, int64_t o, int64_t ho_count, int64_t wo_count, double* out) {
+  conv_plane_impl(pad, row, wq, s, w, k, d, o, ho_count, wo_count, out);
+}
+FASTNAS_DW_CLONES void backward_plane(const float* pad, float* ga, int64_t row, int64_t wq, int64_t s,
+                                      const float* w, int64_t k, int64_t d, int64_t o, int64_t ho_count,
+                                      int64_t wo_count, const float* grad, float* taps) {
+  backward_plane_impl(pad, ga, row, wq, s, w, k, d, o, ho_count, wo_count, grad, taps);
+}
+FASTNAS_DW_CLONES void backward_plane(const double* pad, double* ga, int64_t row, int64_t wq, int64_t s,
+                                      const double* w, int64_t k, int64_t d, int64_t o, int64_t ho_count,
+                                      int64_t wo_count, const double* grad, double* taps) {
+  backward_plane_impl(pad, ga, row, wq, s, w, k, d, o, ho_count, wo_count, grad, taps);
+}
+
+// Writes relu(pre) of one (H, W) input plane into the padded buffer's interior,
+// pre = x or (x - mean) * rstd.
+template <typename scalar_t, typename acc_t>
+void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean, acc_t rstd, acc_t* pad) {
+  for (int64_t h = 0; h < g.H; ++h) {
+    const scalar_t* srow = src + h * g.W;
+    acc_t* prow = pad + (h + g.P) * g.row();
+    for (int64_t w = 0; w < g.W; ++w) {
+      acc_t v = static_cast<acc_t>(srow[w]);
+      if (bn) v = (v - mean) * rstd;
+      const int64_t x = w + g.P;
+      prow[(x % g.stride) * g.Wq + x / g.stride] = v > acc_t(0) ? v : acc_t(0);
+    }
+  }
+}
+
+// Per-candidate weights in the accumulation type, contiguous.
+std::vector<at::Tensor> weights_in(at::TensorList weights, at::ScalarType acc) {
+  std::vector<at::Tensor> out;
+  for (const auto& w : weights) out.push_back(w.to(acc).contiguous());
+  return out;
+}
+
+// --- forward -------------------------------------------------------------------------
+
+at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
+                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd) {
+  check_forward_args(kForward, x_in, weights, dilations, stride, mean, rstd);
+  std::vector<Candidate> cands;
+  const Geometry g = geometry(x_in, weights, dilations, stride, cands);
+  at::Tensor out = at::empty({g.J, g.C, g.N, g.Ho, g.Wo}, x_in.options());
+  if (out.numel() == 0) return out;
+  const at::Tensor x = x_in.contiguous();
+  const auto dtype = x.scalar_type();
+  const auto acc_dtype = accumulate_dtype(dtype);
+  const auto ws = weights_in(weights, acc_dtype);
+  const bool bn = mean.has_value();
+  const at::Tensor mean_acc = bn ? mean->to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor rstd_acc = bn ? rstd->to(acc_dtype).contiguous() : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool direct = std::is_same_v<scalar_t, acc_t>;
+    std::vector<const acc_t*> wp;
+    for (const auto& w : ws) wp.push_back(w.data_ptr<acc_t>());
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const acc_t* mp = bn ? mean_acc.data_ptr<acc_t>() : nullptr;
+    const acc_t* rp = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
+    const int64_t in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
+    // Shared x: a task is one (c, n) for all J; per candidate: one (j, c, n).
+    const int64_t groups = g.shared ? g.C : g.J * g.C;
+    at::parallel_for(0, groups * g.N, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> pad(g.size(), acc_t(0));
+      std::vector<acc_t> tmp(direct ? 0 : out_plane);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t n = task % g.N, group = task / g.N;
+        const int64_t c = g.shared ? group : group % g.C;
+        const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+        const scalar_t* src = g.shared ? xp + (n * g.C + c) * in_plane : xp + (group * g.N + n) * in_plane;
+        fill_activation<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1),
+                                         pad.data());
+        for (int64_t j = j0; j < j1; ++j) {
+          const Candidate& cd = cands[j];
+          scalar_t* dst = op + ((j * g.C + c) * g.N + n) * out_plane;
+          acc_t* acc = nullptr;
+          if constexpr (direct) {
+            acc = reinterpret_cast<acc_t*>(dst);  // the same type here
+          } else {
+            acc = tmp.data();
+          }
+          conv_plane(pad.data(), g.row(), g.Wq, g.stride, wp[j] + c * cd.k * cd.k, cd.k, cd.d, cd.o, g.Ho, g.Wo,
+                     acc);
+          if constexpr (!direct) {
+            for (int64_t i = 0; i < out_plane; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// --- backward ------------------------------------------------------------------------
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
+    int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd,
+    bool input_need_grad) {
+  check_forward_args(kBackward, x_in, weights, dilations, stride, mean, rstd);
+  std::vector<Candidate> cands;
+  const Geometry g = geometry(x_in, weights, dilations, stride, cands);
+  const std::vector<int64_t> out_shape{g.J, g.C, g.N, g.Ho, g.Wo};
+  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape), kBackward, ": grad_out has shape ",
+              grad_out_in.sizes(), "; expected ", at::IntArrayRef(out_shape));
+  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(), kBackward, ": grad_out has dtype ",
+              grad_out_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
+  TORCH_CHECK(grad_out_in.device() == x_in.device(), kBackward, ": grad_out is on ", grad_out_in.device(),
+              " but x is on ", x_in.device());
+
+  const auto dtype = x_in.scalar_type();
+  const auto acc_dtype = accumulate_dtype(dtype);
+  at::Tensor grad_pre = input_need_grad ? at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous))
+                                        : at::empty({0}, x_in.options());
+  const int64_t groups = g.shared ? g.C : g.J * g.C;
+  // A fixed split of the batch, from the shape alone: the weights' gradient
+  // then sums the same partials in the same order on any number of threads.
+  const int64_t chunks = g.N == 0 ? 1 : std::min(g.N, std::max<int64_t>(1, kTargetTasks / std::max<int64_t>(1, groups)));
+  const int64_t per_chunk = g.N == 0 ? 0 : (g.N + chunks - 1) / chunks;
+  // partial[task][j][c-free taps]: each task owns the taps of its candidates for its channel.
+  std::vector<int64_t> tap_offset(g.J + 1, 0);
+  for (int64_t j = 0; j < g.J; ++j) tap_offset[j + 1] = tap_offset[j] + cands[j].k * cands[j].k;
+  const int64_t taps_all = tap_offset[g.J];
+  at::Tensor partials = at::zeros({groups, chunks, taps_all}, x_in.options().dtype(acc_dtype));
+  at::Tensor summed = at::zeros({groups, taps_all}, x_in.options().dtype(acc_dtype));
+
+  if (g.N > 0 && g.C > 0 && g.Ho > 0 && g.Wo > 0) {
+    const at::Tensor x = x_in.contiguous();
+    const at::Tensor go = grad_out_in.contiguous();
+    const auto ws = weights_in(weights, acc_dtype);
+    const bool bn = mean.has_value();
+    const at::Tensor mean_acc = bn ? mean->to(acc_dtype).contiguous() : at::Tensor();
+    const at::Tensor rstd_acc = bn ? rstd->to(acc_dtype).contiguous() : at::Tensor();
+
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_backward_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<const acc_t*> wp;
+      for (const auto& w : ws) wp.push_back(w.data_ptr<acc_t>());
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* gp = go.data_ptr<scalar_t>();
+      scalar_t* gxp = input_need_grad ? grad_pre.data_ptr<scalar_t>() : nullptr;
+      acc_t* pp = partials.data_ptr<acc_t>();
+      const acc_t* mp = bn ? mean_acc.data_ptr<acc_t>() : nullptr;
+      const acc_t* rp = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
+      const int64_t in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
+
+      at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> pad(g.size(), acc_t(0));
+        std::vector<acc_t> ga(input_need_grad ? g.size() : 0);
+        std::vector<acc_t> grad(out_plane);
+        std::vector<acc_t> taps(taps_all * g.Wo);
+        for (int64_t task = begin; task < end; ++task) {
+          const int64_t group = task / chunks, chunk = task % chunks;
+          const int64_t c = g.shared ? group : group % g.C;
+          const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+          const acc_t m = bn ? mp[group] : acc_t(0), r = bn ? rp[group] : acc_t(1);
+          std::fill(taps.begin(), taps.end(), acc_t(0));
+          const int64_t n_end = std::min(g.N, (chunk + 1) * per_chunk);
+          for (int64_t n = chunk * per_chunk; n < n_end; ++n) {
+            const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
+            fill_activation<scalar_t, acc_t>(g, xp + in_index * in_plane, bn, m, r, pad.data());
+            if (input_need_grad) std::fill(ga.begin(), ga.end(), acc_t(0));
+            for (int64_t j = j0; j < j1; ++j) {
+              const Candidate& cd = cands[j];
+              const scalar_t* gsrc = gp + ((j * g.C + c) * g.N + n) * out_plane;
+              for (int64_t i = 0; i < out_plane; ++i) grad[i] = static_cast<acc_t>(gsrc[i]);
+              backward_plane(pad.data(), input_need_grad ? ga.data() : nullptr, g.row(), g.Wq, g.stride,
+                             wp[j] + c * cd.k * cd.k, cd.k, cd.d, cd.o, g.Ho, g.Wo, grad.data(),
+                             taps.data() + tap_offset[j] * g.Wo);
+            }
+            if (input_need_grad) {
+              // The gradient passes the ReLU where pre > 0, i.e. where the activation is positive.
+              scalar_t* dst = gxp + in_index * in_plane;
+              for (int64_t h = 0; h < g.H; ++h) {
+                for (int64_t w = 0; w < g.W; ++w) {
+                  const int64_t off = g.at(h + g.P, w + g.P);
+                  dst[h * g.W + w] = static_cast<scalar_t>(pad[off] > acc_t(0) ? ga[off] : acc_t(0));
+                }
+              }
+            }
+          }
+          acc_t* part = pp + task * taps_all;
+          for (int64_t j = j0; j < j1; ++j) {
+            for (int64_t t = tap_offset[j]; t < tap_offset[j + 1]; ++t) {
+              const acc_t* row = taps.data() + t * g.Wo;
+              acc_t sum = 0;
+              for (int64_t wo = 0; wo < g.Wo; ++wo) sum += row[wo];
+              part[t] = sum;
+            }
+          }
+        }
+      });
+      // Second stage, in a fixed order: the sum over the batch chunks.
+      acc_t* sp = summed.data_ptr<acc_t>();
+      for (int64_t group = 0; group < groups; ++group) {
+        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+          const acc_t* part = pp + (group * chunks + chunk) * taps_all;
+          for (int64_t t = 0; t < taps_all; ++t) sp[group * taps_all + t] += part[t];
+        }
+      }
+    });
+  }
+
+  std::vector<at::Tensor> grad_ws;
+  for (int64_t j = 0; j < g.J; ++j) {
+    const int64_t k = cands[j].k;
+    at::Tensor rows = g.shared ? summed.narrow(1, tap_offset[j], k * k)
+                               : summed.narrow(0, j * g.C, g.C).narrow(1, tap_offset[j], k * k);
+    grad_ws.push_back(rows.reshape({g.C, 1, k, k}).to(weights[j].scalar_type()).contiguous());
+  }
+  return {grad_pre, grad_ws};
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace fastnas
+
+TORCH_LIBRARY_IMPL(fastnas, CPU, m) {
+  m.impl("multi_depthwise", &fastnas::cpu::multi_depthwise);
+  m.impl("multi_depthwise_backward", &fastnas::cpu::multi_depthwise_backward);
+}

@@ -1,0 +1,401 @@
+"""darts_sum and pool_batch_norm_stats on every backend against the eager modules.
+
+The oracle is the DARTS edge written with the eager modules: F.max_pool2d /
+F.avg_pool2d followed by F.batch_norm (training, no affine), F.batch_norm on
+each convolution candidate, the identity, weighted by coef; its gradients come
+from torch.autograd.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastnas import backends
+from fastnas.ops import darts_sum as D
+
+EPS = 1e-5
+CASES = [
+    pytest.param(("reference", "cpu"), id="reference"),
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    pytest.param(("triton", "cpu"), id="triton-interpreter"),
+    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.requires_cuda),
+]
+# Slack on top of twice the eager oracle's own error, relative to the scale.
+SLACK = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+FLAGS = [(m, a, s) for m in (False, True) for a in (False, True) for s in (False, True)]
+# (N, C, H, W) per Jz: odd sizes, N = 1..3, C = 1..5.
+SHAPES = {0: (2, 3, 5, 5), 1: (3, 5, 7, 7), 4: (1, 2, 7, 5), 5: (2, 1, 5, 7)}
+
+
+@pytest.fixture(params=CASES)
+def case(request):
+    name, device = request.param
+    why = backends.backend_status()[name]
+    if why:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    return name, torch.device(device)
+
+
+def acc_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def oracle(x, zs, coef, stride, has_max, has_avg, has_skip):
+    """The eager DARTS edge: candidates as separate modules, weighted by coef."""
+    jz = len(zs)
+
+    def bn(t):
+        return F.batch_norm(t, None, None, training=True, eps=EPS)
+
+    n, c, h, w = x.shape
+    out = torch.zeros(n, c, D.pooled_size(h, stride), D.pooled_size(w, stride), dtype=x.dtype, device=x.device)
+    for j, zj in enumerate(zs):
+        out = out + coef[j].to(x.dtype) * bn(zj)
+    if has_max:
+        out = out + coef[jz].to(x.dtype) * bn(F.max_pool2d(x, 3, stride, 1))
+    if has_avg:
+        out = out + coef[jz + 1].to(x.dtype) * bn(F.avg_pool2d(x, 3, stride, 1, count_include_pad=False))
+    if has_skip:
+        out = out + coef[jz + 2].to(x.dtype) * x
+    return out
+
+
+def make_inputs(shape, jz, stride, dtype, device, contiguous=True, gen=None):
+    """x (N, C, H, W); zs: Jz tensors (N, C, Ho, Wo); coef (Jz + 3,), all fp64 masters."""
+    n, c, h, w = shape
+    ho, wo = D.pooled_size(h, stride), D.pooled_size(w, stride)
+    if contiguous:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64)
+    else:
+        x = torch.randn(n, c, h, 2 * w + 1, generator=gen, dtype=torch.float64)[..., 1::2]
+        assert not x.is_contiguous()
+    # Per-channel offsets and scales, as pre-BN activations have.
+    zs = [
+        torch.randn(n, c, ho, wo, generator=gen, dtype=torch.float64) * (1 + torch.rand(1, c, 1, 1, generator=gen, dtype=torch.float64))
+        + torch.randn(1, c, 1, 1, generator=gen, dtype=torch.float64)
+        for _ in range(jz)
+    ]
+    coef = torch.softmax(torch.randn(jz + 3, generator=gen, dtype=torch.float64), 0)
+    return x, zs, coef
+
+
+def stack(zs, like):
+    """(Jz, C, N, Ho, Wo) channel-major, as the ops take them."""
+    n, c, h, w = like.shape
+    if not zs:
+        return like.new_empty((0, c, n, h, w))
+    return torch.stack([z.transpose(0, 1) for z in zs]).contiguous()
+
+
+def stats_of(x, zs, stride, stat_dtype):
+    """Exact batch statistics in fp64, rounded to stat_dtype: z rows, max, avg."""
+    x64 = x.double()
+    mean, var = [], []
+    for z in zs:
+        v, m = torch.var_mean(z.double(), dim=(0, 2, 3), correction=0)
+        mean.append(m)
+        var.append(v)
+    for p in (F.max_pool2d(x64, 3, stride, 1), F.avg_pool2d(x64, 3, stride, 1, count_include_pad=False)):
+        v, m = torch.var_mean(p, dim=(0, 2, 3), correction=0)
+        mean.append(m)
+        var.append(v)
+    mean, var = torch.stack(mean), torch.stack(var)
+    return mean.to(stat_dtype), torch.rsqrt(var + EPS).to(stat_dtype)
+
+
+def check_close(got, lowp, ref64, what, scale=None):
+    """got may be off the fp64 truth by twice what the eager oracle in the same
+    dtype is off by, plus a slack relative to the scale."""
+    assert got.shape == ref64.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    got64 = got.detach().double().cpu()
+    ref64 = ref64.detach().double().cpu()
+    assert torch.isfinite(got64).all(), f"{what}: non-finite values (unwritten output?)"
+    scale = max(ref64.abs().max().item() if ref64.numel() else 0.0, 1.0) if scale is None else max(scale, 1.0)
+    err = (got64 - ref64).abs().max().item() if ref64.numel() else 0.0
+    ref_err = (lowp.detach().double().cpu() - ref64).abs().max().item() if ref64.numel() else 0.0
+    bound = 2 * ref_err + SLACK[got.dtype] * scale
+    assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (oracle error {ref_err:.3g})"
+
+
+def run_case(name, device, shape, jz, stride, flags, dtype, contiguous=True, seed=0):
+    """Forward and backward of one configuration against the oracle."""
+    has_max, has_avg, has_skip = flags
+    gen = torch.Generator().manual_seed(seed)
+    x64, zs64, coef64 = make_inputs(shape, jz, stride, dtype, device, contiguous, gen)
+    acc = acc_of(dtype)
+    mean, rstd = stats_of(x64, zs64, stride, acc)
+
+    # The oracle in fp64 (the truth) and in dtype (its own rounding error).
+    def oracle_grads(dt):
+        x = x64.to(dt).requires_grad_(True)
+        zs = [z.to(dt).requires_grad_(True) for z in zs64]
+        coef = coef64.to(acc_of(dt)).requires_grad_(True)
+        out = oracle(x, zs, coef, stride, *flags)
+        g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(dt)
+        inputs = [x, *zs, coef]
+        if out.requires_grad:
+            grads = torch.autograd.grad(out, inputs, g, allow_unused=True)
+        else:  # the edge is "none" only
+            grads = [None] * len(inputs)
+        gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+        gz = stack([t for t in grads[1 : 1 + jz]], out)
+        gc = grads[-1] if grads[-1] is not None else torch.zeros_like(coef)
+        return out.detach(), g, gx, gz, gc
+
+    out64, g64, gx64, gz64, gc64 = oracle_grads(torch.float64)
+    outl, gl, gxl, gzl, gcl = oracle_grads(dtype)
+
+    x = x64.to(device=device, dtype=dtype)
+    if not contiguous:
+        x = torch.randn(*shape[:3], 2 * shape[3] + 1, dtype=dtype, device=device)[..., 1::2].copy_(x)
+    z = stack([t.to(dtype) for t in zs64], out64.to(dtype)).to(device)
+    mean, rstd, coef = mean.to(device), rstd.to(device), coef64.to(device=device, dtype=acc)
+    out = D.darts_sum(x, z, mean, rstd, coef, stride, *flags, backend=name)
+    assert out.dtype == dtype and out.is_contiguous()
+    check_close(out, outl, out64, "out")
+
+    g = gl.to(device)
+    grad_z, grad_x, grad_coef = D.darts_sum_backward(g, x, z, mean, rstd, coef, stride, *flags, backend=name)
+    assert grad_z.shape == z.shape and grad_z.dtype == dtype
+    assert grad_x.shape == x.shape and grad_x.dtype == dtype
+    assert grad_coef.shape == (jz + 3,) and grad_coef.dtype == acc
+    check_close(grad_x, gxl, gx64, "grad_x")
+    check_close(grad_z, gzl, gz64, "grad_z")
+    # A reduction over N*Ho*Wo terms: its error scales with sum |g * yhat|.
+    m = out64.numel()
+    check_close(grad_coef, gcl, gc64, "grad_coef", scale=(g64.abs().sum().item() * 3) / m**0.5)
+    return out, grad_z, grad_x, grad_coef
+
+
+# -- pool_batch_norm_stats ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 5), (1, 5, 7, 7), (3, 1, 5, 7), (2, 4, 1, 6)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pool_batch_norm_stats(case, shape, stride, dtype):
+    name, device = case
+    x64 = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+    mean, rstd, var = D.pool_batch_norm_stats(x64.to(device=device, dtype=dtype), stride, EPS, backend=name)
+    acc = acc_of(dtype)
+    for t in (mean, rstd, var):
+        assert t.shape == (2, shape[1]) and t.dtype == acc
+    for row, p in enumerate((F.max_pool2d(x64, 3, stride, 1), F.avg_pool2d(x64, 3, stride, 1, count_include_pad=False))):
+        v, m = torch.var_mean(p, dim=(0, 2, 3), correction=0)
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(mean[row].cpu().double(), m, rtol=tol, atol=tol)
+        torch.testing.assert_close(var[row].cpu().double(), v, rtol=tol, atol=tol)
+        torch.testing.assert_close(rstd[row].cpu().double(), torch.rsqrt(v + EPS), rtol=tol, atol=tol)
+
+
+def test_pool_batch_norm_stats_non_contiguous(case):
+    name, device = case
+    wide = torch.randn(2, 3, 7, 15, device=device)
+    x = wide[..., 1::2]
+    got = D.pool_batch_norm_stats(x, 2, backend=name)
+    want = D.pool_batch_norm_stats_reference(x.contiguous(), 2)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+# -- darts_sum forward and backward vs the oracle ----------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "max%d-avg%d-skip%d" % f)
+@pytest.mark.parametrize("jz", [0, 1, 4, 5])
+def test_darts_sum_float64(case, jz, flags, stride):
+    if flags[2] and stride != 1:
+        pytest.skip("skip_connect is the identity only on stride 1")
+    name, device = case
+    run_case(name, device, SHAPES[jz], jz, stride, flags, torch.float64)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("flags", [(True, True, True), (True, False, False), (False, True, True), (False, False, False)],
+                         ids=lambda f: "max%d-avg%d-skip%d" % f)
+@pytest.mark.parametrize("jz", [0, 1, 4, 5])
+def test_darts_sum_float32(case, jz, flags, stride):
+    if flags[2] and stride != 1:
+        pytest.skip("skip_connect is the identity only on stride 1")
+    name, device = case
+    run_case(name, device, SHAPES[jz], jz, stride, flags, torch.float32, seed=jz)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_darts_sum_low_precision(case, dtype, stride):
+    name, device = case
+    run_case(name, device, (2, 3, 7, 7), 2, stride, (True, True, stride == 1), dtype)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_darts_sum_non_contiguous_x(case, stride):
+    name, device = case
+    run_case(name, device, (2, 3, 7, 5), 1, stride, (True, True, stride == 1), torch.float32, contiguous=False)
+
+
+def test_poisoned_outputs(case, poison_empty):
+    """Every output element is written, including with no candidate at all."""
+    name, device = case
+    for jz, flags in ((2, (True, True, True)), (0, (False, False, False)), (1, (False, True, False))):
+        run_case(name, device, (2, 3, 5, 7), jz, 1, flags, torch.float32)
+    run_case(name, device, (1, 2, 7, 7), 1, 2, (True, False, False), torch.float64)
+
+
+def test_bit_identical_reruns(case):
+    name, device = case
+    first = run_case(name, device, (3, 4, 7, 7), 4, 1, (True, True, True), torch.float32)
+    second = run_case(name, device, (3, 4, 7, 7), 4, 1, (True, True, True), torch.float32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_x_need_grad_false(case):
+    name, device = case
+    gen = torch.Generator().manual_seed(3)
+    x, zs, coef = make_inputs((2, 3, 5, 5), 2, 1, torch.float32, device, gen=gen)
+    mean, rstd = stats_of(x, zs, 1, torch.float32)
+    x, coef = x.float(), coef.float()
+    z = stack([t.float() for t in zs], torch.empty(2, 3, 5, 5))
+    g = torch.randn(2, 3, 5, 5, generator=gen)
+    args = [t.to(device) for t in (g, x, z, mean, rstd, coef)]
+    full = D.darts_sum_backward(*args, 1, True, True, True, True, backend=name)
+    part = D.darts_sum_backward(*args, 1, True, True, True, False, backend=name)
+    assert part[1].numel() == 0
+    assert torch.equal(full[0], part[0]) and torch.equal(full[2], part[2])
+
+
+# -- autograd through the op -------------------------------------------------------
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_autograd_matches_oracle(case, stride):
+    name, device = case
+    gen = torch.Generator().manual_seed(5)
+    x64, zs64, coef64 = make_inputs((2, 3, 7, 7), 2, stride, torch.float64, device, gen=gen)
+    flags = (True, True, stride == 1)
+    mean, rstd = stats_of(x64, zs64, stride, torch.float64)
+    x = x64.clone().requires_grad_(True)
+    zs = [t.clone().requires_grad_(True) for t in zs64]
+    coef = coef64.clone().requires_grad_(True)
+    out_ref = oracle(x, zs, coef, stride, *flags)
+    g = torch.randn(out_ref.shape, generator=gen, dtype=torch.float64)
+    want = torch.autograd.grad(out_ref, [x, *zs, coef], g)
+
+    xd = x64.to(device).requires_grad_(True)
+    zd = stack(zs64, out_ref.detach()).to(device).requires_grad_(True)
+    cd = coef64.to(device).requires_grad_(True)
+    out = D.darts_sum(xd, zd, mean.to(device), rstd.to(device), cd, stride, *flags, backend=name)
+    gx, gz, gc = torch.autograd.grad(out, [xd, zd, cd], g.to(device))
+    torch.testing.assert_close(gx.cpu(), want[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gz.cpu(), stack(list(want[1:3]), out_ref), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(gc.cpu(), want[3], rtol=1e-9, atol=1e-9)
+
+
+# -- bad input ---------------------------------------------------------------------
+
+
+def _good(device="cpu", dtype=torch.float32):
+    x = torch.randn(2, 3, 5, 5, device=device, dtype=dtype)
+    z = torch.randn(1, 3, 2, 5, 5, device=device, dtype=dtype)
+    mean = torch.zeros(3, 3, device=device)
+    rstd = torch.ones(3, 3, device=device)
+    coef = torch.ones(4, device=device)
+    return x, z, mean, rstd, coef
+
+
+BAD = [
+    ("x", lambda a: a.__setitem__(0, a[0].to(torch.int32)), TypeError, "x has dtype"),
+    ("x", lambda a: a.__setitem__(0, a[0][0]), ValueError, "x must be a 4-D"),
+    ("z", lambda a: a.__setitem__(1, a[1][:, :2]), ValueError, "z must be"),
+    ("z", lambda a: a.__setitem__(1, a[1].double()), TypeError, "z has dtype"),
+    ("mean", lambda a: a.__setitem__(2, a[2][:2]), ValueError, "mean must have shape"),
+    ("rstd", lambda a: a.__setitem__(3, a[3].half()), TypeError, "rstd has dtype"),
+    ("coef", lambda a: a.__setitem__(4, a[4][:3]), ValueError, "coef must have shape"),
+    ("coef", lambda a: a.__setitem__(4, a[4].to("meta")), ValueError, "coef is on meta"),
+    ("stride", lambda a: a.__setitem__(5, 0), ValueError, "stride must be >= 1"),
+    ("has_skip", lambda a: a.__setitem__(5, 2), ValueError, "has_skip=True"),
+    ("has_max", lambda a: a.__setitem__(6, 1), TypeError, "has_max must be a bool"),
+]
+
+
+@pytest.mark.parametrize("what,mutate,exc,msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(case, what, mutate, exc, msg):
+    name, _ = case
+    args = [*_good(), 1, True, True, True]
+    mutate(args)
+    if what == "has_skip":
+        # Stride 2 needs z of the pooled size.
+        args[1] = torch.randn(1, 3, 2, 3, 3)
+    with pytest.raises(exc, match=msg):
+        D.darts_sum(*args, backend=name)
+    g = torch.randn(2, 3, 5, 5)
+    with pytest.raises(exc, match=msg):
+        D.darts_sum_backward(g, *args, backend=name)
+
+
+def test_bad_grad_out_and_flags():
+    x, z, mean, rstd, coef = _good()
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        D.darts_sum_backward(torch.randn(2, 3, 4, 5), x, z, mean, rstd, coef, 1, True, True, True)
+    with pytest.raises(TypeError, match="grad_out has dtype"):
+        D.darts_sum_backward(torch.randn(2, 3, 5, 5).double(), x, z, mean, rstd, coef, 1, True, True, True)
+    with pytest.raises(TypeError, match="x_need_grad must be a bool"):
+        D.darts_sum_backward(torch.randn(2, 3, 5, 5), x, z, mean, rstd, coef, 1, True, True, True, 1)
+    with pytest.raises(ValueError, match="stride must be >= 1"):
+        D.pool_batch_norm_stats(x, 0)
+    with pytest.raises(TypeError, match="x has dtype"):
+        D.pool_batch_norm_stats(x.long(), 1)
+
+
+def _cpp():
+    if backends.backend_status()["cpu"]:
+        pytest.skip(backends.backend_status()["cpu"])
+    return torch.ops.fastnas
+
+
+def test_cpp_checks_name_the_argument():
+    ops = _cpp()
+    x, z, mean, rstd, coef = _good()
+    with pytest.raises(RuntimeError, match="z must be"):
+        ops.darts_sum(x, z[:, :2], mean, rstd, coef, 1, True, True, True)
+    with pytest.raises(RuntimeError, match="has_skip=True"):
+        ops.darts_sum(x, z, mean, rstd, coef, 2, True, True, True)
+    with pytest.raises(RuntimeError, match="coef must be"):
+        ops.darts_sum(x, z, mean, rstd, coef[:2], 1, True, True, True)
+    with pytest.raises(RuntimeError, match="mean has dtype"):
+        ops.darts_sum(x, z, mean.long(), rstd, coef, 1, True, True, True)
+    with pytest.raises(RuntimeError, match="grad_out must be"):
+        ops.darts_sum_backward(x[:, :, :4], x, z, mean, rstd, coef, 1, True, True, True, True)
+    with pytest.raises(RuntimeError, match="x has dtype"):
+        ops.pool_batch_norm_stats(x.long(), 1, 1e-5)
+    with pytest.raises(RuntimeError, match="stride must be >= 1"):
+        ops.pool_batch_norm_stats(x, 0, 1e-5)
+
+
+# -- opcheck: schema, fake tensors, autograd registration --------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", "_triton"])
+def test_opcheck(case, suffix):
+    name, device = case
+    if name == "reference" or (suffix == "_triton") != (name == "triton"):
+        pytest.skip("op belongs to another backend")
+    ops = torch.ops.fastnas
+    gen = torch.Generator().manual_seed(7)
+    for stride, flags in ((1, (True, True, True)), (2, (True, False, False))):
+        x64, zs, coef = make_inputs((2, 3, 5, 5), 2, stride, torch.float32, device, gen=gen)
+        mean, rstd = stats_of(x64, zs, stride, torch.float32)
+        n, c, ho, wo = zs[0].shape
+        x = x64.float().to(device).requires_grad_(True)
+        z = stack([t.float() for t in zs], torch.empty(n, c, ho, wo)).to(device).requires_grad_(True)
+        coef = coef.float().to(device).requires_grad_(True)
+        mean, rstd = mean.to(device), rstd.to(device)
+        g = torch.randn(n, c, ho, wo, device=device)
+        torch.library.opcheck(getattr(ops, "pool_batch_norm_stats" + suffix), (x.detach(), stride, EPS))
+        torch.library.opcheck(getattr(ops, "darts_sum" + suffix), (x, z, mean, rstd, coef, stride, *flags))
+        bw = getattr(ops, "darts_sum_backward" + suffix)
+        args = (g, x.detach(), z.detach(), mean, rstd, coef.detach(), stride, *flags)
+        torch.library.opcheck(bw, (*args, True))
+        torch.library.opcheck(bw, (*args, False))
