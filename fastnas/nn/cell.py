@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from fastnas.ops import mixed_sum
+from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
 from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 
@@ -81,6 +82,7 @@ class Cell(nn.Module):
         else:
             self.preprocess0 = ReLUConvBN(C_prev_prev, C, 1, 1, 0, affine=False)
         self.preprocess1 = ReLUConvBN(C_prev, C, 1, 1, 0, affine=False)
+        self.partial_channels = partial_channels
         self.edges = nn.ModuleList()
         for (j, _), names in zip(edge_endpoints(steps), edge_primitives):
             stride = 2 if reduction and j < 2 else 1
@@ -102,6 +104,10 @@ class Cell(nn.Module):
         offset = 0
         for _ in range(self.steps):
             n = len(states)
+            if self.partial_channels is not None:
+                states.append(self._partial_channel_node(states, weights, edge_weights, indices, offset))
+                offset += n
+                continue
             outs = [
                 self.edges[offset + j](h, weights[offset + j], None if indices is None else indices[offset + j])
                 for j, h in enumerate(states)
@@ -115,3 +121,19 @@ class Cell(nn.Module):
             states.append(node)
             offset += n
         return torch.cat(states[-self.multiplier :], dim=1)
+
+    def _partial_channel_node(self, states, weights, edge_weights, indices, offset) -> torch.Tensor:
+        """A PC-DARTS node in one pass: every edge's mixed part, bypass, shuffle and weight."""
+        edges = [self.edges[offset + j] for j in range(len(states))]
+        mixed = [
+            e.mixed(h, weights[offset + j], None if indices is None else indices[offset + j])
+            for j, (e, h) in enumerate(zip(edges, states))
+        ]
+        bypass = [e.split(h)[1] for e, h in zip(edges, states)]
+        if edge_weights is None:
+            beta = weights.new_ones(len(states))
+        else:
+            beta = edge_weights[offset : offset + len(states)]
+        return partial_channel_node_sum(
+            mixed, bypass, beta, self.partial_channels, [e.stride for e in edges], backend=self.backend
+        )

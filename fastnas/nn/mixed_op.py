@@ -8,6 +8,7 @@ the candidates and the rest around them, through ``partial_channel_mixed_sum``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -15,9 +16,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastnas.ops import mixed_sum, partial_channel_mixed_sum
+from fastnas.ops._common import resolve
+from fastnas.ops.darts_edge import darts_edge
+from fastnas.nn.fused_edge import EdgePlan, edge_plan, primitive_kinds
 from fastnas.nn.operations import OPS, Zero, check_primitives
 
-MEMORY_MODES = ("save", "checkpoint")
+MEMORY_MODES = ("save", "recompute", "checkpoint")
 
 
 def check_memory(memory: str) -> str:
@@ -54,9 +58,21 @@ class MixedOp(nn.Module):
         affine: affine batch norm inside the candidates (False during search).
         pool_bn: follow pooling candidates with a non-affine batch norm, as DARTS
             does in search so their scale matches the convolutions'.
-        backend: fastnas backend of the fused sum (None: the usual choice).
-        memory: "save" keeps every candidate's output for backward; "checkpoint"
-            recomputes them in backward (``torch.utils.checkpoint``).
+        backend: fastnas backend of the fused ops (None: the usual choice;
+            "reference" runs the eager candidate modules, the oracle).
+        memory: what the edge keeps for backward. "save" (default): the fused
+            edge (``fastnas.ops.darts_edge``) keeps only its candidates' pre-BN
+            tensors; "recompute": it keeps nothing and recomputes the candidates
+            inside its backward; "checkpoint": the eager candidate modules under
+            ``torch.utils.checkpoint`` (a baseline).
+
+    In training mode, an edge whose candidates are all DARTS primitives (see
+    ``fastnas.nn.fused_edge``) runs fused: every candidate and the weighted sum in
+    a few kernels, batch norms folded into the sum, pooling computed inside it.
+    Otherwise (other primitives, eval mode, autocast, dtypes other than float32
+    and float64, GDAS ``index``) the candidate modules run one by one and their
+    outputs go through the fused ``mixed_sum``; with ``memory="recompute"`` such
+    an edge is checkpointed. ``fused_reason`` says why an edge is not fusable.
 
     ``forward(x, weights, index=None)``: ``weights`` has one entry per candidate.
     With ``index`` only that candidate is run, scaled by ``weights[index]``
@@ -93,6 +109,13 @@ class MixedOp(nn.Module):
         self._active_slice = slice(a[0], a[-1] + 1) if a == list(range(a[0], a[-1] + 1)) else None
         # P-DARTS drops out the identity shortcut only, not the reducing one.
         self._dropped = {k for k, name in enumerate(self.primitives) if name == "skip_connect" and stride == 1}
+        plan = edge_plan(self.ops, primitive_kinds(self.primitives, stride), C, stride)
+        self._plan = plan if isinstance(plan, EdgePlan) else None
+        self.fused_reason = None if self._plan is not None else plan
+        # With skip dropout active the identity term is added outside the fused edge.
+        self._spec_no_skip = None
+        if self._plan is not None and self._plan.spec.skip_index is not None:
+            self._spec_no_skip = dataclasses.replace(self._plan.spec, skip_index=None)
 
     def _candidate(self, k: int, x: torch.Tensor) -> torch.Tensor:
         out = self.ops[k](x)
@@ -105,18 +128,55 @@ class MixedOp(nn.Module):
             return weights[self._active_slice]
         return weights[self._active]
 
-    def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+    def _fusable(self, x: torch.Tensor, index: int | None) -> bool:
+        if self._plan is None or index is not None or not self.training or self.memory == "checkpoint":
+            return False
+        if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
+            return False
+        return resolve(x.device, self.backend) != "reference"
+
+    def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        plan = self._plan
+        spec, extra = plan.spec, None
+        if self._spec_no_skip is not None and self.skip_drop_prob > 0:
+            spec = self._spec_no_skip
+            k = plan.spec.skip_index
+            extra = weights[k] * F.dropout(x, p=self.skip_drop_prob)
+        out = darts_edge(
+            x, weights, plan.parameters(), spec, plan.buffers(),
+            memory="recompute" if self.memory == "recompute" else "save", backend=self.backend,
+        )  # fmt: skip
+        return out if extra is None else out + extra
+
+    def _edge(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+        """``sum_k weights[k] * op_k(x)`` for this edge's (part of the) input."""
+        if self._fusable(x, index):
+            return self._fused(x, weights)
+        if self.memory == "recompute" and torch.is_grad_enabled() and self.training:
+            return checkpoint(
+                self._unfused, x, weights, index, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
+            )  # fmt: skip
+        return self._unfused(x, weights, index)
+
+    def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
             return mixed_sum([self._candidate(index, x)], weights[index : index + 1], backend=self.backend)
         outs = [self._candidate(k, x) for k in self._active]
         return mixed_sum(outs, self._active_weights(weights), backend=self.backend)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None = None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+        return self._edge(x, weights, index)
+
+    def _check_weights(self, weights: torch.Tensor) -> None:
         if weights.dim() != 1 or weights.shape[0] != len(self.ops):
             raise ValueError(
                 f"MixedOp: weights must have shape ({len(self.ops)},) for candidates {self.primitives}, "
                 f"got {tuple(weights.shape)}"
             )
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        self._check_weights(weights)
         if self.memory == "checkpoint" and torch.is_grad_enabled():
             return checkpoint(
                 self._forward,
@@ -130,6 +190,13 @@ class MixedOp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, primitives={self.primitives}, memory={self.memory!r}"
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch without the device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class PartialChannelMixedOp(MixedOp):
@@ -160,10 +227,27 @@ class PartialChannelMixedOp(MixedOp):
         self.groups = groups
         self.channels = C
 
-    def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the channels through the candidates, the bypass channels) of the edge input."""
         cp = self.channels // self.groups
-        part, bypass = x[:, :cp], x[:, cp:]
-        if index is not None:
+        return x[:, :cp], x[:, cp:]
+
+    def mixed(self, x: torch.Tensor, weights: torch.Tensor, index: int | None = None) -> torch.Tensor:
+        """``sum_k w_k op_k(x[:, :C/K])`` alone, for a node that does the rest (``Cell``)."""
+        self._check_weights(weights)
+        part, _ = self.split(x)
+        if self.memory == "checkpoint" and torch.is_grad_enabled():
+            return checkpoint(
+                self._edge, part, weights, index, use_reentrant=False,
+                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
+            )  # fmt: skip
+        return self._edge(part, weights, index)
+
+    def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+        part, bypass = self.split(x)
+        if self._fusable(part, index):
+            outs, w = [self._fused(part, weights)], weights.new_ones(1)
+        elif index is not None:
             outs, w = [self._candidate(index, part)], weights[index : index + 1]
         else:
             outs, w = [self._candidate(k, part) for k in self._active], self._active_weights(weights)

@@ -1,0 +1,366 @@
+"""darts_edge: a whole DARTS mixed op (every candidate and their weighted sum) fused.
+
+The candidates of the DARTS search space are computed from the edge input x
+through the building-block ops, never as separate eager modules:
+
+- the four convolution candidates (sep_conv_3x3/5x5/7x7, dil_conv_3x3/5x5) share
+  one ReLU and one read of x: ``multi_depthwise`` writes every first depthwise
+  output into one channel-major buffer (J, C, N, H, W), so their 1x1
+  convolutions are one ``bmm``; the second half of the separable convolutions
+  is a second ``multi_depthwise`` whose prologue applies the first batch norm
+  and ReLU in registers;
+- every batch norm at a candidate's end is folded into ``darts_sum``, which
+  receives the pre-BN tensors and their batch statistics;
+- max_pool_3x3 and avg_pool_3x3 with their batch norms are computed inside
+  ``darts_sum`` (statistics by ``pool_batch_norm_stats``) from x alone;
+- skip_connect reads x directly (stride 1) or is a factorized reduce whose two
+  1x1 convolutions go into the same buffer (stride 2); ``none`` costs nothing.
+
+Memory modes (what forward keeps for backward, besides x, which the network
+holds anyway, and per-channel statistics):
+
+- ``"save"``: the pre-BN tensors only (per edge 2 per separable convolution, 1
+  per dilated one and for a factorized reduce); the depthwise outputs are
+  recomputed in backward, which is cheap.
+- ``"recompute"``: nothing; backward recomputes the candidates from x.
+
+Backward is explicit (no eager graph is recorded): ``darts_sum_backward`` gives
+the gradients of every pre-BN tensor, of x through the pools and skip, and of
+the weights; the convolutions' gradients come from ``bmm`` and
+``multi_depthwise_backward``. Batch-norm running statistics are updated once,
+in forward, exactly as ``nn.BatchNorm2d`` would.
+
+The eager oracle is the module path of ``fastnas.nn.MixedOp`` with the
+``reference`` backend; tests compare outputs, every gradient and the running
+statistics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastnas.ops.darts_sum import darts_sum, darts_sum_backward, pool_batch_norm_stats
+from fastnas.ops.multi_depthwise import multi_depthwise, multi_depthwise_backward
+from fastnas.ops.stacked_batch_norm import (
+    stacked_batch_norm_backward,
+    stacked_batch_norm_stats,
+    update_running_stats,
+)
+
+MEMORY_MODES = ("save", "recompute")
+
+
+@dataclass(frozen=True)
+class EdgeSpec:
+    """The static structure of one fused edge.
+
+    ``sep`` and ``dil`` list (kernel size, index into the edge's weights) of the
+    separable and dilated convolution candidates; the ``*_index`` fields give
+    the weight index of the other candidates present (None if absent); ``K`` is
+    the number of weights (``none`` candidates included).
+
+    Parameters come in this order: for each sep (dw1, pw1, dw2, pw2), for each
+    dil (dw, pw), then the factorized reduce's (conv_1, conv_2). Batch-norm
+    buffers (running_mean, running_var, num_batches_tracked) come in the order
+    of the statistics rows: sep middles, dils, sep ends, factorized reduce,
+    max pool, avg pool (present ones only).
+    """
+
+    stride: int
+    K: int
+    sep: tuple[tuple[int, int], ...] = ()
+    dil: tuple[tuple[int, int], ...] = ()
+    max_index: int | None = None
+    avg_index: int | None = None
+    skip_index: int | None = None
+    reduce_index: int | None = None
+    eps: float = 1e-5
+    momentum: float = 0.1
+
+    def __post_init__(self):
+        if self.stride not in (1, 2):
+            raise ValueError(f"EdgeSpec: stride must be 1 or 2, got {self.stride}")
+        if self.skip_index is not None and self.stride != 1:
+            raise ValueError("EdgeSpec: the identity skip needs stride 1; use reduce_index on stride-2 edges")
+        if self.reduce_index is not None and self.stride != 2:
+            raise ValueError("EdgeSpec: a factorized reduce needs stride 2")
+
+    @property
+    def ns(self) -> int:
+        return len(self.sep)
+
+    @property
+    def nd(self) -> int:
+        return len(self.dil)
+
+    @property
+    def n_params(self) -> int:
+        return 4 * self.ns + 2 * self.nd + (2 if self.reduce_index is not None else 0)
+
+    @property
+    def n_norms(self) -> int:
+        fr = self.reduce_index is not None
+        return 2 * self.ns + self.nd + fr + (self.max_index is not None) + (self.avg_index is not None)
+
+    def coef_index(self) -> list[int]:
+        """Weight index of each darts_sum coefficient: [dils, sep ends, reduce, max, avg, skip]."""
+        idx = [i for _, i in self.dil] + [i for _, i in self.sep]
+        if self.reduce_index is not None:
+            idx.append(self.reduce_index)
+        for i in (self.max_index, self.avg_index, self.skip_index):
+            idx.append(0 if i is None else i)
+        return idx
+
+
+def _split_params(spec: EdgeSpec, params):
+    ns, nd = spec.ns, spec.nd
+    sep = [params[4 * j : 4 * j + 4] for j in range(ns)]
+    dil = [params[4 * ns + 2 * j : 4 * ns + 2 * j + 2] for j in range(nd)]
+    fr = params[4 * ns + 2 * nd :]
+    dw1 = [p[0] for p in sep] + [p[0] for p in dil]
+    pw1 = [p[1] for p in sep] + [p[1] for p in dil]
+    dw2 = [p[2] for p in sep]
+    pw2 = [p[3] for p in sep]
+    return dw1, pw1, dw2, pw2, list(fr)
+
+
+def _prologue(mean, rstd, ns):
+    """The first batch norm's statistics of the separable convolutions, as multi_depthwise takes them."""
+    return mean[:ns].float(), rstd[:ns].float()
+
+
+def _stack_pointwise(ws) -> torch.Tensor:
+    """(J, C_out, C_in) from J 1x1 convolution weights (C_out, C_in, 1, 1)."""
+    return torch.stack(ws).flatten(2)
+
+
+def _channel_major(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (C, N*H*W)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+class _Forward:
+    """The candidates' tensors of one edge, computed from x (forward or recompute)."""
+
+    def __init__(self, spec: EdgeSpec, x, params, backend, stats=None):
+        self.spec = spec
+        ns, nd = spec.ns, spec.nd
+        J1 = ns + nd
+        dw1, pw1, dw2, pw2, fr = _split_params(spec, params)
+        N, C, H, W = x.shape
+        s = spec.stride
+        Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
+        M = N * Ho * Wo
+        self.shape = (C, N, Ho, Wo)
+        J = 2 * ns + nd + (spec.reduce_index is not None)
+        z = x.new_empty((J, C, N, Ho, Wo))
+        self.d1 = self.d2 = None
+        self.fr_in = None
+        if J1:
+            self.d1 = multi_depthwise(x, dw1, [1] * ns + [2] * nd, s, backend=backend)
+            torch.bmm(_stack_pointwise(pw1), self.d1.view(J1, C, M), out=z[:J1].view(J1, C, M))
+        if stats is None:
+            m1, r1, v1 = stacked_batch_norm_stats(z[:J1], spec.eps, backend=backend) if J1 else (None,) * 3
+        else:
+            m1, r1 = stats["m1"], stats["r1"]
+        if ns:
+            self.d2 = multi_depthwise(z[:ns], dw2, [1] * ns, 1, *_prologue(m1, r1, ns), backend=backend)
+            torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=z[J1 : J1 + ns].view(ns, C, M))
+        if spec.reduce_index is not None:
+            half = C // 2
+            a1 = _channel_major(torch.relu(x[:, :, ::2, ::2]))
+            a2 = _channel_major(torch.relu(x[:, :, 1::2, 1::2]))
+            self.fr_in = (a1, a2)
+            torch.mm(fr[0].flatten(1), a1, out=z[-1, :half].view(half, M))
+            torch.mm(fr[1].flatten(1), a2, out=z[-1, half:].view(C - half, M))
+        if stats is None:
+            m2, r2, v2 = stacked_batch_norm_stats(z[J1:], spec.eps, backend=backend) if J > J1 else (None,) * 3
+            if spec.max_index is not None or spec.avg_index is not None:
+                pm, pr, pv = pool_batch_norm_stats(x, s, spec.eps, backend=backend)
+            else:
+                pm = x.new_zeros((2, C), dtype=torch.float32)
+                pr, pv = torch.ones_like(pm), pm
+            m1e, r1e = (m1[ns:], r1[ns:]) if J1 else (None, None)
+            means = [t for t in (m1e, m2, pm) if t is not None]
+            rstds = [t for t in (r1e, r2, pr) if t is not None]
+            stats = {
+                "m1": m1,
+                "r1": r1,
+                # darts_sum's rows: [dils, sep ends, reduce, max, avg]
+                "mean": torch.cat(means),
+                "rstd": torch.cat(rstds),
+                # every batch norm's rows: [sep middles, dils, sep ends, reduce, max, avg]
+                "all_mean": torch.cat([t for t in (m1, m2, pm) if t is not None]),
+                "all_var": torch.cat([t for t in (v1, v2, pv) if t is not None]),
+                "count": M,
+            }
+        self.z = z
+        self.stats = stats
+        self.fr = fr
+        self.dw1, self.pw1, self.dw2, self.pw2 = dw1, pw1, dw2, pw2
+
+    def zsum(self) -> torch.Tensor:
+        return self.z[self.spec.ns :]
+
+
+def _norm_rows(spec: EdgeSpec) -> list[int]:
+    """Rows of all_mean/all_var for each batch norm, in the buffers' order."""
+    ns, nd = spec.ns, spec.nd
+    fr = spec.reduce_index is not None
+    J = 2 * ns + nd + fr
+    rows = list(range(J))
+    if spec.max_index is not None:
+        rows.append(J)
+    if spec.avg_index is not None:
+        rows.append(J + 1)
+    return rows
+
+
+class DartsEdgeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, spec, memory, backend, buffers, *params):
+        fwd = _Forward(spec, x, params, backend)
+        st = fwd.stats
+        if buffers is not None:
+            means, variances, counts = buffers
+            update_running_stats(
+                list(means), list(variances), list(counts), st["all_mean"], st["all_var"], _norm_rows(spec),
+                spec.momentum, st["count"],
+            )  # fmt: skip
+        coef_index = torch.tensor(spec.coef_index(), device=weights.device)
+        coef = weights.index_select(0, coef_index).to(st["mean"].dtype)
+        out = darts_sum(
+            x, fwd.zsum(), st["mean"], st["rstd"], coef, spec.stride,
+            spec.max_index is not None, spec.avg_index is not None, spec.skip_index is not None, backend=backend,
+        )  # fmt: skip
+        ctx.spec, ctx.memory, ctx.backend = spec, memory, backend
+        ctx.weights_dtype = weights.dtype
+        ctx.stats = {k: st[k] for k in ("m1", "r1", "mean", "rstd")}
+        ctx.save_for_backward(x, coef, coef_index, *params, *((fwd.z,) if memory == "save" else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        spec, backend = ctx.spec, ctx.backend
+        x, coef, coef_index, *rest = ctx.saved_tensors
+        params = rest[: spec.n_params]
+        st = ctx.stats
+        fwd = _Forward(spec, x, params, backend, stats=st) if ctx.memory == "recompute" else None
+        if fwd is None:
+            fwd = _Forward.__new__(_Forward)
+            _recompute_depthwise(fwd, spec, x, params, rest[spec.n_params], st, backend)
+        g = g.contiguous()
+        ns, nd = spec.ns, spec.nd
+        J1 = ns + nd
+        C, N, Ho, Wo = fwd.shape
+        M = N * Ho * Wo
+        gz, gx, gcoef = darts_sum_backward(
+            g, x, fwd.zsum(), st["mean"], st["rstd"], coef, spec.stride,
+            spec.max_index is not None, spec.avg_index is not None, spec.skip_index is not None, True, backend=backend,
+        )  # fmt: skip
+        g_dw1 = g_pw1 = g_dw2 = g_pw2 = None
+        if J1:
+            gd1 = x.new_empty((J1, C, M))
+            g_pw1 = x.new_empty((J1, C, C))
+            pw1 = _stack_pointwise(fwd.pw1)
+            d1 = fwd.d1.view(J1, C, M)
+            if ns:
+                gz_end = gz[nd : nd + ns].view(ns, C, M)
+                d2 = fwd.d2.view(ns, C, M)
+                g_pw2 = torch.bmm(gz_end, d2.transpose(1, 2))
+                gd2 = torch.bmm(_stack_pointwise(fwd.pw2).transpose(1, 2), gz_end)
+                gpre2, g_dw2 = multi_depthwise_backward(
+                    gd2.view(ns, C, N, Ho, Wo), fwd.z[:ns], fwd.dw2, [1] * ns, 1, *_prologue(st["m1"], st["r1"], ns),
+                    True, backend=backend,
+                )  # fmt: skip
+                gz_mid = stacked_batch_norm_backward(gpre2, fwd.z[:ns], st["m1"][:ns], st["r1"][:ns], backend=backend)
+                gz_mid = gz_mid.view(ns, C, M)
+                torch.bmm(pw1[:ns].transpose(1, 2), gz_mid, out=gd1[:ns])
+                torch.bmm(gz_mid, d1[:ns].transpose(1, 2), out=g_pw1[:ns])
+            if nd:
+                gz_dil = gz[:nd].view(nd, C, M)
+                torch.bmm(pw1[ns:].transpose(1, 2), gz_dil, out=gd1[ns:])
+                torch.bmm(gz_dil, d1[ns:].transpose(1, 2), out=g_pw1[ns:])
+            gx1, g_dw1 = multi_depthwise_backward(
+                gd1.view(J1, C, N, Ho, Wo), x, fwd.dw1, [1] * ns + [2] * nd, spec.stride, None, None, True,
+                backend=backend,
+            )  # fmt: skip
+            gx = gx + gx1
+        g_fr = []
+        if spec.reduce_index is not None:
+            half = C // 2
+            gfr = gz[-1].view(C, M)
+            a1, a2 = fwd.fr_in
+            for sl, a, w, off in ((slice(0, half), a1, fwd.fr[0], 0), (slice(half, C), a2, fwd.fr[1], 1)):
+                gzs = gfr[sl]
+                g_fr.append(torch.mm(gzs, a.t()).view_as(w))
+                ga = torch.mm(w.flatten(1).t(), gzs).view(C, N, Ho, Wo).transpose(0, 1)
+                xs = x[:, :, off::2, off::2]
+                gx[:, :, off::2, off::2] += ga * (xs > 0)
+        grads = []
+        for j in range(ns):
+            grads += [g_dw1[j], g_pw1[j].view_as(fwd.pw1[j]), g_dw2[j], g_pw2[j].view_as(fwd.pw2[j])]
+        for j in range(nd):
+            grads += [g_dw1[ns + j], g_pw1[ns + j].view_as(fwd.pw1[ns + j])]
+        grads += g_fr
+        g_weights = gcoef.new_zeros(spec.K).index_add_(0, coef_index, gcoef)
+        # Absent max/avg/skip coefficients point at index 0 with a zero gradient.
+        return (gx, g_weights.to(ctx.weights_dtype), None, None, None, None, *grads)
+
+
+def _recompute_depthwise(fwd, spec, x, params, z, st, backend):
+    """Rebuild what backward needs in save mode from x and the saved pre-BN tensors."""
+    ns, nd = spec.ns, spec.nd
+    dw1, pw1, dw2, pw2, fr = _split_params(spec, params)
+    N, C, H, W = x.shape
+    s = spec.stride
+    fwd.spec = spec
+    fwd.shape = (C, N, (H - 1) // s + 1, (W - 1) // s + 1)
+    fwd.z = z
+    fwd.dw1, fwd.pw1, fwd.dw2, fwd.pw2, fwd.fr = dw1, pw1, dw2, pw2, fr
+    fwd.d1 = multi_depthwise(x, dw1, [1] * ns + [2] * nd, s, backend=backend) if ns + nd else None
+    fwd.d2 = multi_depthwise(z[:ns], dw2, [1] * ns, 1, *_prologue(st["m1"], st["r1"], ns), backend=backend) if ns else None
+    fwd.fr_in = None
+    if spec.reduce_index is not None:
+        fwd.fr_in = (
+            _channel_major(torch.relu(x[:, :, ::2, ::2])),
+            _channel_major(torch.relu(x[:, :, 1::2, 1::2])),
+        )
+
+
+def darts_edge(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    params,
+    spec: EdgeSpec,
+    buffers=None,
+    *,
+    memory: str = "save",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """The output of one fused DARTS edge, ``sum_k weights[k] * op_k(x)``, in training mode.
+
+    ``params`` are the candidates' convolution weights in the order ``EdgeSpec``
+    gives; ``buffers`` is None or three lists (running means, running variances,
+    num_batches_tracked) updated in place as ``nn.BatchNorm2d`` would.
+    """
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"darts_edge: memory must be one of {MEMORY_MODES}, got {memory!r}")
+    if x.dim() != 4:
+        raise ValueError(f"darts_edge: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    if weights.dim() != 1 or weights.shape[0] != spec.K:
+        raise ValueError(f"darts_edge: weights must have shape ({spec.K},), got {tuple(weights.shape)}")
+    params = tuple(params)
+    if len(params) != spec.n_params:
+        raise ValueError(f"darts_edge: expected {spec.n_params} parameter tensors, got {len(params)}")
+    if buffers is not None:
+        if len(buffers) != 3 or any(len(b) != spec.n_norms for b in buffers):
+            raise ValueError(f"darts_edge: buffers must be three lists of {spec.n_norms} tensors")
+    if spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
+        raise ValueError(f"darts_edge: a factorized reduce needs even H and W, got {tuple(x.shape[2:])}")
+    return DartsEdgeFunction.apply(x, weights, spec, memory, backend, buffers, *params)
+
+
+__all__ = ["EdgeSpec", "MEMORY_MODES", "darts_edge"]
