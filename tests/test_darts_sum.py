@@ -399,3 +399,25 @@ def test_opcheck(case, suffix):
         args = (g, x.detach(), z.detach(), mean, rstd, coef.detach(), stride, *flags)
         torch.library.opcheck(bw, (*args, True))
         torch.library.opcheck(bw, (*args, False))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool_ties_go_to_first_maximum(case, stride):
+    """Small integers make many ties: the gradient goes where max_pool2d sends it."""
+    name, device = case
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randint(0, 3, (2, 3, 7, 7), generator=gen).double()
+    ho = D.pooled_size(7, stride)
+    flags = (True, False, False)
+    mean, rstd = stats_of(x, [], stride, torch.float64)
+    coef = torch.tensor([0.7, 0.2, 0.1], dtype=torch.float64)
+    xr = x.clone().requires_grad_(True)
+    out = oracle(xr, [], coef, stride, *flags)
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (want,) = torch.autograd.grad(out, [xr], g)
+    z = torch.empty(0, 3, 2, ho, ho, dtype=torch.float64)
+    _, grad_x, _ = D.darts_sum_backward(
+        g.to(device), x.to(device), z.to(device), mean.to(device), rstd.to(device), coef.to(device), stride, *flags,
+        backend=name,
+    )
+    torch.testing.assert_close(grad_x.cpu(), want, rtol=1e-9, atol=1e-9)
