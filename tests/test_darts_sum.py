@@ -384,7 +384,9 @@ def test_opcheck(case, suffix):
         pytest.skip("op belongs to another backend")
     ops = torch.ops.fastnas
     gen = torch.Generator().manual_seed(7)
-    for stride, flags in ((1, (True, True, True)), (2, (True, False, False))):
+    configs = [(1, (True, True, True)), (2, (True, False, False))]
+    # The interpreter is slow; one configuration exercises the Triton ops' registration.
+    for stride, flags in configs[:1] if name == "triton" and device.type == "cpu" else configs:
         x64, zs, coef = make_inputs((2, 3, 5, 5), 2, stride, torch.float32, device, gen=gen)
         mean, rstd = stats_of(x64, zs, stride, torch.float32)
         n, c, ho, wo = zs[0].shape
