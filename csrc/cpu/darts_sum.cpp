@@ -96,50 +96,70 @@ inline int64_t grain_in_planes(int64_t work_per_plane) {
 template <typename scalar_t, typename acc_t>
 struct PlanePools {
   const Geometry& g;
-  std::vector<acc_t> row_max, row_sum;
+  std::vector<acc_t> row_max, row_sum, col_count;
+  // Output columns whose window lies inside the row: [lo, hi].
+  int64_t lo, hi;
 
-  explicit PlanePools(const Geometry& geo) : g(geo), row_max(geo.h * geo.wo), row_sum(geo.h * geo.wo) {}
+  explicit PlanePools(const Geometry& geo)
+      : g(geo), row_max(geo.h * geo.wo), row_sum(geo.h * geo.wo), col_count(geo.wo) {
+    for (int64_t ow = 0; ow < g.wo; ++ow) {
+      col_count[ow] = static_cast<acc_t>(std::min<int64_t>(ow * g.stride + 2, g.w) -
+                                         std::max<int64_t>(ow * g.stride - 1, 0));
+    }
+    lo = 1;
+    hi = g.w >= 2 ? std::min<int64_t>(g.wo - 1, (g.w - 2) / g.stride) : 0;
+  }
+
+  void row_window(const scalar_t* xr, int64_t ow, acc_t* rm, acc_t* rs) const {
+    const int64_t w0 = std::max<int64_t>(ow * g.stride - 1, 0), w1 = std::min<int64_t>(ow * g.stride + 2, g.w);
+    acc_t best = static_cast<acc_t>(xr[w0]), sum = best;
+    for (int64_t iw = w0 + 1; iw < w1; ++iw) {
+      const acc_t v = static_cast<acc_t>(xr[iw]);
+      best = max_takes(v, best) ? v : best;
+      sum += v;
+    }
+    rm[ow] = best;
+    rs[ow] = sum;
+  }
 
   void run(const scalar_t* __restrict__ x, acc_t* __restrict__ max_out, acc_t* __restrict__ avg_out) {
     const int64_t h = g.h, w = g.w, s = g.stride, ho = g.ho, wo = g.wo;
     for (int64_t ih = 0; ih < h; ++ih) {
-      const scalar_t* xr = x + ih * w;
-      acc_t* rm = row_max.data() + ih * wo;
-      acc_t* rs = row_sum.data() + ih * wo;
-      for (int64_t ow = 0; ow < wo; ++ow) {
-        const int64_t w0 = std::max<int64_t>(ow * s - 1, 0), w1 = std::min<int64_t>(ow * s + 2, w);
-        acc_t best = static_cast<acc_t>(xr[w0]), sum = best;
-        for (int64_t iw = w0 + 1; iw < w1; ++iw) {
-          const acc_t v = static_cast<acc_t>(xr[iw]);
-          best = max_takes(v, best) ? v : best;
-          sum += v;
-        }
+      const scalar_t* __restrict__ xr = x + ih * w;
+      acc_t* __restrict__ rm = row_max.data() + ih * wo;
+      acc_t* __restrict__ rs = row_sum.data() + ih * wo;
+      row_window(xr, 0, rm, rs);
+      for (int64_t ow = lo; ow <= hi; ++ow) {
+        const acc_t a = static_cast<acc_t>(xr[ow * s - 1]), b = static_cast<acc_t>(xr[ow * s]),
+                    c = static_cast<acc_t>(xr[ow * s + 1]);
+        acc_t best = a;
+        best = max_takes(b, best) ? b : best;
+        best = max_takes(c, best) ? c : best;
         rm[ow] = best;
-        rs[ow] = sum;
+        rs[ow] = a + b + c;
       }
+      for (int64_t ow = std::max<int64_t>(hi + 1, 1); ow < wo; ++ow) row_window(xr, ow, rm, rs);
     }
     for (int64_t oh = 0; oh < ho; ++oh) {
       const int64_t h0 = std::max<int64_t>(oh * s - 1, 0), h1 = std::min<int64_t>(oh * s + 2, h);
       if (max_out != nullptr) {
-        acc_t* mo = max_out + oh * wo;
+        acc_t* __restrict__ mo = max_out + oh * wo;
         std::copy(row_max.data() + h0 * wo, row_max.data() + (h0 + 1) * wo, mo);
         for (int64_t ih = h0 + 1; ih < h1; ++ih) {
-          const acc_t* rm = row_max.data() + ih * wo;
+          const acc_t* __restrict__ rm = row_max.data() + ih * wo;
           for (int64_t ow = 0; ow < wo; ++ow) mo[ow] = max_takes(rm[ow], mo[ow]) ? rm[ow] : mo[ow];
         }
       }
       if (avg_out != nullptr) {
-        acc_t* ao = avg_out + oh * wo;
+        acc_t* __restrict__ ao = avg_out + oh * wo;
         std::copy(row_sum.data() + h0 * wo, row_sum.data() + (h0 + 1) * wo, ao);
         for (int64_t ih = h0 + 1; ih < h1; ++ih) {
-          const acc_t* rs = row_sum.data() + ih * wo;
+          const acc_t* __restrict__ rs = row_sum.data() + ih * wo;
           for (int64_t ow = 0; ow < wo; ++ow) ao[ow] += rs[ow];
         }
-        const int64_t rows = h1 - h0;
-        for (int64_t ow = 0; ow < wo; ++ow) {
-          const int64_t w0 = std::max<int64_t>(ow * s - 1, 0), w1 = std::min<int64_t>(ow * s + 2, g.w);
-          ao[ow] /= static_cast<acc_t>(rows * (w1 - w0));
-        }
+        const acc_t rows = static_cast<acc_t>(h1 - h0);
+        const acc_t* __restrict__ cc = col_count.data();
+        for (int64_t ow = 0; ow < wo; ++ow) ao[ow] /= rows * cc[ow];
       }
     }
   }
@@ -427,6 +447,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> darts_sum_backward(
       PlanePools<scalar_t, acc_t> pools(g);
       std::vector<acc_t> gbuf(m_plane), pavg(has_avg && x_need_grad ? m_plane : 0);
       std::vector<acc_t> gx(x_need_grad ? g.plane_in() : 0);
+      std::vector<acc_t> share(has_avg && x_need_grad ? m_plane : 0);
+      std::vector<acc_t> row_best(has_max && x_need_grad ? g.wo : 0);
+      std::vector<int32_t> row_arg(has_max && x_need_grad ? g.wo : 0);
+      std::vector<acc_t> spread(has_avg && x_need_grad && g.stride == 1 ? g.plane_in() : 0);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t c = t / g.n, n = t % g.n;
         const scalar_t* gplane = gop + (n * g.c + c) * m_plane;
@@ -452,37 +476,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> darts_sum_backward(
         const int64_t h = g.h, w = g.w, s = g.stride;
         if (has_max) {
           const acc_t a = scale[jz * g.c + c], b = slope[jz * g.c + c], mu = meanp[jz * cz + c];
-          for (int64_t oh = 0; oh < g.ho; ++oh) {
+          const auto send = [&](int64_t oh, int64_t ow, acc_t best, int64_t arg) {
+            gxa[arg] += a * (gbuf[oh * g.wo + ow] - (best - mu) * b);
+          };
+          // Any window, bounds-checked.
+          const auto generic = [&](int64_t oh, int64_t ow) {
             const int64_t h0 = std::max<int64_t>(oh * s - 1, 0), h1 = std::min<int64_t>(oh * s + 2, h);
-            for (int64_t ow = 0; ow < g.wo; ++ow) {
-              const int64_t w0 = std::max<int64_t>(ow * s - 1, 0), w1 = std::min<int64_t>(ow * s + 2, w);
-              int64_t arg = h0 * w + w0;
-              acc_t best = static_cast<acc_t>(xplane[arg]);
-              for (int64_t ih = h0; ih < h1; ++ih) {
-                for (int64_t iw = (ih == h0 ? w0 + 1 : w0); iw < w1; ++iw) {
-                  const acc_t v = static_cast<acc_t>(xplane[ih * w + iw]);
-                  if (max_takes(v, best)) {
-                    best = v;
-                    arg = ih * w + iw;
-                  }
-                }
+            const int64_t w0 = std::max<int64_t>(ow * s - 1, 0), w1 = std::min<int64_t>(ow * s + 2, w);
+            int64_t arg = h0 * w + w0;
+            acc_t best = static_cast<acc_t>(xplane[arg]);
+            for (int64_t ih = h0; ih < h1; ++ih) {
+              for (int64_t iw = (ih == h0 ? w0 + 1 : w0); iw < w1; ++iw) {
+                const acc_t v = static_cast<acc_t>(xplane[ih * w + iw]);
+                // Selects, not a branch: on real data the comparisons are coin flips.
+                const bool take = max_takes(v, best);
+                best = take ? v : best;
+                arg = take ? ih * w + iw : arg;
               }
-              gxa[arg] += a * (gbuf[oh * g.wo + ow] - (best - mu) * b);
             }
+            send(oh, ow, best, arg);
+          };
+          const int64_t lo = pools.lo, hi = pools.hi;
+          for (int64_t oh = 0; oh < g.ho; ++oh) {
+            if (oh == 0 || oh * s + 1 >= h) {
+              for (int64_t ow = 0; ow < g.wo; ++ow) generic(oh, ow);
+              continue;
+            }
+            generic(oh, 0);
+            // Interior windows: nine taps at fixed offsets, argmax for the
+            // whole row first (vectorisable), then the scatter.
+            const scalar_t* __restrict__ top = xplane + (oh * s - 1) * w - 1;
+            for (int64_t ow = lo; ow <= hi; ++ow) {
+              const scalar_t* __restrict__ p = top + ow * s;
+              acc_t best = static_cast<acc_t>(p[0]);
+              int32_t k = 0;
+              for (int32_t t = 1; t < 9; ++t) {
+                const acc_t v = static_cast<acc_t>(p[(t / 3) * w + t % 3]);
+                const bool take = max_takes(v, best);
+                best = take ? v : best;
+                k = take ? t : k;
+              }
+              row_best[ow] = best;
+              row_arg[ow] = k;
+            }
+            for (int64_t ow = lo; ow <= hi; ++ow) {
+              const int32_t k = row_arg[ow];
+              send(oh, ow, row_best[ow], (oh * s - 1 + k / 3) * w + ow * s - 1 + k % 3);
+            }
+            for (int64_t ow = std::max<int64_t>(hi + 1, 1); ow < g.wo; ++ow) generic(oh, ow);
           }
         }
         if (has_avg) {
           pools.run(xplane, nullptr, pavg.data());
           const acc_t a = scale[(jz + 1) * g.c + c], b = slope[(jz + 1) * g.c + c], mu = meanp[(jz + 1) * cz + c];
           for (int64_t oh = 0; oh < g.ho; ++oh) {
-            const int64_t h0 = std::max<int64_t>(oh * s - 1, 0), h1 = std::min<int64_t>(oh * s + 2, h);
+            const acc_t rows = static_cast<acc_t>(std::min<int64_t>(oh * s + 2, h) - std::max<int64_t>(oh * s - 1, 0));
             for (int64_t ow = 0; ow < g.wo; ++ow) {
-              const int64_t w0 = std::max<int64_t>(ow * s - 1, 0), w1 = std::min<int64_t>(ow * s + 2, w);
               const int64_t o = oh * g.wo + ow;
-              const acc_t share =
-                  a * (gbuf[o] - (pavg[o] - mu) * b) / static_cast<acc_t>((h1 - h0) * (w1 - w0));
-              for (int64_t ih = h0; ih < h1; ++ih) {
-                for (int64_t iw = w0; iw < w1; ++iw) gxa[ih * w + iw] += share;
+              share[o] = a * (gbuf[o] - (pavg[o] - mu) * b) / (rows * pools.col_count[ow]);
+            }
+          }
+          if (s == 1) {
+            // Stride 1: input (ih, iw) gathers the shares of the windows
+            // centred on its 3x3 neighbourhood, rows first, then columns.
+            for (int64_t ih = 0; ih < h; ++ih) {
+              const acc_t* __restrict__ sr = share.data() + ih * w;
+              acc_t* __restrict__ tr = spread.data() + ih * w;
+              tr[0] = sr[0] + (w > 1 ? sr[1] : acc_t(0));
+              for (int64_t iw = 1; iw + 1 < w; ++iw) tr[iw] = sr[iw - 1] + sr[iw] + sr[iw + 1];
+              if (w > 1) tr[w - 1] = sr[w - 2] + sr[w - 1];
+            }
+            for (int64_t ih = 0; ih < h; ++ih) {
+              acc_t* __restrict__ gr = gxa + ih * w;
+              for (int64_t dh = -1; dh <= 1; ++dh) {
+                if (ih + dh < 0 || ih + dh >= h) continue;
+                const acc_t* __restrict__ tr = spread.data() + (ih + dh) * w;
+                for (int64_t iw = 0; iw < w; ++iw) gr[iw] += tr[iw];
+              }
+            }
+          } else {
+            for (int64_t oh = 0; oh < g.ho; ++oh) {
+              const int64_t h0 = std::max<int64_t>(oh * s - 1, 0), h1 = std::min<int64_t>(oh * s + 2, h);
+              for (int64_t ow = 0; ow < g.wo; ++ow) {
+                const int64_t w0 = std::max<int64_t>(ow * s - 1, 0), w1 = std::min<int64_t>(ow * s + 2, w);
+                const acc_t v = share[oh * g.wo + ow];
+                for (int64_t ih = h0; ih < h1; ++ih) {
+                  for (int64_t iw = w0; iw < w1; ++iw) gxa[ih * w + iw] += v;
+                }
               }
             }
           }
