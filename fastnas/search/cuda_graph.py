@@ -295,7 +295,9 @@ class GraphedStep:
 
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: other threads (a data loader's pin-memory thread) may make
+            # CUDA calls while this one captures, as torch.compile's CUDA graphs allow.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 out = self.fn(*self.static_inputs)
         except torch.cuda.OutOfMemoryError:
             raise
