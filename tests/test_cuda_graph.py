@@ -11,8 +11,10 @@ and the tensor that differ, and by how much.
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -24,6 +26,7 @@ from fastnas.cli import build_parser, main
 from fastnas.search import NonFiniteLossError, SearchConfig, SearchError, Searcher, build_network
 from fastnas.search import checkpoint as ckpt
 from fastnas.search.architect import first_order_arch_grads
+from fastnas.search import cuda_graph
 from fastnas.search.cuda_graph import (
     CUDAGraphError,
     GraphedStep,
@@ -41,6 +44,9 @@ SMALL = ["--epochs", "1", "--layers", "3", "--init-channels", "4", "--batch-size
 @pytest.fixture(autouse=True)
 def keep_threads():
     old = torch.get_num_threads()
+    if not torch.cuda.is_available():
+        # Thousands of tiny ops per step: a second thread only adds waiting on a shared CPU.
+        torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
 
@@ -181,6 +187,117 @@ def test_cli_bench_step_cuda_graph_on_cpu_is_a_clear_error(capsys):
     assert main(["bench-step", *args.split()]) == 1
     err = capsys.readouterr().err
     assert "--cuda-graph needs a CUDA device" in err
+
+
+# --- CPU: GraphedStep's bookkeeping with a stand-in graph ------------------------------
+#
+# A CUDAGraph cannot be made without a GPU. The stand-in "captures" by running
+# the step and then undoing it (a real capture runs no kernels), and "replays"
+# by running the step again on the static inputs. That checks, wherever the
+# tests run, what does not depend on CUDA: warm-up steps leave no trace, optimizer
+# state starts fresh, a learning-rate change captures again, an odd batch runs
+# eagerly, and the searcher reads, checks and checkpoints the replayed step.
+
+
+class _StandInGraph:
+    def __init__(self):
+        self.run = None
+
+    def replay(self):
+        self.run()
+
+
+class _StandInGraphedStep(GraphedStep):
+    def _device(self, example_inputs, modules):
+        return torch.device("cpu")
+
+    def capture(self):
+        _StandInCapture.owner = self
+        super().capture()
+        outs = self.static_outputs
+
+        def run():
+            for out, new in zip(outs, cuda_graph._outputs(self.fn(*self.static_inputs))):
+                out.copy_(new)
+
+        self.graph.run = run
+
+
+class _StandInCapture:
+    owner = None
+
+    def __init__(self, graph, **kwargs):
+        self.graph = graph
+
+    def __enter__(self):
+        self.state = self.owner._snapshot()
+
+    def __exit__(self, *exc):
+        self.owner._restore(self.state)
+
+
+class _StandInStream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def stand_in_graphs(monkeypatch):
+    """GraphedStep on the CPU with the stand-in graph; capturable Adam allowed on the CPU."""
+    from fastnas.search import searcher
+
+    adam = importlib.import_module("torch.optim.adam")
+    if not hasattr(adam, "_get_capturable_supported_devices"):
+        pytest.skip("this torch decides capturable devices differently")
+    monkeypatch.setattr(adam, "_get_capturable_supported_devices", lambda *a, **k: ["cuda", "cpu"])
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _StandInGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _StandInCapture)
+    monkeypatch.setattr(torch.cuda, "Stream", _StandInStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *a: _StandInStream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda *a: torch.get_rng_state())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, *a: torch.set_rng_state(state))
+    monkeypatch.setattr(cuda_graph, "_sync_errors", lambda enabled: contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graph, "check_search_supported", lambda config: None)
+    monkeypatch.setattr(searcher, "check_runtime_supported", lambda *a, **k: None)
+    monkeypatch.setattr(searcher, "GraphedStep", _StandInGraphedStep)
+    monkeypatch.setattr(torch.nn.Module, "cuda", lambda self, *a: self)
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a: self)
+    monkeypatch.setattr(sys.modules[__name__], "GraphedStep", _StandInGraphedStep)
+
+
+def test_stand_in_graphed_step_matches_eager(stand_in_graphs, monkeypatch):
+    # PC-DARTS runs through the stand-in in the searcher test below.
+    test_graphed_step_matches_eager_and_recaptures_after_lr_change("darts", "reference", monkeypatch)
+
+
+def test_stand_in_graphed_search_matches_eager_search(stand_in_graphs):
+    eager, eager_searcher = run(tiny_config("pc-darts", epochs=2, warmup_epochs=1))
+    config = tiny_config("pc-darts", epochs=2, warmup_epochs=1)
+    config.cuda_graph = True
+    graphed, graph_searcher = run(config)
+    _history_close(graphed.history, eager.history, "stand-in pc-darts")
+    _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), "stand-in final network")
+
+
+def test_stand_in_graphed_search_nan_and_checkpoint(stand_in_graphs, tmp_path):
+    config = tiny_config("darts")
+    config.cuda_graph = True
+    with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
+        run(config, dataset=tiny_dataset(poison=True))
+    out = str(tmp_path / "run")
+    run(config, out)
+    state = ckpt.load_checkpoint(out)
+    assert state["config"]["cuda_graph"] is True and state["a_opt"]["param_groups"][0]["capturable"] is True
+    assert all(float(s["step"]) == 2.0 for s in state["a_opt"]["state"].values())
+    # Resumed without the graph, Adam is made non-capturable again.
+    searcher = Searcher.resume(out, {"cuda_graph": False}, dataset=tiny_dataset(), progress=False)
+    searcher.run()
+    assert searcher.config.cuda_graph is False
 
 
 # --- GPU: the graphed step against the eager one --------------------------------------

@@ -214,19 +214,11 @@ class GraphedStep:
     ):
         if not example_inputs:
             raise ValueError("GraphedStep needs at least one example input")
-        device = example_inputs[0].device if example_inputs[0].is_cuda else None
-        for m in modules:
-            for t in list(m.parameters()) + list(m.buffers()):
-                if not t.is_cuda:
-                    raise CUDAGraphError(f"every parameter and buffer must be on a CUDA device, found one on {t.device}")
-                device = device or t.device
-        if device is None:
-            raise CUDAGraphError("GraphedStep needs CUDA tensors: no input, parameter or buffer is on a CUDA device")
-        check_runtime_supported(device)
-        for opt in optimizers:
-            _check_optimizer(opt)
         if warmup_steps < 1:
             raise ValueError(f"warmup_steps must be at least 1, got {warmup_steps}")
+        device = self._device(example_inputs, modules)
+        for opt in optimizers:
+            _check_optimizer(opt)
         self.fn = fn
         self.device = device
         self.modules = list(modules)
@@ -242,6 +234,20 @@ class GraphedStep:
         self._returns_tuple = True
         self.captures = 0
         self.eager_calls = 0
+
+    @staticmethod
+    def _device(example_inputs, modules) -> torch.device:
+        """The CUDA device the step runs on; CUDAGraphError if anything is elsewhere."""
+        device = example_inputs[0].device if example_inputs[0].is_cuda else None
+        for m in modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                if not t.is_cuda:
+                    raise CUDAGraphError(f"every parameter and buffer must be on a CUDA device, found one on {t.device}")
+                device = device or t.device
+        if device is None:
+            raise CUDAGraphError("GraphedStep needs CUDA tensors: no input, parameter or buffer is on a CUDA device")
+        check_runtime_supported(device)
+        return device
 
     # --- calling --------------------------------------------------------------------
 
