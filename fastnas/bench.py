@@ -628,8 +628,14 @@ def _time_graph_step(args: argparse.Namespace, net, device: torch.device, reps: 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastnas.bench``: the search-step benchmark for one configuration."""
+    from fastnas.search.errors import SearchError
+
     parser = add_bench_step_args(argparse.ArgumentParser(prog="python -m fastnas.bench", description=__doc__))
-    run_bench_step(parser.parse_args(argv))
+    try:
+        run_bench_step(parser.parse_args(argv))
+    except SearchError as exc:
+        print(f"python -m fastnas.bench: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
