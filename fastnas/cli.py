@@ -32,9 +32,9 @@ Several processes: torchrun --nproc_per_node N -m fastnas search ...
 
 On one GPU, --cuda-graph captures the whole step (both passes and both
 optimizer steps) once per epoch as a CUDA graph and replays it, so the CPU no
-longer launches its thousands of small kernels one by one. It supports darts and pc-darts
-with --memory save and no --amp or --amp bf16; other settings are refused with
-the reason.
+longer launches its thousands of small kernels one by one. It supports darts
+and pc-darts with --memory save and no --amp or --amp bf16; other settings are
+refused with the reason.
 """
 
 
