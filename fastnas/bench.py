@@ -418,6 +418,10 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false", help="skip the op-counting step")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cuda-graph", action="store_true",
+        help="also time the step captured once as a CUDA graph and replayed (CUDA only); reports both",
+    )
     return parser
 
 
@@ -435,11 +439,16 @@ def _build_network(args, device):
     ).to(device)
 
 
-def make_search_step(net, device, batch_size: int, image_size: int, num_classes: int, seed: int = 0):
+def make_search_step(net, device, batch_size: int, image_size: int, num_classes: int, seed: int = 0,
+                     cuda_graph: bool = False):
     """One first-order DARTS step as a closure: arch step on a val batch, then weight step.
 
     Hyper-parameters are the DARTS paper's; the batches are fixed random data, as
-    the step's cost does not depend on the pixels.
+    the step's cost does not depend on the pixels. The closure returns the
+    training loss as a tensor. With ``cuda_graph`` the step is captured here
+    (warm-up steps included, the model restored after them) and each call
+    replays it; the returned loss is then the graph's static output, which the
+    next call overwrites.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, 3, image_size, image_size)
@@ -449,12 +458,12 @@ def make_search_step(net, device, batch_size: int, image_size: int, num_classes:
     y_val = torch.randint(0, num_classes, (batch_size,), generator=gen).to(device)
     arch_params = list(net.arch_parameters())
     weight_params = list(net.weight_parameters())
-    arch_opt = torch.optim.Adam(arch_params, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
+    arch_opt = torch.optim.Adam(arch_params, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3, capturable=cuda_graph)
     weight_opt = torch.optim.SGD(weight_params, lr=0.025, momentum=0.9, weight_decay=3e-4)
     loss_fn = torch.nn.functional.cross_entropy
     net.train()
 
-    def step() -> float:
+    def step_on(x_train, y_train, x_val, y_val) -> torch.Tensor:
         arch_opt.zero_grad(set_to_none=True)
         loss_fn(net(x_val), y_val).backward()
         arch_opt.step()
@@ -464,6 +473,21 @@ def make_search_step(net, device, batch_size: int, image_size: int, num_classes:
         torch.nn.utils.clip_grad_norm_(weight_params, 5.0)
         weight_opt.step()
         return loss.detach()
+
+    if cuda_graph:
+        from fastnas.search.cuda_graph import GraphedStep
+
+        graphed = GraphedStep(step_on, (x_train, y_train, x_val, y_val), modules=[net], optimizers=[arch_opt, weight_opt])
+        graphed.capture()
+
+        def graph_step() -> torch.Tensor:
+            return graphed.replay()
+
+        graph_step.graphed = graphed
+        return graph_step
+
+    def step() -> torch.Tensor:
+        return step_on(x_train, y_train, x_val, y_val)
 
     return step
 
@@ -489,6 +513,11 @@ def run_bench_step(args: argparse.Namespace) -> dict:
 def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     from fastnas import backends
 
+    cuda_graph = getattr(args, "cuda_graph", False)
+    if cuda_graph:
+        from fastnas.search.cuda_graph import check_runtime_supported
+
+        check_runtime_supported(device)
     torch.manual_seed(args.seed)
     reps = args.reps if args.reps is not None else (20 if device.type == "cuda" else 3)
     net = _build_network(args, device)
@@ -558,14 +587,55 @@ def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
         "torch": torch.__version__,
         "commit": git_commit(),
     }
+    if cuda_graph:
+        result.update(_time_graph_step(args, net, device, reps, timing))
     print(json.dumps(result), flush=True)
     return result
 
 
+def _time_graph_step(args: argparse.Namespace, net, device: torch.device, reps: int, eager: Timing) -> dict:
+    """The same step captured as a CUDA graph and replayed, timed as the eager one was."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    step = make_search_step(net, device, args.batch_size, args.image_size, args.num_classes, args.seed,
+                            cuda_graph=True)
+    torch.cuda.synchronize(device)
+    capture_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize(device)
+    times = []
+    loss = float("nan")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        loss = step()
+        torch.cuda.synchronize(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    timing = _quartiles(times)
+    return {
+        "graph_step_ms_median": timing.median_ms,
+        "graph_step_ms_q25": timing.q25_ms,
+        "graph_step_ms_q75": timing.q75_ms,
+        "graph_speedup": eager.median_ms / timing.median_ms,
+        "graph_capture_ms": capture_ms,
+        "graph_warmup_steps": step.graphed.warmup_steps,
+        "graph_peak_memory_mib": (torch.cuda.max_memory_allocated(device) - baseline) / 2**20,
+        "graph_loss": float(loss),
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m fastnas.bench``: the search-step benchmark for one configuration."""
+    from fastnas.search.errors import SearchError
+
     parser = add_bench_step_args(argparse.ArgumentParser(prog="python -m fastnas.bench", description=__doc__))
-    run_bench_step(parser.parse_args(argv))
+    try:
+        run_bench_step(parser.parse_args(argv))
+    except SearchError as exc:
+        print(f"python -m fastnas.bench: error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -29,6 +29,12 @@ GDAS tau 10 -> 0.1. Any option given on the command line overrides them.
 
 Several processes: torchrun --nproc_per_node N -m fastnas search ...
 (--batch-size is then the total over all processes).
+
+On one GPU, --cuda-graph captures the whole step (both passes and both
+optimizer steps) once per epoch as a CUDA graph and replays it, so the CPU no
+longer launches its thousands of small kernels one by one. It supports darts
+and pc-darts with --memory save and no --amp or --amp bf16; other settings are
+refused with the reason.
 """
 
 
@@ -72,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
     s.add_argument("--memory", choices=("save", "checkpoint"), default=None,
                    help="keep candidate outputs for backward, or recompute them (less memory)")
+    s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
+                        "darts and pc-darts, no fp16, --memory save)")
     s.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
     s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of torch (default: 1 for digits, else torch's choice)")
     s.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
@@ -90,6 +99,7 @@ _CONFIG_OPTIONS = {
     "lr": "lr", "arch_lr": "arch_lr", "warmup_epochs": "warmup_epochs", "layers": "layers",
     "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
     "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
+    "cuda_graph": "cuda_graph",
 }  # fmt: skip
 
 
@@ -153,9 +163,15 @@ def _bench_step(argv: list[str]) -> int:
     except ImportError as exc:
         print(f"fastnas bench-step: the benchmark module is not available ({exc})", file=sys.stderr)
         return EXIT_ERROR
+    from fastnas.search import SearchError
+
     parser = argparse.ArgumentParser(prog="fastnas bench-step", description="Time one full search step; prints JSON.")
     add_bench_step_args(parser)
-    run_bench_step(parser.parse_args(argv))
+    try:
+        run_bench_step(parser.parse_args(argv))
+    except SearchError as exc:
+        print(f"fastnas bench-step: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     return 0
 
 

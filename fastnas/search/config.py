@@ -87,6 +87,7 @@ class SearchConfig:
     tau_min: float = 0.1
     amp: str | None = None
     memory: str = "save"
+    cuda_graph: bool = False
     backend: str | None = None
     device: str = "cpu"
     workers: int = 0
@@ -151,6 +152,10 @@ class SearchConfig:
             raise SearchError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:
             raise SearchError(f"--batch-size must be at least 2 (batch norm needs two samples), got {self.batch_size}")
+        if self.cuda_graph:
+            from fastnas.search.cuda_graph import check_search_supported
+
+            check_search_supported(self)
         if self.method == "p-darts":
             if len(self.stage_layers) != len(self.stage_keep) + 1:
                 raise SearchError("p-darts needs one more stage in stage_layers than entries in stage_keep")

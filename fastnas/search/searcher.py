@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from fastnas.search import checkpoint as ckpt
 from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
+from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
 from fastnas.search.data import epoch_loader, split_indices
 from fastnas.search.distributed import DistributedContext, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
@@ -198,6 +199,8 @@ class Searcher:
                     "resume with the same --nproc_per_node"
                 )
             cfg.world_size = dist.world_size
+        if cfg.cuda_graph:
+            check_runtime_supported(dist.device, dist.world_size)
         if cfg.backend is not None:
             from fastnas import backends
 
@@ -273,8 +276,10 @@ class Searcher:
     def _make_optimizers(self, net: nn.Module, stage: dict) -> dict:
         cfg = self.config
         w_opt = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        # A captured step keeps Adam's step count on the device (capturable).
         a_opt = torch.optim.Adam(
-            net.arch_parameters(), lr=cfg.arch_lr, betas=tuple(cfg.arch_betas), weight_decay=cfg.arch_weight_decay
+            net.arch_parameters(), lr=cfg.arch_lr, betas=tuple(cfg.arch_betas), weight_decay=cfg.arch_weight_decay,
+            capturable=cfg.cuda_graph,
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
@@ -300,7 +305,8 @@ class Searcher:
         if amp is None:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(self.dist.device.type, dtype=dtype)
+        # Cached casts would outlive the captured region they were made in.
+        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.config.cuda_graph)
 
     # --- one epoch --------------------------------------------------------------------
 
@@ -346,21 +352,36 @@ class Searcher:
         start = time.perf_counter()
         images = 0
         net.train()
+        graphed = None
         for step, ((xt, yt), (xv, yv)) in enumerate(zip(*loaders)):
+            if cfg.cuda_graph:
+                if graphed is None:
+                    # One capture per epoch: the learning rate is baked into the graph.
+                    graphed = GraphedStep(
+                        self._captured_step(model, net, parts, unrolled, train_arch, lr), (xt, yt, xv, yv),
+                        modules=[net], optimizers=[parts["w_opt"], parts["a_opt"]], key=train_arch,
+                    )
+                # The batch is copied into the graph's inputs; the losses are read after the replay.
+                loss_value, correct, val_loss, val_correct = graphed(xt, yt, xv, yv).tolist()
+                loss_value = self._check_finite(loss_value, global_epoch, step)
+                if train_arch:
+                    totals[3:] += torch.tensor([val_loss * len(yv), val_correct, len(yv)], dtype=torch.float64)
+                totals[:3] += torch.tensor([loss_value * len(yt), correct, len(yt)], dtype=torch.float64)
+                images += len(yt) * dist.world_size
+                self._advance(bar, start, images, loss_value)
+                continue
             xt, yt = xt.to(dist.device, non_blocking=True), yt.to(dist.device, non_blocking=True)
             xv, yv = xv.to(dist.device, non_blocking=True), yv.to(dist.device, non_blocking=True)
             if train_arch:
                 val_loss, val_logits = self._arch_step(net, parts, unrolled, xt, yt, xv, yv, lr)
-                totals[3:] += torch.tensor([val_loss * len(yv), _correct(val_logits, yv), len(yv)], dtype=torch.float64)
+                totals[3:] += torch.tensor([float(val_loss) * len(yv), _correct(val_logits, yv), len(yv)],
+                                           dtype=torch.float64)
             loss, logits = self._weight_step(model, net, parts, xt, yt)
             loss_value = self._check_finite(loss, global_epoch, step)
             totals[:3] += torch.tensor([loss_value * len(yt), _correct(logits, yt), len(yt)], dtype=torch.float64)
             images += len(yt) * dist.world_size
-            if bar is not None:
-                elapsed = time.perf_counter() - start
-                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}",
-                                mem=f"{_memory_mib(dist.device):.0f}MiB", refresh=False)
-                bar.update(1)
+            self._advance(bar, start, images, loss_value)
+        del graphed
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - start
@@ -397,6 +418,32 @@ class Searcher:
             )
         return record
 
+    def _advance(self, bar, start, images, loss_value) -> None:
+        if bar is not None:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}",
+                            mem=f"{_memory_mib(self.dist.device):.0f}MiB", refresh=False)
+            bar.update(1)
+
+    def _captured_step(self, model, net, parts, unrolled, train_arch, lr):
+        """The search step as ``GraphedStep`` captures it: tensors in, one tensor out, no host syncs.
+
+        Returns ``step(xt, yt, xv, yv) -> [train loss, train correct, val loss,
+        val correct]`` (the val entries are 0 while the architecture is frozen).
+        """
+
+        def step(xt, yt, xv, yv):
+            if train_arch:
+                val_loss, val_logits = self._arch_step(net, parts, unrolled, xt, yt, xv, yv, lr)
+                val = [val_loss.float(), _correct_count(val_logits, yv)]
+            loss, logits = self._weight_step(model, net, parts, xt, yt)
+            train = [loss.float(), _correct_count(logits, yt)]
+            if not train_arch:
+                val = [torch.zeros_like(train[0]), torch.zeros_like(train[0])]
+            return torch.stack(train + val)
+
+        return step
+
     def _arch_step(self, net, parts, unrolled, xt, yt, xv, yv, lr):
         cfg, a_opt, scaler = self.config, parts["a_opt"], parts["a_scaler"]
         arch = net.arch_parameters()
@@ -418,7 +465,7 @@ class Searcher:
             scaler.update()
         else:
             a_opt.step()
-        return float(loss), logits
+        return loss, logits
 
     def _weight_step(self, model, net, parts, x, y):
         cfg, w_opt, scaler = self.config, parts["w_opt"], parts["w_scaler"]
@@ -516,6 +563,8 @@ class Searcher:
             for key in ("w_opt", "a_opt", "sched", "w_scaler", "a_scaler"):
                 if state.get(key):
                     parts[key].load_state_dict(state[key])
+            # The checkpoint may come from a run with or without --cuda-graph.
+            set_capturable(parts["a_opt"], self.config.cuda_graph)
             stage_epoch = int(state["stage_epoch"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
@@ -545,6 +594,11 @@ def _info(info, key: str):
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(dim=1) == y).sum())
+
+
+def _correct_count(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``_correct`` left on the device, as a float tensor."""
+    return (logits.argmax(dim=1) == y).sum().float()
 
 
 def _ratio(a, b) -> float:
