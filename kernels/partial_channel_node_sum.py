@@ -79,6 +79,21 @@ def _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE: tl.constexpr, ACC: tl.
 
 
 @triton.jit
+def _scatter_pool_grad(table, e, E, grad, arg, n, cb, Cb, HW, W, h, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """grad at each 2x2 window's argmax of the contiguous (2H, 2W) plane, zeros elsewhere.
+
+    The windows tile the plane, so every element of it is written.
+    """
+    gb_ptr = load_pointer(table, 3 * E + e, DTYPE, ALIGNED)
+    top = gb_ptr + (n.to(tl.int64) * Cb + cb) * (4 * HW) + (2 * h) * (2 * W) + 2 * x
+    gv = cast_for_store(grad, DTYPE)
+    tl.store(top, tl.where(arg == 0, gv, 0.0), mask=mask)
+    tl.store(top + 1, tl.where(arg == 1, gv, 0.0), mask=mask)
+    tl.store(top + 2 * W, tl.where(arg == 2, gv, 0.0), mask=mask)
+    tl.store(top + 2 * W + 1, tl.where(arg == 3, gv, 0.0), mask=mask)
+
+
+@triton.jit
 def _node_forward_kernel(
     table,
     w_ptr,
@@ -153,20 +168,17 @@ def _node_backward_kernel(
             w = tl.load(w_ptr + e).to(ACC)
             want_grad = tl.load(table + 3 * E + e) != 0
             stride = tl.load(table + 4 * E + e)
-            if NEED_W or (want_grad and stride == 2):
+            pooled_grad = want_grad & (stride == 2)
+            if NEED_W:
                 v, arg, stride = _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE, ACC)
-                if NEED_W:
-                    tl.store(partial + e * num_partials, tl.sum(g * v, axis=0))
-                if want_grad and stride == 2:
-                    gb_ptr = load_pointer(table, 3 * E + e, DTYPE, ALIGNED)
-                    top = gb_ptr + (n.to(tl.int64) * Cb + cb) * (4 * HW) + (2 * h) * (2 * W) + 2 * x
-                    gv = cast_for_store(w * g, DTYPE)
-                    # The windows tile the (2H, 2W) plane: every element is written.
-                    tl.store(top, tl.where(arg == 0, gv, 0.0), mask=mask)
-                    tl.store(top + 1, tl.where(arg == 1, gv, 0.0), mask=mask)
-                    tl.store(top + 2 * W, tl.where(arg == 2, gv, 0.0), mask=mask)
-                    tl.store(top + 2 * W + 1, tl.where(arg == 3, gv, 0.0), mask=mask)
-            if want_grad and stride == 1:
+                tl.store(partial + e * num_partials, tl.sum(g * v, axis=0))
+                if pooled_grad:
+                    _scatter_pool_grad(table, e, E, w * g, arg, n, cb, Cb, HW, W, h, x, mask, DTYPE, ALIGNED)
+            else:
+                if pooled_grad:
+                    v, arg, stride = _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE, ACC)
+                    _scatter_pool_grad(table, e, E, w * g, arg, n, cb, Cb, HW, W, h, x, mask, DTYPE, ALIGNED)
+            if want_grad & (stride == 1):
                 gb_ptr = load_pointer(table, 3 * E + e, DTYPE, ALIGNED)
                 tl.store(gb_ptr + (n.to(tl.int64) * Cb + cb) * HW + hw, cast_for_store(w * g, DTYPE), mask=mask)
 
