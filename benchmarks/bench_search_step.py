@@ -30,9 +30,12 @@ from fastnas import bench
 
 COLUMNS = [
     "network", "backend", "backend_used", "memory", "batch_size", "threads", "reps", "step_ms_median", "step_ms_q25",
-    "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "aten_ops", "fastnas_ops", "note",
+    "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "aten_ops", "aten_ops_vs_reference",
+    "fastnas_ops", "note",
 ]  # fmt: skip
-DEFAULT_CONFIGS = "auto:save,reference:save,auto:checkpoint"
+# The eager reference first: the fused engine (memory save and recompute) and
+# torch.utils.checkpoint around each eager mixed op are measured against it.
+DEFAULT_CONFIGS = "reference:save,auto:save,auto:recompute,auto:checkpoint"
 
 
 def child_command(args, network: str, backend: str, memory: str) -> list[str]:
@@ -47,6 +50,10 @@ def child_command(args, network: str, backend: str, memory: str) -> list[str]:
         cmd += ["--threads", str(args.threads)]
     if args.no_count_ops:
         cmd.append("--no-count-ops")
+    if args.stem != "cifar":
+        cmd += ["--stem", args.stem]
+    if args.cuda_graph:
+        cmd.append("--cuda-graph")
     return cmd
 
 
@@ -82,6 +89,9 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-count-ops", action="store_true")
+    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
+                        help="imagenet: three stride-2 convolutions (use with --image-size 224)")
+    parser.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph and replay it")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
@@ -95,7 +105,7 @@ def main(argv=None) -> int:
     print(json.dumps(env), flush=True)
     stem = Path(args.out) / f"{args.device}_search_step{'_' + args.tag if args.tag else ''}"
     notes = [
-        f"One first-order DARTS step, batch {args.batch_size}, {args.image_size}x{args.image_size}, "
+        f"One first-order DARTS step, batch {args.batch_size}, {args.image_size}x{args.image_size} ({args.stem} stem), "
         f"C={args.channels}, {args.layers} cells: Adam step of the architecture on a validation batch, "
         "then SGD step of the weights (grad clip 5) on a training batch; each configuration in a fresh process.",
         "Peak memory: "
@@ -133,6 +143,8 @@ def main(argv=None) -> int:
                 if row["network"] == network and "step_ms_median" in row:
                     row["time_vs_reference"] = row["step_ms_median"] / ref["step_ms_median"]
                     row["memory_vs_reference"] = row["peak_memory_mib"] / max(ref["peak_memory_mib"], 1e-9)
+                    if row.get("aten_ops") and ref.get("aten_ops"):
+                        row["aten_ops_vs_reference"] = row["aten_ops"] / ref["aten_ops"]
         env["load_average_end"] = bench.load_average()
         bench.write_results(rows, COLUMNS, stem, f"fastnas search-step benchmark ({args.device})", env, notes)
     print(f"wrote {stem}.md and {stem}.csv")

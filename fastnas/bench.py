@@ -405,10 +405,13 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--network", choices=sorted(NETWORKS), default="darts", help="DARTS or PC-DARTS (K=4) CIFAR network")
     parser.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, cpu, cuda, triton")
     parser.add_argument(
-        "--memory", default="save", help="how mixed ops keep activations for backward (save, checkpoint, ...)"
+        "--memory", default="save", choices=("save", "recompute", "checkpoint"),
+        help="what each edge keeps for backward: save, recompute (fused engine) or checkpoint (eager modules)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
+                        help="imagenet: three stride-2 convolutions, for 224x224 inputs")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -432,7 +435,7 @@ def _build_network(args, device):
         C=args.channels,
         num_classes=args.num_classes,
         layers=args.layers,
-        stem="cifar",
+        stem=getattr(args, "stem", "cifar"),
         partial_channels=NETWORKS[args.network],
         backend=None if args.backend == "auto" else args.backend,
         memory=args.memory,

@@ -76,8 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
     s.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
-    s.add_argument("--memory", choices=("save", "checkpoint"), default=None,
-                   help="keep candidate outputs for backward, or recompute them (less memory)")
+    s.add_argument("--memory", choices=("save", "recompute", "checkpoint"), default=None,
+                   help="what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
+                        "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
+                        "torch.utils.checkpoint)")
     s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
                         "darts and pc-darts, no fp16, --memory save)")

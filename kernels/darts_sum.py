@@ -293,9 +293,15 @@ def darts_sum_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_av
     s_k = sums[1 : jz + 3]
     scale = (coef_a[: jz + 2, None] * rstd_a).contiguous()
     slope = (s_k * rstd_a * rstd_a / m).contiguous()
-    present = torch.tensor([True] * jz + [has_max, has_avg], device=x.device)
+    # Absent pools keep a zero gradient; flags, not a device mask, so nothing is
+    # copied from the host (the step stays CUDA-graph capturable).
+    per_candidate = (s_k * rstd_a).sum(1)
     grad_coef = torch.zeros(jz + 3, dtype=acc, device=x.device)
-    grad_coef[: jz + 2] = torch.where(present, (s_k * rstd_a).sum(1), 0.0)
+    grad_coef[:jz] = per_candidate[:jz]
+    if has_max:
+        grad_coef[jz] = per_candidate[jz]
+    if has_avg:
+        grad_coef[jz + 1] = per_candidate[jz + 1]
     if has_skip:
         grad_coef[jz + 2] = sums[jz + 3].sum()
 

@@ -37,6 +37,7 @@ statistics.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -205,6 +206,13 @@ class _Forward:
         return self.z[self.spec.ns :]
 
 
+@functools.lru_cache(maxsize=1024)
+def _coef_index(spec: EdgeSpec, device: torch.device) -> torch.Tensor:
+    """Built once per spec and device: a host-to-device copy per call would keep
+    the step from being captured as a CUDA graph."""
+    return torch.tensor(spec.coef_index(), device=device)
+
+
 def _norm_rows(spec: EdgeSpec) -> list[int]:
     """Rows of all_mean/all_var for each batch norm, in the buffers' order."""
     ns, nd = spec.ns, spec.nd
@@ -229,7 +237,7 @@ class DartsEdgeFunction(torch.autograd.Function):
                 list(means), list(variances), list(counts), st["all_mean"], st["all_var"], _norm_rows(spec),
                 spec.momentum, st["count"],
             )  # fmt: skip
-        coef_index = torch.tensor(spec.coef_index(), device=weights.device)
+        coef_index = _coef_index(spec, weights.device)
         coef = weights.index_select(0, coef_index).to(st["mean"].dtype)
         out = darts_sum(
             x, fwd.zsum(), st["mean"], st["rstd"], coef, spec.stride,
