@@ -32,8 +32,10 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
-// AVX2 and FMA where the CPU has them, chosen once at load time.
-#define FASTNAS_DW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// AVX2 and FMA where the CPU has them, chosen once at load time (fused
+// multiply-adds need fp-contract, which strict -std=c++20 turns off).
+#define FASTNAS_DW_CLONES \
+  __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
 #else
 #define FASTNAS_DW_CLONES
 #endif
@@ -158,7 +160,7 @@ Geometry geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef d
 // (r * s + rows[u]) * row, column v at cols[v] past the tile's start.
 struct Taps {
   static constexpr int kMaxK = 15;
-  int64_t k, s, row;
+  int64_t k, kc, s, row;  // k rows by kc columns of taps
   int64_t rows[kMaxK], cols[kMaxK];
 };
 
@@ -166,6 +168,7 @@ Taps make_taps(Layout l, int64_t k, int64_t d, int64_t o) {
   TORCH_CHECK(k <= Taps::kMaxK, "multi_depthwise: kernel size ", k, "; at most ", Taps::kMaxK, " is supported");
   Taps t{};
   t.k = k;
+  t.kc = k;
   t.s = l.phases;
   t.row = l.row;
   for (int64_t i = 0; i < k; ++i) {
@@ -211,7 +214,7 @@ C10_ALWAYS_INLINE void correlate_impl(const acc_t* __restrict src, const Taps& t
                                       int64_t rows, int64_t cols, acc_t* __restrict out, bool accumulate) {
   using V = typename Vec<acc_t>::type;
   constexpr int L = Vec<acc_t>::lanes, T = NV * L;
-  const int64_t k = K > 0 ? K : tp.k;
+  const int64_t kr = K > 0 ? K : tp.k, kc = K > 0 ? K : tp.kc;
   for (int64_t r = 0; r < rows; ++r) {
     acc_t* orow = out + r * cols;
     for (int64_t c0 = 0; c0 < cols; c0 += T) {
@@ -227,12 +230,12 @@ C10_ALWAYS_INLINE void correlate_impl(const acc_t* __restrict src, const Taps& t
         for (int i = 0; i < NV; ++i) acc[i] = V{} + acc_t(0);
       }
 #pragma GCC unroll 7
-      for (int64_t u = 0; u < k; ++u) {
+      for (int64_t u = 0; u < kr; ++u) {
         const acc_t* srow = src + (r * tp.s + tp.rows[u]) * tp.row + c0;
 #pragma GCC unroll 7
-        for (int64_t v = 0; v < k; ++v) {
+        for (int64_t v = 0; v < kc; ++v) {
           const acc_t* p = srow + tp.cols[v];
-          const V wv = V{} + w[u * k + v];
+          const V wv = V{} + w[u * kc + v];
 #pragma GCC unroll 4
           for (int i = 0; i < NV; ++i) acc[i] += wv * vload<V>(p + i * L);
         }
@@ -290,7 +293,7 @@ inline int vectors_for(int64_t cols) {
 }
 
 #define FASTNAS_DW_BY_K(NV, CALL) \
-  switch (tp.k) {                 \
+  switch (tp.k == tp.kc ? tp.k : 0) { \
     case 3: return CALL(NV, 3);   \
     case 5: return CALL(NV, 5);   \
     case 7: return CALL(NV, 7);   \
@@ -492,10 +495,50 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
         fwd_taps.push_back(make_taps(g.layout(), cd.k, cd.d, cd.o));
         grad_taps.push_back(make_taps(gl, cd.k, cd.d, cd.o));
       }
+      // Stride 2: the zero grid would waste three taps in four, so the input
+      // gradient is computed per (row, column) parity phase instead, each phase
+      // a dense correlation of the compact output gradient with the taps whose
+      // output lands on the grid. Those sub-kernels depend on the candidate only.
+      const int64_t Q = (g.P + 1) / 2 + 1;
+      const Layout cl{g.Wo + 2 * Q, g.Wo + 2 * Q, 1};
+      struct Phase {
+        Taps taps;
+        std::vector<int64_t> us, vs;
+        int64_t rows, cols;
+      };
+      std::vector<Phase> phases;  // [j * 4 + qh * 2 + qw]
+      if (g.stride == 2) {
+        for (const auto& cd : cands) {
+          const int64_t p = g.P - cd.o;
+          for (int64_t q = 0; q < 4; ++q) {
+            const int64_t qh = q / 2, qw = q % 2;
+            Phase ph{};
+            for (int64_t u = 0; u < cd.k; ++u) {
+              if (((qh + u * cd.d - p) % 2 + 2) % 2 == 0) ph.us.push_back(u);
+              if (((qw + u * cd.d - p) % 2 + 2) % 2 == 0) ph.vs.push_back(u);
+            }
+            ph.taps.k = static_cast<int64_t>(ph.us.size());
+            ph.taps.kc = static_cast<int64_t>(ph.vs.size());
+            ph.taps.s = 1;
+            ph.taps.row = cl.row;
+            for (size_t i = 0; i < ph.us.size(); ++i) ph.taps.rows[i] = (qh + ph.us[i] * cd.d - p) / 2 + Q;
+            for (size_t i = 0; i < ph.vs.size(); ++i) ph.taps.cols[i] = (qw + ph.vs[i] * cd.d - p) / 2 + Q;
+            ph.rows = (g.H - qh + 1) / 2;
+            ph.cols = (g.W - qw + 1) / 2;
+            phases.push_back(std::move(ph));
+          }
+        }
+      }
+      const int64_t phase_cols0 = (g.W + 1) / 2, phase_cols1 = g.W / 2;
+      const int64_t phase_size = ((g.H + 1) / 2) * phase_cols0;
       at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> pad(g.size(), acc_t(0));
-        std::vector<acc_t> gz(input_need_grad ? (g.Hp + 1) * gl.row + kTileMax : 0, acc_t(0));
-        std::vector<acc_t> ga(input_need_grad ? in_plane : 0);
+        const bool phased = input_need_grad && g.stride == 2;
+        std::vector<acc_t> gc(phased ? (g.Ho + 2 * Q + 1) * cl.row + kTileMax : 0, acc_t(0));
+        std::vector<acc_t> gq(phased ? 4 * phase_size : 0);
+        std::vector<acc_t> wsub(Taps::kMaxK * Taps::kMaxK);
+        std::vector<acc_t> gz(input_need_grad && !phased ? (g.Hp + 1) * gl.row + kTileMax : 0, acc_t(0));
+        std::vector<acc_t> ga(input_need_grad && !phased ? in_plane : 0);
         std::vector<acc_t> grad(g.Ho * gpitch, acc_t(0));  // zeros past Wo stay zero
         std::vector<acc_t> taps(taps_all);
         for (int64_t task = begin; task < end; ++task) {
@@ -508,6 +551,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
           for (int64_t n = chunk * per_chunk; n < n_end; ++n) {
             const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
             fill_activation<scalar_t, acc_t>(g, xp + in_index * in_plane, bn, m, r, pad.data());
+            if (phased) std::fill(gq.begin(), gq.end(), acc_t(0));
             for (int64_t j = j0; j < j1; ++j) {
               const Candidate& cd = cands[j];
               const scalar_t* gsrc = gp + ((j * g.C + c) * g.N + n) * out_plane;
@@ -515,7 +559,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
                 for (int64_t wo = 0; wo < g.Wo; ++wo) grad[ho * gpitch + wo] = static_cast<acc_t>(gsrc[ho * g.Wo + wo]);
               }
               tap_dots(pad.data(), fwd_taps[j], g.Ho, g.Wo, grad.data(), taps.data() + tap_offset[j]);
-              if (input_need_grad) {
+              if (phased) {
+                for (int64_t ho = 0; ho < g.Ho; ++ho) {
+                  std::copy(grad.data() + ho * gpitch, grad.data() + ho * gpitch + g.Wo,
+                            gc.data() + (ho + Q) * cl.row + Q);
+                }
+                const acc_t* wf = wfp[j] + c * cd.k * cd.k;
+                for (int64_t q = 0; q < 4; ++q) {
+                  const Phase& ph = phases[j * 4 + q];
+                  if (ph.us.empty() || ph.vs.empty() || ph.rows == 0 || ph.cols == 0) continue;
+                  for (size_t i = 0; i < ph.us.size(); ++i) {
+                    for (size_t l = 0; l < ph.vs.size(); ++l) wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
+                  }
+                  correlate(gc.data(), ph.taps, wsub.data(), ph.rows, ph.cols, gq.data() + q * phase_size, true);
+                }
+              } else if (input_need_grad) {
                 for (int64_t ho = 0; ho < g.Ho; ++ho) {
                   acc_t* zrow = gz.data() + (ho * g.stride + g.P) * gl.row + g.P;
                   for (int64_t wo = 0; wo < g.Wo; ++wo) zrow[wo * g.stride] = grad[ho * gpitch + wo];
@@ -526,7 +584,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
             if (input_need_grad) {
               // The gradient passes the ReLU where pre > 0, i.e. where the activation is positive.
               scalar_t* dst = gxp + in_index * in_plane;
-              for (int64_t h = 0; h < g.H; ++h) {
+              for (int64_t h = 0; h < g.H && phased; ++h) {
+                for (int64_t w = 0; w < g.W; ++w) {
+                  const acc_t a = pad[g.at(h + g.P, w + g.P)];
+                  const int64_t q = (h % 2) * 2 + w % 2;
+                  const int64_t pc = w % 2 ? phase_cols1 : phase_cols0;
+                  const acc_t v = gq[q * phase_size + (h / 2) * pc + w / 2];
+                  dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? v : acc_t(0));
+                }
+              }
+              for (int64_t h = 0; h < g.H && !phased; ++h) {
                 for (int64_t w = 0; w < g.W; ++w) {
                   const acc_t a = pad[g.at(h + g.P, w + g.P)];
                   dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? ga[h * g.W + w] : acc_t(0));
