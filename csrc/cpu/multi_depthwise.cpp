@@ -21,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -31,8 +32,10 @@
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
-// AVX2 and FMA where the CPU has them, chosen once at load time.
-#define FASTNAS_DW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// AVX2 and FMA where the CPU has them, chosen once at load time (fused
+// multiply-adds need fp-contract, which strict -std=c++20 turns off).
+#define FASTNAS_DW_CLONES \
+  __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
 #else
 #define FASTNAS_DW_CLONES
 #endif
@@ -49,6 +52,14 @@ constexpr int64_t kTargetTasks = 64;
 
 int64_t out_size(int64_t size, int64_t stride) { return size == 0 ? 0 : (size - 1) / stride + 1; }
 
+// Tile width in elements: as wide as the rows, up to 32 (four AVX registers of fp32).
+constexpr int kTileMax = 32;
+
+// A padded plane: row y, column x lives at y * row + (x % phases) * wq + x / phases.
+struct Layout {
+  int64_t row, wq, phases;
+};
+
 // Shapes and the padded-buffer layout of one call.
 struct Geometry {
   int64_t J, C, N, H, W, Ho, Wo, stride;
@@ -57,7 +68,9 @@ struct Geometry {
   int64_t Hp;  // rows of the padded buffer
   int64_t Wq;  // columns of one phase of a padded row
   int64_t row() const { return stride * Wq; }
-  int64_t size() const { return Hp * row(); }
+  // Elements of a padded buffer, with the slack the tiled loops may read past its end.
+  int64_t size() const { return (Hp + 1) * row() + kTileMax; }
+  Layout layout() const { return {row(), Wq, stride}; }
   // Offset of padded position (y, x).
   int64_t at(int64_t y, int64_t x) const { return y * row() + (x % stride) * Wq + x / stride; }
 };
@@ -136,71 +149,204 @@ Geometry geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef d
 }
 
 // --- the hot loops, on the accumulation type ----------------------------------------
+//
+// Both work on tiles of kTile consecutive output columns held in registers:
+// every tap adds a broadcast weight times a contiguous run of the padded
+// buffer, so a tile is loaded and stored once for all k*k taps. Buffers carry
+// kTile elements of slack, so the last tile of a row may read past its end;
+// those lanes are never stored (correlate) or are multiplied by zeros (tap_dots).
 
-// out (Ho x Wo) = the candidate's correlation of the padded activation.
-template <typename acc_t>
-inline void conv_plane_impl(const acc_t* __restrict pad, int64_t row, int64_t wq, int64_t s, const acc_t* w,
-                            int64_t k, int64_t d, int64_t o, int64_t ho_count, int64_t wo_count,
-                            acc_t* __restrict out) {
-  for (int64_t ho = 0; ho < ho_count; ++ho) {
-    acc_t* __restrict orow = out + ho * wo_count;
-    for (int64_t wo = 0; wo < wo_count; ++wo) orow[wo] = acc_t(0);
-    for (int64_t u = 0; u < k; ++u) {
-      const acc_t* prow = pad + (ho * s + u * d + o) * row;
-      for (int64_t v = 0; v < k; ++v) {
-        const int64_t xo = v * d + o;
-        const acc_t* __restrict src = prow + (xo % s) * wq + xo / s;
-        const acc_t wv = w[u * k + v];
-        for (int64_t wo = 0; wo < wo_count; ++wo) orow[wo] += wv * src[wo];
-      }
-    }
+// Where the taps of one candidate read in a padded plane: row u is at
+// (r * s + rows[u]) * row, column v at cols[v] past the tile's start.
+struct Taps {
+  static constexpr int kMaxK = 15;
+  int64_t k, kc, s, row;  // k rows by kc columns of taps
+  int64_t rows[kMaxK], cols[kMaxK];
+};
+
+Taps make_taps(Layout l, int64_t k, int64_t d, int64_t o) {
+  TORCH_CHECK(k <= Taps::kMaxK, "multi_depthwise: kernel size ", k, "; at most ", Taps::kMaxK, " is supported");
+  Taps t{};
+  t.k = k;
+  t.kc = k;
+  t.s = l.phases;
+  t.row = l.row;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t x = i * d + o;
+    t.rows[i] = x;
+    t.cols[i] = (x % l.phases) * l.wq + x / l.phases;
   }
+  return t;
 }
 
-// taps (k*k x Wo) += grad * the padded activation under each tap; when ga is
-// given, also scatters w * grad into the padded input gradient ga.
+// 32-byte vectors (GCC/Clang vector extensions): one AVX register, or two SSE
+// registers in the baseline build. Loads and stores go through memcpy, which
+// compiles to unaligned vector moves.
 template <typename acc_t>
-inline void backward_plane_impl(const acc_t* __restrict pad, acc_t* __restrict ga, int64_t row, int64_t wq,
-                                int64_t s, const acc_t* w, int64_t k, int64_t d, int64_t o, int64_t ho_count,
-                                int64_t wo_count, const acc_t* __restrict grad, acc_t* __restrict taps) {
-  for (int64_t ho = 0; ho < ho_count; ++ho) {
-    const acc_t* __restrict grow = grad + ho * wo_count;
-    for (int64_t u = 0; u < k; ++u) {
-      const int64_t yoff = (ho * s + u * d + o) * row;
-      for (int64_t v = 0; v < k; ++v) {
-        const int64_t xo = v * d + o;
-        const int64_t off = yoff + (xo % s) * wq + xo / s;
-        const acc_t* __restrict src = pad + off;
-        acc_t* __restrict t = taps + (u * k + v) * wo_count;
-        for (int64_t wo = 0; wo < wo_count; ++wo) t[wo] += grow[wo] * src[wo];
-        if (ga != nullptr) {
-          acc_t* __restrict dst = ga + off;
-          const acc_t wv = w[u * k + v];
-          for (int64_t wo = 0; wo < wo_count; ++wo) dst[wo] += wv * grow[wo];
+struct Vec;
+template <>
+struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  static constexpr int lanes = 8;
+};
+template <>
+struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  static constexpr int lanes = 4;
+};
+
+template <typename V>
+C10_ALWAYS_INLINE V vload(const void* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+C10_ALWAYS_INLINE void vstore(void* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// out[r][c] (=, or += when accumulate) sum_{u,v} w[u][v] * src(r * s + u * d + o, c * s + v * d + o);
+// out has rows x cols, pitch cols. A tile is NV vectors; K > 0 fixes the kernel size.
+template <int NV, int K, typename acc_t>
+C10_ALWAYS_INLINE void correlate_impl(const acc_t* __restrict src, const Taps& tp, const acc_t* __restrict w,
+                                      int64_t rows, int64_t cols, acc_t* __restrict out, bool accumulate) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes, T = NV * L;
+  const int64_t kr = K > 0 ? K : tp.k, kc = K > 0 ? K : tp.kc;
+  for (int64_t r = 0; r < rows; ++r) {
+    acc_t* orow = out + r * cols;
+    for (int64_t c0 = 0; c0 < cols; c0 += T) {
+      const int64_t len = std::min<int64_t>(T, cols - c0);
+      V acc[NV];
+      if (accumulate) {
+        acc_t tmp[T] = {};
+        std::memcpy(tmp, orow + c0, len * sizeof(acc_t));
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) acc[i] = vload<V>(tmp + i * L);
+      } else {
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) acc[i] = V{} + acc_t(0);
+      }
+#pragma GCC unroll 7
+      for (int64_t u = 0; u < kr; ++u) {
+        const acc_t* srow = src + (r * tp.s + tp.rows[u]) * tp.row + c0;
+#pragma GCC unroll 7
+        for (int64_t v = 0; v < kc; ++v) {
+          const acc_t* p = srow + tp.cols[v];
+          const V wv = V{} + w[u * kc + v];
+#pragma GCC unroll 4
+          for (int i = 0; i < NV; ++i) acc[i] += wv * vload<V>(p + i * L);
         }
       }
+      if (len == T) {
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) vstore(orow + c0 + i * L, acc[i]);
+      } else {
+        acc_t tmp[T];
+#pragma GCC unroll 4
+        for (int i = 0; i < NV; ++i) vstore(tmp + i * L, acc[i]);
+        std::memcpy(orow + c0, tmp, len * sizeof(acc_t));
+      }
     }
   }
 }
 
-FASTNAS_DW_CLONES void conv_plane(const float* pad, int64_t row, int64_t wq, int64_t s, const float* w, int64_t k,
-                                  int64_t d, int64_t o, int64_t ho_count, int64_t wo_count, float* out) {
-  conv_plane_impl(pad, row, wq, s, w, k, d, o, ho_count, wo_count, out);
+// taps[u * k + v] += sum_{r,c} g[r][c] * src(r * s + u * d + o, c * s + v * d + o); g has pitch
+// gpitch (a multiple of the tile) and zeros past the row's end. Lanes are added in a fixed order.
+template <int NV, int K, typename acc_t>
+C10_ALWAYS_INLINE void tap_dots_impl(const acc_t* __restrict src, const Taps& tp, int64_t rows, int64_t gpitch,
+                                     const acc_t* __restrict g, acc_t* __restrict taps) {
+  using V = typename Vec<acc_t>::type;
+  constexpr int L = Vec<acc_t>::lanes, T = NV * L;
+  const int64_t k = K > 0 ? K : tp.k;
+  for (int64_t u = 0; u < k; ++u) {
+    for (int64_t v = 0; v < k; ++v) {
+      V acc[NV];
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) acc[i] = V{} + acc_t(0);
+      const acc_t* base = src + tp.rows[u] * tp.row + tp.cols[v];
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* p = base + r * tp.s * tp.row;
+        const acc_t* grow = g + r * gpitch;
+        for (int64_t c0 = 0; c0 < gpitch; c0 += T) {
+#pragma GCC unroll 4
+          for (int i = 0; i < NV; ++i) acc[i] += vload<V>(grow + c0 + i * L) * vload<V>(p + c0 + i * L);
+        }
+      }
+      acc_t lanes[T];
+#pragma GCC unroll 4
+      for (int i = 0; i < NV; ++i) vstore(lanes + i * L, acc[i]);
+      acc_t sum = taps[u * k + v];
+      for (int t = 0; t < T; ++t) sum += lanes[t];
+      taps[u * k + v] = sum;
+    }
+  }
 }
-FASTNAS_DW_CLONES void conv_plane(const double* pad, int64_t row, int64_t wq, int64_t s, const double* w, int64_t k,
-                                  int64_t d, int64_t o, int64_t ho_count, int64_t wo_count, double* out) {
-  conv_plane_impl(pad, row, wq, s, w, k, d, o, ho_count, wo_count, out);
+
+// Vectors per tile: as wide as the rows, up to four.
+template <typename acc_t>
+inline int vectors_for(int64_t cols) {
+  constexpr int L = Vec<acc_t>::lanes;
+  return cols > 2 * L ? 4 : (cols > L ? 2 : 1);
 }
-FASTNAS_DW_CLONES void backward_plane(const float* pad, float* ga, int64_t row, int64_t wq, int64_t s,
-                                      const float* w, int64_t k, int64_t d, int64_t o, int64_t ho_count,
-                                      int64_t wo_count, const float* grad, float* taps) {
-  backward_plane_impl(pad, ga, row, wq, s, w, k, d, o, ho_count, wo_count, grad, taps);
+
+#define FASTNAS_DW_BY_K(NV, CALL) \
+  switch (tp.k == tp.kc ? tp.k : 0) { \
+    case 3: return CALL(NV, 3);   \
+    case 5: return CALL(NV, 5);   \
+    case 7: return CALL(NV, 7);   \
+    default: return CALL(NV, 0);  \
+  }
+#define FASTNAS_DW_BY_TILE(CALL)           \
+  switch (vectors_for<acc_t>(cols)) {      \
+    case 4: FASTNAS_DW_BY_K(4, CALL)       \
+    case 2: FASTNAS_DW_BY_K(2, CALL)       \
+    default: FASTNAS_DW_BY_K(1, CALL)      \
+  }
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void correlate_any(const acc_t* src, const Taps& tp, const acc_t* w, int64_t rows, int64_t cols,
+                                     acc_t* out, bool accumulate) {
+#define FASTNAS_DW_CALL(NV, K) correlate_impl<NV, K>(src, tp, w, rows, cols, out, accumulate)
+  FASTNAS_DW_BY_TILE(FASTNAS_DW_CALL)
+#undef FASTNAS_DW_CALL
 }
-FASTNAS_DW_CLONES void backward_plane(const double* pad, double* ga, int64_t row, int64_t wq, int64_t s,
-                                      const double* w, int64_t k, int64_t d, int64_t o, int64_t ho_count,
-                                      int64_t wo_count, const double* grad, double* taps) {
-  backward_plane_impl(pad, ga, row, wq, s, w, k, d, o, ho_count, wo_count, grad, taps);
+
+// The row pitch of a gradient plane handed to tap_dots.
+template <typename acc_t>
+inline int64_t grad_pitch(int64_t cols) {
+  const int64_t tile = vectors_for<acc_t>(cols) * Vec<acc_t>::lanes;
+  return (cols + tile - 1) / tile * tile;
 }
+
+template <typename acc_t>
+C10_ALWAYS_INLINE void tap_dots_any(const acc_t* src, const Taps& tp, int64_t rows, int64_t cols, const acc_t* g,
+                                    acc_t* taps) {
+  const int64_t gpitch = grad_pitch<acc_t>(cols);
+#define FASTNAS_DW_CALL(NV, K) tap_dots_impl<NV, K>(src, tp, rows, gpitch, g, taps)
+  FASTNAS_DW_BY_TILE(FASTNAS_DW_CALL)
+#undef FASTNAS_DW_CALL
+}
+
+FASTNAS_DW_CLONES void correlate(const float* src, const Taps& tp, const float* w, int64_t rows, int64_t cols,
+                                 float* out, bool accumulate) {
+  correlate_any(src, tp, w, rows, cols, out, accumulate);
+}
+FASTNAS_DW_CLONES void correlate(const double* src, const Taps& tp, const double* w, int64_t rows, int64_t cols,
+                                 double* out, bool accumulate) {
+  correlate_any(src, tp, w, rows, cols, out, accumulate);
+}
+FASTNAS_DW_CLONES void tap_dots(const float* src, const Taps& tp, int64_t rows, int64_t cols, const float* g,
+                                float* taps) {
+  tap_dots_any(src, tp, rows, cols, g, taps);
+}
+FASTNAS_DW_CLONES void tap_dots(const double* src, const Taps& tp, int64_t rows, int64_t cols, const double* g,
+                                double* taps) {
+  tap_dots_any(src, tp, rows, cols, g, taps);
+}
+
 
 // Writes relu(pre) of one (H, W) input plane into the padded buffer's interior,
 // pre = x or (x - mean) * rstd.
@@ -252,6 +398,8 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
     const acc_t* mp = bn ? mean_acc.data_ptr<acc_t>() : nullptr;
     const acc_t* rp = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
     const int64_t in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
+    std::vector<Taps> taps;
+    for (const auto& cd : cands) taps.push_back(make_taps(g.layout(), cd.k, cd.d, cd.o));
     // Shared x: a task is one (c, n) for all J; per candidate: one (j, c, n).
     const int64_t groups = g.shared ? g.C : g.J * g.C;
     at::parallel_for(0, groups * g.N, 1, [&](int64_t begin, int64_t end) {
@@ -273,8 +421,7 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
           } else {
             acc = tmp.data();
           }
-          conv_plane(pad.data(), g.row(), g.Wq, g.stride, wp[j] + c * cd.k * cd.k, cd.k, cd.d, cd.o, g.Ho, g.Wo,
-                     acc);
+          correlate(pad.data(), taps[j], wp[j] + c * cd.k * cd.k, g.Ho, g.Wo, acc, false);
           if constexpr (!direct) {
             for (int64_t i = 0; i < out_plane; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
           }
@@ -321,15 +468,16 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
   if (g.N > 0 && g.C > 0 && g.Ho > 0 && g.Wo > 0) {
     const at::Tensor x = x_in.contiguous();
     const at::Tensor go = grad_out_in.contiguous();
-    const auto ws = weights_in(weights, acc_dtype);
+    std::vector<at::Tensor> wflip;
+    for (const auto& w : weights) wflip.push_back(w.to(acc_dtype).flip({2, 3}).contiguous());
     const bool bn = mean.has_value();
     const at::Tensor mean_acc = bn ? mean->to(acc_dtype).contiguous() : at::Tensor();
     const at::Tensor rstd_acc = bn ? rstd->to(acc_dtype).contiguous() : at::Tensor();
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      std::vector<const acc_t*> wp;
-      for (const auto& w : ws) wp.push_back(w.data_ptr<acc_t>());
+      std::vector<const acc_t*> wfp;
+      for (const auto& w : wflip) wfp.push_back(w.data_ptr<acc_t>());
       const scalar_t* xp = x.data_ptr<scalar_t>();
       const scalar_t* gp = go.data_ptr<scalar_t>();
       scalar_t* gxp = input_need_grad ? grad_pre.data_ptr<scalar_t>() : nullptr;
@@ -338,11 +486,61 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
       const acc_t* rp = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
       const int64_t in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
 
+      // The input gradient in gather form: the output gradient spread on the
+      // stride grid of a zero buffer, correlated with the flipped kernel.
+      const Layout gl{g.W + 2 * g.P, g.W + 2 * g.P, 1};
+      const int64_t gpitch = grad_pitch<acc_t>(g.Wo);
+      std::vector<Taps> fwd_taps, grad_taps;
+      for (const auto& cd : cands) {
+        fwd_taps.push_back(make_taps(g.layout(), cd.k, cd.d, cd.o));
+        grad_taps.push_back(make_taps(gl, cd.k, cd.d, cd.o));
+      }
+      // Stride 2: the zero grid would waste three taps in four, so the input
+      // gradient is computed per (row, column) parity phase instead, each phase
+      // a dense correlation of the compact output gradient with the taps whose
+      // output lands on the grid. Those sub-kernels depend on the candidate only.
+      const int64_t Q = (g.P + 1) / 2 + 1;
+      const Layout cl{g.Wo + 2 * Q, g.Wo + 2 * Q, 1};
+      struct Phase {
+        Taps taps;
+        std::vector<int64_t> us, vs;
+        int64_t rows, cols;
+      };
+      std::vector<Phase> phases;  // [j * 4 + qh * 2 + qw]
+      if (g.stride == 2) {
+        for (const auto& cd : cands) {
+          const int64_t p = g.P - cd.o;
+          for (int64_t q = 0; q < 4; ++q) {
+            const int64_t qh = q / 2, qw = q % 2;
+            Phase ph{};
+            for (int64_t u = 0; u < cd.k; ++u) {
+              if (((qh + u * cd.d - p) % 2 + 2) % 2 == 0) ph.us.push_back(u);
+              if (((qw + u * cd.d - p) % 2 + 2) % 2 == 0) ph.vs.push_back(u);
+            }
+            ph.taps.k = static_cast<int64_t>(ph.us.size());
+            ph.taps.kc = static_cast<int64_t>(ph.vs.size());
+            ph.taps.s = 1;
+            ph.taps.row = cl.row;
+            for (size_t i = 0; i < ph.us.size(); ++i) ph.taps.rows[i] = (qh + ph.us[i] * cd.d - p) / 2 + Q;
+            for (size_t i = 0; i < ph.vs.size(); ++i) ph.taps.cols[i] = (qw + ph.vs[i] * cd.d - p) / 2 + Q;
+            ph.rows = (g.H - qh + 1) / 2;
+            ph.cols = (g.W - qw + 1) / 2;
+            phases.push_back(std::move(ph));
+          }
+        }
+      }
+      const int64_t phase_cols0 = (g.W + 1) / 2, phase_cols1 = g.W / 2;
+      const int64_t phase_size = ((g.H + 1) / 2) * phase_cols0;
       at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
         std::vector<acc_t> pad(g.size(), acc_t(0));
-        std::vector<acc_t> ga(input_need_grad ? g.size() : 0);
-        std::vector<acc_t> grad(out_plane);
-        std::vector<acc_t> taps(taps_all * g.Wo);
+        const bool phased = input_need_grad && g.stride == 2;
+        std::vector<acc_t> gc(phased ? (g.Ho + 2 * Q + 1) * cl.row + kTileMax : 0, acc_t(0));
+        std::vector<acc_t> gq(phased ? 4 * phase_size : 0);
+        std::vector<acc_t> wsub(Taps::kMaxK * Taps::kMaxK);
+        std::vector<acc_t> gz(input_need_grad && !phased ? (g.Hp + 1) * gl.row + kTileMax : 0, acc_t(0));
+        std::vector<acc_t> ga(input_need_grad && !phased ? in_plane : 0);
+        std::vector<acc_t> grad(g.Ho * gpitch, acc_t(0));  // zeros past Wo stay zero
+        std::vector<acc_t> taps(taps_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t group = task / chunks, chunk = task % chunks;
           const int64_t c = g.shared ? group : group % g.C;
@@ -353,35 +551,57 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
           for (int64_t n = chunk * per_chunk; n < n_end; ++n) {
             const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
             fill_activation<scalar_t, acc_t>(g, xp + in_index * in_plane, bn, m, r, pad.data());
-            if (input_need_grad) std::fill(ga.begin(), ga.end(), acc_t(0));
+            if (phased) std::fill(gq.begin(), gq.end(), acc_t(0));
             for (int64_t j = j0; j < j1; ++j) {
               const Candidate& cd = cands[j];
               const scalar_t* gsrc = gp + ((j * g.C + c) * g.N + n) * out_plane;
-              for (int64_t i = 0; i < out_plane; ++i) grad[i] = static_cast<acc_t>(gsrc[i]);
-              backward_plane(pad.data(), input_need_grad ? ga.data() : nullptr, g.row(), g.Wq, g.stride,
-                             wp[j] + c * cd.k * cd.k, cd.k, cd.d, cd.o, g.Ho, g.Wo, grad.data(),
-                             taps.data() + tap_offset[j] * g.Wo);
+              for (int64_t ho = 0; ho < g.Ho; ++ho) {
+                for (int64_t wo = 0; wo < g.Wo; ++wo) grad[ho * gpitch + wo] = static_cast<acc_t>(gsrc[ho * g.Wo + wo]);
+              }
+              tap_dots(pad.data(), fwd_taps[j], g.Ho, g.Wo, grad.data(), taps.data() + tap_offset[j]);
+              if (phased) {
+                for (int64_t ho = 0; ho < g.Ho; ++ho) {
+                  std::copy(grad.data() + ho * gpitch, grad.data() + ho * gpitch + g.Wo,
+                            gc.data() + (ho + Q) * cl.row + Q);
+                }
+                const acc_t* wf = wfp[j] + c * cd.k * cd.k;
+                for (int64_t q = 0; q < 4; ++q) {
+                  const Phase& ph = phases[j * 4 + q];
+                  if (ph.us.empty() || ph.vs.empty() || ph.rows == 0 || ph.cols == 0) continue;
+                  for (size_t i = 0; i < ph.us.size(); ++i) {
+                    for (size_t l = 0; l < ph.vs.size(); ++l) wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
+                  }
+                  correlate(gc.data(), ph.taps, wsub.data(), ph.rows, ph.cols, gq.data() + q * phase_size, true);
+                }
+              } else if (input_need_grad) {
+                for (int64_t ho = 0; ho < g.Ho; ++ho) {
+                  acc_t* zrow = gz.data() + (ho * g.stride + g.P) * gl.row + g.P;
+                  for (int64_t wo = 0; wo < g.Wo; ++wo) zrow[wo * g.stride] = grad[ho * gpitch + wo];
+                }
+                correlate(gz.data(), grad_taps[j], wfp[j] + c * cd.k * cd.k, g.H, g.W, ga.data(), j > j0);
+              }
             }
             if (input_need_grad) {
               // The gradient passes the ReLU where pre > 0, i.e. where the activation is positive.
               scalar_t* dst = gxp + in_index * in_plane;
-              for (int64_t h = 0; h < g.H; ++h) {
+              for (int64_t h = 0; h < g.H && phased; ++h) {
                 for (int64_t w = 0; w < g.W; ++w) {
-                  const int64_t off = g.at(h + g.P, w + g.P);
-                  dst[h * g.W + w] = static_cast<scalar_t>(pad[off] > acc_t(0) ? ga[off] : acc_t(0));
+                  const acc_t a = pad[g.at(h + g.P, w + g.P)];
+                  const int64_t q = (h % 2) * 2 + w % 2;
+                  const int64_t pc = w % 2 ? phase_cols1 : phase_cols0;
+                  const acc_t v = gq[q * phase_size + (h / 2) * pc + w / 2];
+                  dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? v : acc_t(0));
+                }
+              }
+              for (int64_t h = 0; h < g.H && !phased; ++h) {
+                for (int64_t w = 0; w < g.W; ++w) {
+                  const acc_t a = pad[g.at(h + g.P, w + g.P)];
+                  dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? ga[h * g.W + w] : acc_t(0));
                 }
               }
             }
           }
-          acc_t* part = pp + task * taps_all;
-          for (int64_t j = j0; j < j1; ++j) {
-            for (int64_t t = tap_offset[j]; t < tap_offset[j + 1]; ++t) {
-              const acc_t* row = taps.data() + t * g.Wo;
-              acc_t sum = 0;
-              for (int64_t wo = 0; wo < g.Wo; ++wo) sum += row[wo];
-              part[t] = sum;
-            }
-          }
+          std::copy(taps.begin(), taps.end(), pp + task * taps_all);
         }
       });
       // Second stage, in a fixed order: the sum over the batch chunks.

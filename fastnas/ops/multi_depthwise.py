@@ -40,6 +40,8 @@ _DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 # The Triton kernels take the candidates' weights through a fixed number of
 # pointer slots.
 MAX_CANDIDATES_TRITON = 4
+# The CPU kernel keeps each candidate's tap offsets in fixed-size arrays.
+MAX_KERNEL_SIZE = 15
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,6 +163,8 @@ def _check(op, x, weights, dilations, stride, mean, rstd) -> bool:
             )
         if w.shape[2] % 2 == 0:
             raise ValueError(f"{op}: weights[{j}] has an even kernel size {w.shape[2]}; it must be odd")
+        if w.shape[2] > MAX_KERNEL_SIZE:
+            raise ValueError(f"{op}: weights[{j}] has kernel size {w.shape[2]}; at most {MAX_KERNEL_SIZE} is supported")
         if w.dtype != x.dtype:
             raise TypeError(f"{op}: weights[{j}] has dtype {w.dtype} but x has dtype {x.dtype}")
         if w.device != x.device:
