@@ -127,9 +127,23 @@ def _split_params(spec: EdgeSpec, params):
     return dw1, pw1, dw2, pw2, list(fr)
 
 
-def _prologue(mean, rstd, ns):
-    """The first batch norm's statistics of the separable convolutions, as multi_depthwise takes them."""
-    return mean[:ns].float(), rstd[:ns].float()
+def _prologue(z, mean, rstd, ns):
+    """The second depthwise stage's input, as multi_depthwise takes it.
+
+    multi_depthwise applies the separable convolutions' first batch norm (float32
+    statistics) and ReLU in registers. Float64 edges, used to check the engine
+    to rounding, normalise here instead so the statistics keep their precision;
+    the ReLU mask is the same either way.
+    """
+    if z.dtype == torch.float64:
+        shape = (ns, mean.shape[1], 1, 1, 1)
+        return (z[:ns] - mean[:ns].view(shape)) * rstd[:ns].view(shape), None, None
+    return z[:ns], mean[:ns].float(), rstd[:ns].float()
+
+
+def _second_depthwise(z, mean, rstd, ns, dw2, backend):
+    x, m, r = _prologue(z, mean, rstd, ns)
+    return multi_depthwise(x, dw2, [1] * ns, 1, m, r, backend=backend)
 
 
 def _stack_pointwise(ws) -> torch.Tensor:
@@ -167,7 +181,7 @@ class _Forward:
         else:
             m1, r1 = stats["m1"], stats["r1"]
         if ns:
-            self.d2 = multi_depthwise(z[:ns], dw2, [1] * ns, 1, *_prologue(m1, r1, ns), backend=backend)
+            self.d2 = _second_depthwise(z, m1, r1, ns, dw2, backend)
             torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=z[J1 : J1 + ns].view(ns, C, M))
         if spec.reduce_index is not None:
             half = C // 2
@@ -279,10 +293,10 @@ class DartsEdgeFunction(torch.autograd.Function):
                 d2 = fwd.d2.view(ns, C, M)
                 g_pw2 = torch.bmm(gz_end, d2.transpose(1, 2))
                 gd2 = torch.bmm(_stack_pointwise(fwd.pw2).transpose(1, 2), gz_end)
+                a2, m_a2, r_a2 = _prologue(fwd.z, st["m1"], st["r1"], ns)
                 gpre2, g_dw2 = multi_depthwise_backward(
-                    gd2.view(ns, C, N, Ho, Wo), fwd.z[:ns], fwd.dw2, [1] * ns, 1, *_prologue(st["m1"], st["r1"], ns),
-                    True, backend=backend,
-                )  # fmt: skip
+                    gd2.view(ns, C, N, Ho, Wo), a2, fwd.dw2, [1] * ns, 1, m_a2, r_a2, True, backend=backend
+                )
                 gz_mid = stacked_batch_norm_backward(gpre2, fwd.z[:ns], st["m1"][:ns], st["r1"][:ns], backend=backend)
                 gz_mid = gz_mid.view(ns, C, M)
                 torch.bmm(pw1[:ns].transpose(1, 2), gz_mid, out=gd1[:ns])
@@ -329,7 +343,7 @@ def _recompute_depthwise(fwd, spec, x, params, z, st, backend):
     fwd.z = z
     fwd.dw1, fwd.pw1, fwd.dw2, fwd.pw2, fwd.fr = dw1, pw1, dw2, pw2, fr
     fwd.d1 = multi_depthwise(x, dw1, [1] * ns + [2] * nd, s, backend=backend) if ns + nd else None
-    fwd.d2 = multi_depthwise(z[:ns], dw2, [1] * ns, 1, *_prologue(st["m1"], st["r1"], ns), backend=backend) if ns else None
+    fwd.d2 = _second_depthwise(z, st["m1"], st["r1"], ns, dw2, backend) if ns else None
     fwd.fr_in = None
     if spec.reduce_index is not None:
         fwd.fr_in = (
