@@ -365,11 +365,16 @@ void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean
         prow[w + g.P] = v > acc_t(0) ? v : acc_t(0);
       }
     } else {
-      for (int64_t w = 0; w < g.W; ++w) {
-        acc_t v = static_cast<acc_t>(srow[w]);
-        if (bn) v = (v - mean) * rstd;
-        const int64_t x = w + g.P;
-        prow[(x & 1) * g.Wq + (x >> 1)] = v > acc_t(0) ? v : acc_t(0);
+      // Even and odd padded columns in turn, each a contiguous run of its phase.
+      for (int64_t phase = 0; phase < 2; ++phase) {
+        const int64_t w0 = (phase + g.P) & 1;  // the first w with (w + P) % 2 == phase
+        acc_t* dst = prow + phase * g.Wq + ((w0 + g.P) >> 1);
+        const int64_t count = g.W > w0 ? (g.W - w0 + 1) / 2 : 0;
+        for (int64_t i = 0; i < count; ++i) {
+          acc_t v = static_cast<acc_t>(srow[w0 + 2 * i]);
+          if (bn) v = (v - mean) * rstd;
+          dst[i] = v > acc_t(0) ? v : acc_t(0);
+        }
       }
     }
   }
