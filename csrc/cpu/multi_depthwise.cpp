@@ -72,7 +72,10 @@ struct Geometry {
   int64_t size() const { return (Hp + 1) * row() + kTileMax; }
   Layout layout() const { return {row(), Wq, stride}; }
   // Offset of padded position (y, x).
-  int64_t at(int64_t y, int64_t x) const { return y * row() + (x % stride) * Wq + x / stride; }
+  // Stride is 1 or 2: shifts, as a division per element would dominate the copy loops.
+  int64_t at(int64_t y, int64_t x) const {
+    return stride == 1 ? y * row() + x : y * row() + (x & 1) * Wq + (x >> 1);
+  }
 };
 
 struct Candidate {
@@ -355,11 +358,24 @@ void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean
   for (int64_t h = 0; h < g.H; ++h) {
     const scalar_t* srow = src + h * g.W;
     acc_t* prow = pad + (h + g.P) * g.row();
-    for (int64_t w = 0; w < g.W; ++w) {
-      acc_t v = static_cast<acc_t>(srow[w]);
-      if (bn) v = (v - mean) * rstd;
-      const int64_t x = w + g.P;
-      prow[(x % g.stride) * g.Wq + x / g.stride] = v > acc_t(0) ? v : acc_t(0);
+    if (g.stride == 1) {
+      for (int64_t w = 0; w < g.W; ++w) {
+        acc_t v = static_cast<acc_t>(srow[w]);
+        if (bn) v = (v - mean) * rstd;
+        prow[w + g.P] = v > acc_t(0) ? v : acc_t(0);
+      }
+    } else {
+      // Even and odd padded columns in turn, each a contiguous run of its phase.
+      for (int64_t phase = 0; phase < 2; ++phase) {
+        const int64_t w0 = (phase + g.P) & 1;  // the first w with (w + P) % 2 == phase
+        acc_t* dst = prow + phase * g.Wq + ((w0 + g.P) >> 1);
+        const int64_t count = g.W > w0 ? (g.W - w0 + 1) / 2 : 0;
+        for (int64_t i = 0; i < count; ++i) {
+          acc_t v = static_cast<acc_t>(srow[w0 + 2 * i]);
+          if (bn) v = (v - mean) * rstd;
+          dst[i] = v > acc_t(0) ? v : acc_t(0);
+        }
+      }
     }
   }
 }
@@ -587,9 +603,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
               for (int64_t h = 0; h < g.H && phased; ++h) {
                 for (int64_t w = 0; w < g.W; ++w) {
                   const acc_t a = pad[g.at(h + g.P, w + g.P)];
-                  const int64_t q = (h % 2) * 2 + w % 2;
-                  const int64_t pc = w % 2 ? phase_cols1 : phase_cols0;
-                  const acc_t v = gq[q * phase_size + (h / 2) * pc + w / 2];
+                  const int64_t q = (h & 1) * 2 + (w & 1);
+                  const int64_t pc = (w & 1) ? phase_cols1 : phase_cols0;
+                  const acc_t v = gq[q * phase_size + (h >> 1) * pc + (w >> 1)];
                   dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? v : acc_t(0));
                 }
               }

@@ -307,14 +307,15 @@ def _make_backward(backward_op):
         grad_x = grad_mean = grad_rstd = None
         if ctx.has_bn and need_x:
             # pre = (x - mean) * rstd, per (j, c) row.
-            g = grad_pre.float()
-            r = rstd[:, :, None, None, None]
+            acc = _acc_dtype(x.dtype)
+            g = grad_pre.to(acc)
+            r = rstd.to(acc)[:, :, None, None, None]
             if ctx.needs_input_grad[0]:
                 grad_x = (g * r).to(x.dtype)
             if ctx.needs_input_grad[4]:
-                grad_mean = -(g.sum((2, 3, 4)) * rstd)
+                grad_mean = (-(g.sum((2, 3, 4)) * rstd.to(acc))).to(mean.dtype)
             if ctx.needs_input_grad[5]:
-                grad_rstd = (g * (x.float() - mean[:, :, None, None, None])).sum((2, 3, 4))
+                grad_rstd = (g * (x.to(acc) - mean.to(acc)[:, :, None, None, None])).sum((2, 3, 4)).to(rstd.dtype)
         elif ctx.needs_input_grad[0]:
             grad_x = grad_pre
         return grad_x, list(grad_ws), None, None, grad_mean, grad_rstd
