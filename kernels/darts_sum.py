@@ -239,8 +239,12 @@ def pool_batch_norm_stats_forward(x: torch.Tensor, stride: int, eps: float):
             x, mean_b, m2_b, c, m, h, w, ho, wo, p, S=stride, BLOCK=_STATS_BLOCK, ACC=tl_dtype(acc), num_warps=4
         )
     # Chan et al.'s merge of the blocks, each a fixed-order sum.
-    counts = torch.full((p,), float(_STATS_BLOCK), dtype=acc, device=x.device)
-    counts[-1] = m - (p - 1) * _STATS_BLOCK
+    # Built by fills on the device: assigning a Python number into a CUDA tensor
+    # is a host-to-device copy, which would keep the step out of a CUDA graph.
+    counts = torch.cat([
+        torch.full((p - 1,), float(_STATS_BLOCK), dtype=acc, device=x.device),
+        torch.full((1,), float(m - (p - 1) * _STATS_BLOCK), dtype=acc, device=x.device),
+    ])
     mean = (mean_b * counts).sum(-1) / m
     var = (m2_b + counts * (mean_b - mean.unsqueeze(-1)) ** 2).sum(-1) / m
     return mean, torch.rsqrt(var + eps), var
