@@ -222,6 +222,16 @@ def test_darts_edge_rejects_bad_arguments():
 @pytest.mark.parametrize("partial", (None, 2))
 def test_search_network_on_cuda_matches_eager(memory, partial):
     """The GPU path (Triton building blocks) against the eager modules, over training steps."""
+    # cuDNN's default TF32 convolutions would round the eager side to 10-bit mantissas.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        _cuda_steps(memory, partial)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _cuda_steps(memory, partial):
     torch.manual_seed(0)
     ref = SearchNetwork(C=8, num_classes=3, layers=3, backend="reference", partial_channels=partial).cuda()
     fused = copy.deepcopy(ref)
