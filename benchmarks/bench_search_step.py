@@ -31,7 +31,7 @@ from fastnas import bench
 COLUMNS = [
     "network", "backend", "backend_used", "memory", "batch_size", "threads", "reps", "step_ms_median", "step_ms_q25",
     "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "aten_ops", "aten_ops_vs_reference",
-    "fastnas_ops", "note",
+    "fastnas_ops", "graph_step_ms_median", "graph_speedup", "graph_capture_ms", "graph_peak_memory_mib", "note",
 ]  # fmt: skip
 # The eager reference first: the fused engine (memory save and recompute) and
 # torch.utils.checkpoint around each eager mixed op are measured against it.
