@@ -65,10 +65,15 @@ import torch.nn as nn
 
 from fastnas import backends
 from fastnas.ops import channel_shuffle, mixed_sum, partial_channel_mixed_sum
+from fastnas.ops._common import resolve
+from fastnas.ops.darts_edge import darts_edge
+from fastnas.nn.fused_edge import edge_plan
+from fastnas.nn.mixed_op import _autocast_on
 
 __all__ = ["PatchReport", "PatchWarning", "PatchedOp", "SkippedOp", "accelerate", "patch", "unpatch"]
 
 MIXED_OP_LISTS = ("_ops", "m_ops")
+PATCH_MEMORY = ("save", "recompute", "sum")
 DARTS = "darts"
 PC_DARTS = "pc-darts"
 _STATE = "_fastnas_patch"
@@ -124,6 +129,7 @@ class _Plan:
     n: int
     active: tuple[int, ...]
     backend: str | None
+    memory: str = "save"
 
     @property
     def active_index(self):
@@ -299,7 +305,7 @@ def _takes_x_and_weights(module: nn.Module) -> bool:
     return len(params) == 2 and all(p.kind in plain for p in params)
 
 
-def _plan(module: nn.Module, backend: str | None) -> _Plan | str | None:
+def _plan(module: nn.Module, backend: str | None, memory: str = "save") -> _Plan | str | None:
     """A plan for patching ``module``, the reason it cannot be patched, or None if no mixed op."""
     found = _op_list(module)
     if found is None:
@@ -344,7 +350,7 @@ def _plan(module: nn.Module, backend: str | None) -> _Plan | str | None:
     active = tuple(k for k, kind in enumerate(kinds) if kind != "zero")
     if not active:
         return "every candidate is zero; there is nothing to sum"
-    return _Plan(style=style, attr=attr, n=len(ops), active=active, backend=backend)
+    return _Plan(style=style, attr=attr, n=len(ops), active=active, backend=backend, memory=memory)
 
 
 def _pair(v):
@@ -381,6 +387,9 @@ def _forward(module: nn.Module, x, weights):
         return type(module).forward(module, x, weights)
     if plan.style == PC_DARTS:
         return _pc_forward(module, ops, plan, x, weights)
+    fused = _fused_edge(ops, plan, x, weights)
+    if fused is not None:
+        return fused
     outs = [ops[k](x) for k in plan.active]
     if not _fusable(outs):
         return _original_sum(ops, plan, outs, x, weights)
@@ -391,6 +400,11 @@ def _pc_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: t
     k = module.k
     c = x.shape[1]
     part, bypass = x[:, : c // k], x[:, c // k :]
+    fused = _fused_edge(ops, plan, part, weights)
+    if fused is not None and bypass.shape[1] > 0 and (fused.shape[1] + bypass.shape[1]) % k == 0:
+        pool = fused.shape[2] != x.shape[2]
+        if not pool or (bypass.shape[2] % 2 == 0 and bypass.shape[3] % 2 == 0):
+            return partial_channel_mixed_sum([fused], weights.new_ones(1), bypass, k, pool, backend=plan.backend)
     outs = [ops[i](part) for i in plan.active]
     o0 = outs[0]
     # The original decides on pooling by comparing heights only; so does this.
@@ -412,6 +426,53 @@ def _pc_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: t
     return channel_shuffle(torch.cat([mixed, module.mp(bypass)], dim=1), k)
 
 
+_EDGE_KINDS = {
+    "zero": "zero",
+    "identity": "identity",
+    "max_pool+bn": "max",
+    "avg_pool+bn": "avg",
+    "factorized_reduce": "reduce",
+}
+
+
+def _edge_stride(ops) -> int | None:
+    """The edge's stride, read off its candidates' modules."""
+    for op in ops:
+        for m in op.modules():
+            if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.Conv2d)):
+                return _pair(m.stride)[0]
+    return None
+
+
+def _fused_edge(ops, plan: _Plan, x, weights):
+    """The mixed op through ``fastnas.ops.darts_edge``, or None where it does not apply.
+
+    Applies in training mode to float32/float64 inputs outside autocast when every
+    candidate is one the fused edge computes (see ``fastnas.nn.fused_edge``).
+    """
+    if plan.memory not in ("save", "recompute") or not ops.training:
+        return None
+    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
+        return None
+    if resolve(x.device, plan.backend) == "reference":
+        return None
+    kinds = []
+    for op in ops:
+        kind = _candidate_kind(op)
+        kinds.append("chain" if kind and kind.startswith(("sep_conv_", "dil_conv_")) else _EDGE_KINDS.get(kind, "other"))
+    stride = _edge_stride(ops)
+    if stride not in (1, 2):
+        return None
+    eplan = edge_plan(list(ops), kinds, x.shape[1], stride)
+    if isinstance(eplan, str):
+        return None
+    if eplan.spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
+        return None
+    return darts_edge(
+        x, weights, eplan.parameters(), eplan.spec, eplan.buffers(), memory=plan.memory, backend=plan.backend
+    )
+
+
 # --- public API --------------------------------------------------------------------
 
 
@@ -419,20 +480,25 @@ def _path(name: str) -> str:
     return name or "<root>"
 
 
-def patch(model: nn.Module, backend: str | None = None) -> PatchReport:
+def patch(model: nn.Module, backend: str | None = None, memory: str = "save") -> PatchReport:
     """Route the mixed ops of ``model`` through the fused ops, in place; return a report.
 
-    ``backend``: the fastnas backend of the fused sums (None: chosen per call, as for
-    ``fastnas.ops``; ``use_backend`` and FASTNAS_BACKEND apply). Patching a patched
-    model again changes nothing but the backend.
+    ``backend``: the fastnas backend of the fused ops (None: chosen per call, as for
+    ``fastnas.ops``; ``use_backend`` and FASTNAS_BACKEND apply). ``memory``: in
+    training mode, mixed ops whose candidates are all ones the fused edge computes
+    (``fastnas.ops.darts_edge``) keep only their pre-BN tensors ("save") or nothing
+    ("recompute", recomputed inside the fused backward); "sum" fuses only the
+    weighted sum. Patching a patched model again changes nothing but these two.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
+    if memory not in PATCH_MEMORY:
+        raise ValueError(f"patch: memory must be one of {PATCH_MEMORY}, got {memory!r}")
     if backend is not None:
         backends.requested_backend(backend)  # an unknown name fails here, not mid-step
     report = PatchReport(backend=backend)
     for name, module in model.named_modules():
-        plan = _plan(module, backend)
+        plan = _plan(module, backend, memory)
         if plan is None:
             continue
         if isinstance(plan, str):
@@ -479,13 +545,13 @@ def _restore(module: nn.Module) -> None:
 
 
 @contextlib.contextmanager
-def accelerate(model: nn.Module, backend: str | None = None):
+def accelerate(model: nn.Module, backend: str | None = None, memory: str = "save"):
     """``with accelerate(model):`` patch on entry, yield the report, restore on exit.
 
     Mixed ops that were patched before entering stay patched, with their backend.
     """
     before = {id(m): m.__dict__[_STATE] for m in model.modules() if _STATE in m.__dict__}
-    report = patch(model, backend)
+    report = patch(model, backend, memory)
     try:
         yield report
     finally:

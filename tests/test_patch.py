@@ -1,6 +1,7 @@
 """fastnas.patch on DARTS, PC-DARTS and P-DARTS search code written in the original style."""
 
 import copy
+import importlib
 import pickle
 import warnings
 
@@ -91,13 +92,13 @@ def _step(model, opts, x, y, rng_seed):
     return logits.detach(), loss.detach(), grads, after
 
 
-def _assert_train_alike(build, backend, dtype, steps):
+def _assert_train_alike(build, backend, dtype, steps, memory="save"):
     tol = TOL64 if dtype == torch.float64 else TOL
     ref = _to(build(), dtype)
     fast = copy.deepcopy(ref)
     # Optimisers built before patching must keep working after it.
     ref_opts, fast_opts = _optimizers(ref), _optimizers(fast)
-    report = patch(fast, backend=backend)
+    report = patch(fast, backend=backend, memory=memory)
     assert report.patched and not report.skipped
     ref.train(), fast.train()
     for step in range(steps):
@@ -137,6 +138,31 @@ def test_darts_trains_like_the_original(backend, dtype, steps):
 def test_pc_darts_trains_like_the_original(backend, dtype, steps):
     report = _assert_train_alike(_pc_darts, backend, dtype, steps)
     assert {op.style for op in report.patched} == {"pc-darts"}
+
+
+@pytest.mark.parametrize("memory", ("save", "recompute", "sum"))
+@pytest.mark.parametrize("build", ("darts", "pc-darts"))
+def test_fused_edge_memory_modes_train_like_the_original(build, memory, monkeypatch):
+    """In training, recognised DARTS edges run through the fused edge in the memory mode asked for."""
+    module = importlib.import_module("fastnas.patch")
+    calls = []
+    real = module.darts_edge
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["memory"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "darts_edge", spy)
+    _assert_train_alike(_darts if build == "darts" else _pc_darts, None, torch.float64, 2, memory=memory)
+    if memory == "sum" or fastnas.backends.resolve(torch.device("cpu"), None) == "reference":
+        assert not calls
+    else:
+        assert calls and set(calls) == {memory}
+
+
+def test_patch_rejects_an_unknown_memory_mode():
+    with pytest.raises(ValueError, match="memory must be one of"):
+        patch(_darts(), memory="keep")
 
 
 def test_pdarts_subsets_and_dropout_train_like_the_original():
