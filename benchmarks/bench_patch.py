@@ -62,7 +62,9 @@ def _setup(config: str, args):
     model = model_search.Network(args.C, 10, args.layers, nn.CrossEntropyLoss())
     report = None
     if config != "unpatched":
-        report = patch(model, backend=config.split("-", 1)[1])
+        # patched-<backend>[-<memory>]: the fused edge keeps pre-BN tensors (save) or nothing (recompute)
+        _, backend, *memory = config.split("-")
+        report = patch(model, backend=backend, memory=memory[0] if memory else "save")
     w_opt = torch.optim.SGD(model.parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(model.arch_parameters(), lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3)
     g = torch.Generator().manual_seed(1)
@@ -190,7 +192,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     import fastnas
 
-    configs = ["unpatched", "patched-reference"] + (["patched-cpu"] if "cpu" in fastnas.available_backends() else [])
+    configs = ["unpatched", "patched-reference"]
+    if "cpu" in fastnas.available_backends():
+        configs += ["patched-cpu-sum", "patched-cpu", "patched-cpu-recompute"]
     if args.paired:
         os.environ.update(OMP_NUM_THREADS=str(args.threads))
         res = paired_worker(args, configs)
