@@ -127,6 +127,11 @@ def _split_params(spec: EdgeSpec, params):
     return dw1, pw1, dw2, pw2, list(fr)
 
 
+def _first_dilations(spec: EdgeSpec) -> list[int]:
+    """Dilation of each first depthwise convolution: separable ones 1, dilated ones 2."""
+    return [1] * spec.ns + [2] * spec.nd
+
+
 def _prologue(z, mean, rstd, ns):
     """The second depthwise stage's input, as multi_depthwise takes it.
 
@@ -157,9 +162,15 @@ def _channel_major(t: torch.Tensor) -> torch.Tensor:
 
 
 class _Forward:
-    """The candidates' tensors of one edge, computed from x (forward or recompute)."""
+    """The candidates' tensors of one edge, computed from x.
 
-    def __init__(self, spec: EdgeSpec, x, params, backend, stats=None):
+    In forward (``stats`` and ``z`` None) everything, including the batch
+    statistics. In backward, with the forward's ``stats``: ``z`` None recomputes
+    the pre-BN tensors too ("recompute"); a saved ``z`` ("save") rebuilds only the
+    depthwise outputs and the factorized reduce's inputs, which its gradients read.
+    """
+
+    def __init__(self, spec: EdgeSpec, x, params, backend, stats=None, z=None):
         self.spec = spec
         ns, nd = spec.ns, spec.nd
         J1 = ns + nd
@@ -170,26 +181,31 @@ class _Forward:
         M = N * Ho * Wo
         self.shape = (C, N, Ho, Wo)
         J = 2 * ns + nd + (spec.reduce_index is not None)
-        z = x.new_empty((J, C, N, Ho, Wo))
+        fill = z is None
+        if fill:
+            z = x.new_empty((J, C, N, Ho, Wo))
         self.d1 = self.d2 = None
         self.fr_in = None
         if J1:
-            self.d1 = multi_depthwise(x, dw1, [1] * ns + [2] * nd, s, backend=backend)
-            torch.bmm(_stack_pointwise(pw1), self.d1.view(J1, C, M), out=z[:J1].view(J1, C, M))
+            self.d1 = multi_depthwise(x, dw1, _first_dilations(spec), s, backend=backend)
+            if fill:
+                torch.bmm(_stack_pointwise(pw1), self.d1.view(J1, C, M), out=z[:J1].view(J1, C, M))
         if stats is None:
             m1, r1, v1 = stacked_batch_norm_stats(z[:J1], spec.eps, backend=backend) if J1 else (None,) * 3
         else:
             m1, r1 = stats["m1"], stats["r1"]
         if ns:
             self.d2 = _second_depthwise(z, m1, r1, ns, dw2, backend)
-            torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=z[J1 : J1 + ns].view(ns, C, M))
+            if fill:
+                torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=z[J1 : J1 + ns].view(ns, C, M))
         if spec.reduce_index is not None:
             half = C // 2
             a1 = _channel_major(torch.relu(x[:, :, ::2, ::2]))
             a2 = _channel_major(torch.relu(x[:, :, 1::2, 1::2]))
             self.fr_in = (a1, a2)
-            torch.mm(fr[0].flatten(1), a1, out=z[-1, :half].view(half, M))
-            torch.mm(fr[1].flatten(1), a2, out=z[-1, half:].view(C - half, M))
+            if fill:
+                torch.mm(fr[0].flatten(1), a1, out=z[-1, :half].view(half, M))
+                torch.mm(fr[1].flatten(1), a2, out=z[-1, half:].view(C - half, M))
         if stats is None:
             m2, r2, v2 = stacked_batch_norm_stats(z[J1:], spec.eps, backend=backend) if J > J1 else (None,) * 3
             if spec.max_index is not None or spec.avg_index is not None:
@@ -269,10 +285,8 @@ class DartsEdgeFunction(torch.autograd.Function):
         x, coef, coef_index, *rest = ctx.saved_tensors
         params = rest[: spec.n_params]
         st = ctx.stats
-        fwd = _Forward(spec, x, params, backend, stats=st) if ctx.memory == "recompute" else None
-        if fwd is None:
-            fwd = _Forward.__new__(_Forward)
-            _recompute_depthwise(fwd, spec, x, params, rest[spec.n_params], st, backend)
+        saved_z = rest[spec.n_params] if ctx.memory == "save" else None
+        fwd = _Forward(spec, x, params, backend, stats=st, z=saved_z)
         g = g.contiguous()
         ns, nd = spec.ns, spec.nd
         J1 = ns + nd
@@ -306,7 +320,7 @@ class DartsEdgeFunction(torch.autograd.Function):
                 torch.bmm(pw1[ns:].transpose(1, 2), gz_dil, out=gd1[ns:])
                 torch.bmm(gz_dil, d1[ns:].transpose(1, 2), out=g_pw1[ns:])
             gx1, g_dw1 = multi_depthwise_backward(
-                gd1.view(J1, C, N, Ho, Wo), x, fwd.dw1, [1] * ns + [2] * nd, spec.stride, None, None, True,
+                gd1.view(J1, C, N, Ho, Wo), x, fwd.dw1, _first_dilations(spec), spec.stride, None, None, True,
                 backend=backend,
             )  # fmt: skip
             gx = gx + gx1
@@ -330,26 +344,6 @@ class DartsEdgeFunction(torch.autograd.Function):
         g_weights = gcoef.new_zeros(spec.K).index_add_(0, coef_index, gcoef)
         # Absent max/avg/skip coefficients point at index 0 with a zero gradient.
         return (gx, g_weights.to(ctx.weights_dtype), None, None, None, None, *grads)
-
-
-def _recompute_depthwise(fwd, spec, x, params, z, st, backend):
-    """Rebuild what backward needs in save mode from x and the saved pre-BN tensors."""
-    ns, nd = spec.ns, spec.nd
-    dw1, pw1, dw2, pw2, fr = _split_params(spec, params)
-    N, C, H, W = x.shape
-    s = spec.stride
-    fwd.spec = spec
-    fwd.shape = (C, N, (H - 1) // s + 1, (W - 1) // s + 1)
-    fwd.z = z
-    fwd.dw1, fwd.pw1, fwd.dw2, fwd.pw2, fwd.fr = dw1, pw1, dw2, pw2, fr
-    fwd.d1 = multi_depthwise(x, dw1, [1] * ns + [2] * nd, s, backend=backend) if ns + nd else None
-    fwd.d2 = _second_depthwise(z, st["m1"], st["r1"], ns, dw2, backend) if ns else None
-    fwd.fr_in = None
-    if spec.reduce_index is not None:
-        fwd.fr_in = (
-            _channel_major(torch.relu(x[:, :, ::2, ::2])),
-            _channel_major(torch.relu(x[:, :, 1::2, 1::2])),
-        )
 
 
 def darts_edge(
