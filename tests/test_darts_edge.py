@@ -129,6 +129,19 @@ def test_unfusable_edge_says_why_and_stays_correct():
     _compare(ref, op, x, w, _tolerance(torch.float32))
 
 
+def test_unfusable_partial_channel_edge_recomputes_by_checkpoint(monkeypatch):
+    op = PartialChannelMixedOp(8, 1, ["nor_conv_3x3", "skip_connect"], 2, memory="recompute")
+    assert op.fused_reason
+    ref = copy.deepcopy(op)
+    ref.backend, ref.memory = "reference", "save"
+    calls = []
+    real = op._checkpointed
+    monkeypatch.setattr(op, "_checkpointed", lambda *a: calls.append(1) or real(*a))
+    x, w = torch.randn(2, 8, 5, 5), torch.tensor([0.3, 0.7])
+    _compare(ref, op, x, w, _tolerance(torch.float32))
+    assert calls
+
+
 def test_affine_batch_norm_is_not_fused():
     op = MixedOp(4, 1, DARTS_PRIMITIVES, affine=True)
     assert "affine" in op.fused_reason

@@ -152,12 +152,20 @@ class MixedOp(nn.Module):
         """``sum_k weights[k] * op_k(x)`` for this edge's (part of the) input."""
         if self._fusable(x, index):
             return self._fused(x, weights)
-        if self.memory == "recompute" and torch.is_grad_enabled() and self.training:
-            return checkpoint(
-                self._unfused, x, weights, index, use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
-            )  # fmt: skip
+        if self._recompute_unfused():
+            return self._checkpointed(self._unfused, x, weights, index)
         return self._unfused(x, weights, index)
+
+    def _recompute_unfused(self) -> bool:
+        """An edge the fused engine does not take, asked to recompute: checkpoint its modules."""
+        return self.memory == "recompute" and torch.is_grad_enabled() and self.training
+
+    def _checkpointed(self, fn, x, weights, index):
+        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once."""
+        return checkpoint(
+            fn, x, weights, index, use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
+        )  # fmt: skip
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
@@ -178,14 +186,7 @@ class MixedOp(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None = None) -> torch.Tensor:
         self._check_weights(weights)
         if self.memory == "checkpoint" and torch.is_grad_enabled():
-            return checkpoint(
-                self._forward,
-                x,
-                weights,
-                index,
-                use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
-            )
+            return self._checkpointed(self._forward, x, weights, index)
         return self._forward(x, weights, index)
 
     def extra_repr(self) -> str:
@@ -237,16 +238,14 @@ class PartialChannelMixedOp(MixedOp):
         self._check_weights(weights)
         part, _ = self.split(x)
         if self.memory == "checkpoint" and torch.is_grad_enabled():
-            return checkpoint(
-                self._edge, part, weights, index, use_reentrant=False,
-                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
-            )  # fmt: skip
+            return self._checkpointed(self._edge, part, weights, index)
         return self._edge(part, weights, index)
 
     def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         part, bypass = self.split(x)
-        if self._fusable(part, index):
-            outs, w = [self._fused(part, weights)], weights.new_ones(1)
+        if self._fusable(part, index) or self._recompute_unfused():
+            # The fused edge, or its checkpointed fallback (see _edge).
+            outs, w = [self._edge(part, weights, index)], weights.new_ones(1)
         elif index is not None:
             outs, w = [self._candidate(index, part)], weights[index : index + 1]
         else:
