@@ -130,6 +130,9 @@ class _Plan:
     active: tuple[int, ...]
     backend: str | None
     memory: str = "save"
+    # Read off the modules once at patch time, so the forward does not probe them.
+    kinds: tuple[str, ...] = ()
+    stride: int | None = None
 
     @property
     def active_index(self):
@@ -350,7 +353,13 @@ def _plan(module: nn.Module, backend: str | None, memory: str = "save") -> _Plan
     active = tuple(k for k, kind in enumerate(kinds) if kind != "zero")
     if not active:
         return "every candidate is zero; there is nothing to sum"
-    return _Plan(style=style, attr=attr, n=len(ops), active=active, backend=backend, memory=memory)
+    edge_kinds = tuple(
+        "chain" if kind.startswith(("sep_conv_", "dil_conv_")) else _EDGE_KINDS.get(kind, "other") for kind in kinds
+    )
+    return _Plan(
+        style=style, attr=attr, n=len(ops), active=active, backend=backend, memory=memory, kinds=edge_kinds,
+        stride=_edge_stride(ops),
+    )  # fmt: skip
 
 
 def _pair(v):
@@ -454,16 +463,9 @@ def _fused_edge(ops, plan: _Plan, x, weights):
         return None
     if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
         return None
-    if resolve(x.device, plan.backend) == "reference":
+    if resolve(x.device, plan.backend) == "reference" or plan.stride not in (1, 2):
         return None
-    kinds = []
-    for op in ops:
-        kind = _candidate_kind(op)
-        kinds.append("chain" if kind and kind.startswith(("sep_conv_", "dil_conv_")) else _EDGE_KINDS.get(kind, "other"))
-    stride = _edge_stride(ops)
-    if stride not in (1, 2):
-        return None
-    eplan = edge_plan(list(ops), kinds, x.shape[1], stride)
+    eplan = edge_plan(list(ops), plan.kinds, x.shape[1], plan.stride)
     if isinstance(eplan, str):
         return None
     if eplan.spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
