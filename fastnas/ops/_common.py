@@ -61,6 +61,15 @@ def resolve(device: torch.device, backend: str | None) -> str:
     return _resolve_cached(device.type, backend)
 
 
+def resolve_triton_for_cuda(device: torch.device, backend: str | None) -> str:
+    """``resolve`` for ops with no CUDA C++ kernel: their Triton kernels serve CUDA
+    tensors, or the reference where Triton cannot run."""
+    name = resolve(device, backend)
+    if name == "cuda":
+        return "triton" if "triton" in backends.available_backends() else "reference"
+    return name
+
+
 def grad_flags(xs: Sequence[torch.Tensor]) -> list[bool]:
     return [bool(x.requires_grad) for x in xs]
 

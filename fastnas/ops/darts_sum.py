@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import FLOAT_DTYPES, resolve
+from fastnas.ops._common import FLOAT_DTYPES, resolve_triton_for_cuda
 
 _DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 _STAT_DTYPES = (torch.float32, torch.float64)
@@ -240,11 +240,7 @@ def _check_grad_out(op, grad_out, x, stride) -> None:
 
 
 def _backend(device: torch.device, backend: str | None) -> str:
-    name = resolve(device, backend)
-    if name == "cuda":
-        # No CUDA C++ kernel for these ops: Triton serves CUDA tensors.
-        return "triton" if "triton" in backends.available_backends() else "reference"
-    return name
+    return resolve_triton_for_cuda(device, backend)
 
 
 # --- public API -------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import resolve
+from fastnas.ops._common import resolve_triton_for_cuda
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float64, float16 or bfloat16"
@@ -215,10 +215,7 @@ def _check_grad_out(op, grad_out, x, weights, stride, shared):
 
 
 def _backend(device: torch.device, backend: str | None, num: int) -> str:
-    name = resolve(device, backend)
-    if name == "cuda":
-        # No CUDA C++ kernel: the Triton kernels serve CUDA tensors.
-        name = "triton" if "triton" in backends.available_backends() else "reference"
+    name = resolve_triton_for_cuda(device, backend)
     if name == "triton" and num > MAX_CANDIDATES_TRITON:
         raise ValueError(
             f"multi_depthwise: the triton backend takes at most {MAX_CANDIDATES_TRITON} candidates per call, got {num}"

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import FLOAT_DTYPES, MAX_INPUTS, resolve
+from fastnas.ops._common import FLOAT_DTYPES, MAX_INPUTS, resolve_triton_for_cuda
 from fastnas.ops.partial_channel_mixed_sum import channel_shuffle
 
 _OP = "partial_channel_node_sum"
@@ -144,10 +144,7 @@ def partial_channel_node_sum(
     (N, Cp + Cb, Ho, Wo) tensor in the dtype of ``mixed``.
     """
     mixed, bypass, strides = _check(mixed, bypass, weights, groups, strides)
-    name = resolve(mixed[0].device, backend)
-    if name == "cuda":
-        # No CUDA C++ kernel: the Triton one serves CUDA tensors.
-        name = "triton" if "triton" in backends.available_backends() else "reference"
+    name = resolve_triton_for_cuda(mixed[0].device, backend)
     if name == "reference":
         return partial_channel_node_sum_reference(mixed, bypass, weights, groups, strides)
     if name == "triton":

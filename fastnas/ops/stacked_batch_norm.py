@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 
 from fastnas import backends
-from fastnas.ops._common import resolve
+from fastnas.ops._common import resolve_triton_for_cuda
 
 _STATS = "stacked_batch_norm_stats"
 _BACKWARD = "stacked_batch_norm_backward"
@@ -189,9 +189,7 @@ def stacked_batch_norm_stats(
     ``z``); ``var`` is biased and ``rstd = 1 / sqrt(var + eps)``.
     """
     _check_z(_STATS, z)
-    name = resolve(z.device, backend)
-    if name == "cuda":
-        name = "triton" if "triton" in backends.available_backends() else "reference"
+    name = resolve_triton_for_cuda(z.device, backend)
     if name == "reference":
         return stacked_batch_norm_stats_reference(z, eps)
     if name == "triton":
@@ -214,9 +212,7 @@ def stacked_batch_norm_backward(
     Returns a contiguous tensor shaped and typed like ``z``.
     """
     _check_backward(grad_yhat, z, mean, rstd)
-    name = resolve(z.device, backend)
-    if name == "cuda":
-        name = "triton" if "triton" in backends.available_backends() else "reference"
+    name = resolve_triton_for_cuda(z.device, backend)
     if name == "reference":
         return stacked_batch_norm_backward_reference(grad_yhat, z, mean, rstd).contiguous()
     if name == "triton":
