@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of at most ~10 minutes on the GPU machine:
-# build fastnas._C against that machine's torch, run the CUDA tests and the Triton
-# tests compiled for the GPU, then the GPU ops and search-step benchmarks.
+# Everything that needs a GPU: build fastnas._C against that machine's torch, run the
+# CUDA tests and the Triton tests compiled for the GPU, then the GPU benchmarks.
+# All parts take about 25 minutes; a 10-minute call holds build plus two or three
+# parts (see PARTS below).
 #
-#   bash benchmarks/gpu_suite.sh          # results and logs under ${OUT:-benchmarks/results/gpu}
+#   bash benchmarks/gpu_suite.sh [PART ...]   # results and logs under ${OUT:-benchmarks/results/gpu}
 #
 # Each step is time-boxed so the whole stays inside GPU_SUITE_BUDGET seconds
 # (default 570, under the machine's 10-minute limit per command); a step that
@@ -64,24 +65,57 @@ PYEOF
 # timeout runs programs, not shell functions.
 export -f versions
 export PY
+export PYTHONUNBUFFERED=1
+# Parts to run, in order (default: all; a 10-minute call holds about two of the slow ones):
+#   build   install fastnas._C against this machine's torch
+#   tests   the CUDA tests (pytest -n, Triton compiled for the GPU), while one step of each
+#           fused configuration fills Triton's kernel cache for the benchmarks
+#   step    search-step table, DARTS and PC-DARTS, eager/fused/checkpoint, each also as a CUDA graph
+#   imagenet  a 224x224 search step with the ImageNet stem, no partial channels
+#   largest the largest batch per configuration: estimated from the step table, each estimate run
+#   ops     the GPU ops and multi_depthwise microbenchmarks
+PARTS=${*:-build tests step imagenet largest ops}
+want() { [[ " $PARTS " == *" $1 "* ]]; }
+unset TRITON_INTERPRET
+
 step versions 30 bash -c versions
-if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
-    step build 150 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -e .
+if want build; then
+    step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -e .
+    step info 20 "$PY" -m fastnas.info
 fi
-step info 20 "$PY" -m fastnas.info
-# Triton kernels must be compiled for the GPU here, not interpreted.
-step test_gpu 170 env -u TRITON_INTERPRET "$PY" -m pytest -q -rs --maxfail=10 -p no:cacheprovider -m requires_cuda tests
-# The search step: eager reference, fused engine (save, recompute), checkpointing.
-step bench_search_step 170 env -u TRITON_INTERPRET "$PY" benchmarks/bench_search_step.py --device cuda --reps 3 \
-    --no-count-ops --timeout 60 --out "$OUT"
-step bench_cuda_graph 45 env -u TRITON_INTERPRET "$PY" benchmarks/bench_search_step.py --device cuda --reps 5 \
-    --no-count-ops --timeout 40 --networks darts --configs auto:save --cuda-graph --tag cuda_graph --out "$OUT"
-step bench_imagenet 70 env -u TRITON_INTERPRET "$PY" benchmarks/bench_search_step.py --device cuda --reps 2 \
-    --no-count-ops --timeout 60 --networks darts --configs reference:save,auto:recompute --stem imagenet \
-    --image-size 224 --batch-size 32 --tag imagenet224 --out "$OUT"
-step largest_batch 60 env -u TRITON_INTERPRET "$PY" benchmarks/largest_batch.py --from "$OUT/cuda_search_step.csv" \
-    --out "$OUT" --verify darts:auto:recompute
-step bench_multi_depthwise 30 env -u TRITON_INTERPRET "$PY" benchmarks/bench_multi_depthwise.py --device cuda
+if want tests; then
+    warm() {  # one untimed step per fused configuration: compiles the Triton kernels the benchmarks use
+        for cfg in "darts save" "darts recompute" "pc-darts save" "pc-darts recompute"; do
+            set -- $cfg
+            "$PY" -m fastnas.bench --device cuda --network "$1" --memory "$2" --reps 1 --no-count-ops >/dev/null 2>&1
+        done
+        "$PY" -m fastnas.bench --device cuda --stem imagenet --image-size 224 --batch-size 8 --memory recompute \
+            --reps 1 --no-count-ops >/dev/null 2>&1
+    }
+    export -f warm
+    timeout -k 10 300 bash -c warm &
+    WARM=$!
+    step tests 300 "$PY" -m pytest -q -rs -n 12 --maxfail=30 -p no:cacheprovider -m requires_cuda tests
+    wait $WARM
+fi
+if want step; then
+    step search_step 330 "$PY" benchmarks/bench_search_step.py --device cuda --reps 5 --timeout 120 --cuda-graph \
+        --out "$OUT"
+fi
+if want imagenet; then
+    step imagenet 300 "$PY" benchmarks/bench_search_step.py --device cuda --reps 2 --timeout 140 --no-count-ops \
+        --networks darts --configs reference:save,auto:save,auto:recompute --stem imagenet --image-size 224 \
+        --batch-size 32 --tag imagenet224 --out "$OUT"
+fi
+if want largest; then
+    src="$OUT/cuda_search_step.csv"
+    [[ -f $src ]] || src=benchmarks/results/cuda_search_step.csv
+    step largest 400 "$PY" benchmarks/largest_batch.py --from "$src" --out "$OUT" --verify darts:reference:save,darts:auto:save,darts:auto:recompute,pc-darts:auto:recompute
+fi
+if want ops; then
+    step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT"
+    step bench_multi_depthwise 60 "$PY" benchmarks/bench_multi_depthwise.py --device cuda
+fi
 
 echo "== total $((SECONDS - START)) s" | tee -a "$OUT/summary.txt"
 cat "$OUT/summary.txt"

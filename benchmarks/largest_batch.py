@@ -1,19 +1,21 @@
 #!/usr/bin/env python
 """The largest search-step batch that fits on this GPU, per configuration.
 
-    python benchmarks/largest_batch.py --from benchmarks/results/cuda_search_step.csv [--verify darts:auto:recompute]
+    python benchmarks/largest_batch.py --from benchmarks/results/cuda_search_step.csv [--verify all]
 
 Activation memory of a search step grows linearly with the batch, so each row's
 peak memory above the network's (measured by bench_search_step.py at one batch)
 gives a per-sample cost and, with the GPU's free memory, an estimated largest
-batch. ``--verify NETWORK:BACKEND:MEMORY`` then runs one step at that estimate in
-a fresh process to check it fits. Writes cuda_largest_batch.md under --out.
+batch. ``--verify NETWORK:BACKEND:MEMORY,...`` (or ``all``) then runs one step at each
+estimate in a fresh process to check it fits, stepping down to 90% and 80% of it
+when it does not. Writes cuda_largest_batch.md under --out.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True, help="a cuda_search_step.csv")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--verify", default="", help="NETWORK:BACKEND:MEMORY to run once at its estimate")
+    parser.add_argument("--verify", default="",
+                        help="comma list of NETWORK:BACKEND:MEMORY (or 'all') to run once at the estimate")
+    parser.add_argument("--step-timeout", type=float, default=240.0, help="seconds for each verification run")
     parser.add_argument("--headroom", type=float, default=0.9, help="fraction of free memory to plan for")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -60,29 +64,51 @@ def main(argv=None) -> int:
             f"| {r['network']} | {r['backend']} | {r['memory']} | {batch} | {float(r['peak_memory_mib']):.0f} "
             f"| {per_sample:.1f} | {est} |"
         )
-    if args.verify:
-        network, backend, memory = args.verify.split(":")
-        est = estimates.get(args.verify)
+    wanted = list(estimates) if args.verify == "all" else [v for v in args.verify.split(",") if v]
+    if wanted:
+        lines += ["", "Verification: one search step at the estimate in a fresh process; on failure at 90% and 80% of it.",
+                  "", "| configuration | batch | result | step ms | peak MiB |", "|---|---|---|---|---|"]
+    for key in wanted:
+        est = estimates.get(key)
         if est is None:
-            lines.append(f"\nverify {args.verify}: no such row in {source}")
-        else:
-            cmd = [
-                sys.executable, "-m", "fastnas.bench", "--network", network, "--backend", backend, "--memory", memory,
-                "--batch-size", str(est), "--device", "cuda", "--reps", "1", "--warmup", "0", "--no-count-ops",
-            ]  # fmt: skip
-            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-            ok = proc.returncode == 0
-            tail = (proc.stdout.strip().splitlines() or proc.stderr.strip().splitlines() or ["no output"])[-1]
-            lines.append(
-                f"\nverify: {args.verify} at batch {est}: {'ran' if ok else 'FAILED'} (exit {proc.returncode}); "
-                f"last line: {tail[:400]}"
-            )
+            lines.append(f"| {key} | | no such row in {source} | | |")
+            continue
+        for batch in dict.fromkeys(max(1, int(est * f)) for f in (1.0, 0.9, 0.8)):
+            row = _run_once(key, batch, args.step_timeout)
+            lines.append(f"| {key} | {batch} | {row['result']} | {row.get('ms', '')} | {row.get('mib', '')} |")
+            print(lines[-1], flush=True)
+            if row["result"] == "fits":
+                break
     text = "\n".join(lines) + "\n"
     out = Path(args.out) / "cuda_largest_batch.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)
     return 0
+
+
+def _run_once(key: str, batch: int, timeout: float) -> dict:
+    """One search step of ``key`` at ``batch`` in a fresh process: fits, out of memory, or another failure."""
+    network, backend, memory = key.split(":")
+    cmd = [
+        sys.executable, "-m", "fastnas.bench", "--network", network, "--backend", backend, "--memory", memory,
+        "--batch-size", str(batch), "--device", "cuda", "--reps", "1", "--warmup", "0", "--no-count-ops",
+    ]  # fmt: skip
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"result": f"did not finish in {timeout:.0f} s"}
+    if proc.returncode == 0:
+        try:
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            return {"result": "fits", "ms": f"{out['step_ms_median']:.0f}", "mib": f"{out['peak_memory_mib']:.0f}"}
+        except (ValueError, KeyError, IndexError):
+            return {"result": "fits (no JSON line)"}
+    err = proc.stderr + proc.stdout
+    if "out of memory" in err.lower():
+        return {"result": "out of memory"}
+    tail = (err.strip().splitlines() or ["no output"])[-1]
+    return {"result": f"failed (exit {proc.returncode}): {tail[:200]}"}
 
 
 if __name__ == "__main__":

@@ -30,3 +30,13 @@ def poison_empty():
     yield
     torch.use_deterministic_algorithms(old)
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@pytest.fixture(autouse=True)
+def full_fp32_on_gpu(request, monkeypatch):
+    """GPU tests compare against eager PyTorch in full float32: TF32 convolutions
+    and matmuls (cuDNN's default) would round the oracle to 10-bit mantissas."""
+    if "requires_cuda" in request.keywords and HAS_CUDA:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    yield

@@ -234,14 +234,9 @@ def test_darts_edge_rejects_bad_arguments():
 @pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("partial", (None, 2))
 def test_search_network_on_cuda_matches_eager(memory, partial):
-    """The GPU path (Triton building blocks) against the eager modules, over training steps."""
-    # cuDNN's default TF32 convolutions would round the eager side to 10-bit mantissas.
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
-        _cuda_steps(memory, partial)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
+    """The GPU path (Triton building blocks) against the eager modules, over training steps
+    (TF32 is off in GPU tests: see conftest.py)."""
+    _cuda_steps(memory, partial)
 
 
 def _cuda_steps(memory, partial):
