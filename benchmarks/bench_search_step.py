@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -30,7 +31,8 @@ from fastnas import bench
 
 COLUMNS = [
     "network", "backend", "backend_used", "memory", "batch_size", "threads", "reps", "step_ms_median", "step_ms_q25",
-    "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "aten_ops", "aten_ops_vs_reference",
+    "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "live_peak_mib",
+    "live_vs_reference", "aten_ops", "aten_ops_vs_reference",
     "fastnas_ops", "graph_step_ms_median", "graph_speedup", "graph_capture_ms", "graph_peak_memory_mib", "note",
 ]  # fmt: skip
 # The eager reference first: the fused engine (memory save and recompute) and
@@ -57,22 +59,45 @@ def child_command(args, network: str, backend: str, memory: str) -> list[str]:
     return cmd
 
 
-def run_config(args, network: str, backend: str, memory: str) -> dict:
-    row = {"network": network, "backend": backend, "memory": memory, "batch_size": args.batch_size}
+# glibc keeps freed blocks below its (adaptive) mmap threshold in the heap, so the
+# process's peak resident memory also counts memory that was free at the peak.
+# With a fixed threshold of 128 KiB every tensor is its own mapping, returned to
+# the system when freed: the peak resident memory is then the peak of live memory.
+LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def _child(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[dict | None, str]:
+    """Run one ``fastnas.bench`` child; its JSON result, or None and why not."""
     try:
         # From the repository root ``-m fastnas.bench`` finds this checkout, installed or not.
-        proc = subprocess.run(
-            child_command(args, network, backend, memory), capture_output=True, text=True, timeout=args.timeout, cwd=REPO
-        )
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                              env=None if env is None else {**os.environ, **env})  # fmt: skip
     except subprocess.TimeoutExpired:
-        return {**row, "note": f"timed out after {args.timeout:.0f} s"}
+        return None, f"timed out after {timeout:.0f} s"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {**row, "note": f"failed (exit {proc.returncode}): {err[:200]}"}
-    result = json.loads(lines[-1])
+        return None, f"failed (exit {proc.returncode}): {err[:200]}"
+    return json.loads(lines[-1]), ""
+
+
+def run_config(args, network: str, backend: str, memory: str) -> dict:
+    row = {"network": network, "backend": backend, "memory": memory, "batch_size": args.batch_size}
+    result, why = _child(child_command(args, network, backend, memory), args.timeout)
+    if result is None:
+        return {**row, "note": why}
     ops = result.get("ops_per_step") or {}
-    return {**row, **result, "aten_ops": ops.get("aten"), "fastnas_ops": ops.get("fastnas")}
+    row = {**row, **result, "aten_ops": ops.get("aten"), "fastnas_ops": ops.get("fastnas")}
+    if args.device == "cpu" and args.live_memory:
+        cmd = child_command(args, network, backend, memory)
+        cmd = [c for c in cmd if c != "--no-count-ops"]
+        cmd += ["--reps", "1", "--warmup", "0", "--no-count-ops"]
+        live, why = _child(cmd, args.timeout, LIVE_MEMORY_ENV)
+        if live is None:
+            row["note"] = f"live-memory run {why}"
+        else:
+            row["live_peak_mib"] = live["peak_memory_mib"]
+    return row
 
 
 def main(argv=None) -> int:
@@ -93,6 +118,8 @@ def main(argv=None) -> int:
                         help="imagenet: three stride-2 convolutions (use with --image-size 224)")
     parser.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph and replay it")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
+    parser.add_argument("--no-live-memory", dest="live_memory", action="store_false",
+                        help="CPU: skip the second run of each configuration that measures the peak of live memory")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -112,7 +139,10 @@ def main(argv=None) -> int:
         + (
             "torch.cuda.max_memory_allocated above memory_allocated after the network was built."
             if args.device == "cuda"
-            else "peak resident memory (VmHWM) above resident memory after the network, optimisers and batches were built."
+            else "peak resident memory (VmHWM) above resident memory after the network, optimisers and batches were built. "
+            "live_peak_mib: the same in a second run of one step with glibc's mmap threshold fixed at 128 KiB "
+            "(MALLOC_MMAP_THRESHOLD_=131072), so that freed tensors leave the process at once and the peak counts "
+            "live memory only; that run is slower and its time is not reported."
         ),
         "Ops: ops reaching the dispatcher below autograd in one step (TorchDispatchMode), forward, backward "
         "and optimisers; fastnas_ops are the fused kernels among them.",
@@ -143,6 +173,8 @@ def main(argv=None) -> int:
                 if row["network"] == network and "step_ms_median" in row:
                     row["time_vs_reference"] = row["step_ms_median"] / ref["step_ms_median"]
                     row["memory_vs_reference"] = row["peak_memory_mib"] / max(ref["peak_memory_mib"], 1e-9)
+                    if row.get("live_peak_mib") and ref.get("live_peak_mib"):
+                        row["live_vs_reference"] = row["live_peak_mib"] / ref["live_peak_mib"]
                     if row.get("aten_ops") and ref.get("aten_ops"):
                         row["aten_ops_vs_reference"] = row["aten_ops"] / ref["aten_ops"]
         env["load_average_end"] = bench.load_average()

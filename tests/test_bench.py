@@ -121,3 +121,30 @@ def test_run_bench_step_tiny(capsys):
     assert result["ops_per_step"]["aten"] > 100
     assert result["backend_used"] in backends.available_backends()
     assert '"step_ms_median"' in capsys.readouterr().out
+
+
+def test_search_step_benchmark_script_tiny(tmp_path):
+    """The script end to end: a fresh process per configuration, ratios against the
+    reference row, and the live-memory run (fixed mmap threshold) on the CPU."""
+    import subprocess
+
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "bench_search_step.py"), "--networks", "darts",
+        "--configs", "reference:save,auto:recompute", "--channels", "4", "--layers", "2", "--batch-size", "2",
+        "--image-size", "8", "--reps", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path), "--tag", "tiny",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import csv
+
+    rows = list(csv.DictReader(line for line in (tmp_path / "cpu_search_step_tiny.csv").open() if not line.startswith("#")))
+    assert [(r["backend"], r["memory"]) for r in rows] == [("reference", "save"), ("auto", "recompute")]
+    for r in rows:
+        assert not r["note"], r["note"]
+        assert float(r["step_ms_median"]) > 0 and float(r["live_peak_mib"]) >= 0
+        assert int(r["aten_ops"]) > 100
+    assert float(rows[0]["time_vs_reference"]) == 1.0
+    if float(rows[0]["live_peak_mib"]) > 0:  # a tiny step may stay inside memory the process already had
+        assert float(rows[0]["live_vs_reference"]) == 1.0
+    assert float(rows[1]["aten_ops_vs_reference"]) > 0
+    assert "MALLOC_MMAP_THRESHOLD_" in (tmp_path / "cpu_search_step_tiny.md").read_text()
