@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from fastnas.ops import mixed_sum
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
-from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp
+from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, _frozen_batch_norm_stats
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 
 
@@ -48,7 +50,9 @@ class Cell(nn.Module):
         reduction_prev: the previous cell did, so input 0 is reduced to match.
         edge_primitives: one candidate list per edge, all the same length.
         partial_channels: K of PC-DARTS, or None for full mixed ops.
-        backend, memory: passed to the mixed ops.
+        backend, memory: passed to the mixed ops. Under ``memory="recompute"`` the
+            two input preprocessings (ReLU, 1x1 convolution, batch norm) keep only
+            their input, the previous cells' outputs, and run again in backward.
 
     ``forward(s0, s1, weights, edge_weights=None, indices=None)``: ``weights`` is
     (edges, candidates); ``edge_weights`` (edges,) scales each edge's output
@@ -100,7 +104,7 @@ class Cell(nn.Module):
         edge_weights: torch.Tensor | None = None,
         indices: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        states = [self.preprocess0(s0), self.preprocess1(s1)]
+        states = [self._preprocess(self.preprocess0, s0), self._preprocess(self.preprocess1, s1)]
         offset = 0
         for _ in range(self.steps):
             n = len(states)
@@ -121,6 +125,15 @@ class Cell(nn.Module):
             states.append(node)
             offset += n
         return torch.cat(states[-self.multiplier :], dim=1)
+
+    def _preprocess(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and self.edges and self.edges[0].memory == "recompute":
+            # No randomness inside; batch-norm statistics updated in forward only.
+            return checkpoint(
+                module, s, use_reentrant=False, preserve_rng_state=False,
+                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(module)),
+            )  # fmt: skip
+        return module(s)
 
     def _partial_channel_node(self, states, weights, edge_weights, indices, offset) -> torch.Tensor:
         """A PC-DARTS node in one pass: every edge's mixed part, bypass, shuffle and weight."""

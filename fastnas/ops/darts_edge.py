@@ -19,8 +19,9 @@ through the building-block ops, never as separate eager modules:
 Memory modes (what forward keeps for backward, besides x, which the network
 holds anyway, and per-channel statistics):
 
-- ``"save"``: the pre-BN tensors only (per edge 2 per separable convolution, 1
-  per dilated one and for a factorized reduce); the depthwise outputs are
+- ``"save"``: the tensors darts_sum normalises, before their batch norm (one
+  per separable and dilated convolution and for a factorized reduce); the
+  depthwise outputs and the separable convolutions' middles (one ``bmm``) are
   recomputed in backward, which is cheap.
 - ``"recompute"``: nothing; backward recomputes the candidates from x.
 
@@ -132,7 +133,7 @@ def _first_dilations(spec: EdgeSpec) -> list[int]:
     return [1] * spec.ns + [2] * spec.nd
 
 
-def _prologue(z, mean, rstd, ns):
+def _prologue(z_mid, mean, rstd):
     """The second depthwise stage's input, as multi_depthwise takes it.
 
     multi_depthwise applies the separable convolutions' first batch norm (float32
@@ -140,15 +141,15 @@ def _prologue(z, mean, rstd, ns):
     to rounding, normalise here instead so the statistics keep their precision;
     the ReLU mask is the same either way.
     """
-    if z.dtype == torch.float64:
-        shape = (ns, mean.shape[1], 1, 1, 1)
-        return (z[:ns] - mean[:ns].view(shape)) * rstd[:ns].view(shape), None, None
-    return z[:ns], mean[:ns].float(), rstd[:ns].float()
+    if z_mid.dtype == torch.float64:
+        shape = (mean.shape[0], mean.shape[1], 1, 1, 1)
+        return (z_mid - mean.view(shape)) * rstd.view(shape), None, None
+    return z_mid, mean.float(), rstd.float()
 
 
-def _second_depthwise(z, mean, rstd, ns, dw2, backend):
-    x, m, r = _prologue(z, mean, rstd, ns)
-    return multi_depthwise(x, dw2, [1] * ns, 1, m, r, backend=backend)
+def _second_depthwise(z_mid, mean, rstd, dw2, backend):
+    x, m, r = _prologue(z_mid, mean, rstd)
+    return multi_depthwise(x, dw2, [1] * len(dw2), 1, m, r, backend=backend)
 
 
 def _stack_pointwise(ws) -> torch.Tensor:
@@ -164,13 +165,18 @@ def _channel_major(t: torch.Tensor) -> torch.Tensor:
 class _Forward:
     """The candidates' tensors of one edge, computed from x.
 
-    In forward (``stats`` and ``z`` None) everything, including the batch
-    statistics. In backward, with the forward's ``stats``: ``z`` None recomputes
-    the pre-BN tensors too ("recompute"); a saved ``z`` ("save") rebuilds only the
-    depthwise outputs and the factorized reduce's inputs, which its gradients read.
+    Two pre-BN buffers: ``z_mid`` (ns, C, N, Ho, Wo), the separable convolutions'
+    middles, and ``zs`` (nz, C, N, Ho, Wo), the tensors darts_sum normalises and
+    sums, rows [dils, sep ends, factorized reduce].
+
+    In forward (``stats`` and ``zs`` None) everything, including the batch
+    statistics. In backward, with the forward's ``stats``: ``zs`` None recomputes
+    everything ("recompute"); a saved ``zs`` ("save") rebuilds the depthwise
+    outputs, the middles (one bmm) and the factorized reduce's inputs, which the
+    gradients read.
     """
 
-    def __init__(self, spec: EdgeSpec, x, params, backend, stats=None, z=None):
+    def __init__(self, spec: EdgeSpec, x, params, backend, stats=None, zs=None):
         self.spec = spec
         ns, nd = spec.ns, spec.nd
         J1 = ns + nd
@@ -180,60 +186,59 @@ class _Forward:
         Ho, Wo = (H - 1) // s + 1, (W - 1) // s + 1
         M = N * Ho * Wo
         self.shape = (C, N, Ho, Wo)
-        J = 2 * ns + nd + (spec.reduce_index is not None)
-        fill = z is None
+        nz = nd + ns + (spec.reduce_index is not None)
+        fill = zs is None
         if fill:
-            z = x.new_empty((J, C, N, Ho, Wo))
-        self.d1 = self.d2 = None
+            zs = x.new_empty((nz, C, N, Ho, Wo))
+        self.d1 = self.d2 = self.z_mid = None
         self.fr_in = None
+        self.pw1 = _stack_pointwise(pw1) if J1 else None
         if J1:
             self.d1 = multi_depthwise(x, dw1, _first_dilations(spec), s, backend=backend)
-            if fill:
-                torch.bmm(_stack_pointwise(pw1), self.d1.view(J1, C, M), out=z[:J1].view(J1, C, M))
+            d1 = self.d1.view(J1, C, M)
+            if ns:
+                self.z_mid = torch.bmm(self.pw1[:ns], d1[:ns]).view(ns, C, N, Ho, Wo)
+            if fill and nd:
+                torch.bmm(self.pw1[ns:], d1[ns:], out=zs[:nd].view(nd, C, M))
         if stats is None:
-            m1, r1, v1 = stacked_batch_norm_stats(z[:J1], spec.eps, backend=backend) if J1 else (None,) * 3
+            m1, r1, v1 = stacked_batch_norm_stats(self.z_mid, spec.eps, backend=backend) if ns else (None,) * 3
         else:
             m1, r1 = stats["m1"], stats["r1"]
         if ns:
-            self.d2 = _second_depthwise(z, m1, r1, ns, dw2, backend)
+            self.d2 = _second_depthwise(self.z_mid, m1, r1, dw2, backend)
             if fill:
-                torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=z[J1 : J1 + ns].view(ns, C, M))
+                torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=zs[nd : nd + ns].view(ns, C, M))
         if spec.reduce_index is not None:
             half = C // 2
             a1 = _channel_major(torch.relu(x[:, :, ::2, ::2]))
             a2 = _channel_major(torch.relu(x[:, :, 1::2, 1::2]))
             self.fr_in = (a1, a2)
             if fill:
-                torch.mm(fr[0].flatten(1), a1, out=z[-1, :half].view(half, M))
-                torch.mm(fr[1].flatten(1), a2, out=z[-1, half:].view(C - half, M))
+                torch.mm(fr[0].flatten(1), a1, out=zs[-1, :half].view(half, M))
+                torch.mm(fr[1].flatten(1), a2, out=zs[-1, half:].view(C - half, M))
         if stats is None:
-            m2, r2, v2 = stacked_batch_norm_stats(z[J1:], spec.eps, backend=backend) if J > J1 else (None,) * 3
+            m2, r2, v2 = stacked_batch_norm_stats(zs, spec.eps, backend=backend) if nz else (None,) * 3
             if spec.max_index is not None or spec.avg_index is not None:
                 pm, pr, pv = pool_batch_norm_stats(x, s, spec.eps, backend=backend)
             else:
                 pm = x.new_zeros((2, C), dtype=torch.float32)
                 pr, pv = torch.ones_like(pm), pm
-            m1e, r1e = (m1[ns:], r1[ns:]) if J1 else (None, None)
-            means = [t for t in (m1e, m2, pm) if t is not None]
-            rstds = [t for t in (r1e, r2, pr) if t is not None]
             stats = {
                 "m1": m1,
                 "r1": r1,
                 # darts_sum's rows: [dils, sep ends, reduce, max, avg]
-                "mean": torch.cat(means),
-                "rstd": torch.cat(rstds),
+                "mean": torch.cat((m2, pm)) if nz else pm,
+                "rstd": torch.cat((r2, pr)) if nz else pr,
                 # every batch norm's rows: [sep middles, dils, sep ends, reduce, max, avg]
                 "all_mean": torch.cat([t for t in (m1, m2, pm) if t is not None]),
                 "all_var": torch.cat([t for t in (v1, v2, pv) if t is not None]),
                 "count": M,
             }
-        self.z = z
+        self.zs = zs
         self.stats = stats
         self.fr = fr
-        self.dw1, self.pw1, self.dw2, self.pw2 = dw1, pw1, dw2, pw2
-
-    def zsum(self) -> torch.Tensor:
-        return self.z[self.spec.ns :]
+        self.dw1, self.dw2, self.pw2 = dw1, dw2, pw2
+        self.pw1_list = pw1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -270,13 +275,13 @@ class DartsEdgeFunction(torch.autograd.Function):
         coef_index = _coef_index(spec, weights.device)
         coef = weights.index_select(0, coef_index).to(st["mean"].dtype)
         out = darts_sum(
-            x, fwd.zsum(), st["mean"], st["rstd"], coef, spec.stride,
+            x, fwd.zs, st["mean"], st["rstd"], coef, spec.stride,
             spec.max_index is not None, spec.avg_index is not None, spec.skip_index is not None, backend=backend,
         )  # fmt: skip
         ctx.spec, ctx.memory, ctx.backend = spec, memory, backend
         ctx.weights_dtype = weights.dtype
         ctx.stats = {k: st[k] for k in ("m1", "r1", "mean", "rstd")}
-        ctx.save_for_backward(x, coef, coef_index, *params, *((fwd.z,) if memory == "save" else ()))
+        ctx.save_for_backward(x, coef, coef_index, *params, *((fwd.zs,) if memory == "save" else ()))
         return out
 
     @staticmethod
@@ -285,33 +290,33 @@ class DartsEdgeFunction(torch.autograd.Function):
         x, coef, coef_index, *rest = ctx.saved_tensors
         params = rest[: spec.n_params]
         st = ctx.stats
-        saved_z = rest[spec.n_params] if ctx.memory == "save" else None
-        fwd = _Forward(spec, x, params, backend, stats=st, z=saved_z)
+        saved_zs = rest[spec.n_params] if ctx.memory == "save" else None
+        fwd = _Forward(spec, x, params, backend, stats=st, zs=saved_zs)
         g = g.contiguous()
         ns, nd = spec.ns, spec.nd
         J1 = ns + nd
         C, N, Ho, Wo = fwd.shape
         M = N * Ho * Wo
         gz, gx, gcoef = darts_sum_backward(
-            g, x, fwd.zsum(), st["mean"], st["rstd"], coef, spec.stride,
+            g, x, fwd.zs, st["mean"], st["rstd"], coef, spec.stride,
             spec.max_index is not None, spec.avg_index is not None, spec.skip_index is not None, True, backend=backend,
         )  # fmt: skip
         g_dw1 = g_pw1 = g_dw2 = g_pw2 = None
         if J1:
             gd1 = x.new_empty((J1, C, M))
             g_pw1 = x.new_empty((J1, C, C))
-            pw1 = _stack_pointwise(fwd.pw1)
+            pw1 = fwd.pw1
             d1 = fwd.d1.view(J1, C, M)
             if ns:
                 gz_end = gz[nd : nd + ns].view(ns, C, M)
                 d2 = fwd.d2.view(ns, C, M)
                 g_pw2 = torch.bmm(gz_end, d2.transpose(1, 2))
                 gd2 = torch.bmm(_stack_pointwise(fwd.pw2).transpose(1, 2), gz_end)
-                a2, m_a2, r_a2 = _prologue(fwd.z, st["m1"], st["r1"], ns)
+                a2, m_a2, r_a2 = _prologue(fwd.z_mid, st["m1"], st["r1"])
                 gpre2, g_dw2 = multi_depthwise_backward(
                     gd2.view(ns, C, N, Ho, Wo), a2, fwd.dw2, [1] * ns, 1, m_a2, r_a2, True, backend=backend
                 )
-                gz_mid = stacked_batch_norm_backward(gpre2, fwd.z[:ns], st["m1"][:ns], st["r1"][:ns], backend=backend)
+                gz_mid = stacked_batch_norm_backward(gpre2, fwd.z_mid, st["m1"], st["r1"], backend=backend)
                 gz_mid = gz_mid.view(ns, C, M)
                 torch.bmm(pw1[:ns].transpose(1, 2), gz_mid, out=gd1[:ns])
                 torch.bmm(gz_mid, d1[:ns].transpose(1, 2), out=g_pw1[:ns])
@@ -337,9 +342,9 @@ class DartsEdgeFunction(torch.autograd.Function):
                 gx[:, :, off::2, off::2] += ga * (xs > 0)
         grads = []
         for j in range(ns):
-            grads += [g_dw1[j], g_pw1[j].view_as(fwd.pw1[j]), g_dw2[j], g_pw2[j].view_as(fwd.pw2[j])]
+            grads += [g_dw1[j], g_pw1[j].view_as(fwd.pw1_list[j]), g_dw2[j], g_pw2[j].view_as(fwd.pw2[j])]
         for j in range(nd):
-            grads += [g_dw1[ns + j], g_pw1[ns + j].view_as(fwd.pw1[ns + j])]
+            grads += [g_dw1[ns + j], g_pw1[ns + j].view_as(fwd.pw1_list[ns + j])]
         grads += g_fr
         g_weights = gcoef.new_zeros(spec.K).index_add_(0, coef_index, gcoef)
         # Absent max/avg/skip coefficients point at index 0 with a zero gradient.
