@@ -238,7 +238,6 @@ class _Forward:
         self.stats = stats
         self.fr = fr
         self.dw1, self.dw2, self.pw2 = dw1, dw2, pw2
-        self.pw1_list = pw1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -303,27 +302,20 @@ class DartsEdgeFunction(torch.autograd.Function):
         )  # fmt: skip
         g_dw1 = g_pw1 = g_dw2 = g_pw2 = None
         if J1:
-            gd1 = x.new_empty((J1, C, M))
-            g_pw1 = x.new_empty((J1, C, C))
-            pw1 = fwd.pw1
             d1 = fwd.d1.view(J1, C, M)
+            gz1 = gz[:nd].view(nd, C, M)  # the first 1x1 convolutions' output gradients, [seps, dils]
             if ns:
                 gz_end = gz[nd : nd + ns].view(ns, C, M)
-                d2 = fwd.d2.view(ns, C, M)
-                g_pw2 = torch.bmm(gz_end, d2.transpose(1, 2))
+                g_pw2 = torch.bmm(gz_end, fwd.d2.view(ns, C, M).transpose(1, 2)).view(ns, C, C, 1, 1).unbind(0)
                 gd2 = torch.bmm(_stack_pointwise(fwd.pw2).transpose(1, 2), gz_end)
                 a2, m_a2, r_a2 = _prologue(fwd.z_mid, st["m1"], st["r1"])
                 gpre2, g_dw2 = multi_depthwise_backward(
                     gd2.view(ns, C, N, Ho, Wo), a2, fwd.dw2, [1] * ns, 1, m_a2, r_a2, True, backend=backend
                 )
                 gz_mid = stacked_batch_norm_backward(gpre2, fwd.z_mid, st["m1"], st["r1"], backend=backend)
-                gz_mid = gz_mid.view(ns, C, M)
-                torch.bmm(pw1[:ns].transpose(1, 2), gz_mid, out=gd1[:ns])
-                torch.bmm(gz_mid, d1[:ns].transpose(1, 2), out=g_pw1[:ns])
-            if nd:
-                gz_dil = gz[:nd].view(nd, C, M)
-                torch.bmm(pw1[ns:].transpose(1, 2), gz_dil, out=gd1[ns:])
-                torch.bmm(gz_dil, d1[ns:].transpose(1, 2), out=g_pw1[ns:])
+                gz1 = torch.cat((gz_mid.view(ns, C, M), gz1)) if nd else gz_mid.view(ns, C, M)
+            gd1 = torch.bmm(fwd.pw1.transpose(1, 2), gz1)
+            g_pw1 = torch.bmm(gz1, d1.transpose(1, 2)).view(J1, C, C, 1, 1).unbind(0)
             gx1, g_dw1 = multi_depthwise_backward(
                 gd1.view(J1, C, N, Ho, Wo), x, fwd.dw1, _first_dilations(spec), spec.stride, None, None, True,
                 backend=backend,
@@ -342,9 +334,9 @@ class DartsEdgeFunction(torch.autograd.Function):
                 gx[:, :, off::2, off::2] += ga * (xs > 0)
         grads = []
         for j in range(ns):
-            grads += [g_dw1[j], g_pw1[j].view_as(fwd.pw1_list[j]), g_dw2[j], g_pw2[j].view_as(fwd.pw2[j])]
+            grads += [g_dw1[j], g_pw1[j], g_dw2[j], g_pw2[j]]
         for j in range(nd):
-            grads += [g_dw1[ns + j], g_pw1[ns + j].view_as(fwd.pw1_list[ns + j])]
+            grads += [g_dw1[ns + j], g_pw1[ns + j]]
         grads += g_fr
         g_weights = gcoef.new_zeros(spec.K).index_add_(0, coef_index, gcoef)
         # Absent max/avg/skip coefficients point at index 0 with a zero gradient.
