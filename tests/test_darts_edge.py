@@ -201,11 +201,11 @@ def _saved_bytes(net, x):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("partial, save_bound, recompute_bound", [(None, 4, 10), (4, 3, 5)])
+@pytest.mark.parametrize("partial, save_bound, recompute_bound", [(None, 4, 10), (4, 4, 5)])
 def test_recompute_keeps_less_than_save_keeps_less_than_eager(partial, save_bound, recompute_bound):
     """The memory targets on what autograd keeps: DARTS save <= 1/4 and recompute
     <= 1/10 of eager; PC-DARTS, whose eager network already keeps a quarter of
-    the channels, 1/3 and 1/5."""
+    the channels, 1/4 and 1/5."""
     backend = "cpu" if "cpu" in BACKENDS else "reference"
     if backend == "reference":
         pytest.skip("no fused backend")
@@ -217,7 +217,7 @@ def test_recompute_keeps_less_than_save_keeps_less_than_eager(partial, save_boun
     eager, save, recompute = sizes[("save", "reference")], sizes[("save", backend)], sizes[("recompute", backend)]
     assert save < eager / save_bound, sizes
     assert recompute < eager / recompute_bound, sizes
-    assert recompute < save / 2, sizes
+    assert recompute < save / 1.5, sizes
 
 
 def test_darts_edge_rejects_bad_arguments():

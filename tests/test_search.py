@@ -400,3 +400,15 @@ def test_unavailable_backend_is_a_clear_error():
     # CUDA kernels never serve CPU tensors, whatever was built.
     with pytest.raises(SearchError, match="--backend cuda"):
         run(tiny_config("darts", backend="cuda"))
+
+
+@pytest.mark.parametrize("memory", ["recompute", "checkpoint"])
+def test_second_order_darts_with_recomputation_matches_eager(memory):
+    """Second-order DARTS runs the network under torch.func.functional_call with
+    unrolled and shifted weights: whatever is recomputed in backward must see
+    those weights, not the module's own."""
+    ref, ref_net = run(tiny_config("darts-2nd", backend="reference"))
+    got, got_net = run(tiny_config("darts-2nd", memory=memory))
+    for a, r in zip(got_net.arch_parameters(), ref_net.arch_parameters()):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    assert_state_close(got_net.state_dict(), ref_net.state_dict())

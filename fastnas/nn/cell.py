@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 
+from fastnas.ops._common import resolve
 from fastnas.ops import mixed_sum
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
-from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, _frozen_batch_norm_stats
+from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, checkpoint_module
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 
 
@@ -50,9 +49,10 @@ class Cell(nn.Module):
         reduction_prev: the previous cell did, so input 0 is reduced to match.
         edge_primitives: one candidate list per edge, all the same length.
         partial_channels: K of PC-DARTS, or None for full mixed ops.
-        backend, memory: passed to the mixed ops. Under ``memory="recompute"`` the
-            two input preprocessings (ReLU, 1x1 convolution, batch norm) keep only
-            their input, the previous cells' outputs, and run again in backward.
+        backend, memory: passed to the mixed ops. Under ``memory="recompute"``, and
+            under ``"save"`` when the edges run the fused engine, the two input
+            preprocessings (ReLU, 1x1 convolution, batch norm) keep only their
+            input, the previous cells' outputs, and run again in backward.
 
     ``forward(s0, s1, weights, edge_weights=None, indices=None)``: ``weights`` is
     (edges, candidates); ``edge_weights`` (edges,) scales each edge's output
@@ -127,13 +127,18 @@ class Cell(nn.Module):
         return torch.cat(states[-self.multiplier :], dim=1)
 
     def _preprocess(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and self.edges and self.edges[0].memory == "recompute":
-            # No randomness inside; batch-norm statistics updated in forward only.
-            return checkpoint(
-                module, s, use_reentrant=False, preserve_rng_state=False,
-                context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(module)),
-            )  # fmt: skip
-        return module(s)
+        if not (self.training and torch.is_grad_enabled() and self.edges and self._recompute_preprocess(s)):
+            return module(s)
+        # No randomness inside.
+        return checkpoint_module(module, module, s, preserve_rng_state=False)
+
+    def _recompute_preprocess(self, s: torch.Tensor) -> bool:
+        """Recompute the preprocessing in backward: always under recompute, and
+        under save when the edges run the fused engine (eager modules keep theirs)."""
+        memory = self.edges[0].memory
+        if memory == "recompute":
+            return True
+        return memory == "save" and resolve(s.device, self.edges[0].backend) != "reference"
 
     def _partial_channel_node(self, states, weights, edge_weights, indices, offset) -> torch.Tensor:
         """A PC-DARTS node in one pass: every edge's mixed part, bypass, shuffle and weight."""

@@ -48,6 +48,40 @@ def _frozen_batch_norm_stats(module: nn.Module):
                     getattr(m, name).copy_(value)
 
 
+class _Bound(nn.Module):
+    """``fn`` as the forward of a module that owns ``module``, for functional_call."""
+
+    def __init__(self, module: nn.Module, fn):
+        super().__init__()
+        self.module = module
+        object.__setattr__(self, "fn", fn)  # not a second registration when fn is the module itself
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def checkpoint_module(module: nn.Module, fn, *args, preserve_rng_state: bool = True):
+    """``fn(*args)``, a computation of ``module``, under ``torch.utils.checkpoint``.
+
+    The module's parameters are explicit inputs of the checkpoint: under
+    ``torch.func.functional_call`` (as second-order DARTS runs the network) the
+    recomputation then sees the tensors the forward saw, not the module's own.
+    Batch-norm running statistics are updated by the forward only.
+    """
+    named = list(module.named_parameters())
+    names = ["module." + n for n, _ in named]
+    bound = _Bound(module, fn)
+
+    def run(*inputs):
+        params = dict(zip(names, inputs[len(args) :]))
+        return torch.func.functional_call(bound, params, inputs[: len(args)], strict=False)
+
+    return checkpoint(
+        run, *args, *(p for _, p in named), use_reentrant=False, preserve_rng_state=preserve_rng_state,
+        context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(module)),
+    )  # fmt: skip
+
+
 class MixedOp(nn.Module):
     """Weighted sum of every candidate operation on one edge (DARTS).
 
@@ -162,10 +196,7 @@ class MixedOp(nn.Module):
 
     def _checkpointed(self, fn, x, weights, index):
         """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once."""
-        return checkpoint(
-            fn, x, weights, index, use_reentrant=False,
-            context_fn=lambda: (contextlib.nullcontext(), _frozen_batch_norm_stats(self)),
-        )  # fmt: skip
+        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights)
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
