@@ -95,8 +95,8 @@ class MixedOp(nn.Module):
         backend: fastnas backend of the fused ops (None: the usual choice;
             "reference" runs the eager candidate modules, the oracle).
         memory: what the edge keeps for backward. "save" (default): the fused
-            edge (``fastnas.ops.darts_edge``) keeps only its candidates' pre-BN
-            tensors; "recompute": it keeps nothing and recomputes the candidates
+            edge (``fastnas.ops.darts_edge``) keeps only the pre-BN tensors its
+            weighted sum normalises; "recompute": it keeps nothing and recomputes the candidates
             inside its backward; "checkpoint": the eager candidate modules under
             ``torch.utils.checkpoint`` (a baseline).
 

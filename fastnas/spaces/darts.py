@@ -166,7 +166,8 @@ class SearchNetwork(SuperNet):
         edge_primitives: {"normal": [...], "reduce": [...]}, one candidate list
             per edge (P-DARTS stages); every list must have the same length.
             Default: ``primitives`` on every edge.
-        memory: "save" or "checkpoint" (recompute each mixed op in backward).
+        memory: "save", "recompute" or "checkpoint", as ``fastnas.nn.MixedOp``
+            and ``fastnas.nn.Cell`` take it.
 
     Architecture parameters: ``alphas_normal`` and ``alphas_reduce``
     (edges x candidates) and, with edge normalisation, ``betas_normal`` and
