@@ -192,7 +192,9 @@ class _Forward:
             zs = x.new_empty((nz, C, N, Ho, Wo))
         self.d1 = self.d2 = self.z_mid = None
         self.fr_in = None
+        # The 1x1 weights stacked once, (J, C, C): forward and backward both read them.
         self.pw1 = _stack_pointwise(pw1) if J1 else None
+        self.pw2 = _stack_pointwise(pw2) if ns else None
         if J1:
             self.d1 = multi_depthwise(x, dw1, _first_dilations(spec), s, backend=backend)
             d1 = self.d1.view(J1, C, M)
@@ -207,7 +209,7 @@ class _Forward:
         if ns:
             self.d2 = _second_depthwise(self.z_mid, m1, r1, dw2, backend)
             if fill:
-                torch.bmm(_stack_pointwise(pw2), self.d2.view(ns, C, M), out=zs[nd : nd + ns].view(ns, C, M))
+                torch.bmm(self.pw2, self.d2.view(ns, C, M), out=zs[nd : nd + ns].view(ns, C, M))
         if spec.reduce_index is not None:
             half = C // 2
             a1 = _channel_major(torch.relu(x[:, :, ::2, ::2]))
@@ -237,7 +239,7 @@ class _Forward:
         self.zs = zs
         self.stats = stats
         self.fr = fr
-        self.dw1, self.dw2, self.pw2 = dw1, dw2, pw2
+        self.dw1, self.dw2 = dw1, dw2
 
 
 @functools.lru_cache(maxsize=1024)
@@ -307,7 +309,7 @@ class DartsEdgeFunction(torch.autograd.Function):
             if ns:
                 gz_end = gz[nd : nd + ns].view(ns, C, M)
                 g_pw2 = torch.bmm(gz_end, fwd.d2.view(ns, C, M).transpose(1, 2)).view(ns, C, C, 1, 1).unbind(0)
-                gd2 = torch.bmm(_stack_pointwise(fwd.pw2).transpose(1, 2), gz_end)
+                gd2 = torch.bmm(fwd.pw2.transpose(1, 2), gz_end)
                 a2, m_a2, r_a2 = _prologue(fwd.z_mid, st["m1"], st["r1"])
                 gpre2, g_dw2 = multi_depthwise_backward(
                     gd2.view(ns, C, N, Ho, Wo), a2, fwd.dw2, [1] * ns, 1, m_a2, r_a2, True, backend=backend
