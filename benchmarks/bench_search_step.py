@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,33 +64,16 @@ def child_command(args, network: str, backend: str, memory: str) -> list[str]:
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def _child(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[dict | None, str]:
-    """Run one ``fastnas.bench`` child; its JSON result, or None and why not."""
-    try:
-        # From the repository root ``-m fastnas.bench`` finds this checkout, installed or not.
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                              env=None if env is None else {**os.environ, **env})  # fmt: skip
-    except subprocess.TimeoutExpired:
-        return None, f"timed out after {timeout:.0f} s"
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"failed (exit {proc.returncode}): {err[:200]}"
-    return json.loads(lines[-1]), ""
-
-
 def run_config(args, network: str, backend: str, memory: str) -> dict:
     row = {"network": network, "backend": backend, "memory": memory, "batch_size": args.batch_size}
-    result, why = _child(child_command(args, network, backend, memory), args.timeout)
+    result, why = bench.run_child(child_command(args, network, backend, memory), args.timeout)
     if result is None:
         return {**row, "note": why}
     ops = result.get("ops_per_step") or {}
     row = {**row, **result, "aten_ops": ops.get("aten"), "fastnas_ops": ops.get("fastnas")}
     if args.device == "cpu" and args.live_memory:
-        cmd = child_command(args, network, backend, memory)
-        cmd = [c for c in cmd if c != "--no-count-ops"]
-        cmd += ["--reps", "1", "--warmup", "0", "--no-count-ops"]
-        live, why = _child(cmd, args.timeout, LIVE_MEMORY_ENV)
+        cmd = child_command(args, network, backend, memory) + ["--reps", "1", "--warmup", "0", "--no-count-ops"]
+        live, why = bench.run_child(cmd, args.timeout, LIVE_MEMORY_ENV)
         if live is None:
             row["note"] = f"live-memory run {why}"
         else:

@@ -15,14 +15,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
+try:
+    import fastnas  # noqa: F401
+except ImportError:  # running from a clone that is not installed
+    sys.path.insert(0, str(REPO))
+
+from fastnas import bench  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -94,21 +98,10 @@ def _run_once(key: str, batch: int, timeout: float) -> dict:
         sys.executable, "-m", "fastnas.bench", "--network", network, "--backend", backend, "--memory", memory,
         "--batch-size", str(batch), "--device", "cuda", "--reps", "1", "--warmup", "0", "--no-count-ops",
     ]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"result": f"did not finish in {timeout:.0f} s"}
-    if proc.returncode == 0:
-        try:
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
-            return {"result": "fits", "ms": f"{out['step_ms_median']:.0f}", "mib": f"{out['peak_memory_mib']:.0f}"}
-        except (ValueError, KeyError, IndexError):
-            return {"result": "fits (no JSON line)"}
-    err = proc.stderr + proc.stdout
-    if "out of memory" in err.lower():
-        return {"result": "out of memory"}
-    tail = (err.strip().splitlines() or ["no output"])[-1]
-    return {"result": f"failed (exit {proc.returncode}): {tail[:200]}"}
+    out, why = bench.run_child(cmd, timeout)
+    if out is not None:
+        return {"result": "fits", "ms": f"{out['step_ms_median']:.0f}", "mib": f"{out['peak_memory_mib']:.0f}"}
+    return {"result": "out of memory" if "out of memory" in why.lower() else why}
 
 
 if __name__ == "__main__":

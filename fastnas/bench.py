@@ -277,6 +277,25 @@ def count_ops(fn: Callable[[], object]) -> OpCounter:
     return counter
 
 
+def run_child(cmd: Sequence[str], timeout: float, env: dict | None = None) -> tuple[dict | None, str]:
+    """Run a benchmark child (``python -m fastnas.bench ...``) from the repository root.
+
+    Returns its last JSON line, or None and why not: the timeout, or the exit
+    status with the last line of stderr (an exception's message).
+    """
+    try:
+        # From the repository root ``-m fastnas.bench`` finds this checkout, installed or not.
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                              env=None if env is None else {**os.environ, **env})  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {timeout:.0f} s"
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"failed (exit {proc.returncode}): {err[:200]}"
+    return json.loads(lines[-1]), ""
+
+
 # --- environment, bandwidth, result files --------------------------------------------
 
 
