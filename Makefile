@@ -3,8 +3,11 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
+BUILT := $(VENV)/.fastnas-built
+# What the extension is built from: when none of it changed, `build` does nothing.
+EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: build test search bench info clean
+.PHONY: build lint format test search bench info clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -12,12 +15,29 @@ $(STAMP): requirements.txt
 	touch $@
 
 # Compiles fastnas._C against the venv's torch (CUDA kernels too when nvcc is
-# there); ninja recompiles only what changed.
-build: $(STAMP)
-	$(PY) -m pip install --no-build-isolation --no-deps -e .
+# there). Nothing runs when no source changed; otherwise ninja recompiles only
+# the changed files (their objects are kept in build/ext).
+build: $(BUILT)
 
-# The C++ test (CMake build of the same sources, ctest) first, then the Python suite.
-test: build
+$(BUILT): $(STAMP) $(EXT_SOURCES)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+CXX_FILES = $(shell find csrc tests/cpp -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+
+# Lint and format checks (ruff, clang-format); `make format` applies the formatters.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CXX_FILES)
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CXX_FILES)
+
+# The linters, the C++ test (CMake build of the same sources, ctest), then the Python suite.
+test: build lint
 	cmake -S . -B build/cmake -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch; print(torch.utils.cmake_prefix_path)')" >/dev/null
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure

@@ -15,6 +15,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+# Object files live here across builds, so that ninja recompiles only the sources
+# (or headers) that changed; pip would otherwise build in a fresh folder each time.
+BUILD_TEMP = ROOT / "build" / "ext"
 # Default arch list when TORCH_CUDA_ARCH_LIST is unset and no GPU can be asked:
 # Ampere and Hopper, the GPUs DARTS searches run on today.
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
@@ -81,6 +84,8 @@ def _extensions():
 
     build_cuda, why_not = _cuda_wanted()
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # Headers too, so that setuptools relinks when only a header changed.
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     cxx_flags = ["-O3", "-std=c++20"] + openmp
     define_macros = []
@@ -93,6 +98,7 @@ def _extensions():
         ext = CUDAExtension(
             "fastnas._C",
             sources,
+            depends=depends,
             include_dirs=include_dirs,
             define_macros=define_macros,
             library_dirs=_cuda_library_dirs(),
@@ -104,6 +110,7 @@ def _extensions():
         ext = CppExtension(
             "fastnas._C",
             sources,
+            depends=depends,
             include_dirs=include_dirs,
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx_flags},
@@ -112,9 +119,20 @@ def _extensions():
     return [ext]
 
 
-def main():
+def _build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
+    class PersistentBuildExtension(BuildExtension):
+        """torch's BuildExtension with its object files kept in build/ext."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            self.build_temp = str(BUILD_TEMP)
+
+    return PersistentBuildExtension.with_options(use_ninja=True)
+
+
+def main():
     _set_max_jobs()
     setup(
         packages=[
@@ -130,7 +148,7 @@ def main():
         # a bare top-level ``kernels`` module would clash with another project.
         package_dir={"fastnas": "fastnas", "fastnas.kernels": "kernels"},
         ext_modules=_extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": _build_ext_class()},
     )
 
 

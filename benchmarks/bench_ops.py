@@ -326,7 +326,9 @@ def run(args) -> int:
         env["load_average_end"] = bench.load_average()
         bench.write_results(rows, COLUMNS, stem, f"fastnas ops benchmark ({device})", env, notes)
 
-    print("\n" + "\n".join(["TARGETS (fused fwd+bwd vs eager reference, goal >= 2x):"] + (summary or ["  none measured"])))
+    print(
+        "\n" + "\n".join(["TARGETS (fused fwd+bwd vs eager reference, goal >= 2x):"] + (summary or ["  none measured"]))
+    )
     print(f"\nwrote {stem}.md and {stem}.csv")
     return 0
 
@@ -336,7 +338,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="the target sizes only, shorter timing")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    parser.add_argument("--impls", default=None, help="comma list of backends, 'eager', 'compile' (default: all that run here)")
+    parser.add_argument(
+        "--impls", default=None, help="comma list of backends, 'eager', 'compile' (default: all that run here)"
+    )
     parser.add_argument("--case", default=None, help="only cases whose label contains this text")
     parser.add_argument("--no-memory", action="store_true", help="skip the CPU memory subprocesses")
     parser.add_argument("--memory-timeout", type=float, default=300.0)

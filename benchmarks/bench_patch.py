@@ -182,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--paired", action="store_true", help="time all configurations interleaved in one process only")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_patch.md")
     args = p.parse_args(argv)
+    command_args = " ".join(argv if argv is not None else sys.argv[1:])
     if args.worker:
         args.config = args.worker
         print(json.dumps(worker(args)))
@@ -199,17 +200,20 @@ def main(argv=None) -> int:
         os.environ.update(OMP_NUM_THREADS=str(args.threads))
         res = paired_worker(args, configs)
         base = res["unpatched"]["median_ms"]
+        when = datetime.datetime.now().isoformat(timespec="seconds")
         lines = [
             "",
-            f"Interleaved in one process (`python benchmarks/bench_patch.py {' '.join(argv if argv is not None else sys.argv[1:])}`), "
-            f"{args.reps} steps each after a warm-up, {datetime.datetime.now().isoformat(timespec='seconds')}, commit {_commit()}, "
+            f"Interleaved in one process (`python benchmarks/bench_patch.py {command_args}`), "
+            f"{args.reps} steps each after a warm-up, {when}, commit {_commit()}, "
             f"load average {os.getloadavg()[0]:.1f}:",
             "",
             "| configuration | step median ms (q25-q75) | speed-up |",
             "|---|---|---|",
         ]
         for c, r in res.items():
-            lines.append(f"| {c} | {r['median_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {base / r['median_ms']:.2f}x |")
+            lines.append(
+                f"| {c} | {r['median_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {base / r['median_ms']:.2f}x |"
+            )
         print("\n".join(lines))
         with open(args.out, "a") as f:
             f.write("\n".join(lines) + "\n")
@@ -219,7 +223,10 @@ def main(argv=None) -> int:
         for config in configs:
             r = _run_worker(config, args)
             runs[config].append(r)
-            print(f"{config:18s} {r['median_ms']:9.1f} ms  peak RSS {r['peak_rss_mib']:7.1f} MiB  loss {r['first_loss']:.6f}")
+            print(
+                f"{config:18s} {r['median_ms']:9.1f} ms  peak RSS {r['peak_rss_mib']:7.1f} MiB  "
+                f"loss {r['first_loss']:.6f}"
+            )
     # The fastest round of each, since other processes only ever add time.
     best = {c: min(rs, key=lambda r: r["median_ms"]) for c, rs in runs.items()}
     base = best["unpatched"]
@@ -237,22 +244,24 @@ def main(argv=None) -> int:
         f"- time: median (quartiles) of {args.reps} steps after one warm-up step, the best of {args.rounds} "
         "interleaved fresh-process rounds",
         "- memory: peak resident set (VmHWM) of the process; step peak is VmHWM over the warm-up step above the "
-        f"resident set before it (MALLOC_MMAP_THRESHOLD_=65536)",
-        f"- command: `python benchmarks/bench_patch.py {' '.join(argv if argv is not None else sys.argv[1:])}`".rstrip(),
+        "resident set before it (MALLOC_MMAP_THRESHOLD_=65536)",
+        f"- command: `python benchmarks/bench_patch.py {command_args}`".rstrip(),
         "",
-        "| configuration | step median ms (q25-q75) | speed-up | peak RSS MiB | step peak MiB | step peak ratio | first loss |",
+        "| configuration | step median ms (q25-q75) | speed-up | peak RSS MiB | step peak MiB | step peak ratio "
+        "| first loss |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         r = best[c]
         sp = r["step_peak_mib"]
         ratio = f"{sp / base['step_peak_mib']:.2f}" if sp is not None and base["step_peak_mib"] else "n/a"
-        lines.append(
-            f"| {c} | {r['median_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f}) | {base['median_ms'] / r['median_ms']:.2f}x "
-            f"| {r['peak_rss_mib']:.0f} | {sp:.0f} | {ratio} | {r['first_loss']:.6f} |"
-            if sp is not None
-            else f"| {c} | {r['median_ms']:.0f} | {base['median_ms'] / r['median_ms']:.2f}x | {r['peak_rss_mib']:.0f} | n/a | n/a | {r['first_loss']:.6f} |"
-        )
+        speedup = f"{base['median_ms'] / r['median_ms']:.2f}x"
+        if sp is not None:
+            time_cell = f"{r['median_ms']:.0f} ({r['q25_ms']:.0f}-{r['q75_ms']:.0f})"
+            peaks = f"{sp:.0f} | {ratio}"
+        else:
+            time_cell, peaks = f"{r['median_ms']:.0f}", "n/a | n/a"
+        lines.append(f"| {c} | {time_cell} | {speedup} | {r['peak_rss_mib']:.0f} | {peaks} | {r['first_loss']:.6f} |")
     lines += ["", "All rounds:", "", "| configuration | step median ms | peak RSS MiB |", "|---|---|---|"]
     for c in configs:
         for r in runs[c]:

@@ -25,7 +25,7 @@ try:
 except ImportError:  # running from a clone that is not installed
     sys.path.insert(0, str(REPO))
 
-from fastnas import bench
+from fastnas import bench  # noqa: E402
 
 COLUMNS = [
     "network", "backend", "backend_used", "memory", "batch_size", "threads", "reps", "step_ms_median", "step_ms_q25",
@@ -95,12 +95,20 @@ def main(argv=None) -> int:
     parser.add_argument("--tag", default="", help="suffix of the result files' names")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-count-ops", action="store_true")
-    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
-                        help="imagenet: three stride-2 convolutions (use with --image-size 224)")
+    parser.add_argument(
+        "--stem",
+        choices=("cifar", "imagenet"),
+        default="cifar",
+        help="imagenet: three stride-2 convolutions (use with --image-size 224)",
+    )
     parser.add_argument("--cuda-graph", action="store_true", help="capture the step as a CUDA graph and replay it")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per configuration")
-    parser.add_argument("--no-live-memory", dest="live_memory", action="store_false",
-                        help="CPU: skip the second run of each configuration that measures the peak of live memory")
+    parser.add_argument(
+        "--no-live-memory",
+        dest="live_memory",
+        action="store_false",
+        help="CPU: skip the second run of each configuration that measures the peak of live memory",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -120,14 +128,16 @@ def main(argv=None) -> int:
         + (
             "torch.cuda.max_memory_allocated above memory_allocated after the network was built."
             if args.device == "cuda"
-            else "peak resident memory (VmHWM) above resident memory after the network, optimisers and batches were built. "
+            else "peak resident memory (VmHWM) above resident memory after the network, optimisers and batches were "
+            "built. "
             "live_peak_mib: the same in a second run of one step with glibc's mmap threshold fixed at 128 KiB "
             "(MALLOC_MMAP_THRESHOLD_=131072), so that freed tensors leave the process at once and the peak counts "
             "live memory only; that run is slower and its time is not reported."
         ),
         "Ops: ops reaching the dispatcher below autograd in one step (TorchDispatchMode), forward, backward "
         "and optimisers; fastnas_ops are the fused kernels among them.",
-        "time_vs_reference and memory_vs_reference: this row over the same network with backend=reference, memory=save.",
+        "time_vs_reference and memory_vs_reference: this row over the same network with backend=reference, "
+        "memory=save.",
     ]
     rows = []
     for network in [n.strip() for n in args.networks.split(",") if n.strip()]:
@@ -139,7 +149,8 @@ def main(argv=None) -> int:
             print(
                 f"{network:9s} {backend:10s} {memory or 'save':11s} "
                 + (
-                    f"{row['step_ms_median']:9.0f} ms  {row['peak_memory_mib']:8.0f} MiB  {row.get('aten_ops')} aten ops"
+                    f"{row['step_ms_median']:9.0f} ms  {row['peak_memory_mib']:8.0f} MiB  "
+                    f"{row.get('aten_ops')} aten ops"
                     if "step_ms_median" in row
                     else row.get("note", "")
                 )

@@ -33,8 +33,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--from", dest="source", required=True, help="a cuda_search_step.csv")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--verify", default="",
-                        help="comma list of NETWORK:BACKEND:MEMORY (or 'all') to run once at the estimate")
+    parser.add_argument(
+        "--verify", default="", help="comma list of NETWORK:BACKEND:MEMORY (or 'all') to run once at the estimate"
+    )
     parser.add_argument("--step-timeout", type=float, default=240.0, help="seconds for each verification run")
     parser.add_argument("--headroom", type=float, default=0.9, help="fraction of free memory to plan for")
     args = parser.parse_args(argv)
@@ -70,8 +71,13 @@ def main(argv=None) -> int:
         )
     wanted = list(estimates) if args.verify == "all" else [v for v in args.verify.split(",") if v]
     if wanted:
-        lines += ["", "Verification: one search step at the estimate in a fresh process; on failure at 90% and 80% of it.",
-                  "", "| configuration | batch | result | step ms | peak MiB |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Verification: one search step at the estimate in a fresh process; on failure at 90% and 80% of it.",
+            "",
+            "| configuration | batch | result | step ms | peak MiB |",
+            "|---|---|---|---|---|",
+        ]
     for key in wanted:
         est = estimates.get(key)
         if est is None:

@@ -1,7 +1,7 @@
 """fastnas: a fused-kernel supernet engine for weight-sharing neural architecture search."""
 
-from fastnas._version import __version__
 from fastnas import ops
+from fastnas._version import __version__
 from fastnas.ops import available_backends, use_backend
 from fastnas.patch import accelerate, patch, unpatch
 

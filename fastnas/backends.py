@@ -29,7 +29,7 @@ AUTO = "auto"
 _chosen: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastnas_backend", default=None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_extension():
     """Import fastnas._C once; return (module or None, reason it failed)."""
     try:
@@ -48,7 +48,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import_error() -> str:
     try:
         import triton  # noqa: F401

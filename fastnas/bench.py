@@ -17,8 +17,8 @@ the autograd engine's backward ops are counted too.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import csv
+import ctypes
 import datetime
 import json
 import math
@@ -374,7 +374,6 @@ def copy_bandwidth(device: str | torch.device, nbytes: int = 1 << 30) -> float:
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     timing = time_fn(lambda: dst.copy_(src), device, min_time_s=0.5, min_reps=5)
-    del src, dst
     return 2 * n * 4 / (timing.median_ms / 1e3)
 
 
@@ -421,16 +420,24 @@ NETWORKS = {"darts": None, "pc-darts": 4}
 
 def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``fastnas bench-step`` (one configuration, in this process)."""
-    parser.add_argument("--network", choices=sorted(NETWORKS), default="darts", help="DARTS or PC-DARTS (K=4) CIFAR network")
+    parser.add_argument(
+        "--network", choices=sorted(NETWORKS), default="darts", help="DARTS or PC-DARTS (K=4) CIFAR network"
+    )
     parser.add_argument("--backend", default="auto", help="fused-op backend: auto, reference, cpu, cuda, triton")
     parser.add_argument(
-        "--memory", default="save", choices=("save", "recompute", "checkpoint"),
+        "--memory",
+        default="save",
+        choices=("save", "recompute", "checkpoint"),
         help="what each edge keeps for backward: save, recompute (fused engine) or checkpoint (eager modules)",
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--stem", choices=("cifar", "imagenet"), default="cifar",
-                        help="imagenet: three stride-2 convolutions, for 224x224 inputs")
+    parser.add_argument(
+        "--stem",
+        choices=("cifar", "imagenet"),
+        default="cifar",
+        help="imagenet: three stride-2 convolutions, for 224x224 inputs",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="timed steps (default: 3 on CPU, 20 on CUDA)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
@@ -441,7 +448,8 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--cuda-graph", action="store_true",
+        "--cuda-graph",
+        action="store_true",
         help="also time the step captured once as a CUDA graph and replayed (CUDA only); reports both",
     )
     return parser
@@ -461,8 +469,9 @@ def _build_network(args, device):
     ).to(device)
 
 
-def make_search_step(net, device, batch_size: int, image_size: int, num_classes: int, seed: int = 0,
-                     cuda_graph: bool = False):
+def make_search_step(
+    net, device, batch_size: int, image_size: int, num_classes: int, seed: int = 0, cuda_graph: bool = False
+):
     """One first-order DARTS step as a closure: arch step on a val batch, then weight step.
 
     Hyper-parameters are the DARTS paper's; the batches are fixed random data, as
@@ -499,7 +508,9 @@ def make_search_step(net, device, batch_size: int, image_size: int, num_classes:
     if cuda_graph:
         from fastnas.search.cuda_graph import GraphedStep
 
-        graphed = GraphedStep(step_on, (x_train, y_train, x_val, y_val), modules=[net], optimizers=[arch_opt, weight_opt])
+        graphed = GraphedStep(
+            step_on, (x_train, y_train, x_val, y_val), modules=[net], optimizers=[arch_opt, weight_opt]
+        )
         graphed.capture()
 
         def graph_step() -> torch.Tensor:
@@ -602,9 +613,13 @@ def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
         "step_ms_q25": timing.q25_ms,
         "step_ms_q75": timing.q75_ms,
         "peak_memory_mib": peak / 2**20,
-        "peak_memory_kind": "max_memory_allocated above baseline" if device.type == "cuda" else "peak RSS above baseline",
+        "peak_memory_kind": "max_memory_allocated above baseline"
+        if device.type == "cuda"
+        else "peak RSS above baseline",
         "ops_per_step": ops,
-        "ops_counted_by": "TorchDispatchMode, one step (the first), forward and backward of both halves plus optimisers",
+        "ops_counted_by": (
+            "TorchDispatchMode, one step (the first), forward and backward of both halves plus optimisers"
+        ),
         "loss": float(loss),
         "torch": torch.__version__,
         "commit": git_commit(),
@@ -621,8 +636,7 @@ def _time_graph_step(args: argparse.Namespace, net, device: torch.device, reps: 
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    step = make_search_step(net, device, args.batch_size, args.image_size, args.num_classes, args.seed,
-                            cuda_graph=True)
+    step = make_search_step(net, device, args.batch_size, args.image_size, args.num_classes, args.seed, cuda_graph=True)
     torch.cuda.synchronize(device)
     capture_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(args.warmup):

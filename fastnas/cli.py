@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{search,bench-step,info}")
 
     s = sub.add_parser(
-        "search", help="run an architecture search", description=SEARCH_DESCRIPTION,
+        "search",
+        help="run an architecture search",
+        description=SEARCH_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--method", choices=METHODS, default=None, help="search method (default: darts)")
@@ -66,25 +68,43 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=_positive_int, default=None, help="images per step over all processes")
     s.add_argument("--lr", type=float, default=None, help="weight learning rate")
     s.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate")
-    s.add_argument("--warmup-epochs", type=int, default=None,
-                   help="epochs before the architecture learns (PC-DARTS; P-DARTS per stage)")
-    s.add_argument("--layers", type=_positive_int, default=None,
-                   help="cells (P-DARTS: of the first stage; nb201: cells per stage)")
+    s.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=None,
+        help="epochs before the architecture learns (PC-DARTS; P-DARTS per stage)",
+    )
+    s.add_argument(
+        "--layers", type=_positive_int, default=None, help="cells (P-DARTS: of the first stage; nb201: cells per stage)"
+    )
     s.add_argument("--init-channels", type=_positive_int, default=None, help="channels of the first cells")
     s.add_argument("--partial-channels", type=_positive_int, default=None, help="PC-DARTS K")
     s.add_argument("--image-size", type=_positive_int, default=None, help="side of the (square) input images")
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
     s.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
-    s.add_argument("--memory", choices=("save", "recompute", "checkpoint"), default=None,
-                   help="what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
-                        "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
-                        "torch.utils.checkpoint)")
-    s.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
-                   help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
-                        "darts and pc-darts, no fp16, --memory save)")
+    s.add_argument(
+        "--memory",
+        choices=("save", "recompute", "checkpoint"),
+        default=None,
+        help="what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
+        "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
+        "torch.utils.checkpoint)",
+    )
+    s.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
+        "darts and pc-darts, no fp16, --memory save)",
+    )
     s.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
-    s.add_argument("--threads", type=_positive_int, default=None, help="CPU threads of torch (default: 1 for digits, else torch's choice)")
+    s.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads of torch (default: 1 for digits, else torch's choice)",
+    )
     s.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     s.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<method>-<dataset>)")
     s.add_argument("--resume", metavar="DIR", default=None, help="continue the search whose checkpoint is in DIR")
@@ -117,7 +137,7 @@ def _default_out(method: str, dataset: str) -> str:
 def _run_search(args: argparse.Namespace) -> int:
     import torch
 
-    from fastnas.search import SearchConfig, SearchError, Searcher
+    from fastnas.search import SearchConfig, Searcher, SearchError
 
     options = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()}
     progress = not args.no_progress
@@ -146,8 +166,11 @@ def _run_search(args: argparse.Namespace) -> int:
         torch.set_num_threads(threads)
     if _is_main_process() and progress:
         where = f"resuming {out}" if args.resume else f"writing to {out}"
-        print(f"fastnas search: {cfg.method} on {cfg.dataset} ({cfg.space} space), {cfg.epochs} epochs, "
-              f"batch {cfg.batch_size}, {cfg.device}; {where}", flush=True)
+        print(
+            f"fastnas search: {cfg.method} on {cfg.dataset} ({cfg.space} space), {cfg.epochs} epochs, "
+            f"batch {cfg.batch_size}, {cfg.device}; {where}",
+            flush=True,
+        )
     result = searcher.run()
     if _is_main_process():
         print(f"genotype: {result.genotype}")
@@ -210,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         if _is_main_process():
-            print("\nfastnas search: interrupted; the last completed epoch's checkpoint is kept, "
-                  "continue with --resume <output folder>", file=sys.stderr)
+            print(
+                "\nfastnas search: interrupted; the last completed epoch's checkpoint is kept, "
+                "continue with --resume <output folder>",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED

@@ -64,11 +64,11 @@ import torch
 import torch.nn as nn
 
 from fastnas import backends
+from fastnas.nn.fused_edge import edge_plan
+from fastnas.nn.mixed_op import _autocast_on
 from fastnas.ops import channel_shuffle, mixed_sum, partial_channel_mixed_sum
 from fastnas.ops._common import resolve
 from fastnas.ops.darts_edge import darts_edge
-from fastnas.nn.fused_edge import edge_plan
-from fastnas.nn.mixed_op import _autocast_on
 
 __all__ = ["PatchReport", "PatchWarning", "PatchedOp", "SkippedOp", "accelerate", "patch", "unpatch"]
 
@@ -346,7 +346,9 @@ def _plan(module: nn.Module, backend: str | None, memory: str = "save") -> _Plan
         style = PC_DARTS
         extra.remove("mp")
     if extra:
-        return f"it has submodules besides {attr} ({', '.join(extra)}), so its forward may do more than the weighted sum"
+        return (
+            f"it has submodules besides {attr} ({', '.join(extra)}), so its forward may do more than the weighted sum"
+        )
     for name, cls in _INSTANCE_ATTRS.items():
         if name in module.__dict__ and not isinstance(module.__dict__[name], cls):
             return f"its instance already has a {name} of its own"
@@ -371,10 +373,13 @@ def _pair(v):
 
 def _fusable(outs: list[torch.Tensor]) -> bool:
     o0 = outs[0]
-    return all(
-        isinstance(o, torch.Tensor) and o.shape == o0.shape and o.dtype == o0.dtype and o.device == o0.device
-        for o in outs
-    ) and o0.dtype.is_floating_point
+    return (
+        all(
+            isinstance(o, torch.Tensor) and o.shape == o0.shape and o.dtype == o0.dtype and o.device == o0.device
+            for o in outs
+        )
+        and o0.dtype.is_floating_point
+    )
 
 
 def _original_sum(ops, plan: _Plan, outs: list[torch.Tensor], x, weights):
@@ -425,7 +430,11 @@ def _pc_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: t
         and bypass.shape[1] > 0
         and bypass.dtype == o0.dtype
         and (o0.shape[1] + bypass.shape[1]) % k == 0
-        and ((h % 2 == 0 and w % 2 == 0 and (h // 2, w // 2) == tuple(o0.shape[2:])) if pool else (h, w) == tuple(o0.shape[2:]))
+        and (
+            (h % 2 == 0 and w % 2 == 0 and (h // 2, w // 2) == tuple(o0.shape[2:]))
+            if pool
+            else (h, w) == tuple(o0.shape[2:])
+        )
     )
     if fits:
         return partial_channel_mixed_sum(outs, weights[plan.active_index], bypass, k, pool, backend=plan.backend)

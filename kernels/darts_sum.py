@@ -57,8 +57,9 @@ def _window(x_base, oh, ow, H, W, S: tl.constexpr, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _pool_stats_kernel(x_ptr, mean_ptr, m2_ptr, C, M, H, W, Ho, Wo, P, S: tl.constexpr, BLOCK: tl.constexpr,
-                       ACC: tl.constexpr):
+def _pool_stats_kernel(
+    x_ptr, mean_ptr, m2_ptr, C, M, H, W, Ho, Wo, P, S: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr
+):
     # Per block: the mean and sum of squared deviations of both pools; stored
     # (2, C, P) for the fixed-order merge on the host side.
     c = tl.program_id(0)
@@ -85,9 +86,27 @@ def _pool_stats_kernel(x_ptr, mean_ptr, m2_ptr, C, M, H, W, Ho, Wo, P, S: tl.con
 
 
 @triton.jit
-def _forward_kernel(x_ptr, z_ptr, mean_ptr, rstd_ptr, coef_ptr, out_ptr, JZ, C, M, H, W, Ho, Wo,
-                    S: tl.constexpr, HAS_MAX: tl.constexpr, HAS_AVG: tl.constexpr, HAS_SKIP: tl.constexpr,
-                    BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    z_ptr,
+    mean_ptr,
+    rstd_ptr,
+    coef_ptr,
+    out_ptr,
+    JZ,
+    C,
+    M,
+    H,
+    W,
+    Ho,
+    Wo,
+    S: tl.constexpr,
+    HAS_MAX: tl.constexpr,
+    HAS_AVG: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     c = tl.program_id(0)
     m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = m < M
@@ -117,9 +136,27 @@ def _forward_kernel(x_ptr, z_ptr, mean_ptr, rstd_ptr, coef_ptr, out_ptr, JZ, C, 
 
 
 @triton.jit
-def _reduce_kernel(g_ptr, x_ptr, z_ptr, mean_ptr, partial_ptr, JZ, C, M, H, W, Ho, Wo, P,
-                   S: tl.constexpr, HAS_MAX: tl.constexpr, HAS_AVG: tl.constexpr, HAS_SKIP: tl.constexpr,
-                   BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _reduce_kernel(
+    g_ptr,
+    x_ptr,
+    z_ptr,
+    mean_ptr,
+    partial_ptr,
+    JZ,
+    C,
+    M,
+    H,
+    W,
+    Ho,
+    Wo,
+    P,
+    S: tl.constexpr,
+    HAS_MAX: tl.constexpr,
+    HAS_AVG: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     # Partial sums, laid out (JZ + 4, C, P): sum g, sum g*(z_j - mean_j) for
     # each j, the same for the max and avg pools, sum g*x.
     c = tl.program_id(0)
@@ -156,8 +193,21 @@ def _reduce_kernel(g_ptr, x_ptr, z_ptr, mean_ptr, partial_ptr, JZ, C, M, H, W, H
 
 
 @triton.jit
-def _grad_z_kernel(g_ptr, z_ptr, gz_ptr, g_mean_ptr, scale_ptr, slope_ptr, mean_ptr, C, M, Ho, Wo,
-                   BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _grad_z_kernel(
+    g_ptr,
+    z_ptr,
+    gz_ptr,
+    g_mean_ptr,
+    scale_ptr,
+    slope_ptr,
+    mean_ptr,
+    C,
+    M,
+    Ho,
+    Wo,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     # Program (j*C + c, p): grad z = scale * ((g - mean(g)) - (z - mean) * slope).
     r = tl.program_id(0)
     c = r % C
@@ -177,9 +227,29 @@ def _grad_z_kernel(g_ptr, z_ptr, gz_ptr, g_mean_ptr, scale_ptr, slope_ptr, mean_
 
 
 @triton.jit
-def _grad_x_kernel(g_ptr, x_ptr, gx_ptr, g_mean_ptr, scale_ptr, slope_ptr, mean_ptr, coef_ptr, JZ, C, MX, H, W,
-                   Ho, Wo, S: tl.constexpr, HAS_MAX: tl.constexpr, HAS_AVG: tl.constexpr,
-                   HAS_SKIP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+def _grad_x_kernel(
+    g_ptr,
+    x_ptr,
+    gx_ptr,
+    g_mean_ptr,
+    scale_ptr,
+    slope_ptr,
+    mean_ptr,
+    coef_ptr,
+    JZ,
+    C,
+    MX,
+    H,
+    W,
+    Ho,
+    Wo,
+    S: tl.constexpr,
+    HAS_MAX: tl.constexpr,
+    HAS_AVG: tl.constexpr,
+    HAS_SKIP: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ACC: tl.constexpr,
+):
     # Gather: each input pixel sums what the windows containing it send back;
     # a max window sends only to its recomputed argmax.
     c = tl.program_id(0)
@@ -241,10 +311,12 @@ def pool_batch_norm_stats_forward(x: torch.Tensor, stride: int, eps: float):
     # Chan et al.'s merge of the blocks, each a fixed-order sum.
     # Built by fills on the device: assigning a Python number into a CUDA tensor
     # is a host-to-device copy, which would keep the step out of a CUDA graph.
-    counts = torch.cat([
-        torch.full((p - 1,), float(_STATS_BLOCK), dtype=acc, device=x.device),
-        torch.full((1,), float(m - (p - 1) * _STATS_BLOCK), dtype=acc, device=x.device),
-    ])
+    counts = torch.cat(
+        [
+            torch.full((p - 1,), float(_STATS_BLOCK), dtype=acc, device=x.device),
+            torch.full((1,), float(m - (p - 1) * _STATS_BLOCK), dtype=acc, device=x.device),
+        ]
+    )
     mean = (mean_b * counts).sum(-1) / m
     var = (m2_b + counts * (mean_b - mean.unsqueeze(-1)) ** 2).sum(-1) / m
     return mean, torch.rsqrt(var + eps), var
@@ -260,9 +332,26 @@ def darts_sum_forward(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip
     grid = (c, triton.cdiv(m, _FORWARD_BLOCK))
     with device_guard(x):
         _forward_kernel[grid](
-            x, z, mean, rstd, coef, out, z.shape[0], c, m, h, w, ho, wo,
-            S=stride, HAS_MAX=has_max, HAS_AVG=has_avg, HAS_SKIP=has_skip,
-            BLOCK=_FORWARD_BLOCK, ACC=tl_dtype(accumulate_dtype(x.dtype)), num_warps=4,
+            x,
+            z,
+            mean,
+            rstd,
+            coef,
+            out,
+            z.shape[0],
+            c,
+            m,
+            h,
+            w,
+            ho,
+            wo,
+            S=stride,
+            HAS_MAX=has_max,
+            HAS_AVG=has_avg,
+            HAS_SKIP=has_skip,
+            BLOCK=_FORWARD_BLOCK,
+            ACC=tl_dtype(accumulate_dtype(x.dtype)),
+            num_warps=4,
         )
     return out
 
@@ -286,9 +375,26 @@ def darts_sum_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_av
     partials = torch.empty((jz + 4, c, p), dtype=acc, device=x.device)
     with device_guard(x):
         _reduce_kernel[(c, p)](
-            grad_out, x, z, mean_a, partials, jz, c, m, h, w, ho, wo, p,
-            S=stride, HAS_MAX=has_max, HAS_AVG=has_avg, HAS_SKIP=has_skip,
-            BLOCK=_REDUCE_BLOCK, ACC=tacc, num_warps=4,
+            grad_out,
+            x,
+            z,
+            mean_a,
+            partials,
+            jz,
+            c,
+            m,
+            h,
+            w,
+            ho,
+            wo,
+            p,
+            S=stride,
+            HAS_MAX=has_max,
+            HAS_AVG=has_avg,
+            HAS_SKIP=has_skip,
+            BLOCK=_REDUCE_BLOCK,
+            ACC=tacc,
+            num_warps=4,
         )
     sums = sum_partials(partials.view((jz + 4) * c, p), acc).view(jz + 4, c)
 
@@ -312,14 +418,45 @@ def darts_sum_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_av
     with device_guard(x):
         if jz:
             _grad_z_kernel[(jz * c, triton.cdiv(m, _GRAD_Z_BLOCK))](
-                grad_out, z, grad_z, g_mean, scale, slope, mean_a, c, m, ho, wo,
-                BLOCK=_GRAD_Z_BLOCK, ACC=tacc, num_warps=4,
+                grad_out,
+                z,
+                grad_z,
+                g_mean,
+                scale,
+                slope,
+                mean_a,
+                c,
+                m,
+                ho,
+                wo,
+                BLOCK=_GRAD_Z_BLOCK,
+                ACC=tacc,
+                num_warps=4,
             )
         if x_need_grad:
             mx = n * h * w
             _grad_x_kernel[(c, triton.cdiv(mx, _GRAD_X_BLOCK))](
-                grad_out, x, grad_x, g_mean, scale, slope, mean_a, coef_a, jz, c, mx, h, w, ho, wo,
-                S=stride, HAS_MAX=has_max, HAS_AVG=has_avg, HAS_SKIP=has_skip,
-                BLOCK=_GRAD_X_BLOCK, ACC=tacc, num_warps=4,
+                grad_out,
+                x,
+                grad_x,
+                g_mean,
+                scale,
+                slope,
+                mean_a,
+                coef_a,
+                jz,
+                c,
+                mx,
+                h,
+                w,
+                ho,
+                wo,
+                S=stride,
+                HAS_MAX=has_max,
+                HAS_AVG=has_avg,
+                HAS_SKIP=has_skip,
+                BLOCK=_GRAD_X_BLOCK,
+                ACC=tacc,
+                num_warps=4,
             )
     return grad_z, grad_x, grad_coef.to(coef.dtype)

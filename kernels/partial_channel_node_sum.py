@@ -79,7 +79,9 @@ def _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE: tl.constexpr, ACC: tl.
 
 
 @triton.jit
-def _scatter_pool_grad(table, e, E, grad, arg, n, cb, Cb, HW, W, h, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+def _scatter_pool_grad(
+    table, e, E, grad, arg, n, cb, Cb, HW, W, h, x, mask, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
+):
     """grad at each 2x2 window's argmax of the contiguous (2H, 2W) plane, zeros elsewhere.
 
     The windows tile the plane, so every element of it is written.

@@ -237,7 +237,16 @@ def stacked_batch_norm_backward(
     grid = (rows, segments)
     with device_guard(z):
         _backward_partial_kernel[grid](
-            grad_yhat, z, mean, rstd, psum, m, segments, per_program, BLOCK=block, ACC=acc_tl,
+            grad_yhat,
+            z,
+            mean,
+            rstd,
+            psum,
+            m,
+            segments,
+            per_program,
+            BLOCK=block,
+            ACC=acc_tl,
             num_warps=warps_for(block),
         )
         _backward_apply_kernel[grid](

@@ -42,9 +42,7 @@ def test_kernels_are_not_a_top_level_module(tmp_path):
 
 
 def test_info_prints_a_table():
-    out = subprocess.run(
-        [sys.executable, "-m", "fastnas.info"], capture_output=True, text=True, check=True
-    ).stdout
+    out = subprocess.run([sys.executable, "-m", "fastnas.info"], capture_output=True, text=True, check=True).stdout
     for name in backends.BACKENDS:
         assert f"\n{name} " in out
     assert fastnas.__version__ in out

@@ -137,7 +137,9 @@ def test_search_step_benchmark_script_tiny(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     import csv
 
-    rows = list(csv.DictReader(line for line in (tmp_path / "cpu_search_step_tiny.csv").open() if not line.startswith("#")))
+    rows = list(
+        csv.DictReader(line for line in (tmp_path / "cpu_search_step_tiny.csv").open() if not line.startswith("#"))
+    )
     assert [(r["backend"], r["memory"]) for r in rows] == [("reference", "save"), ("auto", "recompute")]
     for r in rows:
         assert not r["note"], r["note"]

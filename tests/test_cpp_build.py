@@ -20,8 +20,15 @@ def test_build_info():
 def test_schemas():
     import fastnas.ops  # noqa: F401  (the Python ops share the namespace)
 
-    schemas = {name: str(getattr(torch.ops.fastnas, name).default._schema) for name in (
-        "mixed_sum", "mixed_sum_backward", "partial_channel_mixed_sum", "partial_channel_mixed_sum_backward")}
+    schemas = {
+        name: str(getattr(torch.ops.fastnas, name).default._schema)
+        for name in (
+            "mixed_sum",
+            "mixed_sum_backward",
+            "partial_channel_mixed_sum",
+            "partial_channel_mixed_sum_backward",
+        )
+    }
     assert schemas["mixed_sum"] == "fastnas::mixed_sum(Tensor[] xs, Tensor weights) -> Tensor"
     assert "bool[] xs_need_grad" in schemas["partial_channel_mixed_sum_backward"]
     assert hasattr(torch.ops.fastnas, "mixed_sum_triton")
@@ -36,12 +43,14 @@ def test_schemas():
         (lambda: torch.ops.fastnas.mixed_sum([torch.randn(3).int()], torch.randn(1)), "xs[0] has dtype"),
         (
             lambda: torch.ops.fastnas.partial_channel_mixed_sum(
-                [torch.randn(1, 2, 3, 3)], torch.randn(1), torch.randn(1, 3, 3, 3), 2, False),
+                [torch.randn(1, 2, 3, 3)], torch.randn(1), torch.randn(1, 3, 3, 3), 2, False
+            ),
             "groups=2",
         ),
         (
             lambda: torch.ops.fastnas.partial_channel_mixed_sum(
-                [torch.randn(1, 2, 3, 3)], torch.randn(1), torch.randn(1, 2, 5, 6), 2, True),
+                [torch.randn(1, 2, 3, 3)], torch.randn(1), torch.randn(1, 2, 5, 6), 2, True
+            ),
             "even bypass height",
         ),
     ],
@@ -52,12 +61,12 @@ def test_errors_name_the_argument(call, message):
 
 
 def test_backward_ignores_stand_in_bypass():
-    xs = [torch.randn(2, 4, 5, 5) for _ in range(3)]
     w = torch.randn(3)
     stand_in = torch.empty(()).expand(2, 4, 10, 10)
     g = torch.randn(2, 8, 5, 5)
     grad_xs, grad_w, grad_b = torch.ops.fastnas.partial_channel_mixed_sum_backward(
-        g, [], w, stand_in, 4, True, [True, False, True], False, False)
+        g, [], w, stand_in, 4, True, [True, False, True], False, False
+    )
     assert len(grad_xs) == 2 and grad_w.shape == (0,) and grad_b.shape == (0,)
 
 

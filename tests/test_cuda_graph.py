@@ -23,10 +23,9 @@ from torch.utils.data import TensorDataset
 
 from fastnas import backends, bench
 from fastnas.cli import build_parser, main
-from fastnas.search import NonFiniteLossError, SearchConfig, SearchError, Searcher, build_network
+from fastnas.search import NonFiniteLossError, SearchConfig, Searcher, SearchError, build_network, cuda_graph
 from fastnas.search import checkpoint as ckpt
 from fastnas.search.architect import first_order_arch_grads
-from fastnas.search import cuda_graph
 from fastnas.search.cuda_graph import (
     CUDAGraphError,
     GraphedStep,
@@ -330,7 +329,8 @@ def _assert_close(actual, expected, what, atol=1e-4, rtol=1e-3):
         raise AssertionError(
             f"{what}: graphed differs from eager; max abs diff {float(diff.max()):.3g} "
             f"({int(bad.sum())} of {bad.numel()} elements beyond atol={atol} rtol={rtol}); "
-            f"graphed finite: {bool(torch.isfinite(actual).all())}, eager finite: {bool(torch.isfinite(expected).all())}"
+            f"graphed finite: {bool(torch.isfinite(actual).all())}, "
+            f"eager finite: {bool(torch.isfinite(expected).all())}"
         )
 
 
@@ -408,7 +408,9 @@ def test_graphed_step_matches_eager_and_recaptures_after_lr_change(method, backe
         for name, a, b in zip(("train loss", "val loss"), got, expected):
             _assert_close(a, b, f"{where}: step {i} {name}")
         _assert_states_close(net.state_dict(), eager_net.state_dict(), f"{where}: after step {i}")
-    assert graphed.captures == 2, f"{where}: expected a capture at step 0 and one after the lr change, got {graphed.captures}"
+    assert graphed.captures == 2, (
+        f"{where}: expected a capture at step 0 and one after the lr change, got {graphed.captures}"
+    )
     assert graphed.eager_calls == 1, f"{where}: the 6-image batch should run eagerly, eager_calls={graphed.eager_calls}"
     for p, q in zip(a_opt.state.values(), eager_a.state.values()):
         _assert_close(p["exp_avg"], q["exp_avg"], f"{where}: Adam exp_avg")

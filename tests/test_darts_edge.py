@@ -97,7 +97,9 @@ def test_mixed_op_matches_eager_modules(backend, memory, stride, subset):
 def test_partial_channel_edge_matches_eager(backend, stride):
     dtype = torch.float64 if backend != "triton" else torch.float32
     ref, fused = _pair(
-        lambda backend: PartialChannelMixedOp(8, stride, DARTS_PRIMITIVES, 2, backend=backend), backend, "recompute",
+        lambda backend: PartialChannelMixedOp(8, stride, DARTS_PRIMITIVES, 2, backend=backend),
+        backend,
+        "recompute",
         dtype,
     )
     x = torch.randn(2, 8, 6, 6, generator=torch.Generator().manual_seed(3), dtype=dtype)
@@ -264,6 +266,6 @@ def _cuda_steps(memory, partial):
             loss.backward()
             losses.append(loss.detach())
             opt.step()
-        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5, msg=lambda m: f"step {step}: {m}")
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
     for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")

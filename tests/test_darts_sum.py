@@ -6,12 +6,13 @@ each convolution candidate, the identity, weighted by coef; its gradients come
 from torch.autograd.
 """
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-import importlib
 
 # The module, not the function of the same name that fastnas.ops exports.
 D = importlib.import_module("fastnas.ops.darts_sum")
@@ -74,7 +75,8 @@ def make_inputs(shape, jz, stride, dtype, device, contiguous=True, gen=None):
         assert not x.is_contiguous()
     # Per-channel offsets and scales, as pre-BN activations have.
     zs = [
-        torch.randn(n, c, ho, wo, generator=gen, dtype=torch.float64) * (1 + torch.rand(1, c, 1, 1, generator=gen, dtype=torch.float64))
+        torch.randn(n, c, ho, wo, generator=gen, dtype=torch.float64)
+        * (1 + torch.rand(1, c, 1, 1, generator=gen, dtype=torch.float64))
         + torch.randn(1, c, 1, 1, generator=gen, dtype=torch.float64)
         for _ in range(jz)
     ]
@@ -183,7 +185,9 @@ def test_pool_batch_norm_stats(case, shape, stride, dtype):
     acc = acc_of(dtype)
     for t in (mean, rstd, var):
         assert t.shape == (2, shape[1]) and t.dtype == acc
-    for row, p in enumerate((F.max_pool2d(x64, 3, stride, 1), F.avg_pool2d(x64, 3, stride, 1, count_include_pad=False))):
+    for row, p in enumerate(
+        (F.max_pool2d(x64, 3, stride, 1), F.avg_pool2d(x64, 3, stride, 1, count_include_pad=False))
+    ):
         v, m = torch.var_mean(p, dim=(0, 2, 3), correction=0)
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         torch.testing.assert_close(mean[row].cpu().double(), m, rtol=tol, atol=tol)
@@ -205,7 +209,7 @@ def test_pool_batch_norm_stats_non_contiguous(case):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "max%d-avg%d-skip%d" % f)
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: "max{:d}-avg{:d}-skip{:d}".format(*f))
 @pytest.mark.parametrize("jz", [0, 1, 4, 5])
 def test_darts_sum_float64(case, jz, flags, stride):
     if flags[2] and stride != 1:
@@ -215,8 +219,11 @@ def test_darts_sum_float64(case, jz, flags, stride):
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-@pytest.mark.parametrize("flags", [(True, True, True), (True, False, False), (False, True, True), (False, False, False)],
-                         ids=lambda f: "max%d-avg%d-skip%d" % f)
+@pytest.mark.parametrize(
+    "flags",
+    [(True, True, True), (True, False, False), (False, True, True), (False, False, False)],
+    ids=lambda f: "max{:d}-avg{:d}-skip{:d}".format(*f),
+)
 @pytest.mark.parametrize("jz", [0, 1, 4, 5])
 def test_darts_sum_float32(case, jz, flags, stride):
     if flags[2] and stride != 1:
@@ -422,7 +429,14 @@ def test_max_pool_ties_go_to_first_maximum(case, stride):
     (want,) = torch.autograd.grad(out, [xr], g)
     z = torch.empty(0, 3, 2, ho, ho, dtype=torch.float64)
     _, grad_x, _ = D.darts_sum_backward(
-        g.to(device), x.to(device), z.to(device), mean.to(device), rstd.to(device), coef.to(device), stride, *flags,
+        g.to(device),
+        x.to(device),
+        z.to(device),
+        mean.to(device),
+        rstd.to(device),
+        coef.to(device),
+        stride,
+        *flags,
         backend=name,
     )
     torch.testing.assert_close(grad_x.cpu(), want, rtol=1e-9, atol=1e-9)

@@ -91,7 +91,6 @@ def assert_close_to(got, lowp, ref64, what, scale=None):
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (reference error {ref_err:.3g})"
 
 
-
 # -- the reference is the oracle: check it against conv2d ----------------------------
 
 
@@ -302,7 +301,9 @@ def test_opcheck_triton():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     x, ws, ds, mean, rstd = make_inputs(CANDIDATES["sep"], "batch-norm", (1, 2, 5, 5), torch.float32, device, 8)
     torch.library.opcheck(
-        torch.ops.fastnas.multi_depthwise_triton.default, (x, ws, ds, 1, mean, rstd), test_utils=("test_schema", "test_faketensor")
+        torch.ops.fastnas.multi_depthwise_triton.default,
+        (x, ws, ds, 1, mean, rstd),
+        test_utils=("test_schema", "test_faketensor"),
     )
     grad_out = torch.randn(2, 2, 1, 5, 5, device=device)
     torch.library.opcheck(

@@ -1,6 +1,5 @@
 """Every fused backend against the eager reference, the oracle."""
 
-
 import pytest
 import torch
 
@@ -93,7 +92,9 @@ def test_mixed_sum_matches_reference(case, dtype, k, contiguous, poison_empty):
         shape = SHAPES[1]  # the interpreter is slow; the pointer table is what K=64 tests
     # Mixed grad requirements: every third input and, for odd K, the weights need none.
     xs = [rand(shape, dtype, device, contiguous, requires_grad=(i % 3 != 1), gen=gen) for i in range(k)]
-    weights = rand((k,), torch.float32 if dtype != torch.float32 else dtype, device, requires_grad=(k % 2 == 0), gen=gen)
+    weights = rand(
+        (k,), torch.float32 if dtype != torch.float32 else dtype, device, requires_grad=(k % 2 == 0), gen=gen
+    )
     grad_out = rand(shape, dtype, device, gen=gen)
 
     out = mixed_sum(xs, weights, backend=name)
@@ -206,7 +207,7 @@ def test_gradcheck_float64(name):
     assert torch.autograd.gradcheck(lambda w, *xs: mixed_sum(xs, w, backend=name), (w, *xs))
     for pool, byp in ((True, b), (False, b[:, :, :3, :4].detach().clone().requires_grad_())):
         assert torch.autograd.gradcheck(
-            lambda w, byp, *xs: partial_channel_mixed_sum(xs, w, byp, 2, pool, backend=name), (w, byp, *xs)
+            lambda w, byp, *xs, pool=pool: partial_channel_mixed_sum(xs, w, byp, 2, pool, backend=name), (w, byp, *xs)
         )
 
 
@@ -226,7 +227,9 @@ def test_opcheck(case, suffix):
     ops = torch.ops.fastnas
     torch.library.opcheck(getattr(ops, "mixed_sum" + suffix), (xs, w))
     torch.library.opcheck(getattr(ops, "partial_channel_mixed_sum" + suffix), (xs, w, b, 4, True))
-    torch.library.opcheck(getattr(ops, "partial_channel_mixed_sum" + suffix), (xs, w, b[:, :, :4, :4].detach(), 2, False))
+    torch.library.opcheck(
+        getattr(ops, "partial_channel_mixed_sum" + suffix), (xs, w, b[:, :, :4, :4].detach(), 2, False)
+    )
 
 
 def test_compile_fullgraph(case):
@@ -289,13 +292,17 @@ def test_bad_input_is_named(backend, label, call, exc, message):
         call()
 
 
-@pytest.mark.parametrize("args", [
-    lambda x, w, b: torch.ops.fastnas.mixed_sum([x, x], torch.randn(3)),
-    lambda x, w, b: torch.ops.fastnas.mixed_sum([x, x[:1]], w),
-    lambda x, w, b: torch.ops.fastnas.mixed_sum([x.long(), x.long()], w),
-    lambda x, w, b: torch.ops.fastnas.partial_channel_mixed_sum([x, x], w, b, 3, False),
-    lambda x, w, b: torch.ops.fastnas.partial_channel_mixed_sum([x, x], w, torch.randn(2, 4, 9, 8), 2, True),
-], ids=["weights-length", "shape", "integer", "groups", "pool-odd"])
+@pytest.mark.parametrize(
+    "args",
+    [
+        lambda x, w, b: torch.ops.fastnas.mixed_sum([x, x], torch.randn(3)),
+        lambda x, w, b: torch.ops.fastnas.mixed_sum([x, x[:1]], w),
+        lambda x, w, b: torch.ops.fastnas.mixed_sum([x.long(), x.long()], w),
+        lambda x, w, b: torch.ops.fastnas.partial_channel_mixed_sum([x, x], w, b, 3, False),
+        lambda x, w, b: torch.ops.fastnas.partial_channel_mixed_sum([x, x], w, torch.randn(2, 4, 9, 8), 2, True),
+    ],
+    ids=["weights-length", "shape", "integer", "groups", "pool-odd"],
+)
 def test_cpp_op_checks_its_arguments(args):
     """Calls that bypass the Python layer still get an error, never a crash."""
     if backends.backend_status()["cpu"]:

@@ -86,8 +86,9 @@ def test_matches_reference(case, strides, k, dtype, poison_empty):
         assert out.dtype == dtype and out.is_contiguous() and out.shape == (n, c, ho, wo)
         lowp = partial_channel_node_sum_reference(mixed, bypass, w, groups, strides)
         d = lambda ts: [t.detach().double() for t in ts]  # noqa: E731
-        ref64 = partial_channel_node_sum_reference(d(mixed), [h[:, c // k :] for h in d(hs)], w.detach().double(),
-                                                   groups, strides)
+        ref64 = partial_channel_node_sum_reference(
+            d(mixed), [h[:, c // k :] for h in d(hs)], w.detach().double(), groups, strides
+        )
         _assert_close_to(out, ref64, lowp, "out")
 
         g = torch.randn(out.shape, dtype=torch.float64).to(device=device, dtype=dtype)
@@ -95,8 +96,9 @@ def test_matches_reference(case, strides, k, dtype, poison_empty):
         low = _grads(lowp, g, [*mixed, *hs, w])
         x64 = [t.detach().double().requires_grad_() for t in [*mixed, *hs, w]]
         e = len(strides)
-        ref = partial_channel_node_sum_reference(x64[:e], [h[:, c // k :] for h in x64[e : 2 * e]], x64[-1],
-                                                 groups, strides)
+        ref = partial_channel_node_sum_reference(
+            x64[:e], [h[:, c // k :] for h in x64[e : 2 * e]], x64[-1], groups, strides
+        )
         want = torch.autograd.grad(ref, x64, g.double())
         for i, (a, lo, wv) in enumerate(zip(got[:-1], low[:-1], want[:-1])):
             _assert_close_to(a, wv, lo, f"grad input {i}")
@@ -134,12 +136,16 @@ def test_strided_bypass_views(case):
     torch.testing.assert_close(out, partial_channel_node_sum_reference(mixed, bypass, w, 2, strides))
 
 
-@pytest.mark.parametrize("need", [
-    {"weights": False},
-    {("mixed", 0): False, ("bypass", 1): False},
-    {("bypass", 0): False, ("bypass", 1): False, ("bypass", 2): False, "weights": False},
-    {("mixed", 0): False, ("mixed", 1): False, ("mixed", 2): False},
-], ids=["no-weights", "some-inputs", "mixed-only", "no-mixed"])
+@pytest.mark.parametrize(
+    "need",
+    [
+        {"weights": False},
+        {("mixed", 0): False, ("bypass", 1): False},
+        {("bypass", 0): False, ("bypass", 1): False, ("bypass", 2): False, "weights": False},
+        {("mixed", 0): False, ("mixed", 1): False, ("mixed", 2): False},
+    ],
+    ids=["no-weights", "some-inputs", "mixed-only", "no-mixed"],
+)
 def test_mixed_requires_grad(case, need, poison_empty):
     name, device = case
     strides = [2, 1, 2]
@@ -256,21 +262,86 @@ def _bad_inputs():
     f = partial_channel_node_sum
     yield "empty", lambda be: f([], [], torch.randn(0), 2, [], backend=be), ValueError, "mixed is empty"
     yield "mixed type", lambda be: f(m, [b1], w, 2, [1], backend=be), TypeError, "mixed must be a list"
-    yield "bypass count", lambda be: f([m, m], [b1], w, 2, [1, 1], backend=be), ValueError, "bypass has 1 tensors but mixed has 2"
+    yield (
+        "bypass count",
+        lambda be: f([m, m], [b1], w, 2, [1, 1], backend=be),
+        ValueError,
+        "bypass has 1 tensors but mixed has 2",
+    )
     yield "strides count", lambda be: f([m, m], [b1, b1], w, 2, [1], backend=be), ValueError, "strides has 1 entries"
     yield "stride value", lambda be: f([m, m], [b1, b1], w, 2, [1, 3], backend=be), ValueError, "strides[1]=3"
-    yield "mixed shape", lambda be: f([m, m[:, :1]], [b1, b1], w, 2, [1, 1], backend=be), ValueError, "mixed[1] has shape"
-    yield "mixed rank", lambda be: f([m, m[0]], [b1, b1], w, 2, [1, 1], backend=be), ValueError, "mixed[1] must be a 4-D"
-    yield "mixed dtype", lambda be: f([m, m.double()], [b1, b1], w, 2, [1, 1], backend=be), TypeError, "mixed[1] has dtype"
-    yield "integer", lambda be: f([m.long()], [b1.long()], w[:1], 2, [1], backend=be), TypeError, "mixed[0] has dtype torch.int64"
-    yield "bypass dtype", lambda be: f([m, m], [b1, b1.half()], w, 2, [1, 1], backend=be), TypeError, "bypass[1] has dtype"
-    yield "bypass batch", lambda be: f([m, m], [b1, b1[:1]], w, 2, [1, 1], backend=be), ValueError, "bypass[1] has batch size 1"
-    yield "bypass channels", lambda be: f([m, m], [b1, b1[:, :4]], w, 2, [1, 1], backend=be), ValueError, "bypass[1] has 4 channels"
-    yield "bypass size s1", lambda be: f([m, m], [b1, b2], w, 2, [1, 1], backend=be), ValueError, "bypass[1] is 6x6 but strides[1]=1 needs 3x3"
-    yield "bypass size s2", lambda be: f([m, m], [b1, b1], w, 2, [1, 2], backend=be), ValueError, "bypass[1] is 3x3 but strides[1]=2 needs 6x6"
-    yield "weights length", lambda be: f([m, m], [b1, b2], torch.randn(3), 2, [1, 2], backend=be), ValueError, "weights must have shape (2,)"
-    yield "weights dtype", lambda be: f([m, m], [b1, b2], w.long(), 2, [1, 2], backend=be), TypeError, "weights has dtype"
-    yield "weights device", lambda be: f([m, m], [b1, b2], w.to("meta"), 2, [1, 2], backend=be), ValueError, "weights is on meta"
+    yield (
+        "mixed shape",
+        lambda be: f([m, m[:, :1]], [b1, b1], w, 2, [1, 1], backend=be),
+        ValueError,
+        "mixed[1] has shape",
+    )
+    yield (
+        "mixed rank",
+        lambda be: f([m, m[0]], [b1, b1], w, 2, [1, 1], backend=be),
+        ValueError,
+        "mixed[1] must be a 4-D",
+    )
+    yield (
+        "mixed dtype",
+        lambda be: f([m, m.double()], [b1, b1], w, 2, [1, 1], backend=be),
+        TypeError,
+        "mixed[1] has dtype",
+    )
+    yield (
+        "integer",
+        lambda be: f([m.long()], [b1.long()], w[:1], 2, [1], backend=be),
+        TypeError,
+        "mixed[0] has dtype torch.int64",
+    )
+    yield (
+        "bypass dtype",
+        lambda be: f([m, m], [b1, b1.half()], w, 2, [1, 1], backend=be),
+        TypeError,
+        "bypass[1] has dtype",
+    )
+    yield (
+        "bypass batch",
+        lambda be: f([m, m], [b1, b1[:1]], w, 2, [1, 1], backend=be),
+        ValueError,
+        "bypass[1] has batch size 1",
+    )
+    yield (
+        "bypass channels",
+        lambda be: f([m, m], [b1, b1[:, :4]], w, 2, [1, 1], backend=be),
+        ValueError,
+        "bypass[1] has 4 channels",
+    )
+    yield (
+        "bypass size s1",
+        lambda be: f([m, m], [b1, b2], w, 2, [1, 1], backend=be),
+        ValueError,
+        "bypass[1] is 6x6 but strides[1]=1 needs 3x3",
+    )
+    yield (
+        "bypass size s2",
+        lambda be: f([m, m], [b1, b1], w, 2, [1, 2], backend=be),
+        ValueError,
+        "bypass[1] is 3x3 but strides[1]=2 needs 6x6",
+    )
+    yield (
+        "weights length",
+        lambda be: f([m, m], [b1, b2], torch.randn(3), 2, [1, 2], backend=be),
+        ValueError,
+        "weights must have shape (2,)",
+    )
+    yield (
+        "weights dtype",
+        lambda be: f([m, m], [b1, b2], w.long(), 2, [1, 2], backend=be),
+        TypeError,
+        "weights has dtype",
+    )
+    yield (
+        "weights device",
+        lambda be: f([m, m], [b1, b2], w.to("meta"), 2, [1, 2], backend=be),
+        ValueError,
+        "weights is on meta",
+    )
     yield "groups", lambda be: f([m, m], [b1, b2], w, 3, [1, 2], backend=be), ValueError, "groups=3"
     yield "groups type", lambda be: f([m, m], [b1, b2], w, 2.0, [1, 2], backend=be), TypeError, "groups must be an int"
 
@@ -285,15 +356,20 @@ def test_bad_input_is_named(backend, label, call, exc, message):
         call(backend)
 
 
-@pytest.mark.parametrize("call", [
-    lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w, 2, [1]),
-    lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w, 2, [1, 2]),
-    lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w, 3, [1, 1]),
-    lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w[:1], 2, [1, 1]),
-    lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b.double()], w, 2, [1, 1]),
-    lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum_backward(
-        torch.randn(2, 7, 3, 3), [m, m], [b, b], w, 2, [1, 1], [True, True], [True, True], True),
-], ids=["strides-count", "pool-size", "groups", "weights", "dtype", "grad-shape"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w, 2, [1]),
+        lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w, 2, [1, 2]),
+        lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w, 3, [1, 1]),
+        lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b], w[:1], 2, [1, 1]),
+        lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum([m, m], [b, b.double()], w, 2, [1, 1]),
+        lambda m, b, w: torch.ops.fastnas.partial_channel_node_sum_backward(
+            torch.randn(2, 7, 3, 3), [m, m], [b, b], w, 2, [1, 1], [True, True], [True, True], True
+        ),
+    ],
+    ids=["strides-count", "pool-size", "groups", "weights", "dtype", "grad-shape"],
+)
 def test_cpp_op_checks_its_arguments(call):
     """Calls that bypass the Python layer still get an error naming the problem."""
     if backends.backend_status()["cpu"]:

@@ -49,7 +49,9 @@ def _pdarts(C=4, layers=3, seed=0, p=0.3):
     # Edges keep different subsets of candidates, as after a P-DARTS stage.
     normal = [[i in (0, 1, 3, 4, 6) for i in range(len(PRIMITIVES))] for _ in range(14)]
     reduce = [[i in (2, 3, 5, 6, 7) for i in range(len(PRIMITIVES))] for _ in range(14)]
-    return model_search_pdarts.Network(C, 10, layers, nn.CrossEntropyLoss(), switches_normal=normal, switches_reduce=reduce, p=p)
+    return model_search_pdarts.Network(
+        C, 10, layers, nn.CrossEntropyLoss(), switches_normal=normal, switches_reduce=reduce, p=p
+    )
 
 
 def _batch(seed, n=4, size=8, dtype=torch.float32):
@@ -109,10 +111,10 @@ def _assert_train_alike(build, backend, dtype, steps, memory="save"):
         torch.testing.assert_close(loss_fast, loss_ref, **tol)
         assert g_fast.keys() == g_ref.keys()
         for name in g_ref:
-            torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=lambda m: f"grad of {name}: {m}")
+            torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
         torch.testing.assert_close(r_fast, r_ref, rtol=0, atol=0)
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
-        torch.testing.assert_close(b_fast, b_ref, **tol, msg=lambda m: f"buffer {name}: {m}")
+        torch.testing.assert_close(b_fast, b_ref, **tol, msg=lambda m, n=name: f"buffer {n}: {m}")
     for a_ref, a_fast in zip(ref.arch_parameters(), fast.arch_parameters()):
         torch.testing.assert_close(a_fast, a_ref, **tol)
     ref.eval(), fast.eval()
@@ -181,8 +183,14 @@ def test_report_lists_what_was_patched():
     assert {op.path for op in report.patched} == {f"cells.{c}._ops.{e}" for c in range(3) for e in range(14)}
     by_path = {op.path: op for op in report.patched}
     assert by_path["cells.0._ops.0"].candidates == (
-        "zero", "max_pool+bn", "avg_pool+bn", "identity",
-        "sep_conv_3x3", "sep_conv_5x5", "dil_conv_3x3", "dil_conv_5x5",
+        "zero",
+        "max_pool+bn",
+        "avg_pool+bn",
+        "identity",
+        "sep_conv_3x3",
+        "sep_conv_5x5",
+        "dil_conv_3x3",
+        "dil_conv_5x5",
     )
     # cells.1 is a reduction cell; its first two nodes' edges take stride 2.
     assert by_path["cells.1._ops.0"].candidates[3] == "factorized_reduce"

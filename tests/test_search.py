@@ -15,8 +15,8 @@ from fastnas.search import (
     NonFiniteLossError,
     OutOfMemoryError,
     SearchConfig,
-    SearchError,
     Searcher,
+    SearchError,
     build_network,
     prune_candidates,
 )
@@ -69,7 +69,7 @@ def losses(history):
 def assert_state_close(a, b, atol=1e-6, rtol=1e-5):
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --- configuration ------------------------------------------------------------------

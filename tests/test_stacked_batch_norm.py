@@ -54,8 +54,9 @@ def _torch_stats(z, eps):
         _, mean, rstd = torch.ops.aten.native_batch_norm(_candidate(z, j), None, None, None, None, True, 0.1, eps)
         means.append(mean)
         rstds.append(rstd)
-    var = torch.stack([_candidate(z, j).transpose(0, 1).reshape(z.shape[1], -1).var(1, correction=0)
-                       for j in range(z.shape[0])])
+    var = torch.stack(
+        [_candidate(z, j).transpose(0, 1).reshape(z.shape[1], -1).var(1, correction=0) for j in range(z.shape[0])]
+    )
     return torch.stack(means), torch.stack(rstds), var
 
 
@@ -313,8 +314,16 @@ def test_update_running_stats_keeps_buffer_dtypes():
 
 def test_update_running_stats_opcheck():
     mean, var = torch.randn(3, 4), torch.rand(3, 4)
-    args = ([torch.zeros(4), torch.zeros(4)], [torch.ones(4), torch.ones(4)],
-            [torch.tensor(0), torch.tensor(5)], mean, var, [2, 1], 0.1, 10)
+    args = (
+        [torch.zeros(4), torch.zeros(4)],
+        [torch.ones(4), torch.ones(4)],
+        [torch.tensor(0), torch.tensor(5)],
+        mean,
+        var,
+        [2, 1],
+        0.1,
+        10,
+    )
     torch.library.opcheck(torch.ops.fastnas.update_running_stats, args)
 
 
@@ -322,20 +331,37 @@ def _bad_updates():
     mean, var = torch.randn(3, 4), torch.rand(3, 4)
     rm, rv, nbt = [torch.zeros(4)] * 2, [torch.ones(4)] * 2, [torch.tensor(0)] * 2
     up = update_running_stats
-    yield "rows long", lambda: up(rm, rv, nbt, mean, var, [0, 1, 2], 0.1, 8), ValueError, "running_mean has 2 tensors but rows has 3"
+    yield (
+        "rows long",
+        lambda: up(rm, rv, nbt, mean, var, [0, 1, 2], 0.1, 8),
+        ValueError,
+        "running_mean has 2 tensors but rows has 3",
+    )
     yield "var list", lambda: up(rm, rv[:1], nbt, mean, var, [0, 1], 0.1, 8), ValueError, "running_var has 1 tensors"
     yield "nbt list", lambda: up(rm, rv, nbt[:1], mean, var, [0, 1], 0.1, 8), ValueError, "num_batches_tracked has 1"
     yield "row range", lambda: up(rm, rv, nbt, mean, var, [0, 3], 0.1, 8), IndexError, "rows[1]=3 is out of range"
     yield "row negative", lambda: up(rm, rv, nbt, mean, var, [-1, 0], 0.1, 8), IndexError, "rows[0]=-1"
-    yield "buffer shape", lambda: up([torch.zeros(5)] * 2, rv, nbt, mean, var, [0, 1], 0.1, 8), ValueError, "running_mean[0] has shape (5,)"
+    yield (
+        "buffer shape",
+        lambda: up([torch.zeros(5)] * 2, rv, nbt, mean, var, [0, 1], 0.1, 8),
+        ValueError,
+        "running_mean[0] has shape (5,)",
+    )
     yield "stat shapes", lambda: up(rm, rv, nbt, mean, var[:2], [0, 1], 0.1, 8), ValueError, "var has"
     yield "count", lambda: up(rm, rv, nbt, mean, var, [0, 1], 0.1, 1), ValueError, "count=1"
-    yield "not a list", lambda: up(torch.zeros(2, 4), rv, nbt, mean, var, [0, 1], 0.1, 8), TypeError, "running_mean must be a list"
+    yield (
+        "not a list",
+        lambda: up(torch.zeros(2, 4), rv, nbt, mean, var, [0, 1], 0.1, 8),
+        TypeError,
+        "running_mean must be a list",
+    )
 
 
 @pytest.mark.parametrize("label,call,exc,message", list(_bad_updates()), ids=[c[0] for c in _bad_updates()])
 def test_update_running_stats_bad_input(label, call, exc, message):
-    with pytest.raises(exc, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(
+        exc, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")
+    ):
         call()
 
 
@@ -367,13 +393,17 @@ def test_bad_input_is_named(backend, label, call, exc, message):
         call(backend)
 
 
-@pytest.mark.parametrize("call", [
-    lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_stats(z[0, 0, 0], 1e-5),
-    lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_stats(z.long(), 1e-5),
-    lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_backward(g[:1], z, m, r),
-    lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_backward(g, z, m[:, :2], r),
-    lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_backward(g, z, m, r.long()),
-], ids=["rank", "integer", "grad-shape", "mean-shape", "rstd-dtype"])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_stats(z[0, 0, 0], 1e-5),
+        lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_stats(z.long(), 1e-5),
+        lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_backward(g[:1], z, m, r),
+        lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_backward(g, z, m[:, :2], r),
+        lambda z, g, m, r: torch.ops.fastnas.stacked_batch_norm_backward(g, z, m, r.long()),
+    ],
+    ids=["rank", "integer", "grad-shape", "mean-shape", "rstd-dtype"],
+)
 def test_cpp_op_checks_its_arguments(call):
     """Calls that bypass the Python layer still get an error naming the argument."""
     if backends.backend_status()["cpu"]:

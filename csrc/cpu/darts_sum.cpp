@@ -82,9 +82,7 @@ struct Geometry {
   int64_t planes() const { return c * n; }
 };
 
-inline int64_t pooled_size(int64_t size, int64_t stride) {
-  return (size - 1) / stride + 1;
-}
+inline int64_t pooled_size(int64_t size, int64_t stride) { return (size - 1) / stride + 1; }
 
 // Planes per parallel task: about at::internal::GRAIN_SIZE elements of work.
 inline int64_t grain_in_planes(int64_t work_per_plane) {
@@ -103,8 +101,8 @@ struct PlanePools {
   explicit PlanePools(const Geometry& geo)
       : g(geo), row_max(geo.h * geo.wo), row_sum(geo.h * geo.wo), col_count(geo.wo) {
     for (int64_t ow = 0; ow < g.wo; ++ow) {
-      col_count[ow] = static_cast<acc_t>(std::min<int64_t>(ow * g.stride + 2, g.w) -
-                                         std::max<int64_t>(ow * g.stride - 1, 0));
+      col_count[ow] =
+          static_cast<acc_t>(std::min<int64_t>(ow * g.stride + 2, g.w) - std::max<int64_t>(ow * g.stride - 1, 0));
     }
     lo = 1;
     hi = g.w >= 2 ? std::min<int64_t>(g.wo - 1, (g.w - 2) / g.stride) : 0;
@@ -180,8 +178,14 @@ Geometry check_darts(const char* op, const at::Tensor& x, const at::Tensor& z, c
                      const at::Tensor& rstd, const at::Tensor& coef, int64_t stride, bool has_skip) {
   check_x(op, x, stride);
   TORCH_CHECK(!has_skip || stride == 1, op, ": has_skip=True (the identity) needs stride 1, got stride ", stride);
-  Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), stride, pooled_size(x.size(2), stride),
-             pooled_size(x.size(3), stride), 0};
+  Geometry g{x.size(0),
+             x.size(1),
+             x.size(2),
+             x.size(3),
+             stride,
+             pooled_size(x.size(2), stride),
+             pooled_size(x.size(3), stride),
+             0};
   TORCH_CHECK(z.dim() == 5 && z.size(1) == g.c && z.size(2) == g.n && z.size(3) == g.ho && z.size(4) == g.wo, op,
               ": z must be (Jz, C, N, Ho, Wo) = (Jz, ", g.c, ", ", g.n, ", ", g.ho, ", ", g.wo, "), got shape ",
               z.sizes());
@@ -191,8 +195,8 @@ Geometry check_darts(const char* op, const at::Tensor& x, const at::Tensor& z, c
   g.jz = z.size(0);
   const std::pair<const char*, const at::Tensor*> stats[] = {{"mean", &mean}, {"rstd", &rstd}};
   for (const auto& [name, t] : stats) {
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == g.jz + 2 && t->size(1) == g.c, op, ": ", name, " must be (Jz + 2, C) = (",
-                g.jz + 2, ", ", g.c, "), got shape ", t->sizes());
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == g.jz + 2 && t->size(1) == g.c, op, ": ", name,
+                " must be (Jz + 2, C) = (", g.jz + 2, ", ", g.c, "), got shape ", t->sizes());
   }
   TORCH_CHECK(coef.dim() == 1 && coef.size(0) == g.jz + 3, op, ": coef must be (Jz + 3,) = (", g.jz + 3,
               ",), got shape ", coef.sizes());
@@ -212,8 +216,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_batch_norm_stats(const at::T
   check_x(kStats, x_in, stride);
   TORCH_CHECK(eps >= 0, kStats, ": eps must be >= 0, got ", eps);
   const at::Tensor x = x_in.contiguous();
-  const Geometry g{x.size(0), x.size(1), x.size(2), x.size(3), stride, pooled_size(x.size(2), stride),
-                   pooled_size(x.size(3), stride), 0};
+  const Geometry g{x.size(0),
+                   x.size(1),
+                   x.size(2),
+                   x.size(3),
+                   stride,
+                   pooled_size(x.size(2), stride),
+                   pooled_size(x.size(3), stride),
+                   0};
   const auto acc_dtype = accumulate_dtype(x.scalar_type());
   const auto opts = x.options().dtype(acc_dtype);
   at::Tensor mean = at::empty({2, g.c}, opts), rstd = at::empty({2, g.c}, opts), var = at::empty({2, g.c}, opts);
@@ -272,8 +282,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_batch_norm_stats(const at::T
 // --- darts_sum -------------------------------------------------------------------
 
 at::Tensor darts_sum(const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& mean_in,
-                     const at::Tensor& rstd_in, const at::Tensor& coef_in, int64_t stride, bool has_max,
-                     bool has_avg, bool has_skip) {
+                     const at::Tensor& rstd_in, const at::Tensor& coef_in, int64_t stride, bool has_max, bool has_avg,
+                     bool has_skip) {
   const Geometry g = check_darts(kForward, x_in, z_in, mean_in, rstd_in, coef_in, stride, has_skip);
   at::Tensor out = at::empty({g.n, g.c, g.ho, g.wo}, x_in.options().memory_format(at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
@@ -334,10 +344,11 @@ at::Tensor darts_sum(const at::Tensor& x_in, const at::Tensor& z_in, const at::T
 
 // --- darts_sum_backward ----------------------------------------------------------
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> darts_sum_backward(
-    const at::Tensor& grad_out_in, const at::Tensor& x_in, const at::Tensor& z_in, const at::Tensor& mean_in,
-    const at::Tensor& rstd_in, const at::Tensor& coef_in, int64_t stride, bool has_max, bool has_avg, bool has_skip,
-    bool x_need_grad) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> darts_sum_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
+                                                                  const at::Tensor& z_in, const at::Tensor& mean_in,
+                                                                  const at::Tensor& rstd_in, const at::Tensor& coef_in,
+                                                                  int64_t stride, bool has_max, bool has_avg,
+                                                                  bool has_skip, bool x_need_grad) {
   const Geometry g = check_darts(kBackward, x_in, z_in, mean_in, rstd_in, coef_in, stride, has_skip);
   TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == g.n && grad_out_in.size(1) == g.c &&
                   grad_out_in.size(2) == g.ho && grad_out_in.size(3) == g.wo,
@@ -352,9 +363,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> darts_sum_backward(
   const bool pools_needed = has_max || has_avg;
   const bool need_x = pools_needed || has_skip;
   at::Tensor grad_z = at::empty(z_in.sizes(), z_in.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor grad_x = x_need_grad
-                          ? at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::empty({0}, x_in.options());
+  at::Tensor grad_x = x_need_grad ? at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous))
+                                  : at::empty({0}, x_in.options());
   const auto acc_dtype = accumulate_dtype(x_in.scalar_type());
   at::Tensor grad_coef_acc = at::zeros({jz + 3}, coef_in.options().dtype(acc_dtype));
   if (g.n * g.c == 0 || m_plane == 0) {

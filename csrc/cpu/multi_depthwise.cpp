@@ -34,8 +34,7 @@
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
 // AVX2 and FMA where the CPU has them, chosen once at load time (fused
 // multiply-adds need fp-contract, which strict -std=c++20 turns off).
-#define FASTNAS_DW_CLONES \
-  __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
+#define FASTNAS_DW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
 #else
 #define FASTNAS_DW_CLONES
 #endif
@@ -73,9 +72,7 @@ struct Geometry {
   Layout layout() const { return {row(), Wq, stride}; }
   // Offset of padded position (y, x).
   // Stride is 1 or 2: shifts, as a division per element would dominate the copy loops.
-  int64_t at(int64_t y, int64_t x) const {
-    return stride == 1 ? y * row() + x : y * row() + (x & 1) * Wq + (x >> 1);
-  }
+  int64_t at(int64_t y, int64_t x) const { return stride == 1 ? y * row() + x : y * row() + (x & 1) * Wq + (x >> 1); }
 };
 
 struct Candidate {
@@ -83,8 +80,7 @@ struct Candidate {
 };
 
 void check_forward_args(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
-                        int64_t stride, const std::optional<at::Tensor>& mean,
-                        const std::optional<at::Tensor>& rstd) {
+                        int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd) {
   TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x has dtype ", x.scalar_type(),
               "; expected float32, float64, float16 or bfloat16");
   TORCH_CHECK(x.dim() == 4 || x.dim() == 5, op,
@@ -105,8 +101,7 @@ void check_forward_args(const char* op, const at::Tensor& x, at::TensorList weig
     const at::Tensor& w = weights[j];
     TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3), op, ": weights[", j,
                 "] must be (", C, ", 1, k, k) for x's ", C, " channels, got shape ", w.sizes());
-    TORCH_CHECK(w.size(2) % 2 == 1, op, ": weights[", j, "] has an even kernel size ", w.size(2),
-                "; it must be odd");
+    TORCH_CHECK(w.size(2) % 2 == 1, op, ": weights[", j, "] has an even kernel size ", w.size(2), "; it must be odd");
     TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": weights[", j, "] has dtype ", w.scalar_type(),
                 " but x has dtype ", x.scalar_type());
     TORCH_CHECK(w.device() == x.device(), op, ": weights[", j, "] is on ", w.device(), " but x is on ", x.device());
@@ -119,8 +114,8 @@ void check_forward_args(const char* op, const at::Tensor& x, at::TensorList weig
                 x.sizes());
     for (const auto* t : {&*mean, &*rstd}) {
       const char* name = t == &*mean ? "mean" : "rstd";
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == J && t->size(1) == C, op, ": ", name, " must have shape (", J, ", ",
-                  C, "), got ", t->sizes());
+      TORCH_CHECK(t->dim() == 2 && t->size(0) == J && t->size(1) == C, op, ": ", name, " must have shape (", J, ", ", C,
+                  "), got ", t->sizes());
       TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
       TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
     }
@@ -295,18 +290,25 @@ inline int vectors_for(int64_t cols) {
   return cols > 2 * L ? 4 : (cols > L ? 2 : 1);
 }
 
-#define FASTNAS_DW_BY_K(NV, CALL) \
+#define FASTNAS_DW_BY_K(NV, CALL)     \
   switch (tp.k == tp.kc ? tp.k : 0) { \
-    case 3: return CALL(NV, 3);   \
-    case 5: return CALL(NV, 5);   \
-    case 7: return CALL(NV, 7);   \
-    default: return CALL(NV, 0);  \
+    case 3:                           \
+      return CALL(NV, 3);             \
+    case 5:                           \
+      return CALL(NV, 5);             \
+    case 7:                           \
+      return CALL(NV, 7);             \
+    default:                          \
+      return CALL(NV, 0);             \
   }
-#define FASTNAS_DW_BY_TILE(CALL)           \
-  switch (vectors_for<acc_t>(cols)) {      \
-    case 4: FASTNAS_DW_BY_K(4, CALL)       \
-    case 2: FASTNAS_DW_BY_K(2, CALL)       \
-    default: FASTNAS_DW_BY_K(1, CALL)      \
+#define FASTNAS_DW_BY_TILE(CALL)      \
+  switch (vectors_for<acc_t>(cols)) { \
+    case 4:                           \
+      FASTNAS_DW_BY_K(4, CALL)        \
+    case 2:                           \
+      FASTNAS_DW_BY_K(2, CALL)        \
+    default:                          \
+      FASTNAS_DW_BY_K(1, CALL)        \
   }
 
 template <typename acc_t>
@@ -349,7 +351,6 @@ FASTNAS_DW_CLONES void tap_dots(const double* src, const Taps& tp, int64_t rows,
                                 double* taps) {
   tap_dots_any(src, tp, rows, cols, g, taps);
 }
-
 
 // Writes relu(pre) of one (H, W) input plane into the padded buffer's interior,
 // pre = x or (x - mean) * rstd.
@@ -426,8 +427,7 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
         const int64_t c = g.shared ? group : group % g.C;
         const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
         const scalar_t* src = g.shared ? xp + (n * g.C + c) * in_plane : xp + (group * g.N + n) * in_plane;
-        fill_activation<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1),
-                                         pad.data());
+        fill_activation<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1), pad.data());
         for (int64_t j = j0; j < j1; ++j) {
           const Candidate& cd = cands[j];
           scalar_t* dst = op + ((j * g.C + c) * g.N + n) * out_plane;
@@ -450,10 +450,12 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
 
 // --- backward ------------------------------------------------------------------------
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
-    const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
-    int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd,
-    bool input_need_grad) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const at::Tensor& grad_out_in,
+                                                                         const at::Tensor& x_in, at::TensorList weights,
+                                                                         at::IntArrayRef dilations, int64_t stride,
+                                                                         const std::optional<at::Tensor>& mean,
+                                                                         const std::optional<at::Tensor>& rstd,
+                                                                         bool input_need_grad) {
   check_forward_args(kBackward, x_in, weights, dilations, stride, mean, rstd);
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
@@ -467,12 +469,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
 
   const auto dtype = x_in.scalar_type();
   const auto acc_dtype = accumulate_dtype(dtype);
-  at::Tensor grad_pre = input_need_grad ? at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous))
-                                        : at::empty({0}, x_in.options());
+  at::Tensor grad_pre = input_need_grad
+                            ? at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous))
+                            : at::empty({0}, x_in.options());
   const int64_t groups = g.shared ? g.C : g.J * g.C;
   // A fixed split of the batch, from the shape alone: the weights' gradient
   // then sums the same partials in the same order on any number of threads.
-  const int64_t chunks = g.N == 0 ? 1 : std::min(g.N, std::max<int64_t>(1, kTargetTasks / std::max<int64_t>(1, groups)));
+  const int64_t chunks =
+      g.N == 0 ? 1 : std::min(g.N, std::max<int64_t>(1, kTargetTasks / std::max<int64_t>(1, groups)));
   const int64_t per_chunk = g.N == 0 ? 0 : (g.N + chunks - 1) / chunks;
   // partial[task][j][c-free taps]: each task owns the taps of its candidates for its channel.
   std::vector<int64_t> tap_offset(g.J + 1, 0);
@@ -585,7 +589,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
                   const Phase& ph = phases[j * 4 + q];
                   if (ph.us.empty() || ph.vs.empty() || ph.rows == 0 || ph.cols == 0) continue;
                   for (size_t i = 0; i < ph.us.size(); ++i) {
-                    for (size_t l = 0; l < ph.vs.size(); ++l) wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
+                    for (size_t l = 0; l < ph.vs.size(); ++l)
+                      wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
                   }
                   correlate(gc.data(), ph.taps, wsub.data(), ph.rows, ph.cols, gq.data() + q * phase_size, true);
                 }

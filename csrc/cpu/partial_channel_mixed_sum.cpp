@@ -137,9 +137,8 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixed_sum_backward(
-    const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
-    int64_t groups, bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad,
-    bool bypass_need_grad) {
+    const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass, int64_t groups,
+    bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad, bool bypass_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
   check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
   TORCH_CHECK(grad_out.device().is_cpu(), kBackward, ": the CPU kernel got grad_out on ", grad_out.device());
@@ -184,8 +183,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
           const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
           const int64_t n = pc.plane / s.cp, c = pc.plane - n * s.cp;
           const scalar_t* g = gop + (n * channels + math::shuffled_channel(c, cpg, groups)) * hw + pc.off;
-          weighted_sum_backward_chunk(g, gx_ptrs.data(), x_ptrs.data(), k_count, wp, pc.plane * hw + pc.off,
-                                      pc.len, pp != nullptr ? pp + t * k_count : nullptr, buf);
+          weighted_sum_backward_chunk(g, gx_ptrs.data(), x_ptrs.data(), k_count, wp, pc.plane * hw + pc.off, pc.len,
+                                      pp != nullptr ? pp + t * k_count : nullptr, buf);
         }
       });
       if (weights_need_grad) sum_partials(pp, tasks, k_count, grad_w_acc.data_ptr<acc_t>());

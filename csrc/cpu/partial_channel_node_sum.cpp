@@ -59,16 +59,15 @@ NodeShape check_node(const char* op, at::TensorList mixed, at::TensorList bypass
     TORCH_CHECK(m.scalar_type() == dtype, op, ": mixed[", e, "] has dtype ", m.scalar_type(), "; expected ", dtype);
     TORCH_CHECK(m.device() == device, op, ": mixed[", e, "] is on ", m.device(), "; expected ", device);
     TORCH_CHECK(b.dim() == 4, op, ": bypass[", e, "] must be a 4-D NCHW tensor, got shape ", b.sizes());
-    TORCH_CHECK(b.scalar_type() == dtype, op, ": bypass[", e, "] has dtype ", b.scalar_type(), "; expected ",
-                dtype);
+    TORCH_CHECK(b.scalar_type() == dtype, op, ": bypass[", e, "] has dtype ", b.scalar_type(), "; expected ", dtype);
     TORCH_CHECK(b.device() == device, op, ": bypass[", e, "] is on ", b.device(), "; expected ", device);
     TORCH_CHECK(b.size(0) == s.n, op, ": bypass[", e, "] has batch size ", b.size(0), " but mixed has ", s.n);
     TORCH_CHECK(b.size(1) == s.cb, op, ": bypass[", e, "] has ", b.size(1), " channels but bypass[0] has ", s.cb);
     const int64_t st = strides[e];
     TORCH_CHECK(st == 1 || st == 2, op, ": strides[", e, "]=", st, "; each stride must be 1 or 2");
-    TORCH_CHECK(b.size(2) == st * s.h && b.size(3) == st * s.w, op, ": bypass[", e, "] is ", b.size(2), "x",
-                b.size(3), " but strides[", e, "]=", st, " needs ", st * s.h, "x", st * s.w,
-                " for mixed outputs of ", s.h, "x", s.w);
+    TORCH_CHECK(b.size(2) == st * s.h && b.size(3) == st * s.w, op, ": bypass[", e, "] is ", b.size(2), "x", b.size(3),
+                " but strides[", e, "]=", st, " needs ", st * s.h, "x", st * s.w, " for mixed outputs of ", s.h, "x",
+                s.w);
   }
   check_weights(op, weights, e_count, device);
   TORCH_CHECK(groups >= 1 && s.channels() % groups == 0, op, ": groups=", groups, " must be >= 1 and divide the ",
@@ -213,9 +212,9 @@ at::Tensor partial_channel_node_sum(at::TensorList mixed, at::TensorList bypass,
 }
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> partial_channel_node_sum_backward(
-    const at::Tensor& grad_out, at::TensorList mixed, at::TensorList bypass, const at::Tensor& weights,
-    int64_t groups, at::IntArrayRef strides, const c10::List<bool>& mixed_need_grad_list,
-    const c10::List<bool>& bypass_need_grad_list, bool weights_need_grad) {
+    const at::Tensor& grad_out, at::TensorList mixed, at::TensorList bypass, const at::Tensor& weights, int64_t groups,
+    at::IntArrayRef strides, const c10::List<bool>& mixed_need_grad_list, const c10::List<bool>& bypass_need_grad_list,
+    bool weights_need_grad) {
   const std::vector<bool> mixed_need = mixed_need_grad_list.vec();
   const std::vector<bool> bypass_need = bypass_need_grad_list.vec();
   TORCH_CHECK(!mixed.empty(), kBackward, ": mixed is empty; a node needs at least one edge");
@@ -223,8 +222,8 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> partial
   const NodeShape s = check_node(kBackward, mixed, bypass, weights, groups, strides, dtype, grad_out.device());
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == s.n && grad_out.size(1) == s.channels() &&
                   grad_out.size(2) == s.h && grad_out.size(3) == s.w,
-              kBackward, ": grad_out has shape ", grad_out.sizes(), "; expected (", s.n, ", ", s.channels(), ", ",
-              s.h, ", ", s.w, ")");
+              kBackward, ": grad_out has shape ", grad_out.sizes(), "; expected (", s.n, ", ", s.channels(), ", ", s.h,
+              ", ", s.w, ")");
   TORCH_CHECK(static_cast<int64_t>(mixed_need.size()) == s.edges, kBackward, ": mixed_need_grad has ",
               mixed_need.size(), " entries but there are ", s.edges, " edges");
   TORCH_CHECK(static_cast<int64_t>(bypass_need.size()) == s.edges, kBackward, ": bypass_need_grad has ",

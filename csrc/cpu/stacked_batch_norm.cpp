@@ -146,12 +146,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_batch_norm_stats(const at
 at::Tensor stacked_batch_norm_backward(const at::Tensor& grad_yhat, const at::Tensor& z, const at::Tensor& mean,
                                        const at::Tensor& rstd) {
   check_z(kBackward, z);
-  TORCH_CHECK(grad_yhat.sizes() == z.sizes(), kBackward, ": grad_yhat has shape ", grad_yhat.sizes(),
-              " but z has ", z.sizes());
-  TORCH_CHECK(grad_yhat.scalar_type() == z.scalar_type(), kBackward, ": grad_yhat has dtype ",
-              grad_yhat.scalar_type(), " but z has ", z.scalar_type());
-  TORCH_CHECK(grad_yhat.device() == z.device(), kBackward, ": grad_yhat is on ", grad_yhat.device(),
-              " but z is on ", z.device());
+  TORCH_CHECK(grad_yhat.sizes() == z.sizes(), kBackward, ": grad_yhat has shape ", grad_yhat.sizes(), " but z has ",
+              z.sizes());
+  TORCH_CHECK(grad_yhat.scalar_type() == z.scalar_type(), kBackward, ": grad_yhat has dtype ", grad_yhat.scalar_type(),
+              " but z has ", z.scalar_type());
+  TORCH_CHECK(grad_yhat.device() == z.device(), kBackward, ": grad_yhat is on ", grad_yhat.device(), " but z is on ",
+              z.device());
   check_stat(kBackward, "mean", mean, z);
   check_stat(kBackward, "rstd", rstd, z);
 

@@ -19,9 +19,7 @@ namespace cpu {
 
 constexpr int64_t kChunk = 2048;
 
-inline int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Chunks per parallel task: below at::internal::GRAIN_SIZE elements, the
 // thread hand-off costs more than it saves.

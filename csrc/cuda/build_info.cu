@@ -4,8 +4,6 @@
 
 namespace fastnas {
 
-int cuda_runtime_version() {
-  return CUDART_VERSION;
-}
+int cuda_runtime_version() { return CUDART_VERSION; }
 
 }  // namespace fastnas

@@ -76,8 +76,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
       const auto plan = plan_backward(gop, x_ptrs, gx_ptrs, kc, weights_need_grad, n, /*vec_ok=*/true);
       at::Tensor partials =
           at::empty({weights_need_grad ? plan.blocks : 0, k_count}, weights.options().dtype(acc_dtype));
-      launch_weighted_sum_backward(plan, gop, x_ptrs, gx_ptrs, kc, w.data_ptr<acc_t>(), weights_need_grad, n,
-                                   FlatMap{}, weights_need_grad ? partials.data_ptr<acc_t>() : nullptr,
+      launch_weighted_sum_backward(plan, gop, x_ptrs, gx_ptrs, kc, w.data_ptr<acc_t>(), weights_need_grad, n, FlatMap{},
+                                   weights_need_grad ? partials.data_ptr<acc_t>() : nullptr,
                                    weights_need_grad ? grad_w_acc.data_ptr<acc_t>() : nullptr);
     });
   }

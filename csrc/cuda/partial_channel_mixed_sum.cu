@@ -95,8 +95,7 @@ __global__ void __launch_bounds__(kThreads)
     if constexpr (kPool) {
       const int64_t top = geo.window(plane, p);
       const int64_t bottom = top + 2 * static_cast<int64_t>(geo.w);
-      const int arg =
-          math::max_pool_2x2<acc_t>(bypass[top], bypass[top + 1], bypass[bottom], bypass[bottom + 1]).index;
+      const int arg = math::max_pool_2x2<acc_t>(bypass[top], bypass[top + 1], bypass[bottom], bypass[bottom + 1]).index;
       grad_bypass[top] = math::pool_grad_at(0, arg, g);
       grad_bypass[top + 1] = math::pool_grad_at(1, arg, g);
       grad_bypass[bottom] = math::pool_grad_at(2, arg, g);
@@ -209,9 +208,8 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
 }
 
 std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixed_sum_backward(
-    const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
-    int64_t groups, bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad,
-    bool bypass_need_grad) {
+    const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass, int64_t groups,
+    bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad, bool bypass_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
   check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
   TORCH_CHECK(grad_out.is_cuda(), kBackward, ": the CUDA kernel got grad_out on ", grad_out.device());

@@ -54,25 +54,21 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, VEC
 }
 
 struct FlatMap {
-  __device__ __forceinline__ int64_t operator()(int64_t i) const {
-    return i;
-  }
+  __device__ __forceinline__ int64_t operator()(int64_t i) const { return i; }
 };
 
 inline int64_t blocks_for(int64_t work_items) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (work_items + kThreads - 1) / kThreads));
 }
 
-inline bool aligned16(const void* p) {
-  return reinterpret_cast<uintptr_t>(p) % 16 == 0;
-}
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // out[map(i)] = sum_k w[k] * xs[k][i] for i < n. Vectors of VEC elements
 // cover [0, n_vec * VEC); the tail, shorter than VEC, goes element by element.
 template <typename scalar_t, int VEC, typename Map>
-__global__ void __launch_bounds__(kThreads) weighted_sum_kernel(InputPtrs<scalar_t> xs, int k_count,
-                                                                const at::opmath_type<scalar_t>* __restrict__ w,
-                                                                scalar_t* __restrict__ out, int64_t n, Map map) {
+__global__ void __launch_bounds__(kThreads)
+    weighted_sum_kernel(InputPtrs<scalar_t> xs, int k_count, const at::opmath_type<scalar_t>* __restrict__ w,
+                        scalar_t* __restrict__ out, int64_t n, Map map) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t sw[math::kMaxInputs];
   for (int k = threadIdx.x; k < k_count; k += blockDim.x) sw[k] = w[k];
@@ -120,10 +116,11 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 // finish. Each grad_out element is read once. Every thread of a block runs
 // the same number of iterations so that the warp sums see all lanes.
 template <typename scalar_t, int VEC, typename Map>
-__global__ void __launch_bounds__(kThreads) weighted_sum_backward_kernel(
-    const scalar_t* __restrict__ grad_out, InputPtrs<scalar_t> xs, GradPtrs<scalar_t> grad_xs, int k_count,
-    const at::opmath_type<scalar_t>* __restrict__ w, bool need_w, int64_t n, Map map,
-    at::opmath_type<scalar_t>* __restrict__ partials) {
+__global__ void __launch_bounds__(kThreads)
+    weighted_sum_backward_kernel(const scalar_t* __restrict__ grad_out, InputPtrs<scalar_t> xs,
+                                 GradPtrs<scalar_t> grad_xs, int k_count,
+                                 const at::opmath_type<scalar_t>* __restrict__ w, bool need_w, int64_t n, Map map,
+                                 at::opmath_type<scalar_t>* __restrict__ partials) {
   using acc_t = at::opmath_type<scalar_t>;
   __shared__ acc_t sw[math::kMaxInputs];
   __shared__ acc_t warp_dots[kWarps][math::kMaxInputs];
@@ -200,9 +197,9 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_backward_kernel(
 // strided split over threads and a fixed tree, so no atomics and no
 // run-to-run variation.
 template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) weighted_sum_partials_kernel(const acc_t* __restrict__ partials,
-                                                                         int64_t blocks, int k_count,
-                                                                         acc_t* __restrict__ grad_w) {
+__global__ void __launch_bounds__(kThreads)
+    weighted_sum_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks, int k_count,
+                                 acc_t* __restrict__ grad_w) {
   __shared__ acc_t s[kThreads];
   const int k = blockIdx.x;
   acc_t v = acc_t(0);
@@ -219,8 +216,8 @@ __global__ void __launch_bounds__(kThreads) weighted_sum_partials_kernel(const a
 // Host side: launch the forward on the current stream with the widest vector
 // width the pointers' alignment (and vec_ok, the Map's own constraint) allow.
 template <typename scalar_t, typename Map>
-void launch_weighted_sum(const InputPtrs<scalar_t>& xs, int k_count, const at::opmath_type<scalar_t>* w,
-                         scalar_t* out, int64_t n, Map map, bool vec_ok) {
+void launch_weighted_sum(const InputPtrs<scalar_t>& xs, int k_count, const at::opmath_type<scalar_t>* w, scalar_t* out,
+                         int64_t n, Map map, bool vec_ok) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   bool aligned = vec_ok && aligned16(out);
   for (int k = 0; k < k_count; ++k) aligned = aligned && aligned16(xs.ptr[k]);

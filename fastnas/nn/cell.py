@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from fastnas.ops._common import resolve
-from fastnas.ops import mixed_sum
-from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
 from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, checkpoint_module
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
+from fastnas.ops import mixed_sum
+from fastnas.ops._common import resolve
+from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
 
 
 def num_edges(steps: int) -> int:

@@ -150,12 +150,7 @@ def _pool(m: nn.Module, C: int, stride: int):
     )
     if isinstance(pool, nn.MaxPool2d) and common and _pair(pool.dilation) == (1, 1) and not pool.return_indices:
         return "max", leaves[1]
-    if (
-        isinstance(pool, nn.AvgPool2d)
-        and common
-        and not pool.count_include_pad
-        and pool.divisor_override is None
-    ):
+    if isinstance(pool, nn.AvgPool2d) and common and not pool.count_include_pad and pool.divisor_override is None:
         return "avg", leaves[1]
     return "a pooling candidate that is not a 3x3, padding 1 max pool or avg pool (count_include_pad=False)"
 

@@ -15,11 +15,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fastnas.nn.fused_edge import EdgePlan, edge_plan, primitive_kinds
+from fastnas.nn.operations import OPS, Zero, check_primitives
 from fastnas.ops import mixed_sum, partial_channel_mixed_sum
 from fastnas.ops._common import resolve
 from fastnas.ops.darts_edge import darts_edge
-from fastnas.nn.fused_edge import EdgePlan, edge_plan, primitive_kinds
-from fastnas.nn.operations import OPS, Zero, check_primitives
 
 MEMORY_MODES = ("save", "recompute", "checkpoint")
 

@@ -9,7 +9,7 @@ space is a list of these names, so new primitives only need
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -344,9 +344,7 @@ def _make_backward(backward_op):
     def backward(ctx, grad_out):
         x, z, mean, rstd, coef = ctx.saved_tensors
         need_x, need_z, _, _, need_coef = ctx.needs_input_grad[:5]
-        grad_z, grad_x, grad_coef = backward_op(
-            grad_out.contiguous(), x, z, mean, rstd, coef, *ctx.args, bool(need_x)
-        )
+        grad_z, grad_x, grad_coef = backward_op(grad_out.contiguous(), x, z, mean, rstd, coef, *ctx.args, bool(need_x))
         return (
             grad_x if need_x else None,
             grad_z if need_z else None,
@@ -428,8 +426,15 @@ def _darts_sum_triton(
     from fastnas.kernels.darts_sum import darts_sum_forward
 
     return darts_sum_forward(
-        x.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous(), coef.contiguous(),
-        stride, has_max, has_avg, has_skip,
+        x.contiguous(),
+        z.contiguous(),
+        mean.contiguous(),
+        rstd.contiguous(),
+        coef.contiguous(),
+        stride,
+        has_max,
+        has_avg,
+        has_skip,
     )
 
 
@@ -450,8 +455,17 @@ def _darts_sum_backward_triton(
     from fastnas.kernels.darts_sum import darts_sum_backward as backward
 
     return backward(
-        grad_out.contiguous(), x.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous(),
-        coef.contiguous(), stride, has_max, has_avg, has_skip, x_need_grad,
+        grad_out.contiguous(),
+        x.contiguous(),
+        z.contiguous(),
+        mean.contiguous(),
+        rstd.contiguous(),
+        coef.contiguous(),
+        stride,
+        has_max,
+        has_avg,
+        has_skip,
+        x_need_grad,
     )
 
 

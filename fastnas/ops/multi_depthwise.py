@@ -176,8 +176,7 @@ def _check(op, x, weights, dilations, stride, mean, rstd) -> bool:
     if mean is not None:
         if shared:
             raise ValueError(
-                f"{op}: mean/rstd need a per-candidate x of shape (J, C, N, H, W); x is shared, "
-                f"shape {tuple(x.shape)}"
+                f"{op}: mean/rstd need a per-candidate x of shape (J, C, N, H, W); x is shared, shape {tuple(x.shape)}"
             )
         for name, t in (("mean", mean), ("rstd", rstd)):
             if not isinstance(t, torch.Tensor):

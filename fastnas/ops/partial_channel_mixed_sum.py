@@ -64,13 +64,10 @@ def _check(xs, weights, bypass, groups, bypass_pool):
         raise ValueError(f"{_OP}: bypass has batch size {nb} but xs have {n}")
     if bypass_pool:
         if hb % 2 or wb % 2:
-            raise ValueError(
-                f"{_OP}: bypass_pool=True needs an even bypass height and width, got {hb}x{wb}"
-            )
+            raise ValueError(f"{_OP}: bypass_pool=True needs an even bypass height and width, got {hb}x{wb}")
         if (hb // 2, wb // 2) != (h, w):
             raise ValueError(
-                f"{_OP}: with bypass_pool=True the bypass must be twice the size of xs "
-                f"({2 * h}x{2 * w}), got {hb}x{wb}"
+                f"{_OP}: with bypass_pool=True the bypass must be twice the size of xs ({2 * h}x{2 * w}), got {hb}x{wb}"
             )
     elif (hb, wb) != (h, w):
         raise ValueError(f"{_OP}: bypass is {hb}x{wb} but xs are {h}x{w}")
@@ -145,7 +142,9 @@ def _fake_forward(xs, weights, bypass, groups, bypass_pool):
     return xs[0].new_empty((n, cp + bypass.shape[1], h, w))
 
 
-def _fake_backward(grad_out, xs, weights, bypass, groups, bypass_pool, xs_need_grad, weights_need_grad, bypass_need_grad):
+def _fake_backward(
+    grad_out, xs, weights, bypass, groups, bypass_pool, xs_need_grad, weights_need_grad, bypass_need_grad
+):
     n, _, h, w = grad_out.shape
     cb = bypass.shape[1]
     cp = grad_out.shape[1] - cb
@@ -169,7 +168,9 @@ def _register_cpp():
 
 # Opaque custom ops, for the reason given in mixed_sum.py.
 @torch.library.custom_op("fastnas::partial_channel_mixed_sum_triton", mutates_args=())
-def _pc_triton(xs: list[torch.Tensor], weights: torch.Tensor, bypass: torch.Tensor, groups: int, bypass_pool: bool) -> torch.Tensor:
+def _pc_triton(
+    xs: list[torch.Tensor], weights: torch.Tensor, bypass: torch.Tensor, groups: int, bypass_pool: bool
+) -> torch.Tensor:
     from fastnas.kernels.partial_channel_mixed_sum import partial_channel_mixed_sum_forward
 
     return partial_channel_mixed_sum_forward(

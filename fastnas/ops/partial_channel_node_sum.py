@@ -185,7 +185,8 @@ def _make_backward(backward_op):
         if not mixed:
             mixed = [_stand_in(grad_out, ctx.mixed_shape)] * len(ctx.strides)
         bypass = [
-            next(kept) if keep else _stand_in(grad_out, shape) for keep, shape in zip(ctx.kept_bypass, ctx.bypass_shapes)
+            next(kept) if keep else _stand_in(grad_out, shape)
+            for keep, shape in zip(ctx.kept_bypass, ctx.bypass_shapes)
         ]
         grad_mixed, grad_bypass, grad_w = backward_op(
             grad_out, list(mixed), bypass, weights, ctx.groups, ctx.strides, ctx.mixed_need, ctx.bypass_need, ctx.w_need
@@ -207,7 +208,9 @@ def _fake_forward(mixed, bypass, weights, groups, strides):
     return mixed[0].new_empty((n, cp + bypass[0].shape[1], ho, wo))
 
 
-def _fake_backward(grad_out, mixed, bypass, weights, groups, strides, mixed_need_grad, bypass_need_grad, weights_need_grad):
+def _fake_backward(
+    grad_out, mixed, bypass, weights, groups, strides, mixed_need_grad, bypass_need_grad, weights_need_grad
+):
     grad_mixed = [grad_out.new_empty(tuple(m.shape)) for m, need in zip(mixed, mixed_need_grad) if need]
     grad_bypass = [grad_out.new_empty(tuple(b.shape)) for b, need in zip(bypass, bypass_need_grad) if need]
     grad_w = weights.new_empty((weights.shape[0] if weights_need_grad else 0,))

@@ -10,7 +10,7 @@ last checkpoint left it.
 
 from fastnas.search.config import DATASETS, METHODS, SPACES, SearchConfig
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
-from fastnas.search.searcher import SearchResult, Searcher, build_network, genotype_to_json, prune_candidates, search
+from fastnas.search.searcher import Searcher, SearchResult, build_network, genotype_to_json, prune_candidates, search
 
 __all__ = [
     "DATASETS",

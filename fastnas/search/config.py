@@ -17,13 +17,26 @@ METHOD_DEFAULTS: dict[str, dict] = {
     "darts": dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4),
     "darts-2nd": dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4, unrolled=True),
     "pc-darts": dict(
-        epochs=50, batch_size=256, lr=0.1, lr_min=0.0, arch_lr=6e-4, partial_channels=4,
-        edge_normalization=True, warmup_epochs=15,
+        epochs=50,
+        batch_size=256,
+        lr=0.1,
+        lr_min=0.0,
+        arch_lr=6e-4,
+        partial_channels=4,
+        edge_normalization=True,
+        warmup_epochs=15,
     ),
     # P-DARTS: 25 epochs in each of three stages, architecture frozen for the first 10.
     "p-darts": dict(
-        epochs=75, batch_size=96, lr=0.025, lr_min=0.0, arch_lr=6e-4, warmup_epochs=10, layers=5,
-        skip_drop=(0.0, 0.4, 0.7), max_skip_connect=2,
+        epochs=75,
+        batch_size=96,
+        lr=0.025,
+        lr_min=0.0,
+        arch_lr=6e-4,
+        warmup_epochs=10,
+        layers=5,
+        skip_drop=(0.0, 0.4, 0.7),
+        max_skip_connect=2,
     ),
     "gdas": dict(epochs=240, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4, tau_max=10.0, tau_min=0.1),
 }
@@ -39,11 +52,37 @@ DIGITS_EPOCHS = {"p-darts": 3, "pc-darts": 4}
 
 # Fields a resumed run must share with its checkpoint, or it would be a different search.
 RESUME_FIELDS = (
-    "method", "space", "dataset", "image_size", "fraction", "epochs", "batch_size", "lr", "lr_min",
-    "momentum", "weight_decay", "arch_lr", "arch_betas", "arch_weight_decay", "grad_clip",
-    "train_portion", "init_channels", "layers", "seed", "unrolled", "partial_channels",
-    "edge_normalization", "warmup_epochs", "stage_layers", "stage_keep", "skip_drop",
-    "max_skip_connect", "tau_max", "tau_min", "amp", "world_size",
+    "method",
+    "space",
+    "dataset",
+    "image_size",
+    "fraction",
+    "epochs",
+    "batch_size",
+    "lr",
+    "lr_min",
+    "momentum",
+    "weight_decay",
+    "arch_lr",
+    "arch_betas",
+    "arch_weight_decay",
+    "grad_clip",
+    "train_portion",
+    "init_channels",
+    "layers",
+    "seed",
+    "unrolled",
+    "partial_channels",
+    "edge_normalization",
+    "warmup_epochs",
+    "stage_layers",
+    "stage_keep",
+    "skip_drop",
+    "max_skip_connect",
+    "tau_max",
+    "tau_min",
+    "amp",
+    "world_size",
 )
 
 
@@ -96,7 +135,7 @@ class SearchConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def create(cls, method: str = "darts", dataset: str = "digits", **overrides) -> "SearchConfig":
+    def create(cls, method: str = "darts", dataset: str = "digits", **overrides) -> SearchConfig:
         """The defaults of ``method`` on ``dataset``, then every override that is not None.
 
         Raises SearchError for an unknown method, space, dataset or amp type, and
@@ -184,7 +223,7 @@ class SearchConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict) -> "SearchConfig":
+    def from_dict(cls, values: dict) -> SearchConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         tuples = {"arch_betas", "stage_layers", "stage_keep", "skip_drop", "primitives"}
         kwargs = {}

@@ -70,8 +70,9 @@ UNSUPPORTED_MEMORY = {
 }
 
 UNSUPPORTED_METHODS = {
-    "darts-2nd": "second-order DARTS (darts-2nd, unrolled) is not supported: its virtual weight step branches in Python on whether the "
-    "optimizer has a momentum buffer, and its finite-difference passes have not been verified under capture",
+    "darts-2nd": "second-order DARTS (darts-2nd, unrolled) is not supported: its virtual weight step branches "
+    "in Python on whether the optimizer has a momentum buffer, and its finite-difference passes have not been "
+    "verified under capture",
     "gdas": "GDAS samples its one candidate per edge on the host (a Gumbel resampling loop that reads the samples "
     "back, and the chosen indices pick which operations run), which changes the kernels from step to step",
     "p-darts": "P-DARTS rebuilds deeper networks between stages and drops out skip connections with a per-epoch "
@@ -242,7 +243,9 @@ class GraphedStep:
         for m in modules:
             for t in list(m.parameters()) + list(m.buffers()):
                 if not t.is_cuda:
-                    raise CUDAGraphError(f"every parameter and buffer must be on a CUDA device, found one on {t.device}")
+                    raise CUDAGraphError(
+                        f"every parameter and buffer must be on a CUDA device, found one on {t.device}"
+                    )
                 device = device or t.device
         if device is None:
             raise CUDAGraphError("GraphedStep needs CUDA tensors: no input, parameter or buffer is on a CUDA device")

@@ -43,8 +43,17 @@ class EpochShardSampler(Sampler[int]):
         return self.per_rank
 
 
-def epoch_loader(dataset, indices, batch_size: int, seed: int, epoch: int, rank: int, world_size: int,
-                 workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def epoch_loader(
+    dataset,
+    indices,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """Batches of ``dataset[indices]`` for one epoch on one rank; ``batch_size`` is per rank."""
     sampler = EpochShardSampler(indices, seed, epoch, rank, world_size)
     # A seeded generator fixes the workers' seeds too, so augmentation in workers repeats.

@@ -48,8 +48,9 @@ class SearchResult:
     out_dir: str | None = None
 
 
-def build_network(config: SearchConfig, num_classes: int, in_channels: int, layers: int,
-                  edge_primitives: dict | None = None) -> nn.Module:
+def build_network(
+    config: SearchConfig, num_classes: int, in_channels: int, layers: int, edge_primitives: dict | None = None
+) -> nn.Module:
     """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
     if config.space == "darts":
         from fastnas.spaces.darts import DARTS_PRIMITIVES, SearchNetwork
@@ -71,8 +72,12 @@ def build_network(config: SearchConfig, num_classes: int, in_channels: int, laye
 
     kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
     return NB201SearchNetwork(
-        C=config.init_channels, N=layers, num_classes=num_classes, backend=config.backend,
-        in_channels=in_channels, **kwargs,
+        C=config.init_channels,
+        N=layers,
+        num_classes=num_classes,
+        backend=config.backend,
+        in_channels=in_channels,
+        **kwargs,
     )
 
 
@@ -140,8 +145,14 @@ class Searcher:
     After ``run()``, ``self.net`` is the last stage's supernet.
     """
 
-    def __init__(self, config: SearchConfig, out_dir: str | None = None, dataset=None, progress: bool = True,
-                 resume_state: dict | None = None):
+    def __init__(
+        self,
+        config: SearchConfig,
+        out_dir: str | None = None,
+        dataset=None,
+        progress: bool = True,
+        resume_state: dict | None = None,
+    ):
         config.validate()
         self.config = config
         self.out_dir = out_dir
@@ -152,7 +163,7 @@ class Searcher:
         self.dist = DistributedContext()
 
     @classmethod
-    def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> "Searcher":
+    def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
         """Continue the search whose checkpoint is in ``out_dir``.
 
         ``overrides`` may change how the search runs (device, workers, backend)
@@ -233,8 +244,9 @@ class Searcher:
 
         for s in range(first_stage, len(stages)):
             stage = stages[s]
-            net = build_network(cfg, _info(info, "num_classes"), _info(info, "in_channels"), stage["layers"],
-                                edge_primitives)
+            net = build_network(
+                cfg, _info(info, "num_classes"), _info(info, "in_channels"), stage["layers"], edge_primitives
+            )
             net.to(dist.device)
             self.net = net
             parts = self._make_optimizers(net, stage)
@@ -278,7 +290,10 @@ class Searcher:
         w_opt = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         # A captured step keeps Adam's step count on the device (capturable).
         a_opt = torch.optim.Adam(
-            net.arch_parameters(), lr=cfg.arch_lr, betas=tuple(cfg.arch_betas), weight_decay=cfg.arch_weight_decay,
+            net.arch_parameters(),
+            lr=cfg.arch_lr,
+            betas=tuple(cfg.arch_betas),
+            weight_decay=cfg.arch_weight_decay,
             capturable=cfg.cuda_graph,
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
@@ -335,8 +350,17 @@ class Searcher:
         per_rank = cfg.batch_size // dist.world_size
         pin = dist.device.type == "cuda"
         loaders = [
-            epoch_loader(self.train_set, idx, per_rank, cfg.seed + salt, global_epoch, dist.rank, dist.world_size,
-                         cfg.workers, pin)
+            epoch_loader(
+                self.train_set,
+                idx,
+                per_rank,
+                cfg.seed + salt,
+                global_epoch,
+                dist.rank,
+                dist.world_size,
+                cfg.workers,
+                pin,
+            )
             for salt, idx in ((0, self.train_idx), (1, self.val_idx))
         ]
         steps = min(len(loader) for loader in loaders)
@@ -358,8 +382,11 @@ class Searcher:
                 if graphed is None:
                     # One capture per epoch: the learning rate is baked into the graph.
                     graphed = GraphedStep(
-                        self._captured_step(model, net, parts, unrolled, train_arch, lr), (xt, yt, xv, yv),
-                        modules=[net], optimizers=[parts["w_opt"], parts["a_opt"]], key=train_arch,
+                        self._captured_step(model, net, parts, unrolled, train_arch, lr),
+                        (xt, yt, xv, yv),
+                        modules=[net],
+                        optimizers=[parts["w_opt"], parts["a_opt"]],
+                        key=train_arch,
                     )
                 # The batch is copied into the graph's inputs; the losses are read after the replay.
                 loss_value, correct, val_loss, val_correct = graphed(xt, yt, xv, yv).tolist()
@@ -374,8 +401,9 @@ class Searcher:
             xv, yv = xv.to(dist.device, non_blocking=True), yv.to(dist.device, non_blocking=True)
             if train_arch:
                 val_loss, val_logits = self._arch_step(net, parts, unrolled, xt, yt, xv, yv, lr)
-                totals[3:] += torch.tensor([float(val_loss) * len(yv), _correct(val_logits, yv), len(yv)],
-                                           dtype=torch.float64)
+                totals[3:] += torch.tensor(
+                    [float(val_loss) * len(yv), _correct(val_logits, yv), len(yv)], dtype=torch.float64
+                )
             loss, logits = self._weight_step(model, net, parts, xt, yt)
             loss_value = self._check_finite(loss, global_epoch, step)
             totals[:3] += torch.tensor([loss_value * len(yt), _correct(logits, yt), len(yt)], dtype=torch.float64)
@@ -421,8 +449,12 @@ class Searcher:
     def _advance(self, bar, start, images, loss_value) -> None:
         if bar is not None:
             elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{images / max(elapsed, 1e-9):.0f}",
-                            mem=f"{_memory_mib(self.dist.device):.0f}MiB", refresh=False)
+            bar.set_postfix(
+                loss=f"{loss_value:.3f}",
+                img_s=f"{images / max(elapsed, 1e-9):.0f}",
+                mem=f"{_memory_mib(self.dist.device):.0f}MiB",
+                refresh=False,
+            )
             bar.update(1)
 
     def _captured_step(self, model, net, parts, unrolled, train_arch, lr):
@@ -500,8 +532,17 @@ class Searcher:
     def _evaluate(self, net, global_epoch) -> tuple[float, float]:
         """Loss and accuracy on the architecture's half, batch norm in eval mode (as DARTS' infer)."""
         cfg, dist = self.config, self.dist
-        loader = epoch_loader(self.train_set, self.val_idx, cfg.batch_size // dist.world_size, cfg.seed + 2,
-                              global_epoch, dist.rank, dist.world_size, cfg.workers, dist.device.type == "cuda")
+        loader = epoch_loader(
+            self.train_set,
+            self.val_idx,
+            cfg.batch_size // dist.world_size,
+            cfg.seed + 2,
+            global_epoch,
+            dist.rank,
+            dist.world_size,
+            cfg.workers,
+            dist.device.type == "cuda",
+        )
         net.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         for x, y in loader:
@@ -520,8 +561,9 @@ class Searcher:
         from tqdm import tqdm
 
         total_epochs = sum(st["epochs"] for st in self.config.stages())
-        return tqdm(total=steps, desc=f"epoch {global_epoch + 1}/{total_epochs}", unit="step", leave=False,
-                    dynamic_ncols=True)
+        return tqdm(
+            total=steps, desc=f"epoch {global_epoch + 1}/{total_epochs}", unit="step", leave=False, dynamic_ncols=True
+        )
 
     # --- checkpoints and outputs ----------------------------------------------------
 
@@ -554,7 +596,9 @@ class Searcher:
         ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state)
         with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
             f.write(json.dumps(record) + "\n")
-        ckpt.atomic_write_text(os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n")
+        ckpt.atomic_write_text(
+            os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"
+        )
         self.dist.barrier()
 
     def _load_state(self, state, net, parts) -> int:
@@ -580,7 +624,9 @@ class Searcher:
         ckpt.atomic_write_text(os.path.join(self.out_dir, LOG_NAME), text)
 
     def _write_outputs(self, result: SearchResult) -> None:
-        ckpt.atomic_write_text(os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(result.genotype_dict, indent=2) + "\n")
+        ckpt.atomic_write_text(
+            os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(result.genotype_dict, indent=2) + "\n"
+        )
         from fastnas.spaces import plot_genotype, plot_nb201
 
         plot = plot_nb201 if self.config.space == "nb201" else plot_genotype

@@ -47,7 +47,7 @@ class NB201Arch:
         return "+".join("|" + "|".join(f"{op}~{j}" for op, j in node) + "|" for node in self.nodes)
 
     @classmethod
-    def from_string(cls, text: str) -> "NB201Arch":
+    def from_string(cls, text: str) -> NB201Arch:
         """Parse a NAS-Bench-201 architecture string; raises ValueError if malformed."""
         nodes = []
         for part in text.strip().split("+"):
@@ -67,7 +67,7 @@ class NB201Arch:
         return {"arch": self.to_string(), "nodes": [[[op, j] for op, j in node] for node in self.nodes]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "NB201Arch":
+    def from_dict(cls, data: dict) -> NB201Arch:
         """Inverse of ``to_dict`` (the string alone is enough)."""
         if "arch" in data:
             return cls.from_string(data["arch"])
@@ -157,7 +157,12 @@ class NB201SearchNetwork(SuperNet):
         self.primitives = check_primitives(primitives)
         self.backend = backend
         self.config = dict(
-            C=C, N=N, num_classes=num_classes, primitives=list(self.primitives), backend=backend, in_channels=in_channels
+            C=C,
+            N=N,
+            num_classes=num_classes,
+            primitives=list(self.primitives),
+            backend=backend,
+            in_channels=in_channels,
         )
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()

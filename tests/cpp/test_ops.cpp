@@ -30,9 +30,7 @@ void expect_close(const at::Tensor& got, const at::Tensor& want, const std::stri
   expect(err <= tol * scale, what + ": max error " + std::to_string(err));
 }
 
-c10::OperatorHandle op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
-}
+c10::OperatorHandle op(const char* name) { return c10::Dispatcher::singleton().findSchemaOrThrow(name, ""); }
 
 std::vector<c10::IValue> call(const char* name, std::vector<c10::IValue> stack) {
   op(name).callBoxed(&stack);
