@@ -94,9 +94,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     note = bench.steady_cpu_allocator() if device.type == "cpu" else "CUDA caching allocator"
-    backend = backends.resolve(device, args.backend)
-    if backend == "cuda":
-        backend = "triton" if "triton" in backends.available_backends() else "reference"
+    backend = backends.resolve("multi_depthwise", device, args.backend)
     env = bench.environment(device)
     print(f"# multi_depthwise, 4 DARTS candidates, x {args.batch}x{args.channels}x{args.size}x{args.size} fp32\n")
     for k, v in env.items():

@@ -555,7 +555,7 @@ def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     reps = args.reps if args.reps is not None else (20 if device.type == "cuda" else 3)
     net = _build_network(args, device)
     step = make_search_step(net, device, args.batch_size, args.image_size, args.num_classes, args.seed)
-    resolved = backends.resolve(device, None if args.backend == "auto" else args.backend)
+    resolved = backends.resolve("darts_edge", device, None if args.backend == "auto" else args.backend)
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -1,4 +1,5 @@
-"""``python -m fastnas.info``: which backends work here, versions, and why any does not."""
+"""``python -m fastnas.info``: which backends work here, versions, why any does not,
+and which backend runs each op."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def _version_of(module: str) -> str:
 
 def collect() -> dict:
     """Everything the table shows, as a dict (also handy in bug reports)."""
+    import fastnas.ops  # noqa: F401  (importing the ops registers their implementations)
+
     C = backends.extension()
     build = C.build_info() if C is not None else {}
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
@@ -34,12 +37,14 @@ def collect() -> dict:
         "extension built against torch": build.get("torch_version", "n/a"),
         "TRITON_INTERPRET": "on" if backends.triton_interpret() else "off",
         "backends": backends.backend_status(),
+        "ops": {op: backends.implementations(op) for op in backends.registered_ops()},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     info = collect()
     status = info.pop("backends")
+    ops = info.pop("ops")
     width = max(len(k) for k in info)
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
@@ -47,13 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'backend':<10}  {'available':<9}  reason")
     for name, why in status.items():
         print(f"{name:<10}  {'yes' if not why else 'no':<9}  {why}")
-    print(f"\nrequested (FASTNAS_BACKEND or default): {backends.requested_backend()}")
-    for device in ("cpu", "cuda"):
-        try:
-            print(f"used for {device} tensors: {backends.resolve(torch.device(device))}")
-        except RuntimeError as exc:
-            print(f"used for {device} tensors: none ({exc})")
+    print(f"\nrequested (FASTNAS_BACKEND or default): {backends.requested_backend()}\n")
+    width = max(len(op) for op in ops)
+    print(f"{'op':<{width}}  {'implemented by':<32}  {'runs cpu tensors':<16}  runs cuda tensors")
+    for op, names in ops.items():
+        used = [_used(op, device) for device in ("cpu", "cuda")]
+        print(f"{op:<{width}}  {', '.join(names):<32}  {used[0]:<16}  {used[1]}")
     return 0
+
+
+def _used(op: str, device: str) -> str:
+    try:
+        return backends.resolve(op, device)
+    except (RuntimeError, ValueError) as exc:
+        return f"none ({exc})"
 
 
 if __name__ == "__main__":

@@ -67,7 +67,6 @@ from fastnas import backends
 from fastnas.nn.fused_edge import edge_plan
 from fastnas.nn.mixed_op import _autocast_on
 from fastnas.ops import channel_shuffle, mixed_sum, partial_channel_mixed_sum
-from fastnas.ops._common import resolve
 from fastnas.ops.darts_edge import darts_edge
 
 __all__ = ["PatchReport", "PatchWarning", "PatchedOp", "SkippedOp", "accelerate", "patch", "unpatch"]
@@ -472,7 +471,7 @@ def _fused_edge(ops, plan: _Plan, x, weights):
         return None
     if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
         return None
-    if resolve(x.device, plan.backend) == "reference" or plan.stride not in (1, 2):
+    if backends.resolve("darts_edge", x.device, plan.backend) == "reference" or plan.stride not in (1, 2):
         return None
     eplan = edge_plan(list(ops), plan.kinds, x.shape[1], plan.stride)
     if isinstance(eplan, str):

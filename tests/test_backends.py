@@ -79,25 +79,97 @@ def test_backend_must_serve_the_device():
 def test_choice_order(monkeypatch):
     dev = torch.device("cpu")
     monkeypatch.setenv("FASTNAS_BACKEND", "reference")
-    assert backends.resolve(dev) == "reference"
+    assert backends.resolve("mixed_sum", dev) == "reference"
     with use_backend("cpu"):
-        assert backends.resolve(dev) == "cpu"
-        assert backends.resolve(dev, "reference") == "reference"
+        assert backends.resolve("mixed_sum", dev) == "cpu"
+        assert backends.resolve("mixed_sum", dev, "reference") == "reference"
         with use_backend("auto"):
-            assert backends.resolve(dev) == ("cpu" if "cpu" in backends.available_backends() else "reference")
-    assert backends.resolve(dev) == "reference"
+            expected = "cpu" if "cpu" in backends.available_backends() else "reference"
+            assert backends.resolve("mixed_sum", dev) == expected
+    assert backends.resolve("mixed_sum", dev) == "reference"
     monkeypatch.setenv("FASTNAS_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTNAS_BACKEND"):
-        backends.resolve(dev)
+        backends.resolve("mixed_sum", dev)
 
 
-def test_auto_falls_back_quietly(monkeypatch):
+@pytest.fixture
+def fresh_registry():
+    """Recompute the machine's status before and after a test that fakes it."""
+    backends.refresh()
+    yield
+    backends.refresh()
+
+
+def test_auto_falls_back_quietly(monkeypatch, fresh_registry):
     monkeypatch.setattr(
         backends, "backend_status", lambda: {"reference": "", "cpu": "gone", "cuda": "gone", "triton": "gone"}
     )
     monkeypatch.delenv("FASTNAS_BACKEND", raising=False)
-    assert backends.resolve(torch.device("cpu")) == "reference"
-    assert backends.resolve(torch.device("cuda")) == "reference"
+    assert backends.resolve("mixed_sum", torch.device("cpu")) == "reference"
+    assert backends.resolve("mixed_sum", torch.device("cuda")) == "reference"
+
+
+def test_every_op_declares_its_implementations():
+    import fastnas.ops  # noqa: F401
+
+    ops = backends.registered_ops()
+    for op in ("mixed_sum", "partial_channel_mixed_sum", "multi_depthwise", "darts_sum", "darts_edge"):
+        assert op in ops
+        assert backends.implementations(op)[0] == "reference"
+    if backends.extension() is not None:
+        assert "cpu" in backends.implementations("multi_depthwise")
+        # The C++ CUDA kernels are read off the dispatcher: they exist for these two ops only
+        # in a build with CUDA, and never for an op without a CUDA kernel.
+        cuda_built = backends.extension().build_info()["cuda"]
+        assert ("cuda" in backends.implementations("mixed_sum")) == cuda_built
+        assert ("cuda" in backends.implementations("darts_sum")) == _has_cuda_kernel("darts_sum")
+
+
+def _has_cuda_kernel(op):
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnas::{op}", "CUDA")
+
+
+def test_explicit_backend_without_the_op_raises(monkeypatch, fresh_registry):
+    """Asking for a backend by name never runs another one: an op it lacks is an error."""
+    monkeypatch.setattr(backends, "backend_status", lambda: dict.fromkeys(backends.BACKENDS, ""))
+    backends.register("test_only_op", "triton")
+    try:
+        assert backends.resolve("test_only_op", "cuda") == "triton"
+        with pytest.raises(RuntimeError, match="'cuda' has no kernel for test_only_op.*reference, triton"):
+            backends.resolve("test_only_op", "cuda", "cuda")
+        with pytest.raises(RuntimeError, match="'cpu' has no kernel for test_only_op"):
+            backends.resolve("test_only_op", "cpu", "cpu")
+    finally:
+        backends._python_impls.pop("test_only_op")
+
+
+def test_a_build_without_the_op_is_not_counted_as_having_it(fresh_registry):
+    """An op whose schema the loaded extension lacks (a stale build) runs on the reference."""
+    assert backends.register_cpp("op_missing_from_this_build") is False
+    try:
+        assert backends.implementations("op_missing_from_this_build") == ["reference"]
+        assert backends.resolve("op_missing_from_this_build", "cpu") == "reference"
+        with pytest.raises(RuntimeError, match="has no kernel for op_missing_from_this_build"):
+            backends.resolve("op_missing_from_this_build", "cpu", "cpu")
+    finally:
+        backends._cpp_ops.discard("op_missing_from_this_build")
+
+
+def test_status_is_computed_once(monkeypatch, fresh_registry):
+    if backends.extension() is None:
+        pytest.skip("no extension")
+    calls = []
+    real = backends.extension().build_info
+    monkeypatch.setattr(backends.extension(), "build_info", lambda: calls.append(1) or real())
+    backends.refresh()
+    for _ in range(5):
+        backends.backend_status()
+        backends.resolve("mixed_sum", "cpu")
+        _sum()
+    assert len(calls) == 1
+    backends.refresh()
+    backends.backend_status()
+    assert len(calls) == 2
 
 
 def test_broken_extension_is_reported_not_raised(monkeypatch):
@@ -108,13 +180,14 @@ def test_broken_extension_is_reported_not_raised(monkeypatch):
             raise ImportError("undefined symbol: _ZN2at6Tensor")
         return real_import(name)
 
-    backends._load_extension.cache_clear()
+    backends.refresh()
     monkeypatch.setattr(backends.importlib, "import_module", fake_import)
     monkeypatch.delenv("FASTNAS_BACKEND", raising=False)
     try:
         assert "undefined symbol" in backends.backend_status()["cpu"]
-        assert backends.resolve(torch.device("cpu")) == "reference"
+        assert backends.resolve("mixed_sum", torch.device("cpu")) == "reference"
         with pytest.raises(RuntimeError, match="'cpu' was requested but is not available.*undefined symbol"):
             _sum("cpu")
     finally:
-        backends._load_extension.cache_clear()
+        monkeypatch.undo()
+        backends.refresh()

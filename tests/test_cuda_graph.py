@@ -312,7 +312,7 @@ def _backend_id(backend):
 
 
 def _describe_backend(backend) -> str:
-    return f"backend {backend!r} -> {backends.resolve(torch.device('cuda'), backend)!r}"
+    return f"backend {backend!r} -> {backends.resolve('darts_edge', 'cuda', backend)!r}"
 
 
 # cuDNN may pick other algorithms inside a capture than outside: rounding-level

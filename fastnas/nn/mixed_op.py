@@ -15,10 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fastnas import backends
 from fastnas.nn.fused_edge import EdgePlan, edge_plan, primitive_kinds
 from fastnas.nn.operations import OPS, Zero, check_primitives
 from fastnas.ops import mixed_sum, partial_channel_mixed_sum
-from fastnas.ops._common import resolve
 from fastnas.ops.darts_edge import darts_edge
 
 MEMORY_MODES = ("save", "recompute", "checkpoint")
@@ -167,7 +167,7 @@ class MixedOp(nn.Module):
             return False
         if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
             return False
-        return resolve(x.device, self.backend) != "reference"
+        return backends.resolve("darts_edge", x.device, self.backend) != "reference"
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         plan = self._plan

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 
 import torch
 
-from fastnas import backends
-
 # Upper bound on the candidates summed in one call: the CUDA kernels take the
 # input pointers as a kernel argument, whose size is bounded.
 MAX_INPUTS = 128
@@ -49,25 +47,6 @@ def check_inputs(op: str, xs, weights) -> list[torch.Tensor]:
     if weights.device != x0.device:
         raise ValueError(f"{op}: weights is on {weights.device} but xs are on {x0.device}")
     return xs
-
-
-@torch.compiler.assume_constant_result
-def _resolve_cached(device_type: str, backend: str | None) -> str:
-    return backends.resolve(torch.device(device_type), backend)
-
-
-def resolve(device: torch.device, backend: str | None) -> str:
-    """The backend for this call; a constant to torch.compile, so no graph break."""
-    return _resolve_cached(device.type, backend)
-
-
-def resolve_triton_for_cuda(device: torch.device, backend: str | None) -> str:
-    """``resolve`` for ops with no CUDA C++ kernel: their Triton kernels serve CUDA
-    tensors, or the reference where Triton cannot run."""
-    name = resolve(device, backend)
-    if name == "cuda":
-        return "triton" if "triton" in backends.available_backends() else "reference"
-    return name
 
 
 def grad_flags(xs: Sequence[torch.Tensor]) -> list[bool]:

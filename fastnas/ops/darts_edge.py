@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastnas import backends
 from fastnas.ops.darts_sum import darts_sum, darts_sum_backward, pool_batch_norm_stats
 from fastnas.ops.multi_depthwise import multi_depthwise, multi_depthwise_backward
 from fastnas.ops.stacked_batch_norm import (
@@ -375,7 +376,12 @@ def darts_edge(
             raise ValueError(f"darts_edge: buffers must be three lists of {spec.n_norms} tensors")
     if spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
         raise ValueError(f"darts_edge: a factorized reduce needs even H and W, got {tuple(x.shape[2:])}")
+    backend = backends.resolve("darts_edge", x.device, backend)
     return DartsEdgeFunction.apply(x, weights, spec, memory, backend, buffers, *params)
+
+
+# A composite of the building blocks: it runs wherever they have kernels.
+backends.register("darts_edge", "cpu", "triton")
 
 
 __all__ = ["EdgeSpec", "MEMORY_MODES", "darts_edge"]

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import FLOAT_DTYPES, resolve_triton_for_cuda
+from fastnas.ops._common import FLOAT_DTYPES
 
 _DTYPE_NAMES = "float32, float16, bfloat16 or float64"
 _STAT_DTYPES = (torch.float32, torch.float64)
@@ -239,10 +239,6 @@ def _check_grad_out(op, grad_out, x, stride) -> None:
         raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
 
 
-def _backend(device: torch.device, backend: str | None) -> str:
-    return resolve_triton_for_cuda(device, backend)
-
-
 # --- public API -------------------------------------------------------------------
 
 
@@ -261,7 +257,7 @@ def pool_batch_norm_stats(
     _check_stride(op, stride)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
-    name = _backend(x.device, backend)
+    name = backends.resolve("pool_batch_norm_stats", x.device, backend)
     if name == "reference":
         return pool_batch_norm_stats_reference(x, stride, eps)
     if name == "triton":
@@ -287,7 +283,7 @@ def darts_sum(
     (N, C, Ho, Wo) contiguous in the dtype of x. Differentiable in x, z and coef
     (training-mode batch norm; see the module docstring)."""
     _check_darts("darts_sum", x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
-    name = _backend(x.device, backend)
+    name = backends.resolve("darts_sum", x.device, backend)
     if name == "reference":
         if torch.is_grad_enabled() and (x.requires_grad or z.requires_grad or coef.requires_grad):
             return _DartsSumReference.apply(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
@@ -323,7 +319,7 @@ def darts_sum_backward(
     _check_grad_out(op, grad_out, x, stride)
     _check_flag(op, "x_need_grad", x_need_grad)
     args = (grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip, x_need_grad)
-    name = _backend(x.device, backend)
+    name = backends.resolve("darts_sum", x.device, backend)
     if name == "reference":
         return darts_sum_backward_reference(*args)
     if name == "triton":
@@ -390,9 +386,8 @@ def _fake_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, h
 
 
 def _register_cpp():
-    if backends.extension() is None:
-        return
-    if not hasattr(torch.ops.fastnas, "darts_sum"):
+    stats = backends.register_cpp("pool_batch_norm_stats")
+    if not (backends.register_cpp("darts_sum", "darts_sum_backward") and stats):
         return
     torch.library.register_fake("fastnas::pool_batch_norm_stats")(_fake_stats)
     torch.library.register_fake("fastnas::darts_sum")(_fake_forward)
@@ -474,3 +469,5 @@ _darts_sum_triton.register_fake(_fake_forward)
 _darts_sum_backward_triton.register_fake(_fake_backward)
 _darts_sum_triton.register_autograd(_make_backward(_darts_sum_backward_triton), setup_context=_setup_context)
 _register_cpp()
+backends.register("pool_batch_norm_stats", "triton")
+backends.register("darts_sum", "triton")

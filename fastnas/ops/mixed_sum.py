@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from fastnas import backends
-from fastnas.ops._common import check_inputs, fill_grads, grad_flags, resolve
+from fastnas.ops._common import check_inputs, fill_grads, grad_flags
 
 
 def mixed_sum_reference(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -36,7 +36,7 @@ def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, *, backend: str
     of ``xs`` and is accumulated in fp32 (fp64 for fp64 inputs).
     """
     xs = check_inputs("mixed_sum", xs, weights)
-    name = resolve(xs[0].device, backend)
+    name = backends.resolve("mixed_sum", xs[0].device, backend)
     if name == "reference":
         return mixed_sum_reference(xs, weights)
     if name == "triton":
@@ -75,7 +75,7 @@ def _fake_backward(grad_out, xs, weights, xs_need_grad, weights_need_grad):
 
 
 def _register_cpp():
-    if backends.extension() is None:
+    if not backends.register_cpp("mixed_sum", "mixed_sum_backward"):
         return
     torch.library.register_fake("fastnas::mixed_sum")(_fake_forward)
     torch.library.register_fake("fastnas::mixed_sum_backward")(_fake_backward)
@@ -115,3 +115,4 @@ _mixed_sum_triton.register_fake(_fake_forward)
 _mixed_sum_triton_backward.register_fake(_fake_backward)
 _mixed_sum_triton.register_autograd(_make_backward(_mixed_sum_triton_backward), setup_context=_setup_context)
 _register_cpp()
+backends.register("mixed_sum", "triton")

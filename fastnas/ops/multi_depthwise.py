@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import resolve_triton_for_cuda
 
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = "float32, float64, float16 or bfloat16"
@@ -214,7 +213,7 @@ def _check_grad_out(op, grad_out, x, weights, stride, shared):
 
 
 def _backend(device: torch.device, backend: str | None, num: int) -> str:
-    name = resolve_triton_for_cuda(device, backend)
+    name = backends.resolve("multi_depthwise", device, backend)
     if name == "triton" and num > MAX_CANDIDATES_TRITON:
         raise ValueError(
             f"multi_depthwise: the triton backend takes at most {MAX_CANDIDATES_TRITON} candidates per call, got {num}"
@@ -320,7 +319,7 @@ def _make_backward(backward_op):
 
 
 def _register_cpp():
-    if backends.extension() is None:
+    if not backends.register_cpp("multi_depthwise", "multi_depthwise_backward"):
         return
     torch.library.register_fake("fastnas::multi_depthwise")(_fake_forward)
     torch.library.register_fake("fastnas::multi_depthwise_backward")(_fake_backward)
@@ -375,3 +374,4 @@ _multi_depthwise_triton.register_autograd(
     _make_backward(_multi_depthwise_backward_triton), setup_context=_setup_context
 )
 _register_cpp()
+backends.register("multi_depthwise", "triton")

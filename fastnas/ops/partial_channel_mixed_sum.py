@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import check_inputs, fill_grads, grad_flags, resolve
+from fastnas.ops._common import check_inputs, fill_grads, grad_flags
 from fastnas.ops.mixed_sum import mixed_sum_reference
 
 _OP = "partial_channel_mixed_sum"
@@ -94,7 +94,7 @@ def partial_channel_mixed_sum(
     Returns (N, Cp + Cb, H, W) in the dtype of ``xs``.
     """
     xs = _check(xs, weights, bypass, groups, bypass_pool)
-    name = resolve(xs[0].device, backend)
+    name = backends.resolve("partial_channel_mixed_sum", xs[0].device, backend)
     if name == "reference":
         return partial_channel_mixed_sum_reference(xs, weights, bypass, groups, bypass_pool)
     if name == "triton":
@@ -155,7 +155,7 @@ def _fake_backward(
 
 
 def _register_cpp():
-    if backends.extension() is None:
+    if not backends.register_cpp("partial_channel_mixed_sum", "partial_channel_mixed_sum_backward"):
         return
     torch.library.register_fake("fastnas::partial_channel_mixed_sum")(_fake_forward)
     torch.library.register_fake("fastnas::partial_channel_mixed_sum_backward")(_fake_backward)
@@ -209,3 +209,4 @@ _pc_triton.register_fake(_fake_forward)
 _pc_triton_backward.register_fake(_fake_backward)
 _pc_triton.register_autograd(_make_backward(_pc_triton_backward), setup_context=_setup_context)
 _register_cpp()
+backends.register("partial_channel_mixed_sum", "triton")

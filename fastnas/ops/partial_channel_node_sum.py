@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import FLOAT_DTYPES, MAX_INPUTS, resolve_triton_for_cuda
+from fastnas.ops._common import FLOAT_DTYPES, MAX_INPUTS
 from fastnas.ops.partial_channel_mixed_sum import channel_shuffle
 
 _OP = "partial_channel_node_sum"
@@ -144,7 +144,7 @@ def partial_channel_node_sum(
     (N, Cp + Cb, Ho, Wo) tensor in the dtype of ``mixed``.
     """
     mixed, bypass, strides = _check(mixed, bypass, weights, groups, strides)
-    name = resolve_triton_for_cuda(mixed[0].device, backend)
+    name = backends.resolve("partial_channel_node_sum", mixed[0].device, backend)
     if name == "reference":
         return partial_channel_node_sum_reference(mixed, bypass, weights, groups, strides)
     if name == "triton":
@@ -218,8 +218,7 @@ def _fake_backward(
 
 
 def _register_cpp():
-    if backends.extension() is None or not hasattr(torch.ops.fastnas, "partial_channel_node_sum"):
-        # Not built, or built from sources older than this op's schema.
+    if not backends.register_cpp("partial_channel_node_sum", "partial_channel_node_sum_backward"):
         return
     torch.library.register_fake("fastnas::partial_channel_node_sum")(_fake_forward)
     torch.library.register_fake("fastnas::partial_channel_node_sum_backward")(_fake_backward)
@@ -275,3 +274,4 @@ _node_triton.register_fake(_fake_forward)
 _node_triton_backward.register_fake(_fake_backward)
 _node_triton.register_autograd(_make_backward(_node_triton_backward), setup_context=_setup_context)
 _register_cpp()
+backends.register("partial_channel_node_sum", "triton")

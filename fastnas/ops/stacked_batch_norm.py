@@ -29,7 +29,6 @@ from collections.abc import Sequence
 import torch
 
 from fastnas import backends
-from fastnas.ops._common import resolve_triton_for_cuda
 
 _STATS = "stacked_batch_norm_stats"
 _BACKWARD = "stacked_batch_norm_backward"
@@ -189,7 +188,7 @@ def stacked_batch_norm_stats(
     ``z``); ``var`` is biased and ``rstd = 1 / sqrt(var + eps)``.
     """
     _check_z(_STATS, z)
-    name = resolve_triton_for_cuda(z.device, backend)
+    name = backends.resolve("stacked_batch_norm_stats", z.device, backend)
     if name == "reference":
         return stacked_batch_norm_stats_reference(z, eps)
     if name == "triton":
@@ -212,7 +211,7 @@ def stacked_batch_norm_backward(
     Returns a contiguous tensor shaped and typed like ``z``.
     """
     _check_backward(grad_yhat, z, mean, rstd)
-    name = resolve_triton_for_cuda(z.device, backend)
+    name = backends.resolve("stacked_batch_norm_backward", z.device, backend)
     if name == "reference":
         return stacked_batch_norm_backward_reference(grad_yhat, z, mean, rstd).contiguous()
     if name == "triton":
@@ -293,7 +292,8 @@ def _fake_backward(grad_yhat, z, mean, rstd):
 
 
 def _register_cpp():
-    if backends.extension() is None:
+    stats = backends.register_cpp("stacked_batch_norm_stats")
+    if not (backends.register_cpp("stacked_batch_norm_backward") and stats):
         return
     torch.library.register_fake("fastnas::stacked_batch_norm_stats")(_fake_stats)
     torch.library.register_fake("fastnas::stacked_batch_norm_backward")(_fake_backward)
@@ -318,3 +318,5 @@ def _backward_triton(grad_yhat: torch.Tensor, z: torch.Tensor, mean: torch.Tenso
 _stats_triton.register_fake(_fake_stats)
 _backward_triton.register_fake(_fake_backward)
 _register_cpp()
+backends.register("stacked_batch_norm_stats", "triton")
+backends.register("stacked_batch_norm_backward", "triton")

@@ -216,7 +216,7 @@ class Searcher:
             from fastnas import backends
 
             try:
-                backends.resolve(dist.device, cfg.backend)
+                backends.resolve("darts_edge", dist.device, cfg.backend)
             except (RuntimeError, ValueError) as exc:
                 raise SearchError(f"--backend {cfg.backend}: {exc}") from None
         if cfg.batch_size % dist.world_size:
