@@ -45,7 +45,12 @@ import torch
 
 from fastnas import backends
 from fastnas.ops.darts_sum import darts_sum, darts_sum_backward, pool_batch_norm_stats
-from fastnas.ops.multi_depthwise import multi_depthwise, multi_depthwise_backward
+from fastnas.ops.multi_depthwise import (
+    MAX_CANDIDATES_TRITON,
+    MAX_KERNEL_SIZE,
+    multi_depthwise,
+    multi_depthwise_backward,
+)
 from fastnas.ops.stacked_batch_norm import (
     stacked_batch_norm_backward,
     stacked_batch_norm_stats,
@@ -53,6 +58,8 @@ from fastnas.ops.stacked_batch_norm import (
 )
 
 MEMORY_MODES = ("save", "recompute")
+# The dtypes the fused edge computes; the rest run the candidate modules.
+DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,23 @@ class EdgeSpec:
         for i in (self.max_index, self.avg_index, self.skip_index):
             idx.append(0 if i is None else i)
         return idx
+
+
+def unsupported_reason(spec: EdgeSpec, dtype: torch.dtype, backend: str) -> str | None:
+    """Why the kernels of ``backend`` (a resolved name) cannot run this edge on
+    ``dtype`` inputs, or None when they can. The one place that knows the limits
+    of the building blocks the edge is made of."""
+    if dtype not in DTYPES:
+        return f"the fused edge computes float32 and float64 inputs, not {dtype}"
+    sizes = [k for k, _ in spec.sep] + [k for k, _ in spec.dil]
+    if any(k > MAX_KERNEL_SIZE for k in sizes):
+        return f"a depthwise kernel of size {max(sizes)}; the fused edge takes at most {MAX_KERNEL_SIZE}"
+    if backend == "triton" and spec.ns + spec.nd > MAX_CANDIDATES_TRITON:
+        return (
+            f"{spec.ns + spec.nd} convolution candidates; the Triton depthwise kernel takes at most "
+            f"{MAX_CANDIDATES_TRITON} per call"
+        )
+    return None
 
 
 def _split_params(spec: EdgeSpec, params):
@@ -384,4 +408,4 @@ def darts_edge(
 backends.register("darts_edge", "cpu", "triton")
 
 
-__all__ = ["EdgeSpec", "MEMORY_MODES", "darts_edge"]
+__all__ = ["DTYPES", "EdgeSpec", "MEMORY_MODES", "darts_edge", "unsupported_reason"]
