@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastnas.nn.cell import Cell, normalize_edge_weights, num_edges
-from fastnas.nn.mixed_op import check_memory
+from fastnas.nn.edge_plan import check_memory
 from fastnas.nn.operations import check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
 
