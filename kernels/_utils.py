@@ -20,11 +20,6 @@ _TL_DTYPES = {
 }
 
 
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs keep fp64; every narrower float accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def tl_dtype(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnas.kernels._utils import accumulate_dtype, cast_for_store, device_guard, sum_partials, tl_dtype
+from fastnas.kernels._utils import cast_for_store, device_guard, sum_partials, tl_dtype
+from fastnas.ops._common import accumulate_dtype
 
 _STATS_BLOCK = 512
 _FORWARD_BLOCK = 512

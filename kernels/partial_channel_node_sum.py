@@ -23,7 +23,6 @@ import triton
 import triton.language as tl
 
 from fastnas.kernels._utils import (
-    accumulate_dtype,
     all_aligned,
     cast_for_store,
     device_guard,
@@ -33,6 +32,7 @@ from fastnas.kernels._utils import (
     tl_dtype,
     warps_for,
 )
+from fastnas.ops._common import accumulate_dtype
 
 _MAX_BLOCK = 1024
 
