@@ -23,6 +23,7 @@ from fastnas.kernels._utils import (
     load_pointer,
     pointer_table,
     sum_partials,
+    take_if_greater,
     tl_dtype,
     warps_for,
 )
@@ -62,13 +63,6 @@ def _window(bypass_ptr, n, cb, Cb, HW, W, hw, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _take_if_greater(best, arg, v, i):
-    # PyTorch's rule: a strictly greater value or any NaN replaces the current one.
-    take = (v > best) | (v != v)
-    return tl.where(take, v, best), tl.where(take, i, arg)
-
-
-@triton.jit
 def _partial_channel_forward_kernel(
     x_table,
     w_ptr,
@@ -100,9 +94,9 @@ def _partial_channel_forward_kernel(
         cb = c - Cp
         if POOL:
             v0, v1, v2, v3, i0, i1, i2, i3 = _window(bypass_ptr, n, cb, Cb, HW, W, hw, mask, ACC)
-            best, arg = _take_if_greater(v0, i0, v1, i1)
-            best, arg = _take_if_greater(best, arg, v2, i2)
-            best, arg = _take_if_greater(best, arg, v3, i3)
+            best, arg = take_if_greater(v0, i0, v1, i1)
+            best, arg = take_if_greater(best, arg, v2, i2)
+            best, arg = take_if_greater(best, arg, v3, i3)
             tl.store(out_ptr + out_row + hw, cast_for_store(best, out_ptr.dtype.element_ty), mask=mask)
         else:
             in_row = (n.to(tl.int64) * Cb + cb) * HW
@@ -162,9 +156,9 @@ def _partial_channel_backward_kernel(
             grad_row = tl.load(grad_ptr + out_row + hw, mask=mask, other=0.0)
             if POOL:
                 v0, v1, v2, v3, i0, i1, i2, i3 = _window(bypass_ptr, n, cb, Cb, HW, W, hw, mask, ACC)
-                best, arg = _take_if_greater(v0, i0, v1, i1)
-                best, arg = _take_if_greater(best, arg, v2, i2)
-                best, arg = _take_if_greater(best, arg, v3, i3)
+                best, arg = take_if_greater(v0, i0, v1, i1)
+                best, arg = take_if_greater(best, arg, v2, i2)
+                best, arg = take_if_greater(best, arg, v3, i3)
                 base = grad_bypass_ptr + (n.to(tl.int64) * Cb + cb) * (4 * HW)
                 # The four windows' cells tile the input exactly: no memset needed.
                 tl.store(base + i0, tl.where(arg == i0, grad_row, 0.0), mask=mask)

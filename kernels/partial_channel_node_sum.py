@@ -29,6 +29,7 @@ from fastnas.kernels._utils import (
     load_pointer,
     pointer_table,
     sum_partials,
+    take_if_greater,
     tl_dtype,
     warps_for,
 )
@@ -50,13 +51,6 @@ def _coordinates(C, Cp, C_per_group, groups, HW, W, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _take_if_greater(best, arg, v, i):
-    # PyTorch's rule: a strictly greater value or any NaN replaces the current one.
-    take = (v > best) | (v != v)
-    return tl.where(take, v, best), tl.where(take, i, arg)
-
-
-@triton.jit
 def _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE: tl.constexpr, ACC: tl.constexpr):
     """P_e(bypass[e]) at (n, cb, h, x) in ACC, and the pooling argmax (0..3; 0 on stride-1 edges)."""
     ptr = load_pointer(table, E + e, DTYPE, False)
@@ -72,9 +66,9 @@ def _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE: tl.constexpr, ACC: tl.
     else:
         top = base + (2 * h) * sh + (2 * x) * sw
         v = tl.load(top, mask=mask, other=0.0).to(ACC)
-        v, arg = _take_if_greater(v, arg, tl.load(top + sw, mask=mask, other=0.0).to(ACC), 1)
-        v, arg = _take_if_greater(v, arg, tl.load(top + sh, mask=mask, other=0.0).to(ACC), 2)
-        v, arg = _take_if_greater(v, arg, tl.load(top + sh + sw, mask=mask, other=0.0).to(ACC), 3)
+        v, arg = take_if_greater(v, arg, tl.load(top + sw, mask=mask, other=0.0).to(ACC), 1)
+        v, arg = take_if_greater(v, arg, tl.load(top + sh, mask=mask, other=0.0).to(ACC), 2)
+        v, arg = take_if_greater(v, arg, tl.load(top + sh + sw, mask=mask, other=0.0).to(ACC), 3)
     return v, arg, stride
 
 
