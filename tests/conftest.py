@@ -32,6 +32,18 @@ def poison_empty():
     torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
+@pytest.fixture
+def seeded_only():
+    """Fail a test that draws from torch's global random generators: its data must come from its own
+    seeded torch.Generator (tests/oracle.py: generator), so it is the same on every run and in any order."""
+    cpu = torch.random.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if HAS_CUDA else []
+    yield
+    drew = not torch.equal(cpu, torch.random.get_rng_state())
+    drew = drew or any(not torch.equal(a, b) for a, b in zip(cuda, torch.cuda.get_rng_state_all() if HAS_CUDA else []))
+    assert not drew, "the test drew from torch's global random generator; give it its own seeded torch.Generator"
+
+
 @pytest.fixture(autouse=True)
 def full_fp32_on_gpu(request, monkeypatch):
     """GPU tests compare against eager PyTorch in full float32: TF32 convolutions
