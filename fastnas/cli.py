@@ -47,7 +47,9 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastnas._version import __version__
-    from fastnas.search.config import AMP_DTYPES, DATASETS, METHODS, SPACES
+    from fastnas.nn.edge_plan import MEMORY_MODES
+    from fastnas.search.config import AMP_DTYPES, DATASETS, SPACES
+    from fastnas.search.methods import METHODS, REGISTRY
 
     parser = argparse.ArgumentParser(prog="fastnas", description="Fused-kernel weight-sharing architecture search.")
     parser.add_argument("--version", action="version", version=f"fastnas {__version__}")
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "search",
         help="run an architecture search",
-        description=SEARCH_DESCRIPTION,
+        description=SEARCH_DESCRIPTION
+        + "\nMethods (--method):\n"
+        + "".join(f"  {name:<16}{method.summary}\n" for name, method in REGISTRY.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--method", choices=METHODS, default=None, help="search method (default: darts)")
@@ -85,11 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
     s.add_argument(
         "--memory",
-        choices=("save", "recompute", "checkpoint"),
+        choices=MEMORY_MODES,
         default=None,
         help="what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
         "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
-        "torch.utils.checkpoint)",
+        "torch.utils.checkpoint), sum (eager modules, only the weighted sum fused)",
     )
     s.add_argument(
         "--cuda-graph",

@@ -69,15 +69,11 @@ UNSUPPORTED_MEMORY = {
     "checkpoint": "torch.utils.checkpoint reads the CUDA RNG state in forward, which is not allowed during capture",
 }
 
-UNSUPPORTED_METHODS = {
-    "darts-2nd": "second-order DARTS (darts-2nd, unrolled) is not supported: its virtual weight step branches "
+UNROLLED_REASON = (
+    "second-order DARTS (darts-2nd, unrolled) is not supported: its virtual weight step branches "
     "in Python on whether the optimizer has a momentum buffer, and its finite-difference passes have not been "
-    "verified under capture",
-    "gdas": "GDAS samples its one candidate per edge on the host (a Gumbel resampling loop that reads the samples "
-    "back, and the chosen indices pick which operations run), which changes the kernels from step to step",
-    "p-darts": "P-DARTS rebuilds deeper networks between stages and drops out skip connections with a per-epoch "
-    "probability; that has not been verified under capture",
-}
+    "verified under capture"
+)
 
 
 class CUDAGraphError(SearchError):
@@ -93,9 +89,10 @@ def check_search_supported(config) -> None:
     reasons = []
     if not str(config.device).startswith("cuda"):
         reasons.append(f"it needs a CUDA device (--device cuda), got --device {config.device}")
-    method = "darts-2nd" if config.unrolled and config.method != "darts-2nd" else config.method
-    if config.unrolled or method in UNSUPPORTED_METHODS:
-        reasons.append(UNSUPPORTED_METHODS.get(method, UNSUPPORTED_METHODS["darts-2nd"]))
+    if config.unrolled:
+        reasons.append(UNROLLED_REASON)
+    if config.search_method.cuda_graph_unsupported:
+        reasons.append(config.search_method.cuda_graph_unsupported)
     if config.amp == "fp16":
         reasons.append("--amp fp16 needs a GradScaler, whose inf checks sync with the host every step; use --amp bf16")
     if config.memory in UNSUPPORTED_MEMORY:
