@@ -1,8 +1,8 @@
 """The ``fastnas`` command: ``search``, ``train``, ``bench-step`` and ``info``.
 
 ``fastnas search`` with no options runs DARTS on scikit-learn's digits on the
-CPU in a few minutes; ``fastnas train`` trains what it found from scratch.
-``fastnas search --help`` and
+CPU in a few minutes, and ends by printing the ``fastnas train`` command that
+trains what it found from scratch; ``fastnas search --help`` and
 ``fastnas train --help`` list the rest. Input errors end with one line on
 stderr and a non-zero exit code, never a traceback.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 EXIT_ERROR = 1
@@ -251,7 +252,15 @@ def _run_search(args: argparse.Namespace) -> int:
     if _is_main_process():
         print(f"genotype: {result.genotype}")
         print(f"wrote {out}/genotype.json, cells.png, log.jsonl, checkpoint.pt")
+        print(f"train it from scratch: {_train_command(out, cfg.device, searcher.dist.world_size)}")
     return 0
+
+
+def _train_command(out: str, device: str, processes: int) -> str:
+    """The command that trains the architecture a search wrote to ``out``; it reads the rest from the folder."""
+    launcher = "fastnas" if processes == 1 else f"torchrun --nproc_per_node {processes} -m fastnas"
+    device_option = " --device cuda" if device.startswith("cuda") else ""
+    return f"{launcher} train {shlex.quote(out)}{device_option}"
 
 
 # CLI option -> TrainConfig field, for the options that describe the training.

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -276,6 +277,26 @@ def test_imagenet_folder_trains_with_pixel_augmentation(tmp_path, genotype_file)
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "imagenet" and report["test_images"] == 4 and report["image_size"] == 32
+
+
+def test_search_prints_the_train_command_and_train_reads_the_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    search = ["--epochs", "1", "--layers", "3", "--init-channels", "4", "--batch-size", "16", "--fraction", "0.1"]
+    assert main(["search", *search, "--no-progress", "--out", "found"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "fastnas train" in line]
+    assert lines == ["train it from scratch: fastnas train found"]
+    command = shlex.split(lines[0].split(": ", 1)[1])
+    assert main([*command[1:], *TINY]) == 0
+    report = json.loads((tmp_path / "runs" / "train-found" / "report.json").read_text())
+    assert report["dataset"] == "digits"
+    assert report["genotype"] == json.loads((tmp_path / "found" / "genotype.json").read_text())
+
+
+def test_train_command_names_the_device_and_processes_of_the_search():
+    from fastnas.cli import _train_command
+
+    assert _train_command("runs/my run", "cpu", 1) == "fastnas train 'runs/my run'"
+    assert _train_command("out", "cuda", 2) == "torchrun --nproc_per_node 2 -m fastnas train out --device cuda"
 
 
 # --- errors -------------------------------------------------------------------------------
