@@ -173,7 +173,7 @@ def _add_train_parser(sub) -> None:
         help="the DARTS auxiliary head after the second reduction (needs 32x32 CIFAR or 224x224 ImageNet images)",
     )
     t.add_argument("--auxiliary-weight", type=float, default=None, help="weight of the auxiliary loss (0.4)")
-    t.add_argument("--drop-path-prob", type=float, default=None, help="drop-path probability reached at the end")
+    t.add_argument("--drop-path-prob", type=float, default=None, help="drop-path probability, reached linearly from 0")
     t.add_argument("--cutout", type=int, default=None, help="side of the cutout square, 0 for none")
     t.add_argument("--image-size", type=_positive_int, default=None, help="side of the (square) input images")
     t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
