@@ -107,6 +107,18 @@ def test_network_outputs_and_auxiliary_head():
     assert logits.shape == (2, 5) and aux is None and len(nb201.cells) == 5
 
 
+def test_nodes_that_reach_no_output_are_found():
+    from fastnas.spaces.darts_eval import unused_states
+
+    assert unused_states(DARTS_V2.normal, DARTS_V2.normal_concat) == set()
+    # Node 1 (state 3) is not joined into the output and no later node takes it; node 0 (state 2) feeds node 3.
+    gene = [("sep_conv_3x3", 0), ("sep_conv_3x3", 1), ("skip_connect", 2), ("skip_connect", 1)] + DARTS_V2.normal[4:]
+    assert unused_states(gene, [4, 5]) == {3}
+    assert unused_states(gene[:6] + [("skip_connect", 0), ("skip_connect", 1)], [4, 5]) == {2, 3}
+    net = NetworkCIFAR(4, 10, 3, False, Genotype(gene, [4, 5], DARTS_V2.reduce, DARTS_V2.reduce_concat))
+    assert net.has_unused_parameters() and not NetworkCIFAR(4, 10, 3, False, DARTS_V2).has_unused_parameters()
+
+
 # --- the training recipe ------------------------------------------------------------------
 
 

@@ -56,7 +56,10 @@ def load_architecture(source: str, space: str | None = None) -> Architecture:
 def _from_run_folder(folder: str, space: str | None) -> Architecture:
     path = os.path.join(folder, GENOTYPE_NAME)
     if not os.path.isfile(path):
-        raise TrainError(f"{folder} holds no {GENOTYPE_NAME}; give the output folder of a finished search")
+        raise TrainError(
+            f"{folder} holds no {GENOTYPE_NAME}; give the output folder of a finished search "
+            "(a training continues with --resume)"
+        )
     arch = _from_file(path, space, os.path.basename(os.path.normpath(folder)))
     arch.search = _search_settings(folder)
     return arch
