@@ -51,7 +51,15 @@ RESUME_FIELDS = (
     "tau_min",
     "amp",
     "world_size",
+    "bn_affine",
+    "bn_track",
+    "path_dropout",
+    "ghost_batch_size",
+    "constraint",
+    "constraint_min",
+    "constraint_max",
 )
+CONSTRAINTS = ("params", "flops")
 
 
 @dataclass
@@ -100,6 +108,14 @@ class SearchConfig:
     workers: int = 0
     world_size: int = 1
     primitives: tuple | None = None
+    # Single-path and one-shot supernets (spos, fairnas, oneshot; fastnas.search.methods.single_path).
+    bn_affine: bool = False
+    bn_track: bool = True
+    path_dropout: float = 0.0
+    ghost_batch_size: int | None = None
+    constraint: str | None = None
+    constraint_min: float | None = None
+    constraint_max: float | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -141,6 +157,17 @@ class SearchConfig:
             raise SearchError(f"unknown search space {self.space!r}; choose one of {', '.join(SPACES)}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise SearchError(f"unknown --amp type {self.amp!r}; choose bf16 or fp16")
+        if self.constraint is not None:
+            if self.constraint not in CONSTRAINTS:
+                raise SearchError(f"unknown --constraint {self.constraint!r}; choose {' or '.join(CONSTRAINTS)}")
+            if self.constraint_max is None:
+                raise SearchError("--constraint needs --constraint-max (and optionally --constraint-min)")
+            if self.constraint_min is not None and self.constraint_min > self.constraint_max:
+                raise SearchError(
+                    f"--constraint-min {self.constraint_min} is above --constraint-max {self.constraint_max}"
+                )
+        if not 0.0 < self.train_portion < 1.0:
+            raise SearchError(f"--train-portion must be between 0 and 1, got {self.train_portion}")
         self.search_method.validate(self)
         if self.epochs < 1:
             raise SearchError(f"--epochs must be at least 1, got {self.epochs}")

@@ -49,6 +49,23 @@ def build_network(
     config: SearchConfig, num_classes: int, in_channels: int, layers: int, edge_primitives: dict | None = None
 ) -> nn.Module:
     """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
+    net = _build_supernet(config, num_classes, in_channels, layers, edge_primitives)
+    if not config.bn_track:
+        net.use_batch_statistics()
+    return net
+
+
+def _build_supernet(config, num_classes, in_channels, layers, edge_primitives):
+    if config.space == "shufflenet":
+        from fastnas.spaces.shufflenet import ShuffleNetSearchNetwork
+
+        return ShuffleNetSearchNetwork(
+            C=config.init_channels,
+            num_classes=num_classes,
+            in_channels=in_channels,
+            stem_stride=2 if config.dataset == "imagenet" else 1,
+            affine=config.bn_affine,
+        )
     if config.space == "darts":
         from fastnas.spaces.darts import DARTS_PRIMITIVES, SearchNetwork
 
@@ -64,6 +81,7 @@ def build_network(
             in_channels=in_channels,
             edge_primitives=edge_primitives,
             memory=config.memory,
+            affine=config.bn_affine,
         )
     from fastnas.spaces.nb201 import NB201SearchNetwork
 
@@ -74,6 +92,7 @@ def build_network(
         num_classes=num_classes,
         backend=config.backend,
         in_channels=in_channels,
+        affine=config.bn_affine,
         **kwargs,
     )
 
@@ -247,7 +266,7 @@ class Searcher:
             )
             net.to(dist.device)
             self.net = net
-            parts = self._make_optimizers(net, stage)
+            parts = self.method.make_optimizers(self, net, stage)
             start_epoch = 0
             if state is not None and s == first_stage:
                 start_epoch = self._load_state(state, net, parts)
@@ -261,6 +280,9 @@ class Searcher:
                 stage_genotypes.append(genotype_to_json(net.genotype()))
                 edge_primitives = self.method.after_stage(net, cfg, s) or edge_primitives
 
+        if not self.method.trains_architecture:
+            # A trained supernet, not a genotype: ``fastnas select`` searches over it.
+            return SearchResult(None, {}, history, self.out_dir)
         genotype = self._final_genotype(self.net)
         result = SearchResult(genotype, genotype_to_json(genotype), history, self.out_dir)
         if self.out_dir is not None and dist.is_main:
@@ -335,6 +357,7 @@ class Searcher:
         # Batch-norm statistics saw only this rank's images; evaluate and save their mean.
         self.dist.all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
         totals = self.dist.all_reduce_sum(totals)
+        self.method.before_evaluation(net, self.config)
         val = self._evaluate(net, global_epoch)
         record = {
             "epoch": global_epoch + 1,
@@ -349,13 +372,14 @@ class Searcher:
             "search_val_acc": _ratio(totals[4], totals[5]),
             "val_loss": val[0],
             "val_acc": val[1],
-            "arch_weights": {k: v.tolist() for k, v in net.arch_weights().items()},
-            "entropy": _entropy(net),
-            "genotype": genotype_to_json(self._final_genotype(net)),
             "time_s": elapsed,
             "images_per_s": images / max(elapsed, 1e-9),
             **extra,
         }
+        if self.method.trains_architecture:
+            record["arch_weights"] = {k: v.tolist() for k, v in net.arch_weights().items()}
+            record["entropy"] = _entropy(net)
+            record["genotype"] = genotype_to_json(self._final_genotype(net))
         self._print_epoch(record)
         return record
 
@@ -375,7 +399,7 @@ class Searcher:
                 cfg.workers,
                 dist.device.type == "cuda",
             )  # fmt: skip
-            for salt, idx in ((0, self.train_idx), (1, self.val_idx))
+            for salt, idx in ((0, self.train_idx), (1, self.val_idx))[: 2 if self.method.uses_validation_batches else 1]
         ]
         if min(len(loader) for loader in loaders) == 0:
             raise SearchError(
@@ -392,7 +416,7 @@ class Searcher:
             # One capture per epoch: the learning rate is baked into the graph.
             return _GraphedRunner(step, modules=[net], optimizers=[parts["w_opt"], parts["a_opt"]], key=train_arch)
         device = self.dist.device
-        return lambda *batch: step(*(t.to(device, non_blocking=True) for t in batch))
+        return lambda *batch: step(*(None if t is None else t.to(device, non_blocking=True) for t in batch))
 
     def _train_steps(self, run_step, loaders, net, train_arch, global_epoch):
         """Run every step of the epoch; returns (per-rank totals, seconds, images)."""
@@ -401,11 +425,13 @@ class Searcher:
         start = time.perf_counter()
         images = 0
         net.train()
-        for step, ((xt, yt), (xv, yv)) in enumerate(zip(*loaders)):
+        for step, batches in enumerate(zip(*loaders)):
+            # Methods that take no validation batches get only the training half's.
+            (xt, yt), (xv, yv) = batches[0], batches[1] if len(batches) > 1 else (None, None)
             loss, correct, val_loss, val_correct = run_step(xt, yt, xv, yv).tolist()
             loss = self._check_finite(loss, global_epoch, step)
             totals[:3] += torch.tensor([loss * len(yt), correct, len(yt)], dtype=torch.float64)
-            if train_arch:
+            if train_arch and yv is not None:
                 totals[3:] += torch.tensor([val_loss * len(yv), val_correct, len(yv)], dtype=torch.float64)
             images += len(yt) * self.dist.world_size
             self._advance(bar, start, images, loss)
@@ -574,9 +600,10 @@ class Searcher:
         ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state)
         with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
             f.write(json.dumps(record) + "\n")
-        ckpt.atomic_write_text(
-            os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"
-        )
+        if "genotype" in record:
+            ckpt.atomic_write_text(
+                os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"
+            )
         self.dist.barrier()
 
     def _load_state(self, state, net, parts) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 from fastnas.search.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
 from fastnas.search.methods.darts import Darts, DartsSecondOrder
+from fastnas.search.methods.fairnas import FairNAS
 from fastnas.search.methods.gdas import GDAS
+from fastnas.search.methods.oneshot import OneShot
 from fastnas.search.methods.p_darts import PDarts
 from fastnas.search.methods.pc_darts import PCDarts
+from fastnas.search.methods.spos import SPOS
 
 REGISTRY: dict[str, SearchMethod] = {
     method.name: method
@@ -17,6 +20,9 @@ REGISTRY: dict[str, SearchMethod] = {
         PCDarts(),
         PDarts(),
         GDAS(),
+        SPOS(),
+        FairNAS(),
+        OneShot(),
     )
 }
 METHODS = tuple(REGISTRY)
