@@ -502,7 +502,8 @@ def _run_select(args: argparse.Namespace) -> int:
             f"{cfg.dataset}, trained {supernet.epochs_done} of {cfg.epochs} epochs)",
             flush=True,
         )
-    result = select(args.run, settings, out_dir=out, device=args.device, progress=not args.no_progress, supernet=supernet)
+    progress = not args.no_progress
+    result = select(args.run, settings, out_dir=out, device=args.device, progress=progress, supernet=supernet)
     best = result.best
     print(f"best: {best['description']}")
     print(f"supernet validation accuracy {100 * best['val_acc']:.2f}% ({result.evaluated} architectures scored)")

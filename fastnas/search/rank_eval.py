@@ -153,7 +153,9 @@ def _search_config(settings: RankEvalSettings, setting: Setting):
     values["device"] = settings.device
     config = SearchConfig.create(method, dataset=settings.dataset, **values)
     if config.search_method.trains_architecture:
-        raise SearchError(f"setting {setting.name!r}: {method} trains architecture weights, not a supernet to rank with")
+        raise SearchError(
+            f"setting {setting.name!r}: {method} trains architecture weights, not a supernet to rank with"
+        )
     return config
 
 
@@ -187,7 +189,9 @@ def _train_one(job: dict) -> dict:
     if key not in _DATA:
         from fastnas.data import load_dataset
 
-        _DATA[key] = load_dataset(config.dataset, root=config.data, image_size=config.image_size, fraction=config.fraction)
+        _DATA[key] = load_dataset(
+            config.dataset, root=config.data, image_size=config.image_size, fraction=config.fraction
+        )
     start = time.perf_counter()
     result = Trainer(config, out_dir=None, dataset=_DATA[key], progress=False).run()
     report = result.report
@@ -271,7 +275,8 @@ def train_supernet(config, out_dir: str, dataset, progress: bool, label: str):
     path = os.path.join(out_dir, ckpt.CHECKPOINT_NAME)
     if os.path.exists(path):
         state = ckpt.load_checkpoint(out_dir)
-        if state.get("config") == json.loads(json.dumps(config.to_dict())) and state.get("stage_epoch") == config.epochs:
+        same = state.get("config") == json.loads(json.dumps(config.to_dict()))
+        if same and state.get("stage_epoch") == config.epochs:
             return
         os.remove(path)
         log = os.path.join(out_dir, "log.jsonl")

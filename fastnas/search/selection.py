@@ -86,7 +86,8 @@ class ArchitectureCosts:
         if kind == "latency":
             import contextlib
 
-            return float(report.measure_latency(net, 1, channels, size, self.device, contextlib.nullcontext)["latency_ms"])
+            measured = report.measure_latency(net, 1, channels, size, self.device, contextlib.nullcontext)
+            return float(measured["latency_ms"])
         raise SearchError(f"unknown constraint {kind!r}; choose one of {', '.join(CONSTRAINT_KINDS)}")
 
 

@@ -375,7 +375,9 @@ class SearchNetwork(SuperNet):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, num_classes)."""
         k = num_edges(self.steps)
-        weights = {cell: self._edge_weights(getattr(self, f"alphas_{cell}"), i * k) for i, cell in enumerate(CELL_TYPES)}
+        weights = {
+            cell: self._edge_weights(getattr(self, f"alphas_{cell}"), i * k) for i, cell in enumerate(CELL_TYPES)
+        }
         betas = {cell: None for cell in CELL_TYPES}
         if self.edge_normalization and self.path is None:
             betas = {cell: normalize_edge_weights(getattr(self, f"betas_{cell}"), self.steps) for cell in CELL_TYPES}

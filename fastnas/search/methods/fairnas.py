@@ -13,7 +13,6 @@ genotypes; a genotype is the path whose other edges are ``none``).
 
 from __future__ import annotations
 
-from fastnas.search.errors import SearchError
 from fastnas.search.methods.single_path import PathContext, SinglePathMethod, fair_paths
 
 
