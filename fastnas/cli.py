@@ -266,10 +266,14 @@ def _add_rank_eval_parser(sub) -> None:
     r.add_argument("--space", choices=SPACES, default="nb201", help="search space (default: nb201)")
     r.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default: digits, bundled)")
     r.add_argument("--data", metavar="PATH", default=None, help="folder of the cifar10/cifar100/imagenet files")
-    r.add_argument("--architectures", type=_positive_int, default=40, help="architectures to rank (40)")
-    r.add_argument("--standalone-epochs", type=_positive_int, default=10, help="stand-alone training epochs (10)")
-    r.add_argument("--standalone-channels", type=_positive_int, default=None, help="C of the stand-alone networks")
-    r.add_argument("--standalone-layers", type=_positive_int, default=None, help="cells of the stand-alone networks")
+    r.add_argument("--architectures", type=_positive_int, default=30, help="architectures to rank (30)")
+    r.add_argument("--standalone-epochs", type=_positive_int, default=8, help="stand-alone training epochs (8)")
+    r.add_argument(
+        "--standalone-channels", type=_positive_int, default=None, help="C of the stand-alone networks (digits: 8)"
+    )
+    r.add_argument(
+        "--standalone-layers", type=_positive_int, default=None, help="cells of the stand-alone networks (digits: 1)"
+    )
     r.add_argument("--epochs", type=_positive_int, default=None, help="supernet epochs (default: the method's)")
     r.add_argument("--workers", type=_positive_int, default=None, help="stand-alone trainings at once (cores, <= 4)")
     r.add_argument("--bn-batches", type=int, default=10, help="training batches of each recalibration (10)")
