@@ -500,3 +500,44 @@ def test_weight_step_loss_matches_plain_forward():
     check.load_state_dict(state)
     check.set_path(path)
     assert loss == pytest.approx(F.cross_entropy(check(x), y).item(), rel=1e-6)
+
+
+def test_shufflenet_space_paths_and_stand_alone_network():
+    from fastnas.spaces.shufflenet import SHUFFLENET_CHOICES, ShuffleNetNetwork, ShuffleNetSearchNetwork
+
+    torch.manual_seed(0)
+    net = ShuffleNetSearchNetwork(C=4, num_classes=4, in_channels=3, stem_stride=1)
+    encoding = net.encoding()
+    genes = encoding.sample(random.Random(0))
+    assert encoding.from_json(encoding.to_json(genes)) == genes
+    net.set_path(encoding.to_path(genes))
+    x = torch.randn(2, 3, 8, 8)
+    assert net(x).shape == (2, 4)
+    net(x).sum().backward()
+    for layer, g in zip(net.layers, genes):
+        for k, block in enumerate(layer):
+            assert all((p.grad is not None) == (k == g) for p in block.parameters())
+    standalone = ShuffleNetNetwork(encoding.to_json(genes)["blocks"], C=4, num_classes=4, in_channels=3, stem_stride=1)
+    conv = lambda m: [tuple(c.weight.shape) for c in m.modules() if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
+    path_convs = conv(net.first_conv) + [s for layer, g in zip(net.layers, genes) for s in conv(layer[g])]
+    assert conv(standalone.first_conv) + conv(standalone.layers) == path_convs
+    assert standalone(x)[0].shape == (2, 4)
+    with pytest.raises(ValueError, match="20 blocks"):
+        encoding.from_json({"blocks": SHUFFLENET_CHOICES})
+
+
+def test_darts_space_spos_search_and_select(tmp_path):
+    data = tiny_data(64)
+    cfg = SearchConfig.create(
+        "spos", dataset="digits", space="darts", init_channels=4, layers=3, batch_size=16, epochs=1
+    )
+    out = str(tmp_path / "run")
+    Searcher(cfg, out_dir=out, dataset=data, progress=False).run()
+    supernet = load_supernet(out, dataset=data)
+    from fastnas.search.selection import select
+
+    result = select(out, SelectSettings("random", candidates=3, bn_batches=1), progress=False, supernet=supernet)
+    assert len(result.ranked) == 3 and set(result.files) == {"select-random.json", "genotype.json", "cells.png"}
+    from fastnas.spaces.darts import genotype_from_dict
+
+    genotype_from_dict(result.best["architecture"])

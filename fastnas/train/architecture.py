@@ -21,7 +21,11 @@ from fastnas.train.errors import TrainError
 
 GENOTYPE_NAME = "genotype.json"
 _DARTS_KEYS = ("normal", "normal_concat", "reduce", "reduce_concat")
-_SPACE_NAMES = {"darts": "a DARTS genotype", "nb201": "a NAS-Bench-201 architecture"}
+_SPACE_NAMES = {
+    "darts": "a DARTS genotype",
+    "nb201": "a NAS-Bench-201 architecture",
+    "shufflenet": "a ShuffleNet architecture",
+}
 
 
 @dataclass
@@ -95,13 +99,15 @@ def _from_file(path: str, space: str | None, name: str) -> Architecture:
         raise TrainError(f"{path} is not valid JSON ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainError(f"cannot read {path} ({exc})") from None
+    if isinstance(data, dict) and "blocks" in data:
+        return _checked(path, "shufflenet", data, space, name)
     if isinstance(data, dict) and ("arch" in data or "nodes" in data):
         return _checked(path, "nb201", data, space, name)
     if isinstance(data, dict) and any(key in data for key in _DARTS_KEYS):
         return _checked(path, "darts", data, space, name)
     raise TrainError(
-        f"{path} holds neither a DARTS genotype (keys {', '.join(_DARTS_KEYS)}) nor a NAS-Bench-201 "
-        'architecture ({"arch": "|nor_conv_3x3~0|+|...|"})'
+        f"{path} holds neither a DARTS genotype (keys {', '.join(_DARTS_KEYS)}), a NAS-Bench-201 "
+        'architecture ({"arch": "|nor_conv_3x3~0|+|...|"}) nor a ShuffleNet one ({"blocks": [...]})'
     )
 
 
@@ -119,7 +125,12 @@ def _checked(where: str, found: str, data: dict, space: str | None, name: str) -
 
 
 def parse_genotype(space: str, data: dict):
-    """The genotype (DARTS) or ``NB201Arch`` of ``data``; ValueError if malformed or its operations unknown."""
+    """The genotype (DARTS), ``NB201Arch`` or ShuffleNet block list of ``data``; ValueError if malformed
+    or its operations unknown."""
+    if space == "shufflenet":
+        from fastnas.spaces.shufflenet import check_blocks
+
+        return check_blocks(data.get("blocks"))
     if space == "darts":
         from fastnas.spaces.darts import genotype_from_dict
         from fastnas.spaces.darts_eval import check_eval_genotype
@@ -141,6 +152,8 @@ def parse_genotype(space: str, data: dict):
 
 
 def _to_json(space: str, genotype) -> dict:
+    if space == "shufflenet":
+        return {"blocks": list(genotype)}
     if space == "darts":
         from fastnas.spaces.darts import genotype_to_dict
 
@@ -152,12 +165,19 @@ def describe(space: str, genotype: dict) -> str:
     """One line naming the architecture, for logs and reports."""
     if space == "nb201":
         return genotype["arch"]
+    if space == "shufflenet":
+        return " ".join(genotype["blocks"])
     return str(parse_genotype(space, genotype))
 
 
 def build_network(config, num_classes: int, in_channels: int) -> nn.Module:
     """The evaluation network of ``config.genotype``: ``forward(x) -> (logits, auxiliary logits or None)``."""
     genotype = parse_genotype(config.space, config.genotype)
+    if config.space == "shufflenet":
+        from fastnas.spaces.shufflenet import ShuffleNetNetwork
+
+        stem_stride = 2 if config.dataset == "imagenet" else 1
+        return ShuffleNetNetwork(genotype, config.init_channels, num_classes, in_channels, stem_stride)
     if config.space == "nb201":
         from fastnas.spaces.nb201_eval import NB201Network
 

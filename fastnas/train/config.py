@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 from fastnas.train.errors import TrainError
 
-SPACES = ("darts", "nb201")
+SPACES = ("darts", "nb201", "shufflenet")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 AMP_DTYPES = ("bf16", "fp16")
-LR_SCHEDULES = ("cosine", "exponential")
+LR_SCHEDULES = ("cosine", "exponential", "linear")
 
 # DARTS cnn/train.py: NetworkCIFAR, C=36, 20 cells, auxiliary head (weight 0.4),
 # drop-path to 0.2, cutout 16, 600 epochs of batch 96, SGD 0.025 cosine to 0, wd 3e-4, clip 5.
@@ -53,6 +53,19 @@ DIGITS_NB201 = dict(
     NB201_CIFAR, init_channels=16, layers=2, epochs=30, batch_size=96, image_size=8, crop_padding=1, flip=False,
 )  # fmt: skip
 
+# SPOS (megvii-model/SinglePathOneShot src/Evaluation): the ShuffleNet of the searched blocks,
+# C=16, batch 1024, SGD 0.5 (momentum 0.9) decayed linearly to 0 over 300,000 iterations
+# (240 epochs), weight decay 4e-5, label smoothing 0.1; random resized crops, colour jitter, flips.
+SHUFFLENET_IMAGENET = dict(
+    init_channels=16, layers=20, auxiliary=False, drop_path_prob=0.0, label_smoothing=0.1,
+    epochs=240, batch_size=1024, lr=0.5, lr_schedule="linear", weight_decay=4e-5, grad_clip=None,
+    image_size=224, crop_padding=0, flip=True, cutout=0, imagenet_augment=True,
+)  # fmt: skip
+# No SPOS recipe for CIFAR: the NAS-Bench-201 one, whose schedule suits 32x32 images.
+SHUFFLENET_CIFAR = dict(NB201_CIFAR, init_channels=16, layers=20)
+SHUFFLENET_DIGITS = dict(NB201_CIFAR, init_channels=4, layers=20, epochs=30, batch_size=96, image_size=8,
+                         crop_padding=1, flip=False)  # fmt: skip
+
 DEFAULTS = {
     ("darts", "digits"): DIGITS_DARTS,
     ("darts", "cifar10"): DARTS_CIFAR,
@@ -62,6 +75,10 @@ DEFAULTS = {
     ("nb201", "cifar10"): NB201_CIFAR,
     ("nb201", "cifar100"): NB201_CIFAR,
     ("nb201", "imagenet"): NB201_IMAGENET,
+    ("shufflenet", "digits"): SHUFFLENET_DIGITS,
+    ("shufflenet", "cifar10"): SHUFFLENET_CIFAR,
+    ("shufflenet", "cifar100"): SHUFFLENET_CIFAR,
+    ("shufflenet", "imagenet"): SHUFFLENET_IMAGENET,
 }
 
 # Fields a resumed training must share with its checkpoint, or it would be a different training.
@@ -80,8 +97,9 @@ class TrainConfig:
     ``genotype`` is the architecture in its JSON form: a DARTS genotype dict
     (``fastnas.spaces.genotype_to_dict``) or ``{"arch": "<NAS-Bench-201 string>"}``.
     ``drop_path_prob`` is the final probability: epoch e of E uses ``drop_path_prob * e / E``.
-    The learning rate follows a cosine from ``lr`` to ``lr_min`` over the epochs, or
-    (``exponential``) is multiplied by ``lr_gamma`` after every epoch.
+    The learning rate follows a cosine from ``lr`` to ``lr_min`` over the epochs,
+    (``exponential``) is multiplied by ``lr_gamma`` after every epoch, or (``linear``)
+    falls linearly from ``lr`` to 0 over the epochs.
     """
 
     space: str = "darts"
@@ -153,8 +171,10 @@ class TrainConfig:
             raise TrainError(f"--drop-path-prob must be in [0, 1), got {self.drop_path_prob}")
         if self.cutout < 0 or self.crop_padding < 0:
             raise TrainError("--cutout and the crop padding must not be negative")
-        if self.auxiliary and self.space == "nb201":
-            raise TrainError("the NAS-Bench-201 network has no auxiliary head; drop --auxiliary")
+        if self.auxiliary and self.space != "darts":
+            raise TrainError(f"the {self.space} network has no auxiliary head; drop --auxiliary")
+        if self.space == "shufflenet" and self.layers != 20:
+            raise TrainError(f"a ShuffleNet architecture has 20 layers; drop --layers {self.layers}")
         if self.auxiliary and self.image_size is not None:
             smallest = self.auxiliary_min_image_size()
             if self.image_size < smallest:
