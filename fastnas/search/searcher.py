@@ -376,6 +376,9 @@ class Searcher:
             "images_per_s": images / max(elapsed, 1e-9),
             **extra,
         }
+        if not self.method.uses_validation_batches:
+            for key in ("search_val_loss", "search_val_acc"):
+                del record[key]
         if self.method.trains_architecture:
             record["arch_weights"] = {k: v.tolist() for k, v in net.arch_weights().items()}
             record["entropy"] = _entropy(net)
