@@ -541,3 +541,14 @@ def test_darts_space_spos_search_and_select(tmp_path):
     from fastnas.spaces.darts import genotype_from_dict
 
     genotype_from_dict(result.best["architecture"])
+
+
+def test_shufflenet_network_has_the_size_spos_reports():
+    """SPOS' searched architecture: 3.5M parameters and 323M FLOPs (multiply-adds) on ImageNet."""
+    from fastnas.spaces.shufflenet import SHUFFLENET_CHOICES, ShuffleNetNetwork
+    from fastnas.train import report
+
+    genes = (2, 1, 0, 1, 2, 0, 2, 0, 2, 0, 2, 3, 0, 0, 0, 0, 3, 2, 3, 3)
+    net = ShuffleNetNetwork([SHUFFLENET_CHOICES[g] for g in genes], C=16, num_classes=1000, in_channels=3)
+    assert report.count_parameters(net)[0] == 3_558_464
+    assert report.count_flops(net, 3, 224, "cpu") // 2 == 322_918_720
