@@ -25,10 +25,6 @@ class PDarts(SearchMethod):
     digits_epochs = 3
     paper_epochs = 75
     spaces = ("darts",)
-    cuda_graph_unsupported = (
-        "P-DARTS rebuilds deeper networks between stages and drops out skip connections with a per-epoch "
-        "probability; that has not been verified under capture"
-    )
 
     def configure(self, values: dict, given: dict) -> None:
         if "stage_layers" not in given:
