@@ -88,21 +88,6 @@ def genotype_to_json(genotype) -> dict:
     return genotype_to_dict(genotype)
 
 
-def prune_candidates(net: nn.Module, keep: int) -> dict:
-    """Each edge's ``keep`` strongest candidates, in their original order (P-DARTS)."""
-    weights = net.arch_weights()
-    candidates = net.edge_candidates()
-    pruned = {}
-    for cell, edges in candidates.items():
-        pruned[cell] = []
-        for e, names in enumerate(edges):
-            w = weights[cell][e].tolist()
-            # Stable: ties keep the earlier candidate, so pruning is deterministic.
-            best = sorted(range(len(names)), key=lambda k: (-w[k], k))[:keep]
-            pruned[cell].append([names[k] for k in sorted(best)])
-    return pruned
-
-
 def _entropy(net: nn.Module) -> dict:
     if hasattr(net, "arch_entropy"):
         return net.arch_entropy()

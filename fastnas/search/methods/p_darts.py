@@ -65,6 +65,19 @@ class PDarts(SearchMethod):
         return {"skip_drop_prob": p}
 
     def after_stage(self, net: nn.Module, config, stage: int) -> dict | None:
-        from fastnas.search.searcher import prune_candidates
-
         return prune_candidates(net, config.stage_keep[stage])
+
+
+def prune_candidates(net: nn.Module, keep: int) -> dict:
+    """Each edge's ``keep`` strongest candidates, in their original order (P-DARTS)."""
+    weights = net.arch_weights()
+    candidates = net.edge_candidates()
+    pruned = {}
+    for cell, edges in candidates.items():
+        pruned[cell] = []
+        for e, names in enumerate(edges):
+            w = weights[cell][e].tolist()
+            # Stable: ties keep the earlier candidate, so pruning is deterministic.
+            best = sorted(range(len(names)), key=lambda k: (-w[k], k))[:keep]
+            pruned[cell].append([names[k] for k in sorted(best)])
+    return pruned
