@@ -37,11 +37,14 @@ spos, fairnas and oneshot train a supernet by paths and no architecture
 weights; their output folder holds the trained supernet (checkpoint.pt), and
 fastnas select searches over it for the genotype.
 
-On one GPU, --cuda-graph captures the whole step (both passes and both
-optimizer steps) once per epoch as a CUDA graph and replays it, so the CPU no
-longer launches its thousands of small kernels one by one. It supports darts
-and pc-darts with --memory save and no --amp or --amp bf16; other settings are
-refused with the reason.
+On one GPU the whole step (both passes and both optimizer steps) is captured
+once per epoch as a CUDA graph and replayed, so the CPU no longer launches its
+thousands of small kernels one by one. That is the default wherever capture
+works (every method but gdas, spos, fairnas and oneshot; no --amp fp16,
+--memory checkpoint or several processes); elsewhere the search says in one
+line why it runs without one.
+--no-cuda-graph turns capture off; --cuda-graph insists on it (an error, with
+the reason, where it cannot work).
 """
 
 
@@ -128,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
-        "darts and pc-darts, no fp16, --memory save)",
+        help="capture the search step once per epoch as a CUDA graph and replay it (default: on CUDA, "
+        "wherever capture works)",
     )
     s.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay of the weights")
     s.add_argument("--train-portion", type=float, default=None, help="share of the training images the weights see")

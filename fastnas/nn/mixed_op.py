@@ -251,8 +251,14 @@ class MixedOp(nn.Module):
         return self.memory == "recompute" and torch.is_grad_enabled() and self.training
 
     def _checkpointed(self, fn, x, weights, index):
-        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once."""
-        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights)
+        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once.
+
+        The random state is kept for the recomputation only when the edge draws from it
+        (P-DARTS' skip dropout): keeping it reads the CUDA generator's state, which a
+        CUDA-graph capture does not allow.
+        """
+        draws = bool(self._dropped) and self.skip_drop_prob > 0 and self.training
+        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights, preserve_rng_state=draws)
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:

@@ -11,7 +11,8 @@ last checkpoint left it.
 from fastnas.search.config import DATASETS, SPACES, SearchConfig
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.methods import METHODS
-from fastnas.search.searcher import Searcher, SearchResult, build_network, genotype_to_json, prune_candidates, search
+from fastnas.search.methods.p_darts import prune_candidates
+from fastnas.search.searcher import Searcher, SearchResult, build_network, genotype_to_json, search
 
 __all__ = [
     "DATASETS",

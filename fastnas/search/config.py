@@ -102,7 +102,8 @@ class SearchConfig:
     tau_min: float = 0.1
     amp: str | None = None
     memory: str = "save"
-    cuda_graph: bool = False
+    # None: capture the step as a CUDA graph wherever that works (on CUDA).
+    cuda_graph: bool | None = None
     backend: str | None = None
     device: str = "cpu"
     workers: int = 0
@@ -179,7 +180,7 @@ class SearchConfig:
             raise SearchError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:
             raise SearchError(f"--batch-size must be at least 2 (batch norm needs two samples), got {self.batch_size}")
-        if self.cuda_graph:
+        if self.cuda_graph is True:
             from fastnas.search.cuda_graph import check_search_supported
 
             check_search_supported(self)

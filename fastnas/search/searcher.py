@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnas.search import checkpoint as ckpt
+from fastnas.search import cuda_graph
 from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
@@ -106,21 +107,6 @@ def genotype_to_json(genotype) -> dict:
     return genotype_to_dict(genotype)
 
 
-def prune_candidates(net: nn.Module, keep: int) -> dict:
-    """Each edge's ``keep`` strongest candidates, in their original order (P-DARTS)."""
-    weights = net.arch_weights()
-    candidates = net.edge_candidates()
-    pruned = {}
-    for cell, edges in candidates.items():
-        pruned[cell] = []
-        for e, names in enumerate(edges):
-            w = weights[cell][e].tolist()
-            # Stable: ties keep the earlier candidate, so pruning is deterministic.
-            best = sorted(range(len(names)), key=lambda k: (-w[k], k))[:keep]
-            pruned[cell].append([names[k] for k in sorted(best)])
-    return pruned
-
-
 def _entropy(net: nn.Module) -> dict:
     if hasattr(net, "arch_entropy"):
         return net.arch_entropy()
@@ -178,6 +164,8 @@ class Searcher:
         self.resume_state = resume_state
         self.net: nn.Module | None = None
         self.dist = DistributedContext()
+        # Whether the step is captured as a CUDA graph, decided when the run starts.
+        self.cuda_graph = False
 
     @classmethod
     def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
@@ -227,8 +215,11 @@ class Searcher:
                     "resume with the same --nproc_per_node"
                 )
             cfg.world_size = dist.world_size
-        if cfg.cuda_graph:
+        self.cuda_graph, why_not = cuda_graph.decide(cfg, dist.device, dist.world_size)
+        if self.cuda_graph:
             check_runtime_supported(dist.device, dist.world_size)
+        elif why_not and dist.is_main:
+            print(f"fastnas search: the step runs without a CUDA graph: {why_not}", flush=True)
         if cfg.backend is not None:
             from fastnas import backends
 
@@ -314,7 +305,7 @@ class Searcher:
             lr=cfg.arch_lr,
             betas=tuple(cfg.arch_betas),
             weight_decay=cfg.arch_weight_decay,
-            capturable=cfg.cuda_graph,
+            capturable=self.cuda_graph,
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
@@ -340,7 +331,7 @@ class Searcher:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         # Cached casts would outlive the captured region they were made in.
-        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.config.cuda_graph)
+        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.cuda_graph)
 
     # --- one epoch --------------------------------------------------------------------
 
@@ -415,7 +406,7 @@ class Searcher:
         """``run(xt, yt, xv, yv) -> tensor [train loss, train correct, val loss, val correct]``:
         the method's step on the device, eagerly or replayed from a CUDA graph."""
         step = self.method.make_step(self, model, net, parts, train_arch, lr)
-        if self.config.cuda_graph:
+        if self.cuda_graph:
             # One capture per epoch: the learning rate is baked into the graph.
             return _GraphedRunner(step, modules=[net], optimizers=[parts["w_opt"], parts["a_opt"]], key=train_arch)
         device = self.dist.device
@@ -616,7 +607,7 @@ class Searcher:
                 if state.get(key):
                     parts[key].load_state_dict(state[key])
             # The checkpoint may come from a run with or without --cuda-graph.
-            set_capturable(parts["a_opt"], self.config.cuda_graph)
+            set_capturable(parts["a_opt"], self.cuda_graph)
             stage_epoch = int(state["stage_epoch"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
