@@ -552,3 +552,18 @@ def test_shufflenet_network_has_the_size_spos_reports():
     net = ShuffleNetNetwork([SHUFFLENET_CHOICES[g] for g in genes], C=16, num_classes=1000, in_channels=3)
     assert report.count_parameters(net)[0] == 3_558_464
     assert report.count_flops(net, 3, 224, "cpu") // 2 == 322_918_720
+
+
+@pytest.mark.slow
+def test_rank_eval_trains_in_worker_processes(tmp_path):
+    """The default path: stand-alone trainings in spawned worker processes."""
+    from fastnas.search.rank_eval import RankEvalSettings, rank_eval
+
+    settings = RankEvalSettings(
+        architectures=2, standalone_epochs=1, standalone={"init_channels": 4}, supernet={"epochs": 1}, workers=2,
+        bn_batches=1,
+    )  # fmt: skip
+    report = rank_eval(settings, str(tmp_path), progress=False)
+    assert report["architectures"] == 2 and len(report["settings"]) == 1
+    with open(tmp_path / "standalone.json") as f:
+        assert len(json.load(f)["results"]) == 2
