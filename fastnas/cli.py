@@ -515,7 +515,13 @@ def _run_select(args: argparse.Namespace) -> int:
     print(f"best: {best['description']}")
     print(f"supernet validation accuracy {100 * best['val_acc']:.2f}% ({result.evaluated} architectures scored)")
     print(f"wrote {out}/" + ", ".join(result.files))
-    print(f"train it from scratch: {_train_command(out, args.device, 1)}")
+    if os.path.abspath(out) == os.path.abspath(args.run):
+        command = _train_command(out, args.device, 1)
+    else:
+        # The run folder's checkpoint names the data; a separate folder only has the genotype.
+        command = _train_command(os.path.join(out, "genotype.json"), args.device, 1) + f" --dataset {cfg.dataset}"
+        command += f" --data {shlex.quote(cfg.data)}" if cfg.data else ""
+    print(f"train it from scratch: {command}")
     return 0
 
 

@@ -385,7 +385,7 @@ def test_spos_search_writes_a_supernet_and_select_a_genotype(spos_run, tmp_path)
         "--constraint", "params", "--constraint-max", "200000",
     )  # fmt: skip
     assert code == 0, err
-    assert f"fastnas train {out}" in stdout
+    assert f"fastnas train {out}/genotype.json --dataset digits" in stdout
     with open(os.path.join(out, "select-evolution.json")) as f:
         sel = json.load(f)
     accs = [r["val_acc"] for r in sel["ranked"]]
