@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from fastnas.search.errors import SearchError
 from fastnas.search.methods import get_method
+from fastnas.spaces import SPACES, get_space
 
-SPACES = ("darts", "nb201")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 AMP_DTYPES = ("bf16", "fp16")
 
@@ -124,9 +124,10 @@ class SearchConfig:
         if dataset == "imagenet":
             values["image_size"] = 224
         values.update(method=method, dataset=dataset)
-        if given.get("space") == "nb201":
-            # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
-            values["layers"] = 1 if dataset == "digits" else 5
+        space = given.get("space", values["space"])
+        layers = get_space(space).search_layers(dataset) if space in SPACES else None
+        if layers is not None:
+            values["layers"] = layers
         values.update(given)
         # Scale paper warm-ups to the epochs actually run, unless set explicitly.
         if "warmup_epochs" not in given and search_method.paper_epochs:
