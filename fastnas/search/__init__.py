@@ -15,7 +15,7 @@ from fastnas.search.config import DATASETS, SPACES, SearchConfig
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.methods import METHODS
 from fastnas.search.methods.p_darts import prune_candidates
-from fastnas.search.searcher import Searcher, SearchResult, build_network, genotype_to_json, search
+from fastnas.search.searcher import Searcher, SearchResult, build_network, search
 
 __all__ = [
     "DATASETS",
@@ -29,7 +29,6 @@ __all__ = [
     "SearchResult",
     "Searcher",
     "build_network",
-    "genotype_to_json",
     "prune_candidates",
     "search",
 ]

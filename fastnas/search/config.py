@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from fastnas.search.errors import SearchError
 from fastnas.search.methods import get_method
+from fastnas.spaces import SPACES, get_space
 
-SPACES = ("darts", "nb201", "shufflenet")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 AMP_DTYPES = ("bf16", "fp16")
 
@@ -140,13 +140,10 @@ class SearchConfig:
         if dataset == "imagenet":
             values["image_size"] = 224
         values.update(method=method, dataset=dataset)
-        if given.get("space") == "nb201":
-            # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
-            values["layers"] = 1 if dataset == "digits" else 5
-        if given.get("space") == "shufflenet":
-            # SPOS' layer-wise space has its 20 layers; C is the stem's width (16 in SPOS).
-            values["layers"] = 20
-            values["init_channels"] = 4 if dataset == "digits" else 16
+        space = given.get("space", values["space"])
+        layers = get_space(space).search_layers(dataset) if space in SPACES else None
+        if layers is not None:
+            values["layers"] = layers
         values.update(given)
         # Scale paper warm-ups to the epochs actually run, unless set explicitly.
         if "warmup_epochs" not in given and search_method.paper_epochs:
@@ -174,8 +171,6 @@ class SearchConfig:
         if not 0.0 < self.train_portion < 1.0:
             raise SearchError(f"--train-portion must be between 0 and 1, got {self.train_portion}")
         self.search_method.validate(self)
-        if self.space == "shufflenet" and self.layers != 20:
-            raise SearchError(f"the ShuffleNet space has 20 layers; drop --layers {self.layers}")
         if self.epochs < 1:
             raise SearchError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:

@@ -30,6 +30,7 @@ from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_
 from fastnas.search.data import epoch_loader, split_indices
 from fastnas.search.distributed import DistributedContext, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
+from fastnas.spaces import get_space
 
 GENOTYPE_NAME = "genotype.json"
 LOG_NAME = "log.jsonl"
@@ -50,61 +51,10 @@ def build_network(
     config: SearchConfig, num_classes: int, in_channels: int, layers: int, edge_primitives: dict | None = None
 ) -> nn.Module:
     """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
-    net = _build_supernet(config, num_classes, in_channels, layers, edge_primitives)
+    net = get_space(config.space).build_supernet(config, num_classes, in_channels, layers, edge_primitives)
     if not config.bn_track:
         net.use_batch_statistics()
     return net
-
-
-def _build_supernet(config, num_classes, in_channels, layers, edge_primitives):
-    if config.space == "shufflenet":
-        from fastnas.spaces.shufflenet import ShuffleNetSearchNetwork
-
-        return ShuffleNetSearchNetwork(
-            C=config.init_channels,
-            num_classes=num_classes,
-            in_channels=in_channels,
-            stem_stride=2 if config.dataset == "imagenet" else 1,
-            affine=config.bn_affine,
-        )
-    if config.space == "darts":
-        from fastnas.spaces.darts import DARTS_PRIMITIVES, SearchNetwork
-
-        return SearchNetwork(
-            C=config.init_channels,
-            num_classes=num_classes,
-            layers=layers,
-            stem="imagenet" if config.dataset == "imagenet" else "cifar",
-            partial_channels=config.partial_channels,
-            primitives=list(config.primitives or DARTS_PRIMITIVES),
-            backend=config.backend,
-            edge_normalization=config.edge_normalization,
-            in_channels=in_channels,
-            edge_primitives=edge_primitives,
-            memory=config.memory,
-            affine=config.bn_affine,
-        )
-    from fastnas.spaces.nb201 import NB201SearchNetwork
-
-    kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
-    return NB201SearchNetwork(
-        C=config.init_channels,
-        N=layers,
-        num_classes=num_classes,
-        backend=config.backend,
-        in_channels=in_channels,
-        affine=config.bn_affine,
-        **kwargs,
-    )
-
-
-def genotype_to_json(genotype) -> dict:
-    """A JSON-able form of a DARTS genotype or a NAS-Bench-201 architecture."""
-    if hasattr(genotype, "to_string"):
-        return {"arch": genotype.to_string()}
-    from fastnas.spaces.darts import genotype_to_dict
-
-    return genotype_to_dict(genotype)
 
 
 def _entropy(net: nn.Module) -> dict:
@@ -158,6 +108,7 @@ class Searcher:
         config.validate()
         self.config = config
         self.method = config.search_method
+        self.space = get_space(config.space)
         self.out_dir = out_dir
         self.dataset = dataset
         self.progress = progress
@@ -268,22 +219,17 @@ class Searcher:
                 history.append(record)
                 self._save(net, parts, s, epoch + 1, edge_primitives, history, stage_genotypes, record)
             if s + 1 < len(stages):
-                stage_genotypes.append(genotype_to_json(net.genotype()))
+                stage_genotypes.append(self.space.to_json(self.space.genotype(net, cfg)))
                 edge_primitives = self.method.after_stage(net, cfg, s) or edge_primitives
 
         if not self.method.trains_architecture:
             # A trained supernet, not a genotype: ``fastnas select`` searches over it.
             return SearchResult(None, {}, history, self.out_dir)
-        genotype = self._final_genotype(self.net)
-        result = SearchResult(genotype, genotype_to_json(genotype), history, self.out_dir)
+        genotype = self.space.genotype(self.net, cfg)
+        result = SearchResult(genotype, self.space.to_json(genotype), history, self.out_dir)
         if self.out_dir is not None and dist.is_main:
             self._write_outputs(result)
         return result
-
-    def _final_genotype(self, net):
-        if self.config.space == "darts":
-            return net.genotype(max_skip_connect=self.config.max_skip_connect)
-        return net.genotype()
 
     def _load_data(self):
         if self.dataset is not None:
@@ -373,7 +319,7 @@ class Searcher:
         if self.method.trains_architecture:
             record["arch_weights"] = {k: v.tolist() for k, v in net.arch_weights().items()}
             record["entropy"] = _entropy(net)
-            record["genotype"] = genotype_to_json(self._final_genotype(net))
+            record["genotype"] = self.space.to_json(self.space.genotype(net, self.config))
         self._print_epoch(record)
         return record
 
@@ -626,10 +572,7 @@ class Searcher:
         ckpt.atomic_write_text(
             os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(result.genotype_dict, indent=2) + "\n"
         )
-        from fastnas.spaces import plot_genotype, plot_nb201
-
-        plot = plot_nb201 if self.config.space == "nb201" else plot_genotype
-        plot(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
+        self.space.plot(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
 
 
 class _GraphedRunner:

@@ -64,7 +64,8 @@ class ArchitectureCosts:
             self.dataset,
             genotype=self.encoding.to_json(genes),
             image_size=self.info["image_size"],
-            auxiliary=False if self.encoding.space == "darts" else None,
+            # Costs are the network's that infers: no auxiliary head (nor its image-size limits).
+            auxiliary=False,
         )
         return build_network(config, self.info["num_classes"], self.info["in_channels"]).to(self.device)
 
@@ -528,22 +529,15 @@ def write_selection(out_dir: str, supernet: TrainedSupernet, result: SelectResul
         os.path.join(out_dir, GENOTYPE_NAME), json.dumps(result.best["architecture"], indent=2) + "\n"
     )
     files = [name, GENOTYPE_NAME]
-    genotype = _plottable(supernet.net.encoding(), tuple(result.best["genes"]))
-    if genotype is not None:
-        from fastnas.spaces import plot_genotype, plot_nb201
+    from fastnas.spaces import get_space
 
-        plot = plot_nb201 if supernet.config.space == "nb201" else plot_genotype
-        plot(genotype, os.path.join(out_dir, PLOT_NAME))
+    space = get_space(supernet.config.space)
+    try:
+        space.plot(space.from_json(result.best["architecture"]), os.path.join(out_dir, PLOT_NAME))
         files.append(PLOT_NAME)
+    except NotImplementedError:
+        pass  # a space without pictures (ShuffleNet's list of blocks)
     return files
-
-
-def _plottable(encoding, genes):
-    if encoding.space == "nb201":
-        return encoding.to_arch(genes)
-    if encoding.space == "darts":
-        return encoding.to_genotype(genes)
-    return None
 
 
 def _info(info, key: str):

@@ -20,6 +20,7 @@ from fastnas.nn.edge_plan import check_memory
 from fastnas.nn.operations import check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
 from fastnas.spaces.encoding import Encoding
+from fastnas.spaces.space import SearchSpace
 
 DARTS_PRIMITIVES = [
     "none",
@@ -456,3 +457,58 @@ def plot_genotype(genotype: Genotype, path) -> list:
         )
     save_cells(geometries, path)
     return geometries
+
+
+class DartsSpace(SearchSpace):
+    """The DARTS cell space: a normal and a reduction cell of 4 nodes, 8 candidates per edge."""
+
+    name = "darts"
+    title = "DARTS"
+    architecture_noun = "a DARTS genotype"
+
+    @property
+    def train_defaults(self) -> dict[str, dict]:
+        from fastnas.spaces.darts_eval import TRAIN_DEFAULTS
+
+        return TRAIN_DEFAULTS
+
+    def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> SearchNetwork:
+        return SearchNetwork(
+            C=config.init_channels,
+            num_classes=num_classes,
+            layers=layers,
+            stem="imagenet" if config.dataset == "imagenet" else "cifar",
+            partial_channels=config.partial_channels,
+            primitives=list(config.primitives or DARTS_PRIMITIVES),
+            backend=config.backend,
+            edge_normalization=config.edge_normalization,
+            in_channels=in_channels,
+            edge_primitives=edge_primitives,
+            memory=config.memory,
+            affine=config.bn_affine,
+        )
+
+    def genotype(self, net, config) -> Genotype:
+        return net.genotype(max_skip_connect=config.max_skip_connect)
+
+    def to_json(self, genotype) -> dict:
+        return genotype_to_dict(genotype)
+
+    def recognises(self, data: dict) -> bool:
+        return any(key in data for key in Genotype._fields)
+
+    def from_json(self, data: dict) -> Genotype:
+        from fastnas.spaces.darts_eval import check_eval_genotype
+
+        genotype = genotype_from_dict(data)
+        check_eval_genotype(genotype)
+        return genotype
+
+    def plot(self, genotype, path) -> None:
+        plot_genotype(genotype, path)
+
+    def build_network(self, genotype, config, num_classes, in_channels):
+        from fastnas.spaces.darts_eval import NetworkCIFAR, NetworkImageNet
+
+        network = NetworkImageNet if config.dataset == "imagenet" else NetworkCIFAR
+        return network(config.init_channels, num_classes, config.layers, config.auxiliary, genotype, in_channels)

@@ -16,6 +16,7 @@ from fastnas.nn.mixed_op import MixedOp
 from fastnas.nn.operations import ReLUConvBN, check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
 from fastnas.spaces.encoding import Encoding
+from fastnas.spaces.space import SearchSpace
 
 NB201_PRIMITIVES = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
 NB201_NODES = 4
@@ -287,3 +288,62 @@ def plot_nb201(arch: NB201Arch, path) -> list:
     geometry = layout_cell(f"cell {arch.to_string()}", ["0 (in)"], nodes, edges, [], None)
     save_cells([geometry], path)
     return [geometry]
+
+
+class NB201Space(SearchSpace):
+    """The NAS-Bench-201 cell space: 4 nodes, 6 edges of 5 operations, one cell for the whole network."""
+
+    name = "nb201"
+    title = "NAS-Bench-201"
+    architecture_noun = "a NAS-Bench-201 architecture"
+
+    @property
+    def train_defaults(self) -> dict[str, dict]:
+        from fastnas.spaces.nb201_eval import TRAIN_DEFAULTS
+
+        return TRAIN_DEFAULTS
+
+    def search_layers(self, dataset: str) -> int:
+        # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
+        return 1 if dataset == "digits" else 5
+
+    def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> NB201SearchNetwork:
+        kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
+        return NB201SearchNetwork(
+            C=config.init_channels, N=layers, num_classes=num_classes, backend=config.backend,
+            in_channels=in_channels, affine=config.bn_affine, **kwargs,
+        )  # fmt: skip
+
+    def to_json(self, genotype) -> dict:
+        return {"arch": genotype.to_string()}
+
+    def recognises(self, data: dict) -> bool:
+        return "arch" in data or "nodes" in data
+
+    def from_json(self, data: dict) -> NB201Arch:
+        from fastnas.spaces.nb201_eval import check_eval_arch
+
+        if "arch" in data and not isinstance(data["arch"], str):
+            raise ValueError(f"'arch' must be a NAS-Bench-201 string, got {type(data['arch']).__name__}")
+        try:
+            arch = NB201Arch.from_dict(data)
+        except (TypeError, IndexError) as exc:
+            raise ValueError(f"malformed NAS-Bench-201 architecture: {exc}") from None
+        check_eval_arch(arch)
+        return arch
+
+    def describe(self, genotype) -> str:
+        return genotype.to_string()
+
+    def plot(self, genotype, path) -> None:
+        plot_nb201(genotype, path)
+
+    def build_network(self, genotype, config, num_classes, in_channels):
+        from fastnas.spaces.nb201_eval import NB201Network
+
+        return NB201Network(genotype, config.init_channels, config.layers, num_classes, in_channels)
+
+    def check_train_config(self, config) -> str | None:
+        if config.auxiliary:
+            return "the NAS-Bench-201 network has no auxiliary head; drop --auxiliary"
+        return None

@@ -15,8 +15,6 @@ import torch.nn as nn
 
 from fastnas.search.errors import SearchError
 
-SPACE_NAMES = {"darts": "DARTS", "nb201": "NAS-Bench-201"}
-
 if TYPE_CHECKING:
     from fastnas.search.config import SearchConfig
 
@@ -60,7 +58,9 @@ class SearchMethod:
     def validate(self, config: SearchConfig) -> None:
         """Raise SearchError for settings this method cannot run."""
         if config.space not in self.spaces:
-            names = " and ".join(SPACE_NAMES.get(s, s) for s in self.spaces)
+            from fastnas.spaces import get_space
+
+            names = " and ".join(get_space(s).title for s in self.spaces)
             raise SearchError(f"{self.name} searches the {names} space only; use --space {self.spaces[0]}")
         if config.constraint and not self.supports_constraint:
             raise SearchError(f"{self.name} samples no architectures under a constraint; --constraint is for spos")
