@@ -1,14 +1,17 @@
-"""The ``fastnas`` command: ``search``, ``bench-step`` and ``info``.
+"""The ``fastnas`` command: ``search``, ``select``, ``train``, ``rank-eval``, ``bench-step`` and ``info``.
 
 ``fastnas search`` with no options runs DARTS on scikit-learn's digits on the
-CPU in a few minutes; ``fastnas search --help`` lists the rest. Input errors
-end with one line on stderr and a non-zero exit code, never a traceback.
+CPU in a few minutes, and ends by printing the ``fastnas train`` command that
+trains what it found from scratch; ``fastnas search --help`` and
+``fastnas train --help`` list the rest. Input errors end with one line on
+stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 EXIT_ERROR = 1
@@ -30,11 +33,40 @@ GDAS tau 10 -> 0.1. Any option given on the command line overrides them.
 Several processes: torchrun --nproc_per_node N -m fastnas search ...
 (--batch-size is then the total over all processes).
 
-On one GPU, --cuda-graph captures the whole step (both passes and both
-optimizer steps) once per epoch as a CUDA graph and replays it, so the CPU no
-longer launches its thousands of small kernels one by one. It supports darts
-and pc-darts with --memory save and no --amp or --amp bf16; other settings are
-refused with the reason.
+spos, fairnas and oneshot train a supernet by paths and no architecture
+weights; their output folder holds the trained supernet (checkpoint.pt), and
+fastnas select searches over it for the genotype.
+
+On one GPU the whole step (both passes and both optimizer steps) is captured
+once per epoch as a CUDA graph and replayed, so the CPU no longer launches its
+thousands of small kernels one by one. That is the default wherever capture
+works (every method but gdas, spos, fairnas and oneshot; no --amp fp16,
+--memory checkpoint or several processes); elsewhere the search says in one
+line why it runs without one.
+--no-cuda-graph turns capture off; --cuda-graph insists on it (an error, with
+the reason, where it cannot work).
+"""
+
+
+TRAIN_DESCRIPTION = """\
+Train an architecture from scratch on the evaluation network of its space and
+report its test accuracy, parameters, FLOPs per image and inference latency.
+ARCHITECTURE is the output folder of fastnas search (its genotype.json; its
+checkpoint says the space, dataset and data folder searched), a genotype JSON
+file (DARTS, or {"arch": "..."} for NAS-Bench-201), or a NAS-Bench-201
+architecture string. The output folder receives log.jsonl (one JSON line per
+epoch), checkpoint.pt (written atomically after every epoch) and report.json.
+
+Defaults are the papers': DARTS on CIFAR, C=36, 20 cells, auxiliary head
+(weight 0.4), drop-path 0.2, cutout 16, 600 epochs of batch 96, SGD 0.025
+cosine, weight decay 3e-4, clip 5; DARTS on ImageNet, C=48, 14 cells, label
+smoothing 0.1, 250 epochs of batch 128, lr 0.1 times 0.97 per epoch, weight
+decay 3e-5; NAS-Bench-201, C=16, N=5, 200 epochs of batch 256, Nesterov SGD
+0.1 cosine, weight decay 5e-4. On the bundled digits a small network (C=16,
+8 cells; NAS-Bench-201 N=2) trains 30 epochs in a few minutes on one CPU thread.
+
+Several processes: torchrun --nproc_per_node N -m fastnas train ...
+(--batch-size is then the total over all processes).
 """
 
 
@@ -47,16 +79,20 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastnas._version import __version__
-    from fastnas.search.config import AMP_DTYPES, DATASETS, METHODS, SPACES
+    from fastnas.nn.edge_plan import MEMORY_MODES
+    from fastnas.search.config import AMP_DTYPES, DATASETS, SPACES
+    from fastnas.search.methods import METHODS, REGISTRY
 
     parser = argparse.ArgumentParser(prog="fastnas", description="Fused-kernel weight-sharing architecture search.")
     parser.add_argument("--version", action="version", version=f"fastnas {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{search,bench-step,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{search,select,train,rank-eval,bench-step,info}")
 
     s = sub.add_parser(
         "search",
         help="run an architecture search",
-        description=SEARCH_DESCRIPTION,
+        description=SEARCH_DESCRIPTION
+        + "\nMethods (--method):\n"
+        + "".join(f"  {name:<16}{method.summary}\n" for name, method in REGISTRY.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--method", choices=METHODS, default=None, help="search method (default: darts)")
@@ -85,19 +121,50 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
     s.add_argument(
         "--memory",
-        choices=("save", "recompute", "checkpoint"),
+        choices=MEMORY_MODES,
         default=None,
         help="what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
         "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
-        "torch.utils.checkpoint)",
+        "torch.utils.checkpoint), sum (eager modules, only the weighted sum fused)",
     )
     s.add_argument(
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
-        "darts and pc-darts, no fp16, --memory save)",
+        help="capture the search step once per epoch as a CUDA graph and replay it (default: on CUDA, "
+        "wherever capture works)",
     )
+    s.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay of the weights")
+    s.add_argument("--train-portion", type=float, default=None, help="share of the training images the weights see")
+    s.add_argument(
+        "--bn-affine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="affine batch norms inside the candidates (default: off)",
+    )
+    s.add_argument(
+        "--bn-track",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batch norms keep running statistics (default: on; oneshot: off, batch statistics)",
+    )
+    s.add_argument(
+        "--path-dropout",
+        type=float,
+        default=None,
+        help="spos/fairnas: drop probability of each sampled candidate, rising linearly from 0; oneshot: r, "
+        "the end probability that all k inputs of a node go (each r^(1/k))",
+    )
+    s.add_argument("--ghost-batch-size", type=_positive_int, default=None, help="oneshot: images per ghost batch")
+    s.add_argument(
+        "--constraint",
+        choices=("params", "flops"),
+        default=None,
+        help="spos: sample only architectures whose stand-alone network's parameters or FLOPs "
+        "(multiply-adds per image) lie within --constraint-min/--constraint-max",
+    )
+    s.add_argument("--constraint-min", type=float, default=None, help="lower end of the --constraint range")
+    s.add_argument("--constraint-max", type=float, default=None, help="upper end of the --constraint range")
     s.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
     s.add_argument(
         "--threads",
@@ -110,9 +177,169 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="DIR", default=None, help="continue the search whose checkpoint is in DIR")
     s.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
+    _add_select_parser(sub)
+    _add_train_parser(sub)
+    _add_rank_eval_parser(sub)
     sub.add_parser("bench-step", help="time one search step (see fastnas bench-step --help)", add_help=False)
     sub.add_parser("info", help="versions and available backends", add_help=False)
     return parser
+
+
+SELECT_DESCRIPTION = """\
+Search over the supernet a spos, fairnas or oneshot search trained (RUN_DIR,
+its output folder). Every candidate is scored by the supernet running its path
+on the search's validation half, after batch-norm recalibration (statistics
+reset, then --bn-batches training batches). --strategy random scores
+--candidates random architectures; --strategy evolution is SPOS' (population
+50, 20 generations, the 10 best breed 25 mutations with per-gene probability
+0.1 and 25 crossovers). --constraint keeps only architectures whose
+stand-alone network (the one fastnas train builds) has at most
+--constraint-max parameters, FLOPs (multiply-adds per image) or milliseconds
+of measured latency (and at least --constraint-min).
+
+Writes select-<strategy>.json (every candidate, ranked), genotype.json (the
+best) and cells.png to RUN_DIR (or --out); fastnas train RUN_DIR trains it.
+"""
+
+RANK_EVAL_DESCRIPTION = """\
+Measure how well a supernet ranks architectures: N architectures of the space,
+drawn uniformly, are trained stand-alone with fastnas train's recipe on a short
+schedule (--workers at once, in worker processes) and scored by a supernet
+trained with --method; the report gives Kendall's tau, the sparse Kendall tau
+of Yu et al. (stand-alone accuracies binned at --threshold, 0.1%), Spearman's
+rho, the top-k overlap and the stand-alone accuracy of the supernet's top 3.
+
+The default runs SPOS on the NAS-Bench-201 space and the bundled digits, on the
+CPU, in minutes. --compare SETTING ... trains one supernet per setting and
+tabulates the coefficients of each against the same stand-alone results; a
+setting is base (the run's own options) or key=value,... of fastnas search's
+settings (e.g. bn_track=false, bn_affine=true, method=fairnas, path_dropout=0.2,
+warmup_epochs=5, lr=0.05, weight_decay=0, epochs=10, init_channels=4,
+layers=2, train_portion=0.5), optionally named name:key=value,...;
+--compare alone runs Yu et al.'s heuristics one by one.
+
+Writes to --out: standalone.json (reused by later runs with the same
+architectures and recipe), supernet-<setting>/ (each search's folder),
+pairs-<setting>.json, scatter-<setting>.png, report.json and table.md.
+"""
+
+
+def _add_select_parser(sub) -> None:
+    from fastnas.search.selection import STRATEGIES
+
+    p = sub.add_parser(
+        "select",
+        help="search over a trained supernet (spos, fairnas, oneshot)",
+        description=SELECT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="the output folder of a spos, fairnas or oneshot search")
+    p.add_argument("--strategy", choices=STRATEGIES, default="evolution", help="random or evolution (default)")
+    p.add_argument("--candidates", type=_positive_int, default=1000, help="random: architectures scored (1000)")
+    p.add_argument("--population", type=_positive_int, default=50, help="evolution: population (50)")
+    p.add_argument("--generations", type=_positive_int, default=20, help="evolution: generations (20)")
+    p.add_argument("--parents", type=_positive_int, default=10, help="evolution: the best that breed (10)")
+    p.add_argument("--mutations", type=int, default=25, help="evolution: mutations per generation (25)")
+    p.add_argument("--mutation-prob", type=float, default=0.1, help="evolution: per-gene mutation probability")
+    p.add_argument("--crossovers", type=int, default=25, help="evolution: crossovers per generation (25)")
+    p.add_argument("--constraint", choices=("params", "flops", "latency"), default=None, help="what to limit")
+    p.add_argument("--constraint-max", type=float, default=None, help="at most this many parameters, FLOPs or ms")
+    p.add_argument("--constraint-min", type=float, default=None, help="at least this many")
+    p.add_argument("--bn-batches", type=int, default=10, help="training batches of the recalibration (10)")
+    p.add_argument("--val-images", type=_positive_int, default=None, help="score on this many validation images")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: 1 for digits)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder (default: RUN_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_rank_eval_parser(sub) -> None:
+    from fastnas.search.config import DATASETS, SPACES
+    from fastnas.search.methods import REGISTRY
+
+    methods = [name for name, m in REGISTRY.items() if not m.trains_architecture]
+    r = sub.add_parser(
+        "rank-eval",
+        help="measure how well a supernet ranks architectures",
+        description=RANK_EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("--method", choices=methods, default="spos", help="supernet training (default: spos)")
+    r.add_argument("--space", choices=SPACES, default="nb201", help="search space (default: nb201)")
+    r.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default: digits, bundled)")
+    r.add_argument("--data", metavar="PATH", default=None, help="folder of the cifar10/cifar100/imagenet files")
+    r.add_argument("--architectures", type=_positive_int, default=30, help="architectures to rank (30)")
+    r.add_argument("--standalone-epochs", type=_positive_int, default=8, help="stand-alone training epochs (8)")
+    r.add_argument(
+        "--standalone-channels", type=_positive_int, default=None, help="C of the stand-alone networks (digits: 8)"
+    )
+    r.add_argument(
+        "--standalone-layers", type=_positive_int, default=None, help="cells of the stand-alone networks (digits: 1)"
+    )
+    r.add_argument("--epochs", type=_positive_int, default=None, help="supernet epochs (default: the method's)")
+    r.add_argument("--workers", type=_positive_int, default=None, help="stand-alone trainings at once (cores, <= 4)")
+    r.add_argument("--bn-batches", type=int, default=10, help="training batches of each recalibration (10)")
+    r.add_argument("--threshold", type=float, default=0.001, help="bin width of the sparse Kendall tau (0.001)")
+    r.add_argument("--top-k", type=_positive_int, default=5, help="k of the top-k overlap (5)")
+    r.add_argument(
+        "--compare", nargs="*", metavar="SETTING", default=None, help="settings to compare (alone: Yu et al.'s)"
+    )
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    r.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/rank-eval-...)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train_parser(sub) -> None:
+    from fastnas.train.config import AMP_DTYPES, DATASETS, SPACES
+
+    t = sub.add_parser(
+        "train",
+        help="train a found architecture from scratch",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument(
+        "architecture",
+        nargs="?",
+        metavar="ARCHITECTURE",
+        help="a search's output folder, a genotype JSON file, or a NAS-Bench-201 architecture string",
+    )
+    t.add_argument("--space", choices=SPACES, default=None, help="the architecture's space (default: what it is)")
+    t.add_argument("--dataset", choices=DATASETS, default=None, help="dataset (default: the search's, else digits)")
+    t.add_argument("--data", metavar="PATH", default=None, help="folder of the cifar10/cifar100/imagenet files")
+    t.add_argument("--fraction", type=float, default=None, help="use this fraction of each training class")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="training epochs")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="images per step over all processes")
+    t.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    t.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay")
+    t.add_argument("--init-channels", type=_positive_int, default=None, help="channels of the first cells (C)")
+    t.add_argument("--layers", type=_positive_int, default=None, help="cells (nb201: cells per stage, N)")
+    t.add_argument(
+        "--auxiliary",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the DARTS auxiliary head after the second reduction (needs 32x32 CIFAR or 224x224 ImageNet images)",
+    )
+    t.add_argument("--auxiliary-weight", type=float, default=None, help="weight of the auxiliary loss (0.4)")
+    t.add_argument("--drop-path-prob", type=float, default=None, help="drop-path probability, reached linearly from 0")
+    t.add_argument("--cutout", type=int, default=None, help="side of the cutout square, 0 for none")
+    t.add_argument("--image-size", type=_positive_int, default=None, help="side of the (square) input images")
+    t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
+    t.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
+    t.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads of torch (default: 1 for digits, else torch's choice)",
+    )
+    t.add_argument("--latency-batch", type=_positive_int, default=None, help="batch of the latency measurement (1)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    t.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/train-<name>)")
+    t.add_argument("--resume", metavar="DIR", default=None, help="continue the training whose checkpoint is in DIR")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
 # CLI option -> SearchConfig field, for the options that describe the search.
@@ -121,7 +348,10 @@ _CONFIG_OPTIONS = {
     "lr": "lr", "arch_lr": "arch_lr", "warmup_epochs": "warmup_epochs", "layers": "layers",
     "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
     "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
-    "cuda_graph": "cuda_graph",
+    "cuda_graph": "cuda_graph", "weight_decay": "weight_decay", "train_portion": "train_portion",
+    "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
+    "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
+    "constraint_max": "constraint_max",
 }  # fmt: skip
 
 
@@ -172,9 +402,163 @@ def _run_search(args: argparse.Namespace) -> int:
             flush=True,
         )
     result = searcher.run()
+    if _is_main_process() and not cfg.search_method.trains_architecture:
+        print(f"wrote {out}/checkpoint.pt (the trained supernet) and log.jsonl")
+        print(f"search it: fastnas select {shlex.quote(out)}")
+        return 0
     if _is_main_process():
         print(f"genotype: {result.genotype}")
         print(f"wrote {out}/genotype.json, cells.png, log.jsonl, checkpoint.pt")
+        print(f"train it from scratch: {_train_command(out, cfg.device, searcher.dist.world_size)}")
+    return 0
+
+
+def _train_command(out: str, device: str, processes: int) -> str:
+    """The command that trains the architecture a search wrote to ``out``; it reads the rest from the folder."""
+    launcher = "fastnas" if processes == 1 else f"torchrun --nproc_per_node {processes} -m fastnas"
+    device_option = " --device cuda" if device.startswith("cuda") else ""
+    return f"{launcher} train {shlex.quote(out)}{device_option}"
+
+
+# CLI option -> TrainConfig field, for the options that describe the training.
+_TRAIN_OPTIONS = {
+    "data": "data", "fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+    "weight_decay": "weight_decay", "init_channels": "init_channels", "layers": "layers", "auxiliary": "auxiliary",
+    "auxiliary_weight": "auxiliary_weight", "drop_path_prob": "drop_path_prob", "cutout": "cutout",
+    "image_size": "image_size", "device": "device", "amp": "amp", "workers": "workers", "seed": "seed",
+    "latency_batch": "latency_batch",
+}  # fmt: skip
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.train import TrainConfig, Trainer, TrainError, load_architecture
+    from fastnas.train.report import format_report
+
+    options = {field: getattr(args, opt) for opt, field in _TRAIN_OPTIONS.items()}
+    progress = not args.no_progress
+    if args.resume:
+        if args.architecture:
+            raise TrainError("--resume continues the architecture of its checkpoint; drop ARCHITECTURE")
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise TrainError("--resume continues in its own folder; drop --out or give the same folder")
+        overrides = dict(options, space=args.space, dataset=args.dataset)
+        trainer = Trainer.resume(args.resume, overrides, progress=progress)
+        out = args.resume
+    else:
+        if not args.architecture:
+            raise TrainError("give the architecture to train: a search's output folder, a genotype file, or a string")
+        arch = load_architecture(args.architecture, args.space)
+        searched = arch.search or {}
+        dataset = args.dataset or searched.get("dataset") or "digits"
+        if options["data"] is None and dataset == searched.get("dataset"):
+            options["data"] = searched.get("data")
+        if options["device"] is None:
+            options["device"] = "cpu"
+        config = TrainConfig.create(arch.space, dataset, genotype=arch.genotype, **options)
+        out = args.out or os.path.join("runs", f"train-{arch.name}")
+        if os.path.exists(os.path.join(out, "checkpoint.pt")):
+            raise TrainError(
+                f"{out} already holds a training; continue it with --resume {out}, or choose another --out"
+            )
+        trainer = Trainer(config, out_dir=out, progress=progress)
+    cfg = trainer.config
+    threads = args.threads
+    if threads is None and cfg.device == "cpu" and cfg.dataset == "digits":
+        # As for the search: tiny convolutions gain little from threads and lose a lot on shared cores.
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    if _is_main_process() and progress:
+        where = f"resuming {out}" if args.resume else f"writing to {out}"
+        print(
+            f"fastnas train: {cfg.space} network on {cfg.dataset}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+            f"{cfg.device}; {where}",
+            flush=True,
+        )
+    result = trainer.run()
+    if _is_main_process():
+        print(format_report(result.report))
+        print(f"wrote {out}/report.json, log.jsonl, checkpoint.pt")
+    return 0
+
+
+def _run_select(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.search.selection import SelectSettings, load_supernet, select
+
+    settings = SelectSettings(
+        strategy=args.strategy, candidates=args.candidates, population=args.population,
+        generations=args.generations, parents=args.parents, mutations=args.mutations,
+        mutation_prob=args.mutation_prob, crossovers=args.crossovers, constraint=args.constraint,
+        constraint_min=args.constraint_min, constraint_max=args.constraint_max, bn_batches=args.bn_batches,
+        val_images=args.val_images, seed=args.seed,
+    )  # fmt: skip
+    settings.validate()
+    supernet = load_supernet(args.run, args.device)
+    threads = args.threads or (1 if supernet.config.dataset == "digits" and args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    out = args.out or args.run
+    cfg = supernet.config
+    if not args.no_progress:
+        print(
+            f"fastnas select: {settings.strategy} over the {cfg.method} supernet of {args.run} ({cfg.space} space, "
+            f"{cfg.dataset}, trained {supernet.epochs_done} of {cfg.epochs} epochs)",
+            flush=True,
+        )
+    progress = not args.no_progress
+    result = select(args.run, settings, out_dir=out, device=args.device, progress=progress, supernet=supernet)
+    best = result.best
+    print(f"best: {best['description']}")
+    print(f"supernet validation accuracy {100 * best['val_acc']:.2f}% ({result.evaluated} architectures scored)")
+    print(f"wrote {out}/" + ", ".join(result.files))
+    if os.path.abspath(out) == os.path.abspath(args.run):
+        command = _train_command(out, args.device, 1)
+    else:
+        # The run folder's checkpoint names the data; a separate folder only has the genotype.
+        command = _train_command(os.path.join(out, "genotype.json"), args.device, 1) + f" --dataset {cfg.dataset}"
+        command += f" --data {shlex.quote(cfg.data)}" if cfg.data else ""
+    print(f"train it from scratch: {command}")
+    return 0
+
+
+def _run_rank_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.search.rank_eval import HEURISTICS, RankEvalSettings, Setting, rank_eval
+
+    standalone = {}
+    if args.standalone_channels:
+        standalone["init_channels"] = args.standalone_channels
+    if args.standalone_layers:
+        standalone["layers"] = args.standalone_layers
+    supernet = {"epochs": args.epochs} if args.epochs else {}
+    workers = args.workers or max(1, min(4, os.cpu_count() or 1))
+    settings = RankEvalSettings(
+        method=args.method, space=args.space, dataset=args.dataset, data=args.data,
+        architectures=args.architectures, standalone_epochs=args.standalone_epochs, standalone=standalone,
+        supernet=supernet, workers=workers, device=args.device, seed=args.seed, bn_batches=args.bn_batches,
+        threshold=args.threshold, top_k=args.top_k,
+    )  # fmt: skip
+    compare = None
+    if args.compare is not None:
+        compare = [Setting.parse(text) for text in (args.compare or HEURISTICS)]
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    out = args.out or os.path.join("runs", f"rank-eval-{args.method}-{args.space}-{args.dataset}")
+    if not args.no_progress:
+        print(
+            f"fastnas rank-eval: {settings.architectures} {args.space} architectures on {args.dataset}, "
+            f"{settings.standalone_epochs} stand-alone epochs each ({workers} at once), supernet {args.method}; "
+            f"writing to {out}",
+            flush=True,
+        )
+    report = rank_eval(settings, out, compare, progress=not args.no_progress)
+    print(report["table"])
+    print(f"wrote {out}/report.json, standalone.json, pairs-*.json, scatter-*.png" + (", table.md" if compare else ""))
     return 0
 
 
@@ -225,16 +609,22 @@ def main(argv: list[str] | None = None) -> int:
     from fastnas.data import DatasetError
     from fastnas.search import SearchError
 
+    errors: tuple = (SearchError, DatasetError)
+    run = {"search": _run_search, "select": _run_select, "rank-eval": _run_rank_eval}.get(args.command, _run_search)
+    if args.command == "train":
+        from fastnas.train import TrainError
+
+        errors, run = errors + (TrainError,), _run_train
     try:
-        return _run_search(args)
-    except (SearchError, DatasetError) as exc:
+        return run(args)
+    except errors as exc:
         if _is_main_process():
-            print(f"fastnas search: error: {exc}", file=sys.stderr)
+            print(f"fastnas {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         if _is_main_process():
             print(
-                "\nfastnas search: interrupted; the last completed epoch's checkpoint is kept, "
+                f"\nfastnas {args.command}: interrupted; the last completed epoch's checkpoint is kept, "
                 "continue with --resume <output folder>",
                 file=sys.stderr,
             )

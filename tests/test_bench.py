@@ -150,3 +150,26 @@ def test_search_step_benchmark_script_tiny(tmp_path):
         assert float(rows[0]["live_vs_reference"]) == 1.0
     assert float(rows[1]["aten_ops_vs_reference"]) > 0
     assert "MALLOC_MMAP_THRESHOLD_" in (tmp_path / "cpu_search_step_tiny.md").read_text()
+
+
+def test_epoch_benchmark_script_tiny(tmp_path):
+    """One whole (tiny) search epoch per configuration, in fresh processes, with speed-ups
+    against the eager reference measured in the same run."""
+    import csv
+    import subprocess
+
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "bench_epoch.py"), "--configs", "reference,auto,auto-recompute",
+        "--images", "32", "--batch-size", "8", "--image-size", "8", "--channels", "4", "--layers", "2",
+        "--threads", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "cpu_epoch.csv").open()))
+    assert [r["config"] for r in rows] == ["reference", "auto", "auto-recompute"]
+    for r in rows:
+        assert not r["note"], r["note"]
+        assert float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 and math.isfinite(float(r["train_loss"]))
+        assert r["cuda_graph"] == "False"  # on the CPU the default never captures
+    assert float(rows[0]["speedup"]) == 1.0
+    assert "| auto-recompute | False |" in (tmp_path / "cpu_epoch.md").read_text()

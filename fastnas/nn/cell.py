@@ -48,7 +48,7 @@ class Cell(nn.Module):
         reduction_prev: the previous cell did, so input 0 is reduced to match.
         edge_primitives: one candidate list per edge, all the same length.
         partial_channels: K of PC-DARTS, or None for full mixed ops.
-        backend, memory: passed to the mixed ops. Under ``memory="recompute"``, and
+        backend, memory, affine: passed to the mixed ops. Under ``memory="recompute"``, and
             under ``"save"`` when the edges run the fused engine, the two input
             preprocessings (ReLU, 1x1 convolution, batch norm) keep only their
             input, the previous cells' outputs, and run again in backward.
@@ -72,6 +72,7 @@ class Cell(nn.Module):
         partial_channels: int | None = None,
         backend: str | None = None,
         memory: str = "save",
+        affine: bool = False,
     ):
         super().__init__()
         if len(edge_primitives) != num_edges(steps):
@@ -90,9 +91,11 @@ class Cell(nn.Module):
         for (j, _), names in zip(edge_endpoints(steps), edge_primitives):
             stride = 2 if reduction and j < 2 else 1
             if partial_channels is None:
-                op = MixedOp(C, stride, names, backend=backend, memory=memory)
+                op = MixedOp(C, stride, names, affine=affine, backend=backend, memory=memory)
             else:
-                op = PartialChannelMixedOp(C, stride, names, partial_channels, backend=backend, memory=memory)
+                op = PartialChannelMixedOp(
+                    C, stride, names, partial_channels, affine=affine, backend=backend, memory=memory
+                )
             self.edges.append(op)
 
     def forward(
