@@ -51,8 +51,9 @@ def poison_empty():
 
 @pytest.fixture
 def seeded_only():
-    """Fail a test that draws from torch's global random generators: its data must come from its own
-    seeded torch.Generator (tests/oracle.py: generator), so it is the same on every run and in any order."""
+    """Fail a test that draws from torch's global random generators (which ``seeded`` only makes
+    reproducible): the op tests draw from their own seeded torch.Generator (tests/oracle.py: generator),
+    so their data depends on nothing but the test."""
     cpu = torch.random.get_rng_state()
     cuda = torch.cuda.get_rng_state_all() if HAS_CUDA else []
     yield
