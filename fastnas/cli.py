@@ -1,14 +1,17 @@
-"""The ``fastnas`` command: ``search``, ``bench-step`` and ``info``.
+"""The ``fastnas`` command: ``search``, ``train``, ``bench-step`` and ``info``.
 
 ``fastnas search`` with no options runs DARTS on scikit-learn's digits on the
-CPU in a few minutes; ``fastnas search --help`` lists the rest. Input errors
-end with one line on stderr and a non-zero exit code, never a traceback.
+CPU in a few minutes, and ends by printing the ``fastnas train`` command that
+trains what it found from scratch; ``fastnas search --help`` and
+``fastnas train --help`` list the rest. Input errors end with one line on
+stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 EXIT_ERROR = 1
@@ -30,11 +33,35 @@ GDAS tau 10 -> 0.1. Any option given on the command line overrides them.
 Several processes: torchrun --nproc_per_node N -m fastnas search ...
 (--batch-size is then the total over all processes).
 
-On one GPU, --cuda-graph captures the whole step (both passes and both
-optimizer steps) once per epoch as a CUDA graph and replays it, so the CPU no
-longer launches its thousands of small kernels one by one. It supports darts
-and pc-darts with --memory save and no --amp or --amp bf16; other settings are
-refused with the reason.
+On one GPU the whole step (both passes and both optimizer steps) is captured
+once per epoch as a CUDA graph and replayed, so the CPU no longer launches its
+thousands of small kernels one by one. That is the default wherever capture
+works (every method but gdas; no --amp fp16, --memory checkpoint or several
+processes); elsewhere the search says in one line why it runs without one.
+--no-cuda-graph turns capture off; --cuda-graph insists on it (an error, with
+the reason, where it cannot work).
+"""
+
+
+TRAIN_DESCRIPTION = """\
+Train an architecture from scratch on the evaluation network of its space and
+report its test accuracy, parameters, FLOPs per image and inference latency.
+ARCHITECTURE is the output folder of fastnas search (its genotype.json; its
+checkpoint says the space, dataset and data folder searched), a genotype JSON
+file (DARTS, or {"arch": "..."} for NAS-Bench-201), or a NAS-Bench-201
+architecture string. The output folder receives log.jsonl (one JSON line per
+epoch), checkpoint.pt (written atomically after every epoch) and report.json.
+
+Defaults are the papers': DARTS on CIFAR, C=36, 20 cells, auxiliary head
+(weight 0.4), drop-path 0.2, cutout 16, 600 epochs of batch 96, SGD 0.025
+cosine, weight decay 3e-4, clip 5; DARTS on ImageNet, C=48, 14 cells, label
+smoothing 0.1, 250 epochs of batch 128, lr 0.1 times 0.97 per epoch, weight
+decay 3e-5; NAS-Bench-201, C=16, N=5, 200 epochs of batch 256, Nesterov SGD
+0.1 cosine, weight decay 5e-4. On the bundled digits a small network (C=16,
+8 cells; NAS-Bench-201 N=2) trains 30 epochs in a few minutes on one CPU thread.
+
+Several processes: torchrun --nproc_per_node N -m fastnas train ...
+(--batch-size is then the total over all processes).
 """
 
 
@@ -47,16 +74,20 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from fastnas._version import __version__
-    from fastnas.search.config import AMP_DTYPES, DATASETS, METHODS, SPACES
+    from fastnas.nn.edge_plan import MEMORY_MODES
+    from fastnas.search.config import AMP_DTYPES, DATASETS, SPACES
+    from fastnas.search.methods import METHODS, REGISTRY
 
     parser = argparse.ArgumentParser(prog="fastnas", description="Fused-kernel weight-sharing architecture search.")
     parser.add_argument("--version", action="version", version=f"fastnas {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{search,bench-step,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{search,train,bench-step,info}")
 
     s = sub.add_parser(
         "search",
         help="run an architecture search",
-        description=SEARCH_DESCRIPTION,
+        description=SEARCH_DESCRIPTION
+        + "\nMethods (--method):\n"
+        + "".join(f"  {name:<16}{method.summary}\n" for name, method in REGISTRY.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--method", choices=METHODS, default=None, help="search method (default: darts)")
@@ -85,18 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
     s.add_argument(
         "--memory",
-        choices=("save", "recompute", "checkpoint"),
+        choices=MEMORY_MODES,
         default=None,
         help="what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
         "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
-        "torch.utils.checkpoint)",
+        "torch.utils.checkpoint), sum (eager modules, only the weighted sum fused)",
     )
     s.add_argument(
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
-        "darts and pc-darts, no fp16, --memory save)",
+        help="capture the search step once per epoch as a CUDA graph and replay it (default: on CUDA, "
+        "wherever capture works)",
     )
     s.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
     s.add_argument(
@@ -110,9 +141,61 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="DIR", default=None, help="continue the search whose checkpoint is in DIR")
     s.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
+    _add_train_parser(sub)
     sub.add_parser("bench-step", help="time one search step (see fastnas bench-step --help)", add_help=False)
     sub.add_parser("info", help="versions and available backends", add_help=False)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from fastnas.train.config import AMP_DTYPES, DATASETS, SPACES
+
+    t = sub.add_parser(
+        "train",
+        help="train a found architecture from scratch",
+        description=TRAIN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument(
+        "architecture",
+        nargs="?",
+        metavar="ARCHITECTURE",
+        help="a search's output folder, a genotype JSON file, or a NAS-Bench-201 architecture string",
+    )
+    t.add_argument("--space", choices=SPACES, default=None, help="the architecture's space (default: what it is)")
+    t.add_argument("--dataset", choices=DATASETS, default=None, help="dataset (default: the search's, else digits)")
+    t.add_argument("--data", metavar="PATH", default=None, help="folder of the cifar10/cifar100/imagenet files")
+    t.add_argument("--fraction", type=float, default=None, help="use this fraction of each training class")
+    t.add_argument("--epochs", type=_positive_int, default=None, help="training epochs")
+    t.add_argument("--batch-size", type=_positive_int, default=None, help="images per step over all processes")
+    t.add_argument("--lr", type=float, default=None, help="initial learning rate")
+    t.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay")
+    t.add_argument("--init-channels", type=_positive_int, default=None, help="channels of the first cells (C)")
+    t.add_argument("--layers", type=_positive_int, default=None, help="cells (nb201: cells per stage, N)")
+    t.add_argument(
+        "--auxiliary",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the DARTS auxiliary head after the second reduction (needs 32x32 CIFAR or 224x224 ImageNet images)",
+    )
+    t.add_argument("--auxiliary-weight", type=float, default=None, help="weight of the auxiliary loss (0.4)")
+    t.add_argument("--drop-path-prob", type=float, default=None, help="drop-path probability, reached linearly from 0")
+    t.add_argument("--cutout", type=int, default=None, help="side of the cutout square, 0 for none")
+    t.add_argument("--image-size", type=_positive_int, default=None, help="side of the (square) input images")
+    t.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
+    t.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
+    t.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
+    t.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=None,
+        help="CPU threads of torch (default: 1 for digits, else torch's choice)",
+    )
+    t.add_argument("--latency-batch", type=_positive_int, default=None, help="batch of the latency measurement (1)")
+    t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    t.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/train-<name>)")
+    t.add_argument("--resume", metavar="DIR", default=None, help="continue the training whose checkpoint is in DIR")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
 # CLI option -> SearchConfig field, for the options that describe the search.
@@ -175,6 +258,78 @@ def _run_search(args: argparse.Namespace) -> int:
     if _is_main_process():
         print(f"genotype: {result.genotype}")
         print(f"wrote {out}/genotype.json, cells.png, log.jsonl, checkpoint.pt")
+        print(f"train it from scratch: {_train_command(out, cfg.device, searcher.dist.world_size)}")
+    return 0
+
+
+def _train_command(out: str, device: str, processes: int) -> str:
+    """The command that trains the architecture a search wrote to ``out``; it reads the rest from the folder."""
+    launcher = "fastnas" if processes == 1 else f"torchrun --nproc_per_node {processes} -m fastnas"
+    device_option = " --device cuda" if device.startswith("cuda") else ""
+    return f"{launcher} train {shlex.quote(out)}{device_option}"
+
+
+# CLI option -> TrainConfig field, for the options that describe the training.
+_TRAIN_OPTIONS = {
+    "data": "data", "fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+    "weight_decay": "weight_decay", "init_channels": "init_channels", "layers": "layers", "auxiliary": "auxiliary",
+    "auxiliary_weight": "auxiliary_weight", "drop_path_prob": "drop_path_prob", "cutout": "cutout",
+    "image_size": "image_size", "device": "device", "amp": "amp", "workers": "workers", "seed": "seed",
+    "latency_batch": "latency_batch",
+}  # fmt: skip
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.train import TrainConfig, Trainer, TrainError, load_architecture
+    from fastnas.train.report import format_report
+
+    options = {field: getattr(args, opt) for opt, field in _TRAIN_OPTIONS.items()}
+    progress = not args.no_progress
+    if args.resume:
+        if args.architecture:
+            raise TrainError("--resume continues the architecture of its checkpoint; drop ARCHITECTURE")
+        if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
+            raise TrainError("--resume continues in its own folder; drop --out or give the same folder")
+        overrides = dict(options, space=args.space, dataset=args.dataset)
+        trainer = Trainer.resume(args.resume, overrides, progress=progress)
+        out = args.resume
+    else:
+        if not args.architecture:
+            raise TrainError("give the architecture to train: a search's output folder, a genotype file, or a string")
+        arch = load_architecture(args.architecture, args.space)
+        searched = arch.search or {}
+        dataset = args.dataset or searched.get("dataset") or "digits"
+        if options["data"] is None and dataset == searched.get("dataset"):
+            options["data"] = searched.get("data")
+        if options["device"] is None:
+            options["device"] = "cpu"
+        config = TrainConfig.create(arch.space, dataset, genotype=arch.genotype, **options)
+        out = args.out or os.path.join("runs", f"train-{arch.name}")
+        if os.path.exists(os.path.join(out, "checkpoint.pt")):
+            raise TrainError(
+                f"{out} already holds a training; continue it with --resume {out}, or choose another --out"
+            )
+        trainer = Trainer(config, out_dir=out, progress=progress)
+    cfg = trainer.config
+    threads = args.threads
+    if threads is None and cfg.device == "cpu" and cfg.dataset == "digits":
+        # As for the search: tiny convolutions gain little from threads and lose a lot on shared cores.
+        threads = 1
+    if threads:
+        torch.set_num_threads(threads)
+    if _is_main_process() and progress:
+        where = f"resuming {out}" if args.resume else f"writing to {out}"
+        print(
+            f"fastnas train: {cfg.space} network on {cfg.dataset}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+            f"{cfg.device}; {where}",
+            flush=True,
+        )
+    result = trainer.run()
+    if _is_main_process():
+        print(format_report(result.report))
+        print(f"wrote {out}/report.json, log.jsonl, checkpoint.pt")
     return 0
 
 
@@ -225,16 +380,22 @@ def main(argv: list[str] | None = None) -> int:
     from fastnas.data import DatasetError
     from fastnas.search import SearchError
 
+    errors: tuple = (SearchError, DatasetError)
+    run = _run_search
+    if args.command == "train":
+        from fastnas.train import TrainError
+
+        errors, run = errors + (TrainError,), _run_train
     try:
-        return _run_search(args)
-    except (SearchError, DatasetError) as exc:
+        return run(args)
+    except errors as exc:
         if _is_main_process():
-            print(f"fastnas search: error: {exc}", file=sys.stderr)
+            print(f"fastnas {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         if _is_main_process():
             print(
-                "\nfastnas search: interrupted; the last completed epoch's checkpoint is kept, "
+                f"\nfastnas {args.command}: interrupted; the last completed epoch's checkpoint is kept, "
                 "continue with --resume <output folder>",
                 file=sys.stderr,
             )

@@ -19,20 +19,10 @@ it holds an ``nn.ModuleList`` named ``_ops`` (DARTS, PC-DARTS) or ``m_ops`` (P-D
 and its class ``forward`` takes exactly ``(x, weights)``; lists of mixed ops (cells)
 are containers and are passed over silently. It is patched when, in addition:
 
-* every entry of the list is a recognised candidate:
-
-  - zero: a stateless leaf (no children, parameters or buffers) that returns all
-    zeros for a probe with no zero entry, in train and in eval mode (probed with the
-    RNG state saved and restored, hooks bypassed);
-  - identity: a stateless leaf that returns the probe unchanged;
-  - ``nn.MaxPool2d`` / ``nn.AvgPool2d``, alone or as ``nn.Sequential(pool, nn.BatchNorm2d)``;
-  - identity + dropout: ``nn.Sequential(identity, nn.Dropout, ...)`` (P-DARTS);
-  - factorized reduce: children exactly one ``nn.ReLU``, two 1x1 stride-2
-    ``nn.Conv2d`` reading the same channels and an ``nn.BatchNorm2d`` over both;
-  - convolution chains (ReLUConvBN, SepConv, DilConv, 7x1/1x7): leaf modules, in
-    order, only ``nn.ReLU``, ``nn.Conv2d`` (dense or depthwise) and ``nn.BatchNorm2d``,
-    starting with a ReLU and ending with a batch norm, with the channel counts
-    agreeing link to link;
+* every entry of the list is a recognised candidate (``fastnas.nn.edge_plan``): zero
+  and identity (stateless leaves, probed), max/avg pools alone or followed by a batch
+  norm, identity + dropout (P-DARTS), the factorized reduce, and ReLU/Conv2d/BatchNorm2d
+  convolution chains (ReLUConvBN, SepConv, DilConv, 7x1/1x7);
 
 * it has no other child modules, except for the PC-DARTS style: a child ``mp`` that is
   ``nn.MaxPool2d(2, 2)`` together with an int attribute ``k`` (the channel proportion);
@@ -64,18 +54,18 @@ import torch
 import torch.nn as nn
 
 from fastnas import backends
-from fastnas.nn.fused_edge import edge_plan
-from fastnas.nn.mixed_op import _autocast_on
+from fastnas.nn.edge_plan import EdgePlan, check_memory, plan_edge
+from fastnas.nn.mixed_op import checkpoint_module
 from fastnas.ops import channel_shuffle, mixed_sum, partial_channel_mixed_sum
 from fastnas.ops.darts_edge import darts_edge
 
 __all__ = ["PatchReport", "PatchWarning", "PatchedOp", "SkippedOp", "accelerate", "patch", "unpatch"]
 
 MIXED_OP_LISTS = ("_ops", "m_ops")
-PATCH_MEMORY = ("save", "recompute", "sum")
 DARTS = "darts"
 PC_DARTS = "pc-darts"
 _STATE = "_fastnas_patch"
+_BOUND = "_fastnas_bound"
 
 
 class PatchWarning(UserWarning):
@@ -126,12 +116,14 @@ class _Plan:
     style: str
     attr: str
     n: int
-    active: tuple[int, ...]
     backend: str | None
-    memory: str = "save"
-    # Read off the modules once at patch time, so the forward does not probe them.
-    kinds: tuple[str, ...] = ()
-    stride: int | None = None
+    memory: str
+    # The candidates read once, at patch time.
+    edge: EdgePlan
+
+    @property
+    def active(self) -> tuple[int, ...]:
+        return self.edge.active
 
     @property
     def active_index(self):
@@ -188,105 +180,6 @@ def _bind(module: nn.Module) -> None:
         object.__setattr__(module, name, cls(module))
 
 
-# --- candidate recognition ---------------------------------------------------------
-
-
-def _is_stateless_leaf(m: nn.Module) -> bool:
-    return not m._modules and not m._parameters and not m._buffers
-
-
-def _probe(m: nn.Module) -> str | None:
-    """'zero' or 'identity' for a stateless leaf behaving as one, else None."""
-    # No entry is 0 and both signs occur, so ReLU and friends are not mistaken for zero.
-    x = torch.arange(2 * 4 * 6 * 6, dtype=torch.float32).reshape(2, 4, 6, 6) % 7 - 3.5
-    results = []
-    was_training = m.training
-    try:
-        for mode in (True, False):
-            m.training = mode
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                out = m.forward(x.clone())
-            results.append(out)
-    except Exception:
-        return None
-    finally:
-        m.training = was_training
-    if not all(isinstance(out, torch.Tensor) and out.dim() == 4 for out in results):
-        return None
-    if all(out.shape == x.shape and torch.equal(out, x) for out in results):
-        return "identity"
-    if all(out.shape[:2] == x.shape[:2] and out.numel() and not out.any() for out in results):
-        return "zero"
-    return None
-
-
-def _conv_chain_kind(m: nn.Module) -> str | None:
-    leaves = [leaf for leaf in m.modules() if not leaf._modules]
-    if len(leaves) < 3 or not isinstance(leaves[0], nn.ReLU) or not isinstance(leaves[-1], nn.BatchNorm2d):
-        return None
-    channels = None
-    convs = []
-    for leaf in leaves:
-        if isinstance(leaf, nn.ReLU):
-            continue
-        if isinstance(leaf, nn.Conv2d):
-            if channels is not None and leaf.in_channels != channels:
-                return None
-            if leaf.groups not in (1, leaf.in_channels):
-                return None
-            channels = leaf.out_channels
-            convs.append(leaf)
-        elif isinstance(leaf, nn.BatchNorm2d):
-            if channels is None or leaf.num_features != channels:
-                return None
-        else:
-            return None
-    if not convs:
-        return None
-    depthwise = [c for c in convs if c.groups == c.in_channels and c.groups > 1]
-    size = "x".join(map(str, convs[0].kernel_size))
-    if depthwise and any(c.dilation != (1, 1) for c in depthwise):
-        return f"dil_conv_{size}"
-    if len(depthwise) == 2 and len(convs) == 4:
-        return f"sep_conv_{size}"
-    if len(convs) == 1:
-        return f"relu_conv_bn_{size}"
-    return "conv_chain"
-
-
-def _is_factorized_reduce(m: nn.Module) -> bool:
-    children = list(m.children())
-    kinds = Counter(type(c) for c in children)
-    if kinds != Counter({nn.ReLU: 1, nn.Conv2d: 2, nn.BatchNorm2d: 1}):
-        return False
-    convs = [c for c in children if isinstance(c, nn.Conv2d)]
-    bn = next(c for c in children if isinstance(c, nn.BatchNorm2d))
-    return (
-        all(c.kernel_size == (1, 1) and c.stride == (2, 2) for c in convs)
-        and convs[0].in_channels == convs[1].in_channels
-        and bn.num_features == convs[0].out_channels + convs[1].out_channels
-    )
-
-
-def _candidate_kind(m: nn.Module) -> str | None:
-    """The DARTS candidate ``m`` is, by structure, or None."""
-    if isinstance(m, nn.MaxPool2d):
-        return "max_pool"
-    if isinstance(m, nn.AvgPool2d):
-        return "avg_pool"
-    if _is_stateless_leaf(m):
-        return _probe(m)
-    if isinstance(m, nn.Sequential) and len(m) >= 2:
-        first, rest = m[0], list(m)[1:]
-        if isinstance(first, (nn.MaxPool2d, nn.AvgPool2d)) and len(rest) == 1 and isinstance(rest[0], nn.BatchNorm2d):
-            return _candidate_kind(first) + "+bn"
-        if all(isinstance(r, nn.Dropout) for r in rest) and _is_stateless_leaf(first) and _probe(first) == "identity":
-            return "identity+dropout"
-    if _is_factorized_reduce(m):
-        return "factorized_reduce"
-    return _conv_chain_kind(m)
-
-
 # --- mixed-op recognition ----------------------------------------------------------
 
 
@@ -315,7 +208,8 @@ def _plan(module: nn.Module, backend: str | None, memory: str = "save") -> _Plan
     attr, ops = found
     if any(_op_list(op) is not None for op in ops):
         return None  # a cell: a list of mixed ops, each handled on its own
-    kinds = [_candidate_kind(op) for op in ops]
+    edge = plan_edge(ops)
+    kinds = edge.kinds
     if not _takes_x_and_weights(module):
         if not any(kinds):
             return None  # some other module that happens to own such a list
@@ -351,16 +245,9 @@ def _plan(module: nn.Module, backend: str | None, memory: str = "save") -> _Plan
     for name, cls in _INSTANCE_ATTRS.items():
         if name in module.__dict__ and not isinstance(module.__dict__[name], cls):
             return f"its instance already has a {name} of its own"
-    active = tuple(k for k, kind in enumerate(kinds) if kind != "zero")
-    if not active:
+    if not edge.active:
         return "every candidate is zero; there is nothing to sum"
-    edge_kinds = tuple(
-        "chain" if kind.startswith(("sep_conv_", "dil_conv_")) else _EDGE_KINDS.get(kind, "other") for kind in kinds
-    )
-    return _Plan(
-        style=style, attr=attr, n=len(ops), active=active, backend=backend, memory=memory, kinds=edge_kinds,
-        stride=_edge_stride(ops),
-    )  # fmt: skip
+    return _Plan(style=style, attr=attr, n=len(ops), backend=backend, memory=memory, edge=edge)
 
 
 def _pair(v):
@@ -370,7 +257,7 @@ def _pair(v):
 # --- the patched forward -----------------------------------------------------------
 
 
-def _fusable(outs: list[torch.Tensor]) -> bool:
+def _summable(outs: list[torch.Tensor]) -> bool:
     o0 = outs[0]
     return (
         all(
@@ -398,13 +285,19 @@ def _forward(module: nn.Module, x, weights):
         or weights.shape[0] != plan.n
     ):
         return type(module).forward(module, x, weights)
+    if plan.memory == "checkpoint" and torch.is_grad_enabled():
+        return checkpoint_module(module, lambda x, weights: _sum_forward(module, ops, plan, x, weights), x, weights)
+    return _sum_forward(module, ops, plan, x, weights)
+
+
+def _sum_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: torch.Tensor):
     if plan.style == PC_DARTS:
         return _pc_forward(module, ops, plan, x, weights)
-    fused = _fused_edge(ops, plan, x, weights)
+    fused = _fused_edge(module, ops, plan, x, weights)
     if fused is not None:
         return fused
     outs = [ops[k](x) for k in plan.active]
-    if not _fusable(outs):
+    if not _summable(outs):
         return _original_sum(ops, plan, outs, x, weights)
     return mixed_sum(outs, weights[plan.active_index], backend=plan.backend)
 
@@ -413,7 +306,7 @@ def _pc_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: t
     k = module.k
     c = x.shape[1]
     part, bypass = x[:, : c // k], x[:, c // k :]
-    fused = _fused_edge(ops, plan, part, weights)
+    fused = _fused_edge(module, ops, plan, part, weights)
     if fused is not None and bypass.shape[1] > 0 and (fused.shape[1] + bypass.shape[1]) % k == 0:
         pool = fused.shape[2] != x.shape[2]
         if not pool or (bypass.shape[2] % 2 == 0 and bypass.shape[3] % 2 == 0):
@@ -424,7 +317,7 @@ def _pc_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: t
     pool = o0.dim() == 4 and o0.shape[2] != x.shape[2]
     h, w = bypass.shape[2:]
     fits = (
-        _fusable(outs)
+        _summable(outs)
         and o0.dim() == 4
         and bypass.shape[1] > 0
         and bypass.dtype == o0.dtype
@@ -443,43 +336,17 @@ def _pc_forward(module: nn.Module, ops, plan: _Plan, x: torch.Tensor, weights: t
     return channel_shuffle(torch.cat([mixed, module.mp(bypass)], dim=1), k)
 
 
-_EDGE_KINDS = {
-    "zero": "zero",
-    "identity": "identity",
-    "max_pool+bn": "max",
-    "avg_pool+bn": "avg",
-    "factorized_reduce": "reduce",
-}
-
-
-def _edge_stride(ops) -> int | None:
-    """The edge's stride, read off its candidates' modules."""
-    for op in ops:
-        for m in op.modules():
-            if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.Conv2d)):
-                return _pair(m.stride)[0]
-    return None
-
-
-def _fused_edge(ops, plan: _Plan, x, weights):
-    """The mixed op through ``fastnas.ops.darts_edge``, or None where it does not apply.
-
-    Applies in training mode to float32/float64 inputs outside autocast when every
-    candidate is one the fused edge computes (see ``fastnas.nn.fused_edge``).
-    """
-    if plan.memory not in ("save", "recompute") or not ops.training:
+def _fused_edge(module: nn.Module, ops, plan: _Plan, x, weights):
+    """The mixed op through ``fastnas.ops.darts_edge``, or None where the edge's plan
+    says it cannot run fused (``fastnas.nn.edge_plan.EdgePlan.fused_reason``)."""
+    if plan.edge.fused_reason(x, plan.backend, training=ops.training, memory=plan.memory) is not None:
         return None
-    if x.dim() != 4 or x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
-        return None
-    if backends.resolve("darts_edge", x.device, plan.backend) == "reference" or plan.stride not in (1, 2):
-        return None
-    eplan = edge_plan(list(ops), plan.kinds, x.shape[1], plan.stride)
-    if isinstance(eplan, str):
-        return None
-    if eplan.spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
-        return None
+    bound = module.__dict__.get(_BOUND)
+    if bound is None or bound.candidates is not ops:
+        bound = plan.edge.bind(ops)
+        object.__setattr__(module, _BOUND, bound)
     return darts_edge(
-        x, weights, eplan.parameters(), eplan.spec, eplan.buffers(), memory=plan.memory, backend=plan.backend
+        x, weights, bound.parameters(), plan.edge.spec, bound.buffers(), memory=plan.memory, backend=plan.backend
     )
 
 
@@ -498,12 +365,13 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
     training mode, mixed ops whose candidates are all ones the fused edge computes
     (``fastnas.ops.darts_edge``) keep only their pre-BN tensors ("save") or nothing
     ("recompute", recomputed inside the fused backward); "sum" fuses only the
-    weighted sum. Patching a patched model again changes nothing but these two.
+    weighted sum; "checkpoint" runs the patched mixed op under
+    ``torch.utils.checkpoint``. Patching a patched model again changes nothing but
+    these two settings.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be an nn.Module, got {type(model).__name__}")
-    if memory not in PATCH_MEMORY:
-        raise ValueError(f"patch: memory must be one of {PATCH_MEMORY}, got {memory!r}")
+    check_memory(memory, "patch: memory")
     if backend is not None:
         backends.requested_backend(backend)  # an unknown name fails here, not mid-step
     report = PatchReport(backend=backend)
@@ -523,14 +391,13 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
             object.__setattr__(module, _STATE, plan)
             report.already_patched.append(_path(name))
             continue
-        ops = module._modules[plan.attr]
         object.__setattr__(module, _STATE, plan)
         _bind(module)
         report.patched.append(
             PatchedOp(
                 path=_path(name),
                 style=plan.style,
-                candidates=tuple(_candidate_kind(op) for op in ops),
+                candidates=plan.edge.kinds,
                 skipped_zero=tuple(k for k in range(plan.n) if k not in plan.active),
             )
         )
@@ -552,6 +419,7 @@ def _restore(module: nn.Module) -> None:
         if isinstance(module.__dict__.get(name), cls):
             del module.__dict__[name]
     del module.__dict__[_STATE]
+    module.__dict__.pop(_BOUND, None)
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
 import os
+import zlib
 
 import pytest
 import torch
@@ -18,6 +19,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "requires_cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seeded(request):
+    """Every test starts from the same random state, whatever ran before it: draws
+    without a generator of their own are seeded too, so each test sees the same data
+    in any order and selection."""
+    import random
+
+    import numpy as np
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    yield
 
 
 @pytest.fixture
@@ -40,3 +57,24 @@ def full_fp32_on_gpu(request, monkeypatch):
         monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     yield
+
+
+@pytest.fixture
+def fused_edge_calls(monkeypatch):
+    """Counts the calls of the fused edge made by MixedOp, so that a test comparing the
+    engine with the reference can assert that the engine ran. Skips where no fused
+    kernels serve CPU tensors (the comparison would set the reference against itself)."""
+    from fastnas import backends
+    from fastnas.nn import mixed_op
+
+    if backends.resolve("darts_edge", "cpu") == "reference":
+        pytest.skip("no fused kernels serve CPU tensors here: " + (backends.backend_status()["cpu"] or "?"))
+    calls = []
+    real = mixed_op.darts_edge
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("memory"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mixed_op, "darts_edge", counting)
+    return calls

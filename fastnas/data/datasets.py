@@ -3,7 +3,9 @@
 ``load_dataset(name, root, image_size, fraction, seed)`` returns
 ``(train_set, test_set, info)``. Every set yields ``(image, label)``: a float32
 CHW tensor normalised per channel, and an int. ``info`` holds num_classes,
-in_channels, image_size (and the class names where known).
+in_channels, image_size (and the class names where known). Every set's
+``mean`` and ``std`` (C, 1, 1) are the statistics it normalised with, so the
+normalised value of a black pixel is ``-mean / std``.
 """
 
 from __future__ import annotations
@@ -59,11 +61,14 @@ class TensorImageDataset(Dataset):
 
 
 class FloatImageDataset(Dataset):
-    """Images already decoded to normalised float (N, C, H, W)."""
+    """Images already decoded to normalised float (N, C, H, W), with the ``mean`` and ``std`` of that."""
 
-    def __init__(self, images: torch.Tensor, labels: Sequence[int]):
+    def __init__(self, images: torch.Tensor, labels: Sequence[int], mean=0.0, std=1.0):
         self.images = images
         self.labels = [int(y) for y in labels]
+        channels = images.shape[1]
+        self.mean = torch.as_tensor(mean, dtype=torch.float32).expand(channels).reshape(channels, 1, 1)
+        self.std = torch.as_tensor(std, dtype=torch.float32).expand(channels).reshape(channels, 1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -73,14 +78,21 @@ class FloatImageDataset(Dataset):
 
 
 class ImageFolderDataset(Dataset):
-    """Files decoded with Pillow on access: shorter side resized to ``image_size / 0.875``, centre crop."""
+    """Files decoded with Pillow on access: shorter side resized to ``image_size / 0.875``, centre crop.
 
-    def __init__(self, samples: list[tuple[Path, int]], image_size: int, mean, std):
+    With ``transform`` set, the decoded image (uint8 CHW tensor, whole) goes
+    through it instead of the resize and crop, before normalisation: training
+    augmentation that works on pixels, such as random resized crops and colour
+    jitter. It must return ``image_size`` x ``image_size``.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], image_size: int, mean, std, transform=None):
         self.samples = samples
         self.labels = [y for _, y in samples]
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -92,6 +104,10 @@ class ImageFolderDataset(Dataset):
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
+                if self.transform is not None:
+                    whole = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
+                    x = self.transform(whole).float().div_(255.0)
+                    return (x - self.mean) / self.std, label
                 w, h = im.size
                 short = max(self.image_size, round(self.image_size / 0.875))
                 scale = short / min(w, h)
@@ -148,8 +164,8 @@ def _load_digits(image_size: int | None, fraction: float | None, seed: int):
     mean = images[train_idx].mean()
     std = images[train_idx].std()
     images = ((images - mean) / std).contiguous()
-    train = FloatImageDataset(images[train_idx], [labels[i] for i in train_idx])
-    test = FloatImageDataset(images[test_idx], [labels[i] for i in test_idx])
+    train = FloatImageDataset(images[train_idx], [labels[i] for i in train_idx], mean, std)
+    test = FloatImageDataset(images[test_idx], [labels[i] for i in test_idx], mean, std)
     info = {"num_classes": 10, "in_channels": 3, "image_size": size, "classes": [str(c) for c in range(10)]}
     return train, test, info
 
@@ -181,10 +197,37 @@ def _cifar_folder(name: str, root) -> Path:
     )
 
 
+# What the CIFAR python-pickle files hold, besides dicts, lists, ints and bytes: numpy
+# arrays (rebuilt through these functions, named as numpy 1 and numpy 2 pickle them)
+# and, in files pickled with protocol 2 by Python 3, bytes rebuilt by _codecs.encode.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only what a CIFAR file holds: a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR file never holds; refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_file(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, list[int]]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:
         raise DatasetError(f"{path} is not a CIFAR python-pickle file: {type(exc).__name__}: {exc}") from None
     if not isinstance(batch, dict):

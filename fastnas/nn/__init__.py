@@ -1,7 +1,8 @@
 """Supernet modules: candidate operations, mixed ops, cells."""
 
 from fastnas.nn.cell import Cell, edge_endpoints, normalize_edge_weights, num_edges
-from fastnas.nn.mixed_op import MEMORY_MODES, MixedOp, PartialChannelMixedOp
+from fastnas.nn.edge_plan import MEMORY_MODES, EdgePlan, plan_edge
+from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp
 from fastnas.nn.operations import (
     OPS,
     DilConv,
@@ -17,6 +18,8 @@ from fastnas.nn.supernet import SAMPLING_MODES, SuperNet, entropy, gumbel_softma
 
 __all__ = [
     "MEMORY_MODES",
+    "EdgePlan",
+    "plan_edge",
     "OPS",
     "SAMPLING_MODES",
     "Cell",

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from fastnas import backends
 from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, checkpoint_module
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 from fastnas.ops import mixed_sum
@@ -138,7 +137,9 @@ class Cell(nn.Module):
         memory = self.edges[0].memory
         if memory == "recompute":
             return True
-        return memory == "save" and backends.resolve("darts_edge", s.device, self.edges[0].backend) != "reference"
+        return memory == "save" and any(
+            e.plan.fused_reason(s, e.backend, training=True, memory=memory) is None for e in self.edges
+        )
 
     def _partial_channel_node(self, states, weights, edge_weights, indices, offset) -> torch.Tensor:
         """A PC-DARTS node in one pass: every edge's mixed part, bypass, shuffle and weight."""

@@ -15,19 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastnas import backends
-from fastnas.nn.fused_edge import EdgePlan, edge_plan, primitive_kinds
-from fastnas.nn.operations import OPS, Zero, check_primitives
+from fastnas.nn.edge_plan import BoundEdge, check_memory, plan_edge
+from fastnas.nn.operations import OPS, check_primitives
 from fastnas.ops import mixed_sum, partial_channel_mixed_sum
 from fastnas.ops.darts_edge import darts_edge
-
-MEMORY_MODES = ("save", "recompute", "checkpoint")
-
-
-def check_memory(memory: str) -> str:
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    return memory
 
 
 @contextlib.contextmanager
@@ -98,15 +89,18 @@ class MixedOp(nn.Module):
             edge (``fastnas.ops.darts_edge``) keeps only the pre-BN tensors its
             weighted sum normalises; "recompute": it keeps nothing and recomputes the candidates
             inside its backward; "checkpoint": the eager candidate modules under
-            ``torch.utils.checkpoint`` (a baseline).
+            ``torch.utils.checkpoint`` (a baseline); "sum": the eager candidate
+            modules, their weighted sum fused.
 
-    In training mode, an edge whose candidates are all DARTS primitives (see
-    ``fastnas.nn.fused_edge``) runs fused: every candidate and the weighted sum in
-    a few kernels, batch norms folded into the sum, pooling computed inside it.
+    The candidates are read once, at construction (``self.plan``, see
+    ``fastnas.nn.edge_plan``). In training mode, an edge whose candidates are all
+    DARTS primitives runs fused: every candidate and the weighted sum in a few
+    kernels, batch norms folded into the sum, pooling computed inside it.
     Otherwise (other primitives, eval mode, autocast, dtypes other than float32
-    and float64, GDAS ``index``) the candidate modules run one by one and their
-    outputs go through the fused ``mixed_sum``; with ``memory="recompute"`` such
-    an edge is checkpointed. ``fused_reason`` says why an edge is not fusable.
+    and float64, GDAS ``index``, a limit of the kernels) the candidate modules run
+    one by one and their outputs go through the fused ``mixed_sum``; with
+    ``memory="recompute"`` such an edge is checkpointed. ``fused_reason`` says why
+    the last call did not run fused (None when it did).
 
     ``forward(x, weights, index=None)``: ``weights`` has one entry per candidate.
     With ``index`` only that candidate is run, scaled by ``weights[index]``
@@ -136,20 +130,21 @@ class MixedOp(nn.Module):
             if pool_bn and "pool" in name:
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self.ops.append(op)
-        active = [k for k, op in enumerate(self.ops) if not isinstance(op, Zero)]
+        self.plan = plan_edge(self.ops, C, stride)
+        self._bound: BoundEdge | None = None
+        # Why the last call did not run the fused edge (None when it did); before
+        # any call, why the candidates cannot be fused at all.
+        self.fused_reason = self.plan.reason
         # An edge of only `none` still needs an output of the right shape.
-        self._active = active or [0]
+        self._active = list(self.plan.active) or [0]
         a = self._active
         self._active_slice = slice(a[0], a[-1] + 1) if a == list(range(a[0], a[-1] + 1)) else None
         # P-DARTS drops out the identity shortcut only, not the reducing one.
         self._dropped = {k for k, name in enumerate(self.primitives) if name == "skip_connect" and stride == 1}
-        plan = edge_plan(self.ops, primitive_kinds(self.primitives, stride), C, stride)
-        self._plan = plan if isinstance(plan, EdgePlan) else None
-        self.fused_reason = None if self._plan is not None else plan
         # With skip dropout active the identity term is added outside the fused edge.
         self._spec_no_skip = None
-        if self._plan is not None and self._plan.spec.skip_index is not None:
-            self._spec_no_skip = dataclasses.replace(self._plan.spec, skip_index=None)
+        if self.plan.spec is not None and self.plan.spec.skip_index is not None:
+            self._spec_no_skip = dataclasses.replace(self.plan.spec, skip_index=None)
 
     def _candidate(self, k: int, x: torch.Tensor) -> torch.Tensor:
         out = self.ops[k](x)
@@ -163,23 +158,25 @@ class MixedOp(nn.Module):
         return weights[self._active]
 
     def _fusable(self, x: torch.Tensor, index: int | None) -> bool:
-        if self._plan is None or index is not None or not self.training or self.memory == "checkpoint":
-            return False
-        if x.dtype not in (torch.float32, torch.float64) or _autocast_on(x.device.type):
-            return False
-        return backends.resolve("darts_edge", x.device, self.backend) != "reference"
+        """Whether this call runs the fused edge; records why not in ``fused_reason``."""
+        training = self.training and index is None
+        self.fused_reason = self.plan.fused_reason(x, self.backend, training=training, memory=self.memory)
+        return self.fused_reason is None
+
+    def _bound_edge(self) -> BoundEdge:
+        if self._bound is None or self._bound.candidates is not self.ops:
+            self._bound = self.plan.bind(self.ops)
+        return self._bound
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        plan = self._plan
+        plan, bound = self.plan, self._bound_edge()
         spec, extra = plan.spec, None
         if self._spec_no_skip is not None and self.skip_drop_prob > 0:
             spec = self._spec_no_skip
             k = plan.spec.skip_index
             extra = weights[k] * F.dropout(x, p=self.skip_drop_prob)
-        out = darts_edge(
-            x, weights, plan.parameters(), spec, plan.buffers(),
-            memory="recompute" if self.memory == "recompute" else "save", backend=self.backend,
-        )  # fmt: skip
+        params, buffers = bound.parameters(), bound.buffers()
+        out = darts_edge(x, weights, params, spec, buffers, memory=self.memory, backend=self.backend)
         return out if extra is None else out + extra
 
     def _edge(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
@@ -195,8 +192,14 @@ class MixedOp(nn.Module):
         return self.memory == "recompute" and torch.is_grad_enabled() and self.training
 
     def _checkpointed(self, fn, x, weights, index):
-        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once."""
-        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights)
+        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once.
+
+        The random state is kept for the recomputation only when the edge draws from it
+        (P-DARTS' skip dropout): keeping it reads the CUDA generator's state, which a
+        CUDA-graph capture does not allow.
+        """
+        draws = bool(self._dropped) and self.skip_drop_prob > 0 and self.training
+        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights, preserve_rng_state=draws)
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
@@ -222,13 +225,6 @@ class MixedOp(nn.Module):
 
     def extra_repr(self) -> str:
         return f"stride={self.stride}, primitives={self.primitives}, memory={self.memory!r}"
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch without the device argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
 
 
 class PartialChannelMixedOp(MixedOp):

@@ -8,8 +8,9 @@
 last checkpoint left it.
 """
 
-from fastnas.search.config import DATASETS, METHODS, SPACES, SearchConfig
+from fastnas.search.config import DATASETS, SPACES, SearchConfig
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
+from fastnas.search.methods import METHODS
 from fastnas.search.searcher import Searcher, SearchResult, build_network, genotype_to_json, prune_candidates, search
 
 __all__ = [

@@ -12,7 +12,7 @@ import torch
 
 from fastnas.search.errors import CheckpointError
 
-FORMAT = "fastnas-search-checkpoint"
+FORMAT = "fastnas-search-checkpoint"  # the format tag of search checkpoints
 VERSION = 1
 CHECKPOINT_NAME = "checkpoint.pt"
 
@@ -41,28 +41,33 @@ def atomic_write_text(path: str, text: str) -> None:
     atomic_write(path, write)
 
 
-def save_checkpoint(path: str, state: dict) -> None:
-    """Save ``state`` with the format tag, atomically."""
-    state = {"format": FORMAT, "version": VERSION, **state}
+def _format(kind: str) -> str:
+    """The format tag of a ``kind`` ("search" or "train") checkpoint."""
+    return f"fastnas-{kind}-checkpoint"
+
+
+def save_checkpoint(path: str, state: dict, kind: str = "search") -> None:
+    """Save ``state`` with the format tag of ``kind``, atomically."""
+    state = {"format": _format(kind), "version": VERSION, **state}
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str) -> dict:
-    """Load a checkpoint written by ``save_checkpoint``; raise CheckpointError otherwise."""
+def load_checkpoint(path: str, kind: str = "search") -> dict:
+    """Load a ``kind`` checkpoint written by ``save_checkpoint``; raise CheckpointError otherwise."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT_NAME)
     if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; --resume takes the output folder of an earlier search")
+        raise CheckpointError(f"no checkpoint at {path}; --resume takes the output folder of an earlier {kind}")
     try:
         # weights_only: a checkpoint is data, never code to run.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         raise CheckpointError(
             f"checkpoint {path} is corrupt, truncated or not a checkpoint ({type(exc).__name__}); "
-            "start a new search, or resume from another folder"
+            f"start a new {kind}, or resume from another folder"
         ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a fastnas search checkpoint")
+    if not isinstance(state, dict) or state.get("format") != _format(kind):
+        raise CheckpointError(f"{path} is not a fastnas {kind} checkpoint")
     if state.get("version") != VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {state.get('version')}; this fastnas reads version {VERSION}"

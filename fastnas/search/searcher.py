@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnas.search import checkpoint as ckpt
+from fastnas.search import cuda_graph
 from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
@@ -33,9 +34,6 @@ from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemo
 GENOTYPE_NAME = "genotype.json"
 LOG_NAME = "log.jsonl"
 PLOT_NAME = "cells.png"
-
-# P-DARTS: after the warm-up the skip dropout decays as exp(-0.2 * epochs since).
-_SKIP_DROP_DECAY = 0.2
 
 
 @dataclass
@@ -155,12 +153,15 @@ class Searcher:
     ):
         config.validate()
         self.config = config
+        self.method = config.search_method
         self.out_dir = out_dir
         self.dataset = dataset
         self.progress = progress
         self.resume_state = resume_state
         self.net: nn.Module | None = None
         self.dist = DistributedContext()
+        # Whether the step is captured as a CUDA graph, decided when the run starts.
+        self.cuda_graph = False
 
     @classmethod
     def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
@@ -210,8 +211,11 @@ class Searcher:
                     "resume with the same --nproc_per_node"
                 )
             cfg.world_size = dist.world_size
-        if cfg.cuda_graph:
+        self.cuda_graph, why_not = cuda_graph.decide(cfg, dist.device, dist.world_size)
+        if self.cuda_graph:
             check_runtime_supported(dist.device, dist.world_size)
+        elif why_not and dist.is_main:
+            print(f"fastnas search: the step runs without a CUDA graph: {why_not}", flush=True)
         if cfg.backend is not None:
             from fastnas import backends
 
@@ -261,7 +265,7 @@ class Searcher:
                 self._save(net, parts, s, epoch + 1, edge_primitives, history, stage_genotypes, record)
             if s + 1 < len(stages):
                 stage_genotypes.append(genotype_to_json(net.genotype()))
-                edge_primitives = prune_candidates(net, cfg.stage_keep[s])
+                edge_primitives = self.method.after_stage(net, cfg, s) or edge_primitives
 
         genotype = self._final_genotype(self.net)
         result = SearchResult(genotype, genotype_to_json(genotype), history, self.out_dir)
@@ -294,7 +298,7 @@ class Searcher:
             lr=cfg.arch_lr,
             betas=tuple(cfg.arch_betas),
             weight_decay=cfg.arch_weight_decay,
-            capturable=cfg.cuda_graph,
+            capturable=self.cuda_graph,
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
@@ -312,8 +316,7 @@ class Searcher:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        # GDAS runs one candidate per edge, so most weights get no gradient in a step.
-        return DDP(net, device_ids=device_ids, find_unused_parameters=self.config.method == "gdas")
+        return DDP(net, device_ids=device_ids, find_unused_parameters=self.method.ddp_find_unused_parameters)
 
     def _autocast(self):
         amp = self.config.amp
@@ -321,102 +324,23 @@ class Searcher:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         # Cached casts would outlive the captured region they were made in.
-        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.config.cuda_graph)
+        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.cuda_graph)
 
     # --- one epoch --------------------------------------------------------------------
 
-    def _set_schedules(self, net: nn.Module, stage: dict, epoch: int) -> dict:
-        """Temperature and skip dropout for this epoch; returns them for the log."""
-        cfg, extra = self.config, {}
-        if cfg.method == "gdas":
-            span = max(1, stage["epochs"] - 1)
-            tau = cfg.tau_max - (cfg.tau_max - cfg.tau_min) * epoch / span
-            net.set_sampling("gumbel", tau)
-            extra["tau"] = tau
-        if cfg.method == "p-darts":
-            p, warm = stage["skip_drop"], stage["warmup"]
-            if epoch < warm:
-                p = p * (stage["epochs"] - epoch - 1) / stage["epochs"]
-            else:
-                p = p * math.exp(-(epoch - warm) * _SKIP_DROP_DECAY)
-            net.skip_drop_prob = p
-            extra["skip_drop_prob"] = p
-        return extra
-
     def _epoch(self, model, net, parts, stage, s, epoch, global_epoch) -> dict:
-        cfg, dist = self.config, self.dist
-        extra = self._set_schedules(net, stage, epoch)
+        """Train one epoch, evaluate, and return its log record."""
+        extra = self.method.on_epoch(net, self.config, stage, epoch)
         train_arch = epoch >= stage["warmup"]
-        per_rank = cfg.batch_size // dist.world_size
-        pin = dist.device.type == "cuda"
-        loaders = [
-            epoch_loader(
-                self.train_set,
-                idx,
-                per_rank,
-                cfg.seed + salt,
-                global_epoch,
-                dist.rank,
-                dist.world_size,
-                cfg.workers,
-                pin,
-            )
-            for salt, idx in ((0, self.train_idx), (1, self.val_idx))
-        ]
-        steps = min(len(loader) for loader in loaders)
-        if steps == 0:
-            raise SearchError(
-                f"the {len(self.train_idx)}-image search split is smaller than one batch of {per_rank}; "
-                "use a smaller --batch-size"
-            )
-        unrolled = UnrolledArchGrad(net, dist) if (cfg.unrolled and train_arch) else None
         lr = parts["w_opt"].param_groups[0]["lr"]
-        totals = torch.zeros(6, dtype=torch.float64)  # train loss, correct, n; arch-val loss, correct, n
-        bar = self._progress(steps, global_epoch)
-        start = time.perf_counter()
-        images = 0
-        net.train()
-        graphed = None
-        for step, ((xt, yt), (xv, yv)) in enumerate(zip(*loaders)):
-            if cfg.cuda_graph:
-                if graphed is None:
-                    # One capture per epoch: the learning rate is baked into the graph.
-                    graphed = GraphedStep(
-                        self._captured_step(model, net, parts, unrolled, train_arch, lr),
-                        (xt, yt, xv, yv),
-                        modules=[net],
-                        optimizers=[parts["w_opt"], parts["a_opt"]],
-                        key=train_arch,
-                    )
-                # The batch is copied into the graph's inputs; the losses are read after the replay.
-                loss_value, correct, val_loss, val_correct = graphed(xt, yt, xv, yv).tolist()
-                loss_value = self._check_finite(loss_value, global_epoch, step)
-                if train_arch:
-                    totals[3:] += torch.tensor([val_loss * len(yv), val_correct, len(yv)], dtype=torch.float64)
-                totals[:3] += torch.tensor([loss_value * len(yt), correct, len(yt)], dtype=torch.float64)
-                images += len(yt) * dist.world_size
-                self._advance(bar, start, images, loss_value)
-                continue
-            xt, yt = xt.to(dist.device, non_blocking=True), yt.to(dist.device, non_blocking=True)
-            xv, yv = xv.to(dist.device, non_blocking=True), yv.to(dist.device, non_blocking=True)
-            if train_arch:
-                val_loss, val_logits = self._arch_step(net, parts, unrolled, xt, yt, xv, yv, lr)
-                totals[3:] += torch.tensor(
-                    [float(val_loss) * len(yv), _correct(val_logits, yv), len(yv)], dtype=torch.float64
-                )
-            loss, logits = self._weight_step(model, net, parts, xt, yt)
-            loss_value = self._check_finite(loss, global_epoch, step)
-            totals[:3] += torch.tensor([loss_value * len(yt), _correct(logits, yt), len(yt)], dtype=torch.float64)
-            images += len(yt) * dist.world_size
-            self._advance(bar, start, images, loss_value)
-        del graphed
-        if bar is not None:
-            bar.close()
-        elapsed = time.perf_counter() - start
+        loaders = self._epoch_loaders(global_epoch)
+        run_step = self._step_runner(model, net, parts, train_arch, lr)
+        totals, elapsed, images = self._train_steps(run_step, loaders, net, train_arch, global_epoch)
+        del run_step  # a captured graph's memory goes back before the evaluation
         parts["sched"].step()
         # Batch-norm statistics saw only this rank's images; evaluate and save their mean.
-        dist.all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
-        totals = dist.all_reduce_sum(totals)
+        self.dist.all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
+        totals = self.dist.all_reduce_sum(totals)
         val = self._evaluate(net, global_epoch)
         record = {
             "epoch": global_epoch + 1,
@@ -438,13 +362,70 @@ class Searcher:
             "images_per_s": images / max(elapsed, 1e-9),
             **extra,
         }
-        if dist.is_main and self.progress:
+        self._print_epoch(record)
+        return record
+
+    def _epoch_loaders(self, global_epoch):
+        """This epoch's loaders of the weights' and the architecture's halves of the split."""
+        cfg, dist = self.config, self.dist
+        per_rank = cfg.batch_size // dist.world_size
+        loaders = [
+            epoch_loader(
+                self.train_set,
+                idx,
+                per_rank,
+                cfg.seed + salt,
+                global_epoch,
+                dist.rank,
+                dist.world_size,
+                cfg.workers,
+                dist.device.type == "cuda",
+            )  # fmt: skip
+            for salt, idx in ((0, self.train_idx), (1, self.val_idx))
+        ]
+        if min(len(loader) for loader in loaders) == 0:
+            raise SearchError(
+                f"the {len(self.train_idx)}-image search split is smaller than one batch of {per_rank}; "
+                "use a smaller --batch-size"
+            )
+        return loaders
+
+    def _step_runner(self, model, net, parts, train_arch, lr):
+        """``run(xt, yt, xv, yv) -> tensor [train loss, train correct, val loss, val correct]``:
+        the method's step on the device, eagerly or replayed from a CUDA graph."""
+        step = self.method.make_step(self, model, net, parts, train_arch, lr)
+        if self.cuda_graph:
+            # One capture per epoch: the learning rate is baked into the graph.
+            return _GraphedRunner(step, modules=[net], optimizers=[parts["w_opt"], parts["a_opt"]], key=train_arch)
+        device = self.dist.device
+        return lambda *batch: step(*(t.to(device, non_blocking=True) for t in batch))
+
+    def _train_steps(self, run_step, loaders, net, train_arch, global_epoch):
+        """Run every step of the epoch; returns (per-rank totals, seconds, images)."""
+        totals = torch.zeros(6, dtype=torch.float64)  # train loss, correct, n; arch-val loss, correct, n
+        bar = self._progress(min(len(loader) for loader in loaders), global_epoch)
+        start = time.perf_counter()
+        images = 0
+        net.train()
+        for step, ((xt, yt), (xv, yv)) in enumerate(zip(*loaders)):
+            loss, correct, val_loss, val_correct = run_step(xt, yt, xv, yv).tolist()
+            loss = self._check_finite(loss, global_epoch, step)
+            totals[:3] += torch.tensor([loss * len(yt), correct, len(yt)], dtype=torch.float64)
+            if train_arch:
+                totals[3:] += torch.tensor([val_loss * len(yv), val_correct, len(yv)], dtype=torch.float64)
+            images += len(yt) * self.dist.world_size
+            self._advance(bar, start, images, loss)
+        if bar is not None:
+            bar.close()
+        return totals, time.perf_counter() - start, images
+
+    def _print_epoch(self, record: dict) -> None:
+        if self.dist.is_main and self.progress:
             print(
-                f"epoch {global_epoch + 1}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
+                f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
                 f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} | {record['images_per_s']:.0f} img/s",
                 flush=True,
             )
-        return record
 
     def _advance(self, bar, start, images, loss_value) -> None:
         if bar is not None:
@@ -457,12 +438,15 @@ class Searcher:
             )
             bar.update(1)
 
-    def _captured_step(self, model, net, parts, unrolled, train_arch, lr):
-        """The search step as ``GraphedStep`` captures it: tensors in, one tensor out, no host syncs.
+    def bilevel_step(self, model, net, parts, train_arch, lr):
+        """DARTS' step: the architecture's on a validation batch (while it trains), then the
+        weights' on a training batch. Tensors in, one tensor out, no host syncs, so
+        that ``GraphedStep`` can capture it.
 
         Returns ``step(xt, yt, xv, yv) -> [train loss, train correct, val loss,
         val correct]`` (the val entries are 0 while the architecture is frozen).
         """
+        unrolled = UnrolledArchGrad(net, self.dist) if (self.config.unrolled and train_arch) else None
 
         def step(xt, yt, xv, yv):
             if train_arch:
@@ -608,7 +592,7 @@ class Searcher:
                 if state.get(key):
                     parts[key].load_state_dict(state[key])
             # The checkpoint may come from a run with or without --cuda-graph.
-            set_capturable(parts["a_opt"], self.config.cuda_graph)
+            set_capturable(parts["a_opt"], self.cuda_graph)
             stage_epoch = int(state["stage_epoch"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
@@ -631,6 +615,20 @@ class Searcher:
 
         plot = plot_nb201 if self.config.space == "nb201" else plot_genotype
         plot(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
+
+
+class _GraphedRunner:
+    """A step captured as a CUDA graph on its first batch (``GraphedStep``), then replayed."""
+
+    def __init__(self, step, modules, optimizers, key):
+        self.step, self.modules, self.optimizers, self.key = step, modules, optimizers, key
+        self.graphed = None
+
+    def __call__(self, *batch):
+        if self.graphed is None:
+            self.graphed = GraphedStep(self.step, batch, modules=self.modules, optimizers=self.optimizers, key=self.key)
+        # The batch is copied into the graph's inputs; the outputs are read after the replay.
+        return self.graphed(*batch)
 
 
 def _info(info, key: str):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastnas.nn.cell import Cell, normalize_edge_weights, num_edges
-from fastnas.nn.mixed_op import check_memory
+from fastnas.nn.edge_plan import check_memory
 from fastnas.nn.operations import check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
 
@@ -332,23 +332,21 @@ class SearchNetwork(SuperNet):
         return sum(2 + i for i in range(node)) + source
 
 
-def plot_genotype(genotype: Genotype, path) -> None:
-    """Write a PNG picture of the normal cell above the reduction cell to ``path``."""
-    from fastnas.spaces.plot import draw_cell, stack_images
+def plot_genotype(genotype: Genotype, path) -> list:
+    """Write a PNG picture of the normal cell above the reduction cell to ``path``.
+
+    Returns the two cells' ``fastnas.spaces.plot.CellGeometry`` (what was drawn where).
+    """
+    from fastnas.spaces.plot import layout_cell, save_cells
 
     steps = len(genotype.normal) // 2
-    images = []
+    geometries = []
     for cell, title in (("normal", "normal cell"), ("reduce", "reduction cell")):
         gene = getattr(genotype, cell)
         edges = [(j, 2 + pos // 2, op) for pos, (op, j) in enumerate(gene)]
-        images.append(
-            draw_cell(
-                title,
-                ["c_{k-2}", "c_{k-1}"],
-                [str(i) for i in range(steps)],
-                edges,
-                list(getattr(genotype, f"{cell}_concat")),
-                "c_{k}",
-            )
+        concat = list(getattr(genotype, f"{cell}_concat"))
+        geometries.append(
+            layout_cell(title, ["c_{k-2}", "c_{k-1}"], [str(i) for i in range(steps)], edges, concat, "c_{k}")
         )
-    stack_images(images, path)
+    save_cells(geometries, path)
+    return geometries

@@ -210,11 +210,17 @@ class NB201SearchNetwork(SuperNet):
         return NB201Arch(nodes)
 
 
-def plot_nb201(arch: NB201Arch, path) -> None:
-    """Write a PNG picture of the NAS-Bench-201 cell ``arch`` to ``path``."""
-    from fastnas.spaces.plot import draw_cell, stack_images
+def plot_nb201(arch: NB201Arch, path) -> list:
+    """Write a PNG picture of the NAS-Bench-201 cell ``arch`` to ``path``.
 
-    edges = [(j, i, op) for i, node in enumerate(arch.nodes, start=1) for op, j in node]
+    Node 0 is the cell's input and the last node its output; ``none`` edges,
+    which carry nothing, are left out. Returns the ``fastnas.spaces.plot.CellGeometry``.
+    """
+    from fastnas.spaces.plot import layout_cell, save_cells
+
+    edges = [(j, i, op) for i, node in enumerate(arch.nodes, start=1) for op, j in node if op != "none"]
     last = len(arch.nodes)
-    image = draw_cell(f"cell {arch.to_string()}", ["0"], [str(i) for i in range(1, last + 1)], edges, [last], "out")
-    stack_images([image], path)
+    nodes = [str(i) for i in range(1, last)] + [f"{last} (out)"]
+    geometry = layout_cell(f"cell {arch.to_string()}", ["0 (in)"], nodes, edges, [], None)
+    save_cells([geometry], path)
+    return [geometry]

@@ -1,0 +1,33 @@
+"""The search methods, by name. A new method is one file here and one line below."""
+
+from __future__ import annotations
+
+from fastnas.search.errors import SearchError
+from fastnas.search.methods.base import SearchMethod
+from fastnas.search.methods.darts import Darts, DartsSecondOrder
+from fastnas.search.methods.gdas import GDAS
+from fastnas.search.methods.p_darts import PDarts
+from fastnas.search.methods.pc_darts import PCDarts
+
+REGISTRY: dict[str, SearchMethod] = {
+    method.name: method
+    for method in (
+        Darts(),
+        DartsSecondOrder(),
+        PCDarts(),
+        PDarts(),
+        GDAS(),
+    )
+}
+METHODS = tuple(REGISTRY)
+
+
+def get_method(name: str) -> SearchMethod:
+    """The method called ``name``; SearchError naming the known ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise SearchError(f"unknown search method {name!r}; choose one of {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "REGISTRY", "SearchMethod", "get_method"]

@@ -1,0 +1,79 @@
+"""What a search method is: its defaults, its stages and schedules, its step, what it supports.
+
+``SearchMethod`` holds what DARTS-family methods share (a supernet with softmaxed
+architecture weights, a bilevel step: an architecture step on a validation batch,
+then a weight step on a training batch, one stage). Each method overrides only
+where it differs, in a file of its own, registered by one line in
+``fastnas.search.methods``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch.nn as nn
+
+from fastnas.search.errors import SearchError
+
+SPACE_NAMES = {"darts": "DARTS", "nb201": "NAS-Bench-201"}
+
+if TYPE_CHECKING:
+    from fastnas.search.config import SearchConfig
+
+
+class SearchMethod:
+    """A search method; subclasses set the class attributes and override the hooks they need."""
+
+    name: ClassVar[str] = ""
+    #: One line for ``fastnas search --help``.
+    summary: ClassVar[str] = ""
+    #: SearchConfig values from the method's paper (CIFAR settings).
+    defaults: ClassVar[dict] = {}
+    #: Epochs on the bundled digits, where a run takes minutes.
+    digits_epochs: ClassVar[int] = 3
+    #: The epochs the paper's warm-up is meant for: a shorter run scales its warm-up.
+    paper_epochs: ClassVar[int | None] = None
+    #: Search spaces the method searches.
+    spaces: ClassVar[tuple[str, ...]] = ("darts", "nb201")
+    #: DDP must look for parameters that get no gradient in a step (one path per step).
+    ddp_find_unused_parameters: ClassVar[bool] = False
+    #: Why a step of this method cannot be captured as a CUDA graph, or None when it can.
+    cuda_graph_unsupported: ClassVar[str | None] = None
+
+    # --- settings -------------------------------------------------------------------
+
+    def configure(self, values: dict, given: dict) -> None:
+        """Fill method-specific settings derived from others (``values``) unless the
+        user ``given`` them. Called by ``SearchConfig.create``."""
+
+    def scaled_warmup(self, values: dict) -> int:
+        """The paper's warm-up scaled to the epochs of this run (``paper_epochs`` set)."""
+        return int(round(values["epochs"] * values["warmup_epochs"] / self.paper_epochs))
+
+    def validate(self, config: SearchConfig) -> None:
+        """Raise SearchError for settings this method cannot run."""
+        if config.space not in self.spaces:
+            names = " and ".join(SPACE_NAMES.get(s, s) for s in self.spaces)
+            raise SearchError(f"{self.name} searches the {names} space only; use --space {self.spaces[0]}")
+
+    def stages(self, config: SearchConfig) -> list[dict]:
+        """The training stages: layers, epochs, warm-up epochs and skip dropout of each."""
+        return [dict(layers=config.layers, epochs=config.epochs, warmup=config.warmup_epochs, skip_drop=0.0)]
+
+    # --- the run ----------------------------------------------------------------------
+
+    def make_step(self, searcher, model: nn.Module, net: nn.Module, parts: dict, train_arch: bool, lr: float):
+        """The training step of one epoch: ``step(xt, yt, xv, yv)`` on device tensors, returning
+        the tensor ``[train loss, train correct, val loss, val correct]`` without host syncs
+        (so that a CUDA graph can capture it). ``parts`` holds the optimizers, scheduler and
+        grad scalers; ``train_arch`` is False during the warm-up. Default: DARTS' bilevel step.
+        """
+        return searcher.bilevel_step(model, net, parts, train_arch, lr)
+
+    def on_epoch(self, net: nn.Module, config: SearchConfig, stage: dict, epoch: int) -> dict:
+        """Set the network's schedules for ``epoch`` of ``stage``; return them for the log."""
+        return {}
+
+    def after_stage(self, net: nn.Module, config: SearchConfig, stage: int) -> dict | None:
+        """The candidates of each edge for the next stage (``edge_primitives``), or None to keep them."""
+        return None

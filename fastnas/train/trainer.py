@@ -1,0 +1,452 @@
+"""Training a found architecture from scratch: the loop, its checkpoints, logs and final report.
+
+The loop is DARTS' ``train.py``: SGD with momentum, the auxiliary loss
+weighted in, gradients clipped, drop-path rising linearly over the epochs, the
+test set evaluated after every epoch. Checkpoints, logs, mixed precision and
+distribution work as in ``fastnas.search``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from fastnas.search import checkpoint as ckpt
+from fastnas.search.data import epoch_loader
+from fastnas.search.distributed import DistributedContext, setup
+from fastnas.search.errors import CheckpointError
+from fastnas.search.searcher import seed_everything
+from fastnas.train import report as costs
+from fastnas.train.architecture import build_network, describe
+from fastnas.train.config import RESUME_FIELDS, TrainConfig
+from fastnas.train.errors import TrainError
+
+CHECKPOINT_KIND = "train"
+LOG_NAME = "log.jsonl"
+REPORT_NAME = "report.json"
+
+
+@dataclass
+class TrainResult:
+    """What a finished training returns: its report and the epoch log."""
+
+    report: dict
+    history: list = field(default_factory=list)
+    out_dir: str | None = None
+
+
+class Trainer:
+    """Trains the architecture a ``TrainConfig`` describes, from scratch.
+
+    Args:
+        config: the training.
+        out_dir: folder for checkpoint.pt, log.jsonl and report.json; None writes nothing.
+        dataset: optional ``(train_set, test_set, info)`` to train on instead of
+            ``fastnas.data.load_dataset(config.dataset)``; ``info`` needs
+            ``num_classes``, ``in_channels`` and ``image_size``.
+        progress: show progress bars and a line per epoch (on the first rank only).
+        resume_state: a loaded checkpoint to continue (see ``Trainer.resume``).
+
+    After ``run()``, ``self.net`` is the trained network.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        out_dir: str | None = None,
+        dataset=None,
+        progress: bool = True,
+        resume_state: dict | None = None,
+    ):
+        config.validate()
+        self.config = config
+        self.out_dir = out_dir
+        self.dataset = dataset
+        self.progress = progress
+        self.resume_state = resume_state
+        self.net: nn.Module | None = None
+        self.dist = DistributedContext()
+
+    @classmethod
+    def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Trainer:
+        """Continue the training whose checkpoint is in ``out_dir``.
+
+        ``overrides`` may change how the training runs (device, workers) but not
+        what it computes; a conflicting setting raises CheckpointError.
+        """
+        state = ckpt.load_checkpoint(out_dir, kind=CHECKPOINT_KIND)
+        try:
+            config = TrainConfig.from_dict(state["config"])
+        except (KeyError, TypeError) as exc:
+            raise CheckpointError(f"checkpoint in {out_dir} has no valid training settings ({exc})") from None
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if key in RESUME_FIELDS and getattr(config, key) != value:
+                raise CheckpointError(
+                    f"the checkpoint in {out_dir} was made with {key}={getattr(config, key)!r}, "
+                    f"but {key}={value!r} was asked for; drop that option to resume, or start a new training"
+                )
+            setattr(config, key, value)
+        return cls(config, out_dir=out_dir, resume_state=state, **kwargs)
+
+    # --- the run ----------------------------------------------------------------------
+
+    def run(self) -> TrainResult:
+        """Train, checkpointing every epoch; returns the report and the log."""
+        self.dist = setup(self.config.device)
+        try:
+            return self._run()
+        except _cuda_oom_errors() as exc:
+            raise TrainError(
+                f"the {self.dist.device} device ran out of memory at batch size {self.config.batch_size} "
+                f"({str(exc).splitlines()[0]}); try a smaller --batch-size or --amp bf16"
+            ) from None
+        finally:
+            self.dist.close()
+
+    def _run(self) -> TrainResult:
+        cfg, dist = self.config, self.dist
+        self._check_world_size()
+        if cfg.batch_size % dist.world_size:
+            raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+        train_set, test_set, info = self._load_data()
+        if self.out_dir is not None and dist.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+        seed_everything(cfg.seed)
+        if dist.device.type == "cuda":
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
+
+        net = build_network(cfg, info["num_classes"], info["in_channels"]).to(dist.device)
+        self.net = net
+        parts = self._make_optimizer(net)
+        state = self.resume_state
+        history = list(state["history"]) if state else []
+        start_epoch = self._load_state(state, net, parts) if state else 0
+        if state is not None and self.out_dir is not None and dist.is_main:
+            # The log may hold epochs after the checkpoint; rewrite it from the checkpoint's.
+            self._rewrite_log(history)
+        model = self._wrap(net)
+        for epoch in range(start_epoch, cfg.epochs):
+            record = self._epoch(model, net, parts, train_set, test_set, epoch)
+            history.append(record)
+            self._save(net, parts, epoch + 1, history, record)
+
+        report = self._report(net, info, history, len(test_set))
+        if self.out_dir is not None and dist.is_main:
+            ckpt.atomic_write_text(os.path.join(self.out_dir, REPORT_NAME), json.dumps(report, indent=2) + "\n")
+        return TrainResult(report, history, self.out_dir)
+
+    def _check_world_size(self) -> None:
+        cfg, dist = self.config, self.dist
+        if cfg.world_size == dist.world_size:
+            return
+        if self.resume_state is not None:
+            raise CheckpointError(
+                f"the checkpoint was made by {cfg.world_size} processes but {dist.world_size} are running; "
+                "resume with the same --nproc_per_node"
+            )
+        cfg.world_size = dist.world_size
+
+    def _load_data(self):
+        cfg = self.config
+        if self.dataset is not None:
+            train_set, test_set, info = self.dataset
+        else:
+            from fastnas.data import load_dataset
+
+            train_set, test_set, info = load_dataset(
+                cfg.dataset, root=cfg.data, image_size=cfg.image_size, fraction=cfg.fraction, seed=cfg.seed
+            )
+        from fastnas.train.augment import augment_training_set
+
+        try:
+            train_set = augment_training_set(train_set, cfg, info["image_size"], info["in_channels"])
+        except ValueError as exc:
+            raise TrainError(str(exc)) from None
+        return train_set, test_set, info
+
+    def _make_optimizer(self, net: nn.Module) -> dict:
+        cfg = self.config
+        opt = torch.optim.SGD(
+            net.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
+        )
+        if cfg.lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr_min)
+        else:
+            sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_gamma)
+        use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
+        return {"opt": opt, "sched": sched, "scaler": torch.amp.GradScaler("cuda", enabled=use_scaler)}
+
+    def _wrap(self, net: nn.Module) -> nn.Module:
+        if not self.dist.enabled:
+            return net
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
+        return DDP(net, device_ids=device_ids, find_unused_parameters=net.has_unused_parameters())
+
+    def _autocast(self):
+        amp = self.config.amp
+        if amp is None:
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    # --- one epoch --------------------------------------------------------------------
+
+    def drop_path_prob(self, epoch: int) -> float:
+        """Drop-path probability of ``epoch`` (0-based): 0 at the start, rising linearly (DARTS)."""
+        return self.config.drop_path_prob * epoch / self.config.epochs
+
+    def _epoch(self, model, net, parts, train_set, test_set, epoch: int) -> dict:
+        cfg, dist = self.config, self.dist
+        # An epoch's augmentation and drop-path masks depend on (seed, epoch, rank)
+        # alone: ranks draw differently, and a resumed run draws what an
+        # uninterrupted one would.
+        torch.manual_seed(cfg.seed * 1_000_003 + epoch * 1009 + dist.rank)
+        net.drop_path_prob = self.drop_path_prob(epoch)
+        per_rank = cfg.batch_size // dist.world_size
+        loader = epoch_loader(
+            train_set,
+            range(len(train_set)),
+            per_rank,
+            cfg.seed,
+            epoch,
+            dist.rank,
+            dist.world_size,
+            cfg.workers,
+            dist.device.type == "cuda",
+        )
+        if len(loader) == 0:
+            raise TrainError(
+                f"the {len(train_set)}-image training set is smaller than one batch of {per_rank}; "
+                "use a smaller --batch-size"
+            )
+        lr = parts["opt"].param_groups[0]["lr"]
+        totals = torch.zeros(3, dtype=torch.float64)  # loss, correct, images
+        bar = self._progress(len(loader), epoch)
+        start = time.perf_counter()
+        net.train()
+        for step, (x, y) in enumerate(loader):
+            x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+            loss, logits = self._step(model, net, parts, x, y)
+            value = self._check_finite(loss, epoch, step)
+            totals += torch.tensor([value * len(y), _correct(logits, y), len(y)], dtype=torch.float64)
+            if bar is not None:
+                bar.set_postfix(loss=f"{value:.3f}", refresh=False)
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - start
+        parts["sched"].step()
+        # Batch-norm statistics saw only this rank's images; evaluate and save their mean.
+        dist.all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
+        totals = dist.all_reduce_sum(totals)
+        test_loss, test_acc = self.evaluate(net, test_set)
+        record = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "drop_path_prob": net.drop_path_prob,
+            "train_loss": _ratio(totals[0], totals[2]),
+            "train_acc": _ratio(totals[1], totals[2]),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "time_s": elapsed,
+            "images_per_s": float(totals[2]) / max(elapsed, 1e-9),
+        }
+        if dist.is_main and self.progress:
+            print(
+                f"epoch {epoch + 1}/{cfg.epochs}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} "
+                f"| test loss {test_loss:.4f} acc {test_acc:.3f} | {record['images_per_s']:.0f} img/s",
+                flush=True,
+            )
+        return record
+
+    def _step(self, model, net, parts, x, y):
+        """One SGD step; returns the loss (main plus weighted auxiliary) and the main logits."""
+        cfg, opt, scaler = self.config, parts["opt"], parts["scaler"]
+        opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            logits, logits_aux = model(x)
+            loss = classification_loss(logits, logits_aux, y, cfg.auxiliary_weight, cfg.label_smoothing)
+        scaler.scale(loss).backward()
+        if cfg.grad_clip:
+            scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach(), logits.detach()
+
+    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> float:
+        value = float(loss)
+        bad = not math.isfinite(value)
+        if self.dist.enabled:
+            # Every rank must stop together, or the others wait forever in a collective.
+            bad = bool(self.dist.all_reduce_sum(torch.tensor([float(bad)], device=self.dist.device)).item())
+        if bad:
+            raise TrainError(
+                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}; stopped, the last good "
+                "checkpoint is kept. Try a lower --lr, --amp bf16 instead of fp16, or another --seed"
+            )
+        return value
+
+    @torch.no_grad()
+    def evaluate(self, net: nn.Module, test_set) -> tuple[float, float]:
+        """Loss and accuracy on every test image once, batch norm in eval mode."""
+        cfg, dist = self.config, self.dist
+        # Each rank takes every world_size-th image: no image twice, none left out.
+        shard = Subset(test_set, range(dist.rank, len(test_set), dist.world_size))
+        loader = DataLoader(
+            shard,
+            batch_size=max(1, cfg.batch_size // dist.world_size),
+            shuffle=False,
+            num_workers=cfg.workers,
+            pin_memory=dist.device.type == "cuda",
+        )
+        net.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for x, y in loader:
+            x, y = x.to(dist.device), y.to(dist.device)
+            with self._autocast():
+                logits, _ = net(x)
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            totals += torch.tensor([float(loss), _correct(logits, y), len(y)], dtype=torch.float64)
+        net.train()
+        totals = dist.all_reduce_sum(totals)
+        return _ratio(totals[0], totals[2]), _ratio(totals[1], totals[2])
+
+    def _progress(self, steps: int, epoch: int):
+        if not (self.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(
+            total=steps, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step", leave=False, dynamic_ncols=True
+        )
+
+    # --- checkpoints and outputs ----------------------------------------------------
+
+    def _save(self, net, parts, epoch: int, history: list, record: dict) -> None:
+        for p in net.parameters():
+            if not torch.isfinite(p).all():
+                raise TrainError(
+                    f"a parameter became inf or NaN in epoch {record['epoch']}; the last good checkpoint is kept. "
+                    "Try a lower --lr or --amp bf16"
+                )
+        if self.out_dir is None or not self.dist.is_main:
+            self.dist.barrier()
+            return
+        state = {
+            "config": self.config.to_dict(),
+            "epoch": epoch,
+            "history": history,
+            "model": net.state_dict(),
+            "opt": parts["opt"].state_dict(),
+            "sched": parts["sched"].state_dict(),
+            "scaler": parts["scaler"].state_dict(),
+            "rng": ckpt.capture_rng_state(),
+        }
+        ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state, kind=CHECKPOINT_KIND)
+        with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.dist.barrier()
+
+    def _load_state(self, state, net, parts) -> int:
+        try:
+            net.load_state_dict(state["model"])
+            for key in ("opt", "sched", "scaler"):
+                if state.get(key):
+                    parts[key].load_state_dict(state[key])
+            epoch = int(state["epoch"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"the checkpoint does not fit this network ({str(exc).splitlines()[0]}); "
+                "it was made by another version or settings; start a new training"
+            ) from None
+        # Last, so building the network above did not consume the restored state.
+        ckpt.restore_rng_state(state["rng"])
+        return epoch
+
+    def _rewrite_log(self, history: list) -> None:
+        text = "".join(json.dumps(r) + "\n" for r in history)
+        ckpt.atomic_write_text(os.path.join(self.out_dir, LOG_NAME), text)
+
+    def _report(self, net: nn.Module, info: dict, history: list, test_images: int) -> dict:
+        """Accuracy of the last epoch, parameters, FLOPs and latency (latency on the first rank only)."""
+        cfg, dist = self.config, self.dist
+        params, aux_params = costs.count_parameters(net)
+        size, channels = info["image_size"], info["in_channels"]
+        flops = costs.count_flops(net, channels, size, dist.device)
+        last = history[-1] if history else {}
+        report = {
+            "architecture": describe(cfg.space, cfg.genotype),
+            "space": cfg.space,
+            "genotype": cfg.genotype,
+            "dataset": cfg.dataset,
+            "image_size": size,
+            "epochs": cfg.epochs,
+            "test_accuracy": last.get("test_acc", float("nan")),
+            "test_loss": last.get("test_loss", float("nan")),
+            "test_images": test_images,
+            "parameters": params,
+            "auxiliary_parameters": aux_params,
+            "flops_per_image": flops,
+            "multiply_adds_per_image": flops // 2,
+            "train_time_s": sum(r.get("time_s", 0.0) for r in history),
+            "amp": cfg.amp,
+            "processes": dist.world_size,
+        }
+        if dist.is_main:
+            report.update(costs.measure_latency(net, cfg.latency_batch, channels, size, dist.device, self._autocast))
+            if dist.device.type == "cpu":
+                report["latency_threads"] = torch.get_num_threads()
+        return report
+
+
+def classification_loss(
+    logits: torch.Tensor,
+    logits_aux: torch.Tensor | None,
+    targets: torch.Tensor,
+    auxiliary_weight: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy of the logits plus ``auxiliary_weight`` times that of the auxiliary logits, if any.
+
+    Label smoothing puts ``1 - eps`` on the target and ``eps / classes`` on every
+    class, as DARTS' ImageNet ``CrossEntropyLabelSmooth``; it applies to both terms there.
+    """
+    loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    if logits_aux is not None:
+        loss = loss + auxiliary_weight * F.cross_entropy(logits_aux, targets, label_smoothing=label_smoothing)
+    return loss
+
+
+def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
+    return float((logits.argmax(dim=1) == y).sum())
+
+
+def _ratio(a, b) -> float:
+    return float(a / b) if float(b) > 0 else float("nan")
+
+
+def _cuda_oom_errors() -> tuple:
+    errors = [torch.cuda.OutOfMemoryError]
+    if hasattr(torch, "OutOfMemoryError"):
+        errors.append(torch.OutOfMemoryError)
+    return tuple(dict.fromkeys(errors))
+
+
+def train(config: TrainConfig, out_dir: str | None = None, **kwargs) -> TrainResult:
+    """Run the training ``config`` describes; see ``Trainer`` for the arguments."""
+    return Trainer(config, out_dir=out_dir, **kwargs).run()
