@@ -36,6 +36,11 @@ SUBSETS = [
 ]
 
 
+def _bound(module):
+    """The module's edge plan bound to its candidates: the current parameters and buffers."""
+    return module.plan.bind(module.ops)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     threads = torch.get_num_threads()
@@ -52,14 +57,14 @@ def _edge(prims, C, stride, dtype):
 
 def _run(module, x, w, memory, path, grad_seed=1):
     """Output, input/weight/parameter gradients and buffers of one fused edge step."""
-    plan = module._plan
+    bound, spec = _bound(module), module.plan.spec
     x = x.clone().requires_grad_(True)
     w = w.clone().requires_grad_(True)
-    params = plan.parameters()
+    params = bound.parameters()
     if path == "cpp":
-        out = darts_edge(x, w, params, plan.spec, plan.buffers(), memory=memory, backend="cpu")
+        out = darts_edge(x, w, params, spec, bound.buffers(), memory=memory, backend="cpu")
     else:
-        out = edge_ops.DartsEdgeFunction.apply(x, w, plan.spec, memory, "cpu", plan.buffers(), *params)
+        out = edge_ops.DartsEdgeFunction.apply(x, w, spec, memory, "cpu", bound.buffers(), *params)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
     out.backward(g)
     return [out.detach(), x.grad, w.grad, *(p.grad for p in params), *module.buffers()]
@@ -101,11 +106,11 @@ def test_gradcheck_float64(stride, memory):
     prims = ["none", "sep_conv_3x3", "max_pool_3x3", "avg_pool_3x3", "dil_conv_3x3"]
     prims += ["skip_connect"] if stride == 1 else ["skip_connect"]  # a factorized reduce on stride 2
     op = _edge(prims, 2, stride, torch.float64)
-    spec = op._plan.spec
+    spec = op.plan.spec
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.softmax(torch.randn(len(prims), generator=gen, dtype=torch.float64), 0).requires_grad_(True)
-    params = [p.detach().clone().requires_grad_(True) for p in op._plan.parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in _bound(op).parameters()]
 
     def edge(x, w, *ps):
         return darts_edge(x, w, ps, spec, memory=memory, backend="cpu")
@@ -119,8 +124,8 @@ def _opcheck_case(stride):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 2, 4, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     w = torch.softmax(torch.randn(len(prims), generator=gen, dtype=torch.float64), 0).requires_grad_(True)
-    params = [p.detach().clone().requires_grad_(True) for p in op._plan.parameters()]
-    return op._plan.spec, x, w, params, [list(b) for b in op._plan.buffers()]
+    params = [p.detach().clone().requires_grad_(True) for p in _bound(op).parameters()]
+    return op.plan.spec, x, w, params, [list(b) for b in _bound(op).buffers()]
 
 
 @pytest.mark.parametrize("memory", MEMORY)
@@ -145,8 +150,8 @@ def test_compile_fullgraph_matches_eager_and_updates_buffers_once():
         return darts_edge(x, w, params, spec, buffers, memory="save", backend="cpu").square().sum()
 
     compiled = torch.compile(loss, fullgraph=True)
-    buffers = [[t.clone() for t in b] for b in op._plan.buffers()]
-    want_buffers = [[t.clone() for t in b] for b in op._plan.buffers()]
+    buffers = [[t.clone() for t in b] for b in _bound(op).buffers()]
+    want_buffers = [[t.clone() for t in b] for b in _bound(op).buffers()]
     torch._dynamo.reset()
     got = compiled(x, w, params, buffers)
     grads = torch.autograd.grad(got, [x, w, *params])

@@ -27,6 +27,11 @@ pytestmark = pytest.mark.skipif(
 MEMORY = ("save", "recompute")
 
 
+def _bound(module):
+    """The module's edge plan bound to its candidates: the current parameters and buffers."""
+    return module.plan.bind(module.ops)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     threads = torch.get_num_threads()
@@ -52,15 +57,15 @@ def _inputs(strides, C, K, dtype, seed=0, size=4):
 def _step(edges, groups, states, weights, beta, memory, path, grad_seed=1):
     states = [s.clone().requires_grad_(True) for s in states]
     weights, beta = weights.clone().requires_grad_(True), beta.clone().requires_grad_(True)
-    params = [e._plan.parameters() for e in edges]
+    params = [_bound(e).parameters() for e in edges]
     if path == "eager":  # the candidate modules, then the node sum's reference
         mixed = [e.mixed(h, weights[i]) for i, (e, h) in enumerate(zip(edges, states))]
         cp = states[0].shape[1] // groups
         out = partial_channel_node_sum_reference(mixed, [h[:, cp:] for h in states], beta, groups,
                                                  [e.stride for e in edges])  # fmt: skip
     else:
-        spec = NodeSpec(tuple(e._plan.spec for e in edges), groups)
-        out = partial_channel_node(states, weights, beta, params, spec, [e._plan.buffers() for e in edges],
+        spec = NodeSpec(tuple(e.plan.spec for e in edges), groups)
+        out = partial_channel_node(states, weights, beta, params, spec, [_bound(e).buffers() for e in edges],
                                    memory=memory, backend="cpu")  # fmt: skip
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
     out.backward(g)
@@ -104,8 +109,8 @@ def _tiny(strides=(2, 1)):
     states, weights, beta = _inputs(list(strides), 4, len(prims), torch.float64, size=2)
     states = [s.requires_grad_(True) for s in states]
     weights, beta = weights.requires_grad_(True), beta.requires_grad_(True)
-    params = [[p.detach().clone().requires_grad_(True) for p in e._plan.parameters()] for e in edges]
-    return NodeSpec(tuple(e._plan.spec for e in edges), 2), edges, states, weights, beta, params
+    params = [[p.detach().clone().requires_grad_(True) for p in _bound(e).parameters()] for e in edges]
+    return NodeSpec(tuple(e.plan.spec for e in edges), 2), edges, states, weights, beta, params
 
 
 @pytest.mark.parametrize("memory", MEMORY)
@@ -125,7 +130,7 @@ def test_gradcheck_float64(memory):
 def test_opcheck(memory):
     spec, edges, states, weights, beta, params = _tiny()
     flat = [p for ps in params for p in ps]
-    bufs = [[t for e in edges for t in e._plan.buffers()[i]] for i in range(3)]
+    bufs = [[t for e in edges for t in _bound(e).buffers()[i]] for i in range(3)]
     args = (states, weights, beta, flat, *bufs, list(spec.encoded), list(spec._eps), list(spec._momentum), 2, memory)
     torch.library.opcheck(torch.ops.fastnas.partial_channel_node.default, args)
     out, mixed, zs, *stats = torch.ops.fastnas.partial_channel_node(*args)
@@ -165,3 +170,35 @@ def test_errors_are_named_at_the_boundary():
         partial_channel_node(states, weights, beta, params, spec, memory="keep", backend="cpu")
     with pytest.raises(ValueError, match="same number of weights"):
         NodeSpec((spec.edges[0], type(spec.edges[0])(stride=1, K=2, skip_index=0)), 2)
+
+
+@pytest.mark.parametrize("memory", MEMORY)
+def test_search_network_runs_each_node_in_one_call_and_matches_eager(memory):
+    """The PC-DARTS network: cells call the node op once per node, and training steps
+    match the eager candidate modules to fp64 rounding (state, buffers included)."""
+    from fastnas.nn import MixedOp
+    from fastnas.spaces.darts import SearchNetwork
+
+    torch.manual_seed(0)
+    ref = SearchNetwork(C=8, num_classes=3, layers=3, partial_channels=2, backend="reference").double()
+    fused = copy.deepcopy(ref)
+    for m in fused.modules():
+        if isinstance(m, MixedOp) or hasattr(m, "backend"):
+            m.backend = "cpu"
+        if isinstance(m, MixedOp):
+            m.memory = memory
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1, momentum=0.9) for n in (ref, fused)]
+    for step in range(2):
+        for net, opt in zip((ref, fused), opts):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            if net is fused and step == 0:
+                counter = bench.count_ops(loss.backward)
+                assert counter.counts["fastnas::partial_channel_node_backward"] == 3 * 4  # cells x nodes
+            else:
+                loss.backward()
+            opt.step()
+    for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"{n}: {m}")
