@@ -31,6 +31,17 @@ the weights; the convolutions' gradients come from ``bmm`` and
 ``multi_depthwise_backward``. Batch-norm running statistics are updated once,
 in forward, exactly as ``nn.BatchNorm2d`` would.
 
+Two implementations of the same arithmetic, op for op, bit-identical:
+
+- ``torch.ops.fastnas.darts_edge`` / ``darts_edge_backward``, C++ (csrc/darts_edge.cpp):
+  the orchestration below written once against the dispatcher and ATen, one call
+  per direction with a C++ autograd, its arguments checked once at the boundary and
+  the edge's static structure read from ``EdgeSpec.encoded``. Registered for the
+  CPU (csrc/cpu/darts_edge.cpp); the same functions serve any device whose
+  building blocks have C++ kernels, by one more registration.
+- ``DartsEdgeFunction``, the Python composite, for the backends whose building
+  blocks have no C++ kernels (``triton``, ``reference``).
+
 The eager oracle is the module path of ``fastnas.nn.MixedOp`` with the
 ``reference`` backend; tests compare outputs, every gradient and the running
 statistics.
