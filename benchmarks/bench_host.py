@@ -8,13 +8,14 @@ spends around the kernels: Python, dispatch, autograd, allocation.
 
 Per network: the original DARTS search model run eagerly (tests/darts_fixture, DARTS
 only), fastnas's eager reference (the candidate modules), and the fused engine with
-memory "save" and "recompute". Every configuration is built in one process and their
-timed steps are interleaved round by round, so that load from other processes falls
-on all of them alike; the median over the rounds is reported, with the ratio to the
-eager reference of the same run. Op events are those ``torch.profiler`` records in one
-step (every operator call, nested ones included, and autograd's node evaluations),
-split into the network's forward and backward and the optimisers. Writes
-cpu_host_cost[_TAG].md/.csv under DIR.
+memory "save" and "recompute", each also with the C++ edge and node ops set aside
+(``*-composite``: the Python composite of the same building blocks). Every
+configuration is built in one process and their timed steps are interleaved round by
+round, so that load from other processes falls on all of them alike; the median over
+the rounds is reported, with the ratio to the eager reference of the same run. Op
+events are those ``torch.profiler`` records in one step (every operator call, nested
+ones included, and autograd's node evaluations), split into the network's forward and
+backward and the optimisers. Writes cpu_host_cost[_TAG].md/.csv under DIR.
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ COLUMNS = [
     "profiler_events", "events_vs_reference", "network_events", "optimizer_events", "aten_ops", "fastnas_ops",
     "loss", "note",
 ]  # fmt: skip
-# config -> (backend, memory); "original" is the original DARTS code's own model.
+# config -> (backend, memory); "original" is the original DARTS code's own model;
+# "*-composite" the fused engine with the C++ edge and node ops set aside, i.e. the
+# Python composite of the same building blocks (what ran before those ops).
 CONFIGS = {
     "original": (None, None),
     "reference": ("reference", "save"),
     "save": ("auto", "save"),
     "recompute": ("auto", "recompute"),
+    "save-composite": ("auto", "save"),
+    "recompute-composite": ("auto", "recompute"),
 }
 DEFAULT_CONFIGS = ",".join(CONFIGS)
 
@@ -80,7 +85,26 @@ def build(args, network: str, config: str):
         )  # fmt: skip
         model = bench._build_network(step_args, "cpu")
     step = bench.make_search_step(model, "cpu", args.batch_size, args.image_size, args.num_classes, args.seed)
-    return step, ""
+    return (_composite(step) if config.endswith("-composite") else step), ""
+
+
+def _composite(step):
+    """``step`` with the C++ edge and node ops set aside for its duration."""
+    import importlib
+
+    modules = [importlib.import_module(f"fastnas.ops.{name}") for name in ("darts_edge", "partial_channel_node")]
+
+    def run():
+        saved = [m._CPP_BACKENDS for m in modules]
+        for m in modules:
+            m._CPP_BACKENDS = set()
+        try:
+            return step()
+        finally:
+            for m, backends_before in zip(modules, saved):
+                m._CPP_BACKENDS = backends_before
+
+    return run
 
 
 def run_network(args, network: str, configs: list[str]) -> list[dict]:
@@ -173,7 +197,9 @@ def main(argv=None) -> int:
         f"host_ms: median (quartiles) over {args.reps} rounds after {args.warmup} warm-up steps; in each round every "
         "configuration takes one step, so load from other processes falls on all alike. time_vs_reference: over "
         "the eager reference (fastnas's candidate modules) of the same run. original: the original DARTS search "
-        "model (tests/darts_fixture/model_search.py), eager.",
+        "model (tests/darts_fixture/model_search.py), eager. save/recompute: the fused engine, each edge (DARTS) or "
+        "node (PC-DARTS) one C++ op per direction; *-composite: the same with those ops set aside, i.e. the Python "
+        "composite of the same building blocks.",
         "profiler_events: op events torch.profiler records in one step (every operator call at every level, nested "
         "ones included, and autograd's node evaluations); network_events under the forward and backward passes, "
         "optimizer_events under zero_grad, gradient clipping and the optimiser steps. aten_ops, fastnas_ops: ops "
