@@ -170,14 +170,15 @@ void check_edge(const char* op, const Spec& s, const Tensor& x, const Tensor& we
                     "got ", x.size(0) * Ho * Wo);
 }
 
-void check_saved(const char* op, const Spec& s, const Tensor& x, const Tensor& grad_out, const Saved& saved) {
+void check_saved(const char* op, const Spec& s, const Tensor& x, const Tensor& out_like, const Saved& saved,
+                 const char* out_name) {
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t Ho = (x.size(2) - 1) / s.stride + 1, Wo = (x.size(3) - 1) / s.stride + 1;
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef({N, C, Ho, Wo}), op, ": grad_out must have shape (", N, ", ", C,
-                    ", ", Ho, ", ", Wo, "), got ", grad_out.sizes());
-  TORCH_CHECK_TYPE(grad_out.scalar_type() == x.scalar_type(), op, ": grad_out has dtype ", grad_out.scalar_type(),
+  TORCH_CHECK_VALUE(out_like.sizes() == at::IntArrayRef({N, C, Ho, Wo}), op, ": ", out_name, " must have shape (", N,
+                    ", ", C, ", ", Ho, ", ", Wo, "), got ", out_like.sizes());
+  TORCH_CHECK_TYPE(out_like.scalar_type() == x.scalar_type(), op, ": ", out_name, " has dtype ", out_like.scalar_type(),
                    " but x has dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(grad_out.device() == x.device(), op, ": grad_out is on ", grad_out.device(), " but x is on ",
+  TORCH_CHECK_VALUE(out_like.device() == x.device(), op, ": ", out_name, " is on ", out_like.device(), " but x is on ",
                     x.device());
   if (saved.zs.defined()) {
     TORCH_CHECK_VALUE(saved.zs.sizes() == at::IntArrayRef({s.nz(), C, N, Ho, Wo}), op, ": zs must have shape (", s.nz(),

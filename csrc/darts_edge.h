@@ -68,7 +68,9 @@ struct Saved {
 void check_memory(const char* op, c10::string_view memory);
 void check_edge(const char* op, const Spec& s, const at::Tensor& x, const at::Tensor& weights, at::TensorList params,
                 const Buffers& buffers);
-void check_saved(const char* op, const Spec& s, const at::Tensor& x, const at::Tensor& grad_out, const Saved& saved);
+// out_like: grad_out, or (the node) an edge's saved output; named out_name in errors.
+void check_saved(const char* op, const Spec& s, const at::Tensor& x, const at::Tensor& out_like, const Saved& saved,
+                 const char* out_name = "grad_out");
 
 // Bumps the version counters of tensors that a kernel wrote through raw pointers.
 void bump_versions(std::initializer_list<at::TensorList> lists);

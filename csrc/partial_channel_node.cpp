@@ -218,7 +218,7 @@ NodeGrads partial_channel_node_backward(const Tensor& grad_out, TensorList state
     saved.push_back({zs.defined() ? rows(zs, node.zs_start, e) : Tensor(), rows(mid_mean, node.mid_start, e),
                      rows(mid_rstd, node.mid_start, e), rows(mean, node.stat_start, e),
                      rows(rstd, node.stat_start, e)});
-    check_saved(op, node.specs[e], parts[e], mixed_e[e], saved[e]);
+    check_saved(op, node.specs[e], parts[e], mixed_e[e], saved[e], "each edge's mixed output");
   }
   c10::List<bool> all;
   all.reserve(E);
