@@ -9,7 +9,8 @@ spends around the kernels: Python, dispatch, autograd, allocation.
 Per network: the original DARTS search model run eagerly (tests/darts_fixture, DARTS
 only), fastnas's eager reference (the candidate modules), and the fused engine with
 memory "save" and "recompute", each also with the C++ edge and node ops set aside
-(``*-composite``: the Python composite of the same building blocks). Every
+(``*-composite``: the Python composite of the same building blocks), and "save" with
+the cells' input preprocessing kept for backward instead of recomputed. Every
 configuration is built in one process and their timed steps are interleaved round by
 round, so that load from other processes falls on all of them alike; the median over
 the rounds is reported, with the ratio to the eager reference of the same run. Op
@@ -45,7 +46,9 @@ COLUMNS = [
 ]  # fmt: skip
 # config -> (backend, memory); "original" is the original DARTS code's own model;
 # "*-composite" the fused engine with the C++ edge and node ops set aside, i.e. the
-# Python composite of the same building blocks (what ran before those ops).
+# Python composite of the same building blocks (what ran before those ops);
+# "save-kept-preprocess" the fused engine with the cells' input preprocessing kept for
+# backward instead of recomputed under torch.utils.checkpoint (what that costs).
 CONFIGS = {
     "original": (None, None),
     "reference": ("reference", "save"),
@@ -53,6 +56,7 @@ CONFIGS = {
     "recompute": ("auto", "recompute"),
     "save-composite": ("auto", "save"),
     "recompute-composite": ("auto", "recompute"),
+    "save-kept-preprocess": ("auto", "save"),
 }
 DEFAULT_CONFIGS = ",".join(CONFIGS)
 
@@ -84,6 +88,12 @@ def build(args, network: str, config: str):
             stem="cifar", backend=backend, memory=memory,
         )  # fmt: skip
         model = bench._build_network(step_args, "cpu")
+        if config == "save-kept-preprocess":
+            from fastnas.nn.cell import Cell
+
+            for cell in model.modules():
+                if isinstance(cell, Cell):
+                    cell._recompute_preprocess = lambda s: False
     step = bench.make_search_step(model, "cpu", args.batch_size, args.image_size, args.num_classes, args.seed)
     return (_composite(step) if config.endswith("-composite") else step), ""
 
@@ -199,7 +209,8 @@ def main(argv=None) -> int:
         "the eager reference (fastnas's candidate modules) of the same run. original: the original DARTS search "
         "model (tests/darts_fixture/model_search.py), eager. save/recompute: the fused engine, each edge (DARTS) or "
         "node (PC-DARTS) one C++ op per direction; *-composite: the same with those ops set aside, i.e. the Python "
-        "composite of the same building blocks.",
+        "composite of the same building blocks; save-kept-preprocess: save with the cells' input preprocessing kept "
+        "for backward, not recomputed under torch.utils.checkpoint.",
         "profiler_events: op events torch.profiler records in one step (every operator call at every level, nested "
         "ones included, and autograd's node evaluations); network_events under the forward and backward passes, "
         "optimizer_events under zero_grad, gradient clipping and the optimiser steps. aten_ops, fastnas_ops: ops "

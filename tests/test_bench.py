@@ -161,14 +161,14 @@ def test_host_benchmark_script_tiny(tmp_path):
 
     cmd = [
         sys.executable, str(REPO / "benchmarks" / "bench_host.py"), "--networks", "darts,pc-darts",
-        "--configs", "original,reference,save,recompute,save-composite", "--channels", "4", "--layers", "2",
-        "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--tag", "tiny",
+        "--configs", "original,reference,save,recompute,save-composite,save-kept-preprocess", "--channels", "4",
+        "--layers", "2", "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--tag", "tiny",
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = list(csv.DictReader(line for line in (tmp_path / "cpu_host_cost_tiny.csv").open() if not line[0] == "#"))
     got = {(r["network"], r["config"]): r for r in rows}
-    assert len(rows) == 10 and got[("pc-darts", "original")]["note"]
+    assert len(rows) == 12 and got[("pc-darts", "original")]["note"]
     fused = "cpu" in backends.available_backends()
     for (network, config), r in got.items():
         if network == "pc-darts" and config == "original":
