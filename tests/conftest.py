@@ -74,20 +74,26 @@ def full_fp32_on_gpu(request, monkeypatch):
 
 @pytest.fixture
 def fused_edge_calls(monkeypatch):
-    """Counts the calls of the fused edge made by MixedOp, so that a test comparing the
-    engine with the reference can assert that the engine ran. Skips where no fused
-    kernels serve CPU tensors (the comparison would set the reference against itself)."""
+    """Counts the fused edges run by MixedOp (one entry per edge, its memory mode), those a
+    PC-DARTS cell runs inside one partial_channel_node call included, so that a test
+    comparing the engine with the reference can assert that the engine ran. Skips where
+    no fused kernels serve CPU tensors (the comparison would set the reference against itself)."""
     from fastnas import backends
-    from fastnas.nn import mixed_op
+    from fastnas.nn import cell, mixed_op
 
     if backends.resolve("darts_edge", "cpu") == "reference":
         pytest.skip("no fused kernels serve CPU tensors here: " + (backends.backend_status()["cpu"] or "?"))
     calls = []
-    real = mixed_op.darts_edge
+    real_edge, real_node = mixed_op.darts_edge, cell.partial_channel_node
 
-    def counting(*args, **kwargs):
+    def counting_edge(*args, **kwargs):
         calls.append(kwargs.get("memory"))
-        return real(*args, **kwargs)
+        return real_edge(*args, **kwargs)
 
-    monkeypatch.setattr(mixed_op, "darts_edge", counting)
+    def counting_node(states, *args, **kwargs):
+        calls.extend([kwargs.get("memory")] * len(states))
+        return real_node(states, *args, **kwargs)
+
+    monkeypatch.setattr(mixed_op, "darts_edge", counting_edge)
+    monkeypatch.setattr(cell, "partial_channel_node", counting_node)
     return calls
