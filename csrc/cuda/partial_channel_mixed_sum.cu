@@ -17,6 +17,7 @@
 
 #include "checks.h"
 #include "cuda/weighted_sum.cuh"
+#include "host/partial_channel_mixed_sum.h"
 
 namespace fastnas {
 namespace cuda {
@@ -159,15 +160,9 @@ void launch_bypass_backward(const scalar_t* grad_out, const scalar_t* bypass, sc
 
 at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
                                      int64_t groups, bool bypass_pool) {
-  check_xs(kForward, xs);
+  const PartialChannelShape s =
+      check_partial_channel_mixed_sum(kForward, xs, weights, bypass, groups, bypass_pool, at::kCUDA);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  check_weights(kForward, weights, k_count, xs[0].device());
-  TORCH_CHECK(xs[0].is_cuda(), kForward, ": the CUDA kernel got xs on ", xs[0].device());
-  TORCH_CHECK(bypass.scalar_type() == xs[0].scalar_type(), kForward, ": bypass has dtype ", bypass.scalar_type(),
-              " but xs have dtype ", xs[0].scalar_type());
-  TORCH_CHECK(bypass.device() == xs[0].device(), kForward, ": bypass is on ", bypass.device(), " but xs are on ",
-              xs[0].device());
-  const PartialChannelShape s = check_partial_channel(kForward, xs[0].sizes(), bypass, groups, bypass_pool);
   const c10::cuda::CUDAGuard guard(xs[0].device());
 
   const auto dtype = xs[0].scalar_type();
@@ -175,7 +170,7 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
   if (out.numel() == 0) return out;
   const auto xc = contiguous_all(xs);
   const at::Tensor bc = bypass.contiguous();
-  const at::Tensor w = weights_for_accumulation(weights, dtype);
+  const at::Tensor w = for_accumulation(weights, dtype);
   const bool small = fits_32bit(s);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_cuda", [&] {
@@ -211,10 +206,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
     const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass, int64_t groups,
     bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad, bool bypass_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
-  check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
-  TORCH_CHECK(grad_out.is_cuda(), kBackward, ": the CUDA kernel got grad_out on ", grad_out.device());
   const PartialChannelShape s =
-      check_partial_channel_backward(kBackward, grad_out, xs, bypass, groups, bypass_pool, bypass_need_grad);
+      check_partial_channel_mixed_sum_backward(kBackward, grad_out, xs, weights, bypass, groups, bypass_pool,
+                                               xs_need_grad, weights_need_grad, bypass_need_grad, at::kCUDA);
   const std::vector<int64_t> x_shape{s.n, s.cp, s.h, s.w};
   const c10::cuda::CUDAGuard guard(grad_out.device());
 
@@ -235,7 +229,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
 
     if (s.cp > 0 && (weights_need_grad || !grad_xs.empty())) {
       const auto xc = weights_need_grad ? contiguous_all(xs) : std::vector<at::Tensor>{};
-      const at::Tensor w = weights_for_accumulation(weights, dtype);
+      const at::Tensor w = for_accumulation(weights, dtype);
       InputPtrs<scalar_t> x_ptrs{};
       GradPtrs<scalar_t> gx_ptrs{};
       for (size_t k = 0; k < xc.size(); ++k) x_ptrs.ptr[k] = xc[k].data_ptr<scalar_t>();
