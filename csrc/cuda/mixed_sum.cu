@@ -2,7 +2,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -20,9 +19,9 @@ constexpr const char* kForward = "mixed_sum";
 constexpr const char* kBackward = "mixed_sum_backward";
 
 at::Tensor mixed_sum(at::TensorList xs, const at::Tensor& weights) {
-  check_mixed_sum(kForward, xs, weights, at::kCUDA);
+  check_mixed_sum(kForward, xs, weights, kDevice);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const DeviceGuard guard(xs[0].device());
 
   const auto dtype = xs[0].scalar_type();
   at::Tensor out = empty_contiguous(xs[0].sizes(), xs[0].options());
@@ -46,8 +45,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
                                                                    const c10::List<bool>& xs_need_grad_list,
                                                                    bool weights_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
-  check_mixed_sum_backward(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  check_mixed_sum_backward(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad, kDevice);
+  const DeviceGuard guard(grad_out.device());
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
   const int64_t n = grad_out.numel();
@@ -85,7 +84,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
 }  // namespace cuda
 }  // namespace fastnas
 
-TORCH_LIBRARY_IMPL(fastnas, CUDA, m) {
+FASTNAS_CUDA_LIBRARY_IMPL(m) {
   m.impl("mixed_sum", &fastnas::cuda::mixed_sum);
   m.impl("mixed_sum_backward", &fastnas::cuda::mixed_sum_backward);
 }

@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <limits>
@@ -131,39 +130,34 @@ inline bool fits_32bit(const PartialChannelShape& s) {
 template <typename scalar_t, typename index_t>
 void launch_bypass_forward(const scalar_t* bypass, scalar_t* out, const PartialChannelShape& s, bool pool) {
   const int64_t total = s.n * s.cb * s.plane();
-  auto stream = at::cuda::getCurrentCUDAStream();
   const auto geo = bypass_geometry<index_t>(s);
   if (pool) {
-    bypass_forward_kernel<scalar_t, index_t, true><<<blocks_for(total), kThreads, 0, stream>>>(bypass, out, total, geo);
+    launch(bypass_forward_kernel<scalar_t, index_t, true>, blocks_for(total), 0, bypass, out, total, geo);
   } else {
-    bypass_forward_kernel<scalar_t, index_t, false>
-        <<<blocks_for(total), kThreads, 0, stream>>>(bypass, out, total, geo);
+    launch(bypass_forward_kernel<scalar_t, index_t, false>, blocks_for(total), 0, bypass, out, total, geo);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename index_t>
 void launch_bypass_backward(const scalar_t* grad_out, const scalar_t* bypass, scalar_t* grad_bypass,
                             const PartialChannelShape& s, bool pool) {
   const int64_t total = s.n * s.cb * s.plane();
-  auto stream = at::cuda::getCurrentCUDAStream();
   const auto geo = bypass_geometry<index_t>(s);
   if (pool) {
-    bypass_backward_kernel<scalar_t, index_t, true>
-        <<<blocks_for(total), kThreads, 0, stream>>>(grad_out, bypass, grad_bypass, total, geo);
+    launch(bypass_backward_kernel<scalar_t, index_t, true>, blocks_for(total), 0, grad_out, bypass, grad_bypass, total,
+           geo);
   } else {
-    bypass_backward_kernel<scalar_t, index_t, false>
-        <<<blocks_for(total), kThreads, 0, stream>>>(grad_out, bypass, grad_bypass, total, geo);
+    launch(bypass_backward_kernel<scalar_t, index_t, false>, blocks_for(total), 0, grad_out, bypass, grad_bypass, total,
+           geo);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
                                      int64_t groups, bool bypass_pool) {
   const PartialChannelShape s =
-      check_partial_channel_mixed_sum(kForward, xs, weights, bypass, groups, bypass_pool, at::kCUDA);
+      check_partial_channel_mixed_sum(kForward, xs, weights, bypass, groups, bypass_pool, kDevice);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const DeviceGuard guard(xs[0].device());
 
   const auto dtype = xs[0].scalar_type();
   at::Tensor out = at::empty({s.n, s.channels(), s.h, s.w}, xs[0].options());
@@ -208,9 +202,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
   const PartialChannelShape s =
       check_partial_channel_mixed_sum_backward(kBackward, grad_out, xs, weights, bypass, groups, bypass_pool,
-                                               xs_need_grad, weights_need_grad, bypass_need_grad, at::kCUDA);
+                                               xs_need_grad, weights_need_grad, bypass_need_grad, kDevice);
   const std::vector<int64_t> x_shape{s.n, s.cp, s.h, s.w};
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const DeviceGuard guard(grad_out.device());
 
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
@@ -272,7 +266,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
 }  // namespace cuda
 }  // namespace fastnas
 
-TORCH_LIBRARY_IMPL(fastnas, CUDA, m) {
+FASTNAS_CUDA_LIBRARY_IMPL(m) {
   m.impl("partial_channel_mixed_sum", &fastnas::cuda::partial_channel_mixed_sum);
   m.impl("partial_channel_mixed_sum_backward", &fastnas::cuda::partial_channel_mixed_sum_backward);
 }

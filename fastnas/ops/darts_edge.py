@@ -405,7 +405,7 @@ def darts_edge(
 
 
 # A composite of the building blocks: it runs wherever they have kernels.
-backends.register("darts_edge", "cpu", "triton")
+backends.register("darts_edge", "cpu", "cuda", "triton")
 
 
 __all__ = ["DTYPES", "EdgeSpec", "MEMORY_MODES", "darts_edge", "unsupported_reason"]
