@@ -10,7 +10,6 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -121,12 +120,6 @@ BypassGeometry<index_t> bypass_geometry(const PartialChannelShape& s) {
                                  static_cast<index_t>(s.groups)};
 }
 
-// 32-bit indices when every offset, the pooled bypass's included, fits.
-inline bool fits_32bit(const PartialChannelShape& s) {
-  const int64_t largest = s.n * std::max(s.channels(), 4 * s.cb) * s.plane();
-  return largest < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
-}
-
 template <typename scalar_t, typename index_t>
 void launch_bypass_forward(const scalar_t* bypass, scalar_t* out, const PartialChannelShape& s, bool pool) {
   const int64_t total = s.n * s.cb * s.plane();
@@ -165,7 +158,7 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
   const auto xc = contiguous_all(xs);
   const at::Tensor bc = bypass.contiguous();
   const at::Tensor w = for_accumulation(weights, dtype);
-  const bool small = fits_32bit(s);
+  const bool small = s.offsets_fit_int32();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -214,7 +207,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
   at::Tensor grad_b = bypass_need_grad ? at::empty(bypass.sizes(), grad_out.options()) : grad_out.new_empty({0});
   if (grad_out.numel() == 0) return {std::move(grad_xs), grad_w_acc.to(weights.scalar_type()), grad_b};
   const at::Tensor go = grad_out.contiguous();
-  const bool small = fits_32bit(s);
+  const bool small = s.offsets_fit_int32();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -15,7 +15,6 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 #include <vector>
 
@@ -179,11 +178,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// 32-bit indices when every element offset of the output and the inputs fits.
-bool fits_32bit(const NodeShape& s) {
-  return s.n * std::max(s.channels(), 4 * s.cb) * s.plane() < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
-}
-
 void check_edge_count(const char* op, const NodeShape& s) {
   TORCH_CHECK(s.edges <= kMaxEdges, op, ": ", s.edges, " edges; the CUDA kernel takes at most ", kMaxEdges,
               " per call");
@@ -221,7 +215,7 @@ at::Tensor partial_channel_node_sum(at::TensorList mixed, at::TensorList bypass,
     using acc_t = at::opmath_type<scalar_t>;
     const auto t = edge_table<scalar_t>(mc, bypass, strides);
     const int edges = static_cast<int>(s.edges);
-    if (fits_32bit(s)) {
+    if (s.offsets_fit_int32()) {
       launch(node_forward_kernel<scalar_t, uint32_t>, blocks_for(total), 0, t, edges, w.data_ptr<acc_t>(),
              node_index<uint32_t>(s), total, out.data_ptr<scalar_t>());
     } else {
@@ -273,7 +267,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> partial
     }
     const int edges = static_cast<int>(s.edges);
     acc_t* pp = weights_need_grad ? partials.data_ptr<acc_t>() : nullptr;
-    if (fits_32bit(s)) {
+    if (s.offsets_fit_int32()) {
       launch(node_backward_kernel<scalar_t, uint32_t>, blocks, 0, go.data_ptr<scalar_t>(), t, gr, edges,
              w.data_ptr<acc_t>(), weights_need_grad, node_index<uint32_t>(s), total, pp);
     } else {

@@ -4,7 +4,9 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -17,6 +19,11 @@ struct PartialChannelShape {
   int64_t channels() const { return cp + cb; }
   int64_t channels_per_group() const { return (cp + cb) / groups; }
   int64_t plane() const { return h * w; }
+  // Whether every element offset, of the output and of a pooled (2h, 2w)
+  // bypass, fits 32-bit index math (the CUDA kernels' 64-bit division is slow).
+  bool offsets_fit_int32() const {
+    return n * std::max(channels(), 4 * cb) * plane() < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
+  }
 };
 
 inline PartialChannelShape check_partial_channel(const char* op, at::IntArrayRef x_shape, const at::Tensor& bypass,

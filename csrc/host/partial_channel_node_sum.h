@@ -8,15 +8,14 @@
 #include <vector>
 
 #include "checks.h"
+#include "host/partial_channel_mixed_sum.h"
 
 namespace fastnas {
 
-// Node geometry: mixed (N, Cp, H, W), bypass (N, Cb, H, W) or (N, Cb, 2H, 2W).
-struct NodeShape {
-  int64_t n, cp, cb, h, w, groups, edges;
-  int64_t channels() const { return cp + cb; }
-  int64_t channels_per_group() const { return (cp + cb) / groups; }
-  int64_t plane() const { return h * w; }
+// Node geometry: mixed (N, Cp, H, W), bypass (N, Cb, H, W) or (N, Cb, 2H, 2W),
+// one per edge.
+struct NodeShape : PartialChannelShape {
+  int64_t edges;
 };
 
 // ref (mixed[0] in forward, grad_out in backward) sets the dtype and device
@@ -37,7 +36,7 @@ inline NodeShape check_node(const char* op, at::TensorList mixed, at::TensorList
   const at::Tensor& m0 = mixed[0];
   TORCH_CHECK(m0.dim() == 4, op, ": mixed[0] must be a 4-D NCHW tensor, got shape ", m0.sizes());
   TORCH_CHECK(bypass[0].dim() == 4, op, ": bypass[0] must be a 4-D NCHW tensor, got shape ", bypass[0].sizes());
-  NodeShape s{m0.size(0), m0.size(1), bypass[0].size(1), m0.size(2), m0.size(3), groups, e_count};
+  NodeShape s{{m0.size(0), m0.size(1), bypass[0].size(1), m0.size(2), m0.size(3), groups}, e_count};
   for (int64_t e = 0; e < e_count; ++e) {
     const at::Tensor& m = mixed[e];
     const at::Tensor& b = bypass[e];
