@@ -863,6 +863,8 @@ def _path(name: str) -> str:
 
 def _how(plan: _Plan) -> str:
     """How the weighted sums run in training: the fused edge, or the fused sum and why."""
+    if plan.backend == "reference":
+        return "eager sum (backend='reference')"
     if plan.memory not in FUSED_MEMORY_MODES:
         return f"fused sum (memory={plan.memory!r})"
     ways = []
