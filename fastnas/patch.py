@@ -813,6 +813,12 @@ def _difference(a: dict, b: dict) -> str | None:
 def _check(module: nn.Module, plan: _Plan, name: str, what: str) -> str | None:
     """None when method ``name`` computes what the replacement ``what`` computes on a
     float64 probe (outputs, gradients, buffers), else why it was not replaced."""
+    # Whatever the caller's context (no_grad, inference mode, autocast), the probe needs gradients.
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False):
+        return _check_on_copies(module, plan, name, what)
+
+
+def _check_on_copies(module: nn.Module, plan: _Plan, name: str, what: str) -> str | None:
     sig = _signature(type(module), name)
     try:
         twins = (_twin(module), _twin(module))

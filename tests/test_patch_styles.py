@@ -354,6 +354,13 @@ def test_other_modules_with_candidate_like_lists_are_passed_over_silently():
     assert not report.patched and not report.skipped and not report.methods_left
 
 
+def test_patching_under_no_grad_or_inference_mode_checks_the_same():
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            report = patch(_build("pools-without-bn"))
+        assert len(report.patched) == 27 and not report.skipped and not report.methods_left
+
+
 def test_patching_leaves_the_model_and_the_random_state_untouched():
     model = _build("nb201-cell-gdas")
     before = copy.deepcopy(model.state_dict())
@@ -405,6 +412,37 @@ def test_gdas_hard_sample_sum_gives_every_hard_weight_its_gradient():
             unsampled = [k for k in range(len(NAS_BENCH_201)) if k != index[row].item()]
             assert torch.equal(grads[1][row, unsampled], torch.full((4,), float(outs[1].numel()), dtype=torch.float64))
     for (name, a), b in zip(ref.named_buffers(), cell.buffers()):
+        torch.testing.assert_close(b, a, **TOL64, msg=name)
+
+
+class HardSampleMixedOp(renamed.MixedOp):
+    """A mixed op with AutoDL's hard-sample sum as a method of its own."""
+
+    def forward_gdas(self, x, weights, index):
+        return sum(weights[i] * op(x) if i == index else weights[i] for i, op in enumerate(self.ops))
+
+
+def test_a_mixed_op_hard_sample_sum_is_replaced_and_equal():
+    torch.manual_seed(0)
+    ref = HardSampleMixedOp(4, 2).double()
+    op = copy.deepcopy(ref)
+    report = patch(op)
+    assert dict(report.patched[0].methods) == {"forward": "sum", "forward_gdas": "gdas-sum"}
+    g = torch.Generator().manual_seed(3)
+    for index in (0, 3, torch.tensor(5), 7):
+        x = torch.randn(2, 4, 6, 6, generator=g, dtype=torch.float64)
+        w = torch.randn(8, generator=g, dtype=torch.float64).softmax(0)
+        runs = []
+        for m in (ref, op):
+            xi, wi = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+            out = m.forward_gdas(xi, wi, index)
+            out.backward(torch.ones_like(out))
+            runs.append((out.detach(), xi.grad, wi.grad))
+        for a, b in zip(*runs):
+            torch.testing.assert_close(b, a, **TOL64)
+    # An index the replacement does not take (a float) goes to the original.
+    torch.testing.assert_close(op.forward_gdas(x, w, 1.0), ref.forward_gdas(x, w, 1.0), **TOL64)
+    for (name, a), b in zip(ref.named_buffers(), op.buffers()):
         torch.testing.assert_close(b, a, **TOL64, msg=name)
 
 
