@@ -172,7 +172,7 @@ def _setup(config: str, args):
 
 
 def _summary(times: list[float]) -> dict:
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else times * 3
+    q = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else times * 3
     return {"median_ms": statistics.median(times), "q25_ms": q[0], "q75_ms": q[2], "reps": len(times)}
 
 
