@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-channels", type=_positive_int, default=None, help="channels of the first cells")
     s.add_argument("--partial-channels", type=_positive_int, default=None, help="PC-DARTS K")
     s.add_argument("--image-size", type=_positive_int, default=None, help="side of the (square) input images")
+    s.add_argument(
+        "--amend-coefficient",
+        type=float,
+        default=None,
+        help="amended-darts: eta, the weight of the amending term (the paper's 0.1)",
+    )
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
     s.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
@@ -202,7 +208,7 @@ _CONFIG_OPTIONS = {
     "lr": "lr", "arch_lr": "arch_lr", "warmup_epochs": "warmup_epochs", "layers": "layers",
     "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
     "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
-    "cuda_graph": "cuda_graph",
+    "cuda_graph": "cuda_graph", "amend_coefficient": "amend_coefficient",
 }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from fastnas.search.errors import SearchError
 from fastnas.search.methods import get_method
+from fastnas.search.methods.amended_darts import AMEND_COEFFICIENT
 
 SPACES = ("darts", "nb201")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
@@ -49,6 +50,7 @@ RESUME_FIELDS = (
     "max_skip_connect",
     "tau_max",
     "tau_min",
+    "amend_coefficient",
     "amp",
     "world_size",
 )
@@ -92,6 +94,7 @@ class SearchConfig:
     max_skip_connect: int | None = None
     tau_max: float = 10.0
     tau_min: float = 0.1
+    amend_coefficient: float = AMEND_COEFFICIENT
     amp: str | None = None
     memory: str = "save"
     cuda_graph: bool = False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastnas.search.errors import SearchError
+from fastnas.search.methods.amended_darts import AmendedDarts
 from fastnas.search.methods.base import SearchMethod
 from fastnas.search.methods.darts import Darts, DartsSecondOrder
 from fastnas.search.methods.gdas import GDAS
@@ -17,6 +18,7 @@ REGISTRY: dict[str, SearchMethod] = {
         PCDarts(),
         PDarts(),
         GDAS(),
+        AmendedDarts(),
     )
 }
 METHODS = tuple(REGISTRY)
