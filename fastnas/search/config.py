@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastnas.search.errors import SearchError
 from fastnas.search.methods import get_method
 from fastnas.search.methods.amended_darts import AMEND_COEFFICIENT
+from fastnas.search.methods.la_darts import LATENCY_WEIGHT
 
 SPACES = ("darts", "nb201")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
@@ -51,6 +52,8 @@ RESUME_FIELDS = (
     "tau_max",
     "tau_min",
     "amend_coefficient",
+    "latency_model_sha256",
+    "latency_weight",
     "amp",
     "world_size",
 )
@@ -95,6 +98,9 @@ class SearchConfig:
     tau_max: float = 10.0
     tau_min: float = 0.1
     amend_coefficient: float = AMEND_COEFFICIENT
+    latency_model: str | None = None
+    latency_model_sha256: str | None = None
+    latency_weight: float = LATENCY_WEIGHT
     amp: str | None = None
     memory: str = "save"
     cuda_graph: bool = False

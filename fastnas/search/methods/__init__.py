@@ -7,6 +7,7 @@ from fastnas.search.methods.amended_darts import AmendedDarts
 from fastnas.search.methods.base import SearchMethod
 from fastnas.search.methods.darts import Darts, DartsSecondOrder
 from fastnas.search.methods.gdas import GDAS
+from fastnas.search.methods.la_darts import LADarts
 from fastnas.search.methods.p_darts import PDarts
 from fastnas.search.methods.pc_darts import PCDarts
 
@@ -19,6 +20,7 @@ REGISTRY: dict[str, SearchMethod] = {
         PDarts(),
         GDAS(),
         AmendedDarts(),
+        LADarts(),
     )
 }
 METHODS = tuple(REGISTRY)
