@@ -1,6 +1,8 @@
-// multi_depthwise on CPU: J depthwise convolutions of relu(x) (or of
-// relu((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
-// their backward.
+// multi_depthwise on CPU: J depthwise convolutions of act_j(x) (or of
+// act_j((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
+// their backward. act_j is ReLU unless `activations` names another one
+// (fastnas_math.h); candidates of several activations read each input plane once
+// and write one padded buffer per distinct activation ("slot").
 //
 // Each task takes one channel (shared x: all J candidates; per-candidate x: one
 // (j, c) pair) and a fixed slice of the batch. For every image it writes the
@@ -29,6 +31,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "fastnas_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
@@ -381,6 +384,52 @@ void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean
   }
 }
 
+// The distinct activations of a call's candidates, one padded buffer ("slot") each.
+struct ActivationSlots {
+  std::vector<int> codes;      // activation code of each slot
+  std::vector<int64_t> of;     // slot of each candidate
+  std::vector<int64_t> first;  // first candidate of each slot
+  bool relu_only() const { return codes.size() == 1 && codes[0] == math::kRelu; }
+};
+
+ActivationSlots activation_slots(const char* op, at::IntArrayRef activations, int64_t J) {
+  TORCH_CHECK(activations.empty() || static_cast<int64_t>(activations.size()) == J, op, ": activations has ",
+              activations.size(), " entries but weights has ", J);
+  ActivationSlots slots;
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t code = activations.empty() ? math::kRelu : activations[j];
+    TORCH_CHECK(code >= 0 && code < math::kNumActivations, op, ": activations[", j, "] is ", code,
+                "; activation codes run from 0 to ", math::kNumActivations - 1);
+    const auto it = std::find(slots.codes.begin(), slots.codes.end(), static_cast<int>(code));
+    if (it == slots.codes.end()) {
+      slots.of.push_back(static_cast<int64_t>(slots.codes.size()));
+      slots.first.push_back(j);
+      slots.codes.push_back(static_cast<int>(code));
+    } else {
+      slots.of.push_back(it - slots.codes.begin());
+    }
+  }
+  return slots;
+}
+
+// Writes act_s(pre) of one (H, W) input plane into the interior of the padded buffer
+// of each slot s in [s0, s1), reading the plane once, pre = x or (x - mean) * rstd.
+template <typename scalar_t, typename acc_t>
+void fill_activations(const Geometry& g, const scalar_t* src, bool bn, acc_t mean, acc_t rstd,
+                      const ActivationSlots& slots, int64_t s0, int64_t s1, acc_t* pads) {
+  if (slots.relu_only()) return fill_activation<scalar_t, acc_t>(g, src, bn, mean, rstd, pads);
+  const int64_t size = g.size();
+  for (int64_t h = 0; h < g.H; ++h) {
+    const scalar_t* srow = src + h * g.W;
+    for (int64_t w = 0; w < g.W; ++w) {
+      acc_t v = static_cast<acc_t>(srow[w]);
+      if (bn) v = (v - mean) * rstd;
+      const int64_t at = g.at(h + g.P, w + g.P);
+      for (int64_t s = s0; s < s1; ++s) pads[s * size + at] = math::activation_forward(slots.codes[s], v);
+    }
+  }
+}
+
 // Per-candidate weights in the accumulation type, contiguous.
 std::vector<at::Tensor> weights_in(at::TensorList weights, at::ScalarType acc) {
   std::vector<at::Tensor> out;
@@ -391,8 +440,11 @@ std::vector<at::Tensor> weights_in(at::TensorList weights, at::ScalarType acc) {
 // --- forward -------------------------------------------------------------------------
 
 at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
-                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd) {
+                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd,
+                           at::IntArrayRef activations) {
   check_forward_args(kForward, x_in, weights, dilations, stride, mean, rstd);
+  const ActivationSlots slots = activation_slots(kForward, activations, static_cast<int64_t>(weights.size()));
+  const int64_t num_slots = static_cast<int64_t>(slots.codes.size());
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
   at::Tensor out = at::empty({g.J, g.C, g.N, g.Ho, g.Wo}, x_in.options());
@@ -420,14 +472,16 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
     // Shared x: a task is one (c, n) for all J; per candidate: one (j, c, n).
     const int64_t groups = g.shared ? g.C : g.J * g.C;
     at::parallel_for(0, groups * g.N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pad(g.size(), acc_t(0));
+      std::vector<acc_t> pad(num_slots * g.size(), acc_t(0));
       std::vector<acc_t> tmp(direct ? 0 : out_plane);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task % g.N, group = task / g.N;
         const int64_t c = g.shared ? group : group % g.C;
         const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+        const int64_t s0 = g.shared ? 0 : slots.of[j0], s1 = g.shared ? num_slots : s0 + 1;
         const scalar_t* src = g.shared ? xp + (n * g.C + c) * in_plane : xp + (group * g.N + n) * in_plane;
-        fill_activation<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1), pad.data());
+        fill_activations<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1), slots, s0,
+                                          s1, pad.data());
         for (int64_t j = j0; j < j1; ++j) {
           const Candidate& cd = cands[j];
           scalar_t* dst = op + ((j * g.C + c) * g.N + n) * out_plane;
@@ -437,7 +491,7 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
           } else {
             acc = tmp.data();
           }
-          correlate(pad.data(), taps[j], wp[j] + c * cd.k * cd.k, g.Ho, g.Wo, acc, false);
+          correlate(pad.data() + slots.of[j] * g.size(), taps[j], wp[j] + c * cd.k * cd.k, g.Ho, g.Wo, acc, false);
           if constexpr (!direct) {
             for (int64_t i = 0; i < out_plane; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
           }
@@ -450,13 +504,13 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
 
 // --- backward ------------------------------------------------------------------------
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const at::Tensor& grad_out_in,
-                                                                         const at::Tensor& x_in, at::TensorList weights,
-                                                                         at::IntArrayRef dilations, int64_t stride,
-                                                                         const std::optional<at::Tensor>& mean,
-                                                                         const std::optional<at::Tensor>& rstd,
-                                                                         bool input_need_grad) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
+    int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd, bool input_need_grad,
+    at::IntArrayRef activations) {
   check_forward_args(kBackward, x_in, weights, dilations, stride, mean, rstd);
+  const ActivationSlots slots = activation_slots(kBackward, activations, static_cast<int64_t>(weights.size()));
+  const int64_t num_slots = static_cast<int64_t>(slots.codes.size());
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
   const std::vector<int64_t> out_shape{g.J, g.C, g.N, g.Ho, g.Wo};
@@ -552,33 +606,36 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const a
       const int64_t phase_cols0 = (g.W + 1) / 2, phase_cols1 = g.W / 2;
       const int64_t phase_size = ((g.H + 1) / 2) * phase_cols0;
       at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> pad(g.size(), acc_t(0));
+        // Per activation slot: the padded activation, and the input gradient before its derivative.
+        std::vector<acc_t> pad(num_slots * g.size(), acc_t(0));
         const bool phased = input_need_grad && g.stride == 2;
         std::vector<acc_t> gc(phased ? (g.Ho + 2 * Q + 1) * cl.row + kTileMax : 0, acc_t(0));
-        std::vector<acc_t> gq(phased ? 4 * phase_size : 0);
+        std::vector<acc_t> gq(phased ? num_slots * 4 * phase_size : 0);
         std::vector<acc_t> wsub(Taps::kMaxK * Taps::kMaxK);
         std::vector<acc_t> gz(input_need_grad && !phased ? (g.Hp + 1) * gl.row + kTileMax : 0, acc_t(0));
-        std::vector<acc_t> ga(input_need_grad && !phased ? in_plane : 0);
+        std::vector<acc_t> ga(input_need_grad && !phased ? num_slots * in_plane : 0);
         std::vector<acc_t> grad(g.Ho * gpitch, acc_t(0));  // zeros past Wo stay zero
         std::vector<acc_t> taps(taps_all);
         for (int64_t task = begin; task < end; ++task) {
           const int64_t group = task / chunks, chunk = task % chunks;
           const int64_t c = g.shared ? group : group % g.C;
           const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+          const int64_t s0 = g.shared ? 0 : slots.of[j0], s1 = g.shared ? num_slots : s0 + 1;
           const acc_t m = bn ? mp[group] : acc_t(0), r = bn ? rp[group] : acc_t(1);
           std::fill(taps.begin(), taps.end(), acc_t(0));
           const int64_t n_end = std::min(g.N, (chunk + 1) * per_chunk);
           for (int64_t n = chunk * per_chunk; n < n_end; ++n) {
             const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
-            fill_activation<scalar_t, acc_t>(g, xp + in_index * in_plane, bn, m, r, pad.data());
+            fill_activations<scalar_t, acc_t>(g, xp + in_index * in_plane, bn, m, r, slots, s0, s1, pad.data());
             if (phased) std::fill(gq.begin(), gq.end(), acc_t(0));
             for (int64_t j = j0; j < j1; ++j) {
               const Candidate& cd = cands[j];
+              const int64_t slot = slots.of[j];
               const scalar_t* gsrc = gp + ((j * g.C + c) * g.N + n) * out_plane;
               for (int64_t ho = 0; ho < g.Ho; ++ho) {
                 for (int64_t wo = 0; wo < g.Wo; ++wo) grad[ho * gpitch + wo] = static_cast<acc_t>(gsrc[ho * g.Wo + wo]);
               }
-              tap_dots(pad.data(), fwd_taps[j], g.Ho, g.Wo, grad.data(), taps.data() + tap_offset[j]);
+              tap_dots(pad.data() + slot * g.size(), fwd_taps[j], g.Ho, g.Wo, grad.data(), taps.data() + tap_offset[j]);
               if (phased) {
                 for (int64_t ho = 0; ho < g.Ho; ++ho) {
                   std::copy(grad.data() + ho * gpitch, grad.data() + ho * gpitch + g.Wo,
@@ -592,17 +649,40 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const a
                     for (size_t l = 0; l < ph.vs.size(); ++l)
                       wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
                   }
-                  correlate(gc.data(), ph.taps, wsub.data(), ph.rows, ph.cols, gq.data() + q * phase_size, true);
+                  correlate(gc.data(), ph.taps, wsub.data(), ph.rows, ph.cols, gq.data() + (slot * 4 + q) * phase_size,
+                            true);
                 }
               } else if (input_need_grad) {
                 for (int64_t ho = 0; ho < g.Ho; ++ho) {
                   acc_t* zrow = gz.data() + (ho * g.stride + g.P) * gl.row + g.P;
                   for (int64_t wo = 0; wo < g.Wo; ++wo) zrow[wo * g.stride] = grad[ho * gpitch + wo];
                 }
-                correlate(gz.data(), grad_taps[j], wfp[j] + c * cd.k * cd.k, g.H, g.W, ga.data(), j > j0);
+                // The first candidate of a slot writes its buffer, the others add to it.
+                const bool accumulate = g.shared && j > slots.first[slot];
+                correlate(gz.data(), grad_taps[j], wfp[j] + c * cd.k * cd.k, g.H, g.W, ga.data() + slot * in_plane,
+                          accumulate);
               }
             }
-            if (input_need_grad) {
+            if (input_need_grad && !slots.relu_only()) {
+              // Each slot's gradient times its activation's derivative at pre, summed over the slots.
+              scalar_t* dst = gxp + in_index * in_plane;
+              const scalar_t* src = xp + in_index * in_plane;
+              for (int64_t h = 0; h < g.H; ++h) {
+                for (int64_t w = 0; w < g.W; ++w) {
+                  acc_t pre = static_cast<acc_t>(src[h * g.W + w]);
+                  if (bn) pre = (pre - m) * r;
+                  const int64_t q = (h & 1) * 2 + (w & 1);
+                  const int64_t pc = (w & 1) ? phase_cols1 : phase_cols0;
+                  acc_t sum = acc_t(0);
+                  for (int64_t sl = s0; sl < s1; ++sl) {
+                    const acc_t v = phased ? gq[(sl * 4 + q) * phase_size + (h >> 1) * pc + (w >> 1)]
+                                           : ga[sl * in_plane + h * g.W + w];
+                    sum += math::activation_derivative(slots.codes[sl], pre) * v;
+                  }
+                  dst[h * g.W + w] = static_cast<scalar_t>(sum);
+                }
+              }
+            } else if (input_need_grad) {
               // The gradient passes the ReLU where pre > 0, i.e. where the activation is positive.
               scalar_t* dst = gxp + in_index * in_plane;
               for (int64_t h = 0; h < g.H && phased; ++h) {
