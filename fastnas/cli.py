@@ -70,6 +70,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _name_list(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastnas._version import __version__
     from fastnas.nn.edge_plan import MEMORY_MODES
@@ -126,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="la-darts: lambda, the weight of the predicted latency in milliseconds (default 0.01)",
+    )
+    s.add_argument(
+        "--activations",
+        type=_name_list,
+        default=None,
+        metavar="A,B,...",
+        help="scalable-darts: the activation factor (default: relu,relu6,elu,leaky_relu,swish; also hardswish)",
     )
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
     s.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
@@ -296,7 +310,7 @@ _CONFIG_OPTIONS = {
     "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
     "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
     "cuda_graph": "cuda_graph", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
-    "latency_weight": "latency_weight",
+    "latency_weight": "latency_weight", "activations": "activations",
 }  # fmt: skip
 
 

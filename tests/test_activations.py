@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from test_multi_depthwise import SHAPES, assert_close_to, make_inputs
 
 from fastnas import backends
+from fastnas.nn import MixedOp
 from fastnas.ops.activations import ACTIVATIONS, activation_code, apply_activation
 from fastnas.ops.multi_depthwise import (
     multi_depthwise,
@@ -131,3 +132,38 @@ def test_opcheck_with_activations(case):
         w.requires_grad_()
     op = torch.ops.fastnas.multi_depthwise_triton if name == "triton" else torch.ops.fastnas.multi_depthwise
     torch.library.opcheck(op, (x, ws, ds, 2, mean, rstd, codes))
+
+
+# -- the fused edge of activation x convolution candidates ---------------------------------
+
+
+PAIRS = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_3x3_swish", "dil_conv_3x3_elu",
+         "sep_conv_5x5_relu6", "dil_conv_5x5"]  # fmt: skip
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("memory", ["save", "recompute"])
+def test_fused_edge_of_activation_pairs_matches_modules(stride, memory):
+    if backends.backend_status()["cpu"]:
+        pytest.skip("the cpu backend is unavailable")
+    torch.manual_seed(0)
+    fused = MixedOp(4, stride, PAIRS, memory=memory).double()
+    ref = MixedOp(4, stride, PAIRS, backend="reference").double()
+    ref.load_state_dict(fused.state_dict())
+    assert fused.plan.spec is not None and not fused.plan.modules
+    assert fused.plan.spec.activations == ("relu", "swish", "relu6", "elu", "relu")
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
+    w = torch.softmax(torch.randn(len(PAIRS), dtype=torch.float64), 0)
+    outs, grads = [], []
+    for op in (fused, ref):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        out = op(xi, wi)
+        out.backward(torch.cos(out))
+        outs.append(out)
+        grads.append([xi.grad, wi.grad] + [p.grad for p in op.parameters()])
+    assert fused.fused_reason is None
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+    for a, b in zip(fused.buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -52,6 +52,7 @@ class Cell(nn.Module):
             under ``"save"`` when the edges run the fused engine, the two input
             preprocessings (ReLU, 1x1 convolution, batch norm) keep only their
             input, the previous cells' outputs, and run again in backward.
+        partial_fusion: passed to the mixed ops (``fastnas.nn.MixedOp``).
 
     ``forward(s0, s1, weights, edge_weights=None, indices=None)``: ``weights`` is
     (edges, candidates); ``edge_weights`` (edges,) scales each edge's output
@@ -72,6 +73,7 @@ class Cell(nn.Module):
         partial_channels: int | None = None,
         backend: str | None = None,
         memory: str = "save",
+        partial_fusion: bool = False,
     ):
         super().__init__()
         if len(edge_primitives) != num_edges(steps):
@@ -90,9 +92,11 @@ class Cell(nn.Module):
         for (j, _), names in zip(edge_endpoints(steps), edge_primitives):
             stride = 2 if reduction and j < 2 else 1
             if partial_channels is None:
-                op = MixedOp(C, stride, names, backend=backend, memory=memory)
+                op = MixedOp(C, stride, names, backend=backend, memory=memory, partial_fusion=partial_fusion)
             else:
-                op = PartialChannelMixedOp(C, stride, names, partial_channels, backend=backend, memory=memory)
+                op = PartialChannelMixedOp(
+                    C, stride, names, partial_channels, backend=backend, memory=memory, partial_fusion=partial_fusion
+                )
             self.edges.append(op)
 
     def forward(

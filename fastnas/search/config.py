@@ -54,6 +54,7 @@ RESUME_FIELDS = (
     "amend_coefficient",
     "latency_model_sha256",
     "latency_weight",
+    "activations",
     "amp",
     "world_size",
 )
@@ -101,6 +102,7 @@ class SearchConfig:
     latency_model: str | None = None
     latency_model_sha256: str | None = None
     latency_weight: float = LATENCY_WEIGHT
+    activations: tuple | None = None
     amp: str | None = None
     memory: str = "save"
     cuda_graph: bool = False
@@ -180,7 +182,7 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, values: dict) -> SearchConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        tuples = {"arch_betas", "stage_layers", "stage_keep", "skip_drop", "primitives"}
+        tuples = {"arch_betas", "stage_layers", "stage_keep", "skip_drop", "primitives", "activations"}
         kwargs = {}
         for k, v in values.items():
             if k in names:

@@ -49,6 +49,21 @@ def build_network(
     config: SearchConfig, num_classes: int, in_channels: int, layers: int, edge_primitives: dict | None = None
 ) -> nn.Module:
     """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
+    if config.space == "darts" and config.activations is not None:
+        from fastnas.spaces.darts import DARTS_PRIMITIVES
+        from fastnas.spaces.darts_factorized import FactorizedSearchNetwork
+
+        return FactorizedSearchNetwork(
+            C=config.init_channels,
+            num_classes=num_classes,
+            layers=layers,
+            stem="imagenet" if config.dataset == "imagenet" else "cifar",
+            primitives=list(config.primitives or DARTS_PRIMITIVES),
+            activations=list(config.activations),
+            backend=config.backend,
+            in_channels=in_channels,
+            memory=config.memory,
+        )
     if config.space == "darts":
         from fastnas.spaces.darts import DARTS_PRIMITIVES, SearchNetwork
 

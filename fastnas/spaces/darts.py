@@ -168,6 +168,7 @@ class SearchNetwork(SuperNet):
             Default: ``primitives`` on every edge.
         memory: "save", "recompute" or "checkpoint", as ``fastnas.nn.MixedOp``
             and ``fastnas.nn.Cell`` take it.
+        partial_fusion: as ``fastnas.nn.MixedOp`` takes it.
 
     Architecture parameters: ``alphas_normal`` and ``alphas_reduce``
     (edges x candidates) and, with edge normalisation, ``betas_normal`` and
@@ -190,6 +191,7 @@ class SearchNetwork(SuperNet):
         in_channels: int = 3,
         edge_primitives: dict | None = None,
         memory: str = "save",
+        partial_fusion: bool = False,
     ):
         super().__init__()
         if stem not in STEMS:
@@ -226,6 +228,7 @@ class SearchNetwork(SuperNet):
             cell = Cell(
                 steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
                 self._candidates["reduce" if reduction else "normal"], partial_channels, backend, memory,
+                partial_fusion,
             )  # fmt: skip
             self.cells.append(cell)
             reduction_prev = reduction
@@ -269,9 +272,13 @@ class SearchNetwork(SuperNet):
             params += [self.betas_normal, self.betas_reduce]
         return params
 
+    def _weights(self, cell: str) -> tuple[torch.Tensor, list[int] | None]:
+        """(edges, candidates) weights of ``cell``'s edges, and the sampled candidates in gumbel mode."""
+        return self._edge_weights(getattr(self, f"alphas_{cell}"))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, num_classes)."""
-        weights = {cell: self._edge_weights(getattr(self, f"alphas_{cell}")) for cell in CELL_TYPES}
+        weights = {cell: self._weights(cell) for cell in CELL_TYPES}
         betas = {cell: None for cell in CELL_TYPES}
         if self.edge_normalization:
             betas = {cell: normalize_edge_weights(getattr(self, f"betas_{cell}"), self.steps) for cell in CELL_TYPES}
@@ -298,6 +305,10 @@ class SearchNetwork(SuperNet):
         weights = self.arch_weights()
         return {cell: float(entropy(weights[cell])) for cell in CELL_TYPES}
 
+    def _parse_candidates(self, cell: str) -> list[list[str]]:
+        """The candidate names the rows of ``_cell_weights`` belong to, per edge."""
+        return self._candidates[cell]
+
     def _cell_weights(self, cell: str) -> torch.Tensor:
         weights = self.arch_weights()
         w = weights[cell]
@@ -314,9 +325,9 @@ class SearchNetwork(SuperNet):
         or loses its place to a stronger edge (P-DARTS).
         """
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
-        reduce = parse_cell(self._cell_weights("reduce").tolist(), self._candidates["reduce"], self.steps)
+        reduce = parse_cell(self._cell_weights("reduce").tolist(), self._parse_candidates("reduce"), self.steps)
         w = self._cell_weights("normal").tolist()
-        cands = self._candidates["normal"]
+        cands = self._parse_candidates("normal")
         normal = parse_cell(w, cands, self.steps)
         if max_skip_connect is not None:
             if max_skip_connect < 0:

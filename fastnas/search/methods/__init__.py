@@ -10,6 +10,7 @@ from fastnas.search.methods.gdas import GDAS
 from fastnas.search.methods.la_darts import LADarts
 from fastnas.search.methods.p_darts import PDarts
 from fastnas.search.methods.pc_darts import PCDarts
+from fastnas.search.methods.scalable_darts import ScalableDarts
 
 REGISTRY: dict[str, SearchMethod] = {
     method.name: method
@@ -21,6 +22,7 @@ REGISTRY: dict[str, SearchMethod] = {
         GDAS(),
         AmendedDarts(),
         LADarts(),
+        ScalableDarts(),
     )
 }
 METHODS = tuple(REGISTRY)

@@ -41,6 +41,8 @@ class SearchMethod:
     ddp_find_unused_parameters: ClassVar[bool] = False
     #: Why a step of this method cannot be captured as a CUDA graph, or None when it can.
     cuda_graph_unsupported: ClassVar[str | None] = None
+    #: The method searches an activation factor (``config.activations``, Scalable-DARTS).
+    searches_activations: ClassVar[bool] = False
 
     # --- settings -------------------------------------------------------------------
 
@@ -57,6 +59,8 @@ class SearchMethod:
         if config.space not in self.spaces:
             names = " and ".join(SPACE_NAMES.get(s, s) for s in self.spaces)
             raise SearchError(f"{self.name} searches the {names} space only; use --space {self.spaces[0]}")
+        if config.activations is not None and not self.searches_activations:
+            raise SearchError(f"{self.name} does not search activations; --activations is for scalable-darts")
 
     def stages(self, config: SearchConfig) -> list[dict]:
         """The training stages: layers, epochs, warm-up epochs and skip dropout of each."""
