@@ -71,10 +71,15 @@ export PYTHONUNBUFFERED=1
 #   tests   the CUDA tests (pytest -n, Triton compiled for the GPU), while one step of each
 #           fused configuration fills Triton's kernel cache for the benchmarks
 #   step    search-step table, DARTS and PC-DARTS, eager/fused/checkpoint, each also as a CUDA graph
+#   step256 the same table at batch 256
 #   imagenet  a 224x224 search step with the ImageNet stem, no partial channels
 #   largest the largest batch per configuration: estimated from the step table, each estimate run
 #   ops     the GPU ops and multi_depthwise microbenchmarks
-PARTS=${*:-build tests step imagenet largest ops}
+#   epoch   one whole epoch of a first-order DARTS search on CIFAR-shaped data (25,000 + 25,000
+#           random images): the fused engine (save, recompute; CUDA graph by default) and the eager
+#           reference under a CUDA graph
+#   epoch_eager  the same epoch of the eager reference without a graph (the slowest: a call of its own)
+PARTS=${*:-build tests step imagenet largest ops step256 epoch epoch_eager}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 
@@ -111,6 +116,18 @@ if want largest; then
     src="$OUT/cuda_search_step.csv"
     [[ -f $src ]] || src=benchmarks/results/cuda_search_step.csv
     step largest 400 "$PY" benchmarks/largest_batch.py --from "$src" --out "$OUT" --verify darts:reference:save,darts:auto:save,darts:auto:recompute,pc-darts:auto:recompute
+fi
+if want step256; then
+    step search_step_256 330 "$PY" benchmarks/bench_search_step.py --device cuda --batch-size 256 --reps 3 \
+        --timeout 120 --cuda-graph --no-count-ops --tag b256 --out "$OUT"
+fi
+if want epoch; then
+    step epoch 560 "$PY" benchmarks/bench_epoch.py --device cuda --configs auto,auto-recompute,reference-graph \
+        --timeout 250 --out "$OUT"
+fi
+if want epoch_eager; then
+    step epoch_eager 560 "$PY" benchmarks/bench_epoch.py --device cuda --configs reference --timeout 540 \
+        --out "$OUT/eager"
 fi
 if want ops; then
     step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT"

@@ -43,4 +43,31 @@ TORCH_LIBRARY(fastnas, m) {
       "partial_channel_node_sum_backward(Tensor grad_out, Tensor[] mixed, Tensor[] bypass, Tensor weights, "
       "int groups, int[] strides, bool[] mixed_need_grad, bool[] bypass_need_grad, bool weights_need_grad) "
       "-> (Tensor[], Tensor[], Tensor)");
+
+  // A whole DARTS edge on the building blocks (csrc/darts_edge.h): spec is
+  // EdgeSpec.encoded; the running statistics are updated in place; zs and the
+  // statistics are what backward reads (zs only under memory "save").
+  m.def(
+      "darts_edge(Tensor x, Tensor weights, Tensor[] params, Tensor(a!)[] running_mean, Tensor(b!)[] running_var, "
+      "Tensor(c!)[] num_batches_tracked, int[] spec, float eps, float momentum, str memory) "
+      "-> (Tensor out, Tensor zs, Tensor mid_mean, Tensor mid_rstd, Tensor mean, Tensor rstd)");
+  m.def(
+      "darts_edge_backward(Tensor grad_out, Tensor x, Tensor weights, Tensor[] params, Tensor? zs, Tensor mid_mean, "
+      "Tensor mid_rstd, Tensor mean, Tensor rstd, int[] spec) -> (Tensor grad_x, Tensor grad_weights, "
+      "Tensor[] grad_params)");
+
+  // A PC-DARTS node in one call: every incoming edge's fused candidates (specs:
+  // the edges' EdgeSpec.encoded one after the other) on the first C / groups
+  // channels of its state, then partial_channel_node_sum with the edge weights.
+  // The edges' mixed outputs and what darts_edge returns, packed along dim 0.
+  m.def(
+      "partial_channel_node(Tensor[] states, Tensor weights, Tensor edge_weights, Tensor[] params, "
+      "Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor(c!)[] num_batches_tracked, int[] specs, "
+      "float[] eps, float[] momentum, int groups, str memory) -> (Tensor out, Tensor mixed, Tensor zs, "
+      "Tensor mid_mean, Tensor mid_rstd, Tensor mean, Tensor rstd)");
+  m.def(
+      "partial_channel_node_backward(Tensor grad_out, Tensor[] states, Tensor weights, Tensor edge_weights, "
+      "Tensor[] params, Tensor mixed, Tensor? zs, Tensor mid_mean, Tensor mid_rstd, Tensor mean, Tensor rstd, "
+      "int[] specs, int groups) -> (Tensor[] grad_states, Tensor grad_weights, Tensor grad_edge_weights, "
+      "Tensor[] grad_params)");
 }

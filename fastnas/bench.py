@@ -17,6 +17,7 @@ the autograd engine's backward ops are counted too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -430,8 +431,8 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         choices=("save", "recompute", "checkpoint"),
         help="what each edge keeps for backward: save, recompute (fused engine) or checkpoint (eager modules)",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=None, help="default 64 (2 with --host)")
+    parser.add_argument("--image-size", type=int, default=None, help="default 32 (8 with --host)")
     parser.add_argument(
         "--stem",
         choices=("cifar", "imagenet"),
@@ -445,7 +446,15 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false", help="skip the op-counting step")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 with --host)"
+    )
+    parser.add_argument(
+        "--host",
+        action="store_true",
+        help="host cost: a step small enough that arithmetic is negligible (batch 2, 8x8, one thread unless "
+        "given); median host ms per step and torch.profiler op events per step",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cuda-graph",
@@ -494,15 +503,27 @@ def make_search_step(
     loss_fn = torch.nn.functional.cross_entropy
     net.train()
 
+    # Profiler regions (nothing when no profiler runs): what profiler_events splits the
+    # events by. Not in a captured step, which replays kernels only.
+    if cuda_graph:
+        network = optimizer = contextlib.nullcontext()
+    else:
+        network, optimizer = (torch.profiler.record_function(name) for name in STEP_REGIONS)
+
     def step_on(x_train, y_train, x_val, y_val) -> torch.Tensor:
-        arch_opt.zero_grad(set_to_none=True)
-        loss_fn(net(x_val), y_val).backward()
-        arch_opt.step()
-        weight_opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x_train), y_train)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(weight_params, 5.0)
-        weight_opt.step()
+        with optimizer:
+            arch_opt.zero_grad(set_to_none=True)
+        with network:
+            loss_fn(net(x_val), y_val).backward()
+        with optimizer:
+            arch_opt.step()
+            weight_opt.zero_grad(set_to_none=True)
+        with network:
+            loss = loss_fn(net(x_train), y_train)
+            loss.backward()
+        with optimizer:
+            torch.nn.utils.clip_grad_norm_(weight_params, 5.0)
+            weight_opt.step()
         return loss.detach()
 
     if cuda_graph:
@@ -534,13 +555,96 @@ def run_bench_step(args: argparse.Namespace) -> dict:
     configuration (as benchmarks/bench_search_step.py runs it).
     """
     device = torch.device(args.device)
+    host = getattr(args, "host", False)
+    for name, default in (HOST_DEFAULTS if host else STEP_DEFAULTS).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
     threads = torch.get_num_threads()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     try:
-        return _run_bench_step(args, device)
+        return _run_host_step(args, device) if host else _run_bench_step(args, device)
     finally:
         torch.set_num_threads(threads)
+
+
+# What a step measures by default, and in host-cost mode: a step whose arithmetic is
+# negligible, so that its time is the host's (Python, dispatch, autograd, launches).
+STEP_DEFAULTS = {"batch_size": 64, "image_size": 32}
+HOST_DEFAULTS = {"batch_size": 2, "image_size": 8, "threads": 1}
+# The profiler regions of make_search_step: forward and backward of both halves, and
+# the optimisers (zero_grad, Adam, gradient clipping, SGD).
+STEP_REGIONS = ("fastnas.step.network", "fastnas.step.optimizer")
+
+
+def profiler_events(fn: Callable[[], object]) -> dict:
+    """The op events ``torch.profiler`` records in one call of ``fn`` (every operator call
+    at every level, nested ones included, and autograd's node evaluations): in all, and
+    under each of make_search_step's regions (the region markers not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.events()
+
+    def size(event) -> int:
+        return 1 + sum(size(child) for child in event.cpu_children)
+
+    counts = {"total": len(events) - sum(e.name in STEP_REGIONS for e in events)}
+    for region in STEP_REGIONS:
+        counts[region.rsplit(".", 1)[-1]] = sum(size(e) - 1 for e in events if e.name == region)
+    return counts
+
+
+def host_cost(step: Callable[[], object], reps: int, warmup: int) -> dict:
+    """Median (and quartiles) host milliseconds per call of ``step`` on the CPU, and its
+    profiler op events (one more call)."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    timing = _quartiles(times)
+    events = profiler_events(step)
+    return {
+        "host_ms_median": timing.median_ms,
+        "host_ms_q25": timing.q25_ms,
+        "host_ms_q75": timing.q75_ms,
+        "reps": len(times),
+        "profiler_events": events["total"],
+        "network_events": events["network"],
+        "optimizer_events": events["optimizer"],
+    }
+
+
+def _run_host_step(args: argparse.Namespace, device: torch.device) -> dict:
+    from fastnas import backends
+
+    if device.type != "cpu":
+        raise ValueError("fastnas bench-step --host measures the host on the CPU; use --device cpu")
+    torch.manual_seed(args.seed)
+    net = _build_network(args, device)
+    step = make_search_step(net, device, args.batch_size, args.image_size, args.num_classes, args.seed)
+    result = {
+        "mode": "host",
+        "network": args.network,
+        "backend": args.backend,
+        "backend_used": backends.resolve("darts_edge", device, None if args.backend == "auto" else args.backend),
+        "memory": args.memory,
+        "device": device_name(device),
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "layers": args.layers,
+        "threads": torch.get_num_threads(),
+        **host_cost(step, args.reps if args.reps is not None else 10, max(args.warmup, 1)),
+        "torch": torch.__version__,
+        "commit": git_commit(),
+    }
+    print(json.dumps(result), flush=True)
+    return result
 
 
 def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:

@@ -1,4 +1,4 @@
-"""The ``fastnas`` command: ``search``, ``train``, ``bench-step`` and ``info``.
+"""The ``fastnas`` command: ``search``, ``select``, ``train``, ``rank-eval``, ``bench-step`` and ``info``.
 
 ``fastnas search`` with no options runs DARTS on scikit-learn's digits on the
 CPU in a few minutes, and ends by printing the ``fastnas train`` command that
@@ -33,11 +33,18 @@ GDAS tau 10 -> 0.1. Any option given on the command line overrides them.
 Several processes: torchrun --nproc_per_node N -m fastnas search ...
 (--batch-size is then the total over all processes).
 
-On one GPU, --cuda-graph captures the whole step (both passes and both
-optimizer steps) once per epoch as a CUDA graph and replays it, so the CPU no
-longer launches its thousands of small kernels one by one. It supports darts
-and pc-darts with --memory save and no --amp or --amp bf16; other settings are
-refused with the reason.
+spos, fairnas and oneshot train a supernet by paths and no architecture
+weights; their output folder holds the trained supernet (checkpoint.pt), and
+fastnas select searches over it for the genotype.
+
+On one GPU the whole step (both passes and both optimizer steps) is captured
+once per epoch as a CUDA graph and replayed, so the CPU no longer launches its
+thousands of small kernels one by one. That is the default wherever capture
+works (every method but gdas, spos, fairnas and oneshot; no --amp fp16,
+--memory checkpoint or several processes); elsewhere the search says in one
+line why it runs without one.
+--no-cuda-graph turns capture off; --cuda-graph insists on it (an error, with
+the reason, where it cannot work).
 """
 
 
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastnas", description="Fused-kernel weight-sharing architecture search.")
     parser.add_argument("--version", action="version", version=f"fastnas {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{search,train,latency-model,bench-step,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{search,select,train,rank-eval,latency-model,bench-step,info}")
 
     s = sub.add_parser(
         "search",
@@ -156,9 +163,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="capture the search step once per epoch as a CUDA graph and replay it (--device cuda; "
-        "darts and pc-darts, no fp16, --memory save)",
+        help="capture the search step once per epoch as a CUDA graph and replay it (default: on CUDA, "
+        "wherever capture works)",
     )
+    s.add_argument("--weight-decay", type=float, default=None, help="SGD weight decay of the weights")
+    s.add_argument("--train-portion", type=float, default=None, help="share of the training images the weights see")
+    s.add_argument(
+        "--bn-affine",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="affine batch norms inside the candidates (default: off)",
+    )
+    s.add_argument(
+        "--bn-track",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batch norms keep running statistics (default: on; oneshot: off, batch statistics)",
+    )
+    s.add_argument(
+        "--path-dropout",
+        type=float,
+        default=None,
+        help="spos/fairnas: drop probability of each sampled candidate, rising linearly from 0; oneshot: r, "
+        "the end probability that all k inputs of a node go (each r^(1/k))",
+    )
+    s.add_argument("--ghost-batch-size", type=_positive_int, default=None, help="oneshot: images per ghost batch")
+    s.add_argument(
+        "--constraint",
+        choices=("params", "flops"),
+        default=None,
+        help="spos: sample only architectures whose stand-alone network's parameters or FLOPs "
+        "(multiply-adds per image) lie within --constraint-min/--constraint-max",
+    )
+    s.add_argument("--constraint-min", type=float, default=None, help="lower end of the --constraint range")
+    s.add_argument("--constraint-max", type=float, default=None, help="upper end of the --constraint range")
     s.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
     s.add_argument(
         "--threads",
@@ -171,11 +209,119 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="DIR", default=None, help="continue the search whose checkpoint is in DIR")
     s.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
+    _add_select_parser(sub)
     _add_train_parser(sub)
+    _add_rank_eval_parser(sub)
     _add_latency_parser(sub)
     sub.add_parser("bench-step", help="time one search step (see fastnas bench-step --help)", add_help=False)
     sub.add_parser("info", help="versions and available backends", add_help=False)
     return parser
+
+
+SELECT_DESCRIPTION = """\
+Search over the supernet a spos, fairnas or oneshot search trained (RUN_DIR,
+its output folder). Every candidate is scored by the supernet running its path
+on the search's validation half, after batch-norm recalibration (statistics
+reset, then --bn-batches training batches). --strategy random scores
+--candidates random architectures; --strategy evolution is SPOS' (population
+50, 20 generations, the 10 best breed 25 mutations with per-gene probability
+0.1 and 25 crossovers). --constraint keeps only architectures whose
+stand-alone network (the one fastnas train builds) has at most
+--constraint-max parameters, FLOPs (multiply-adds per image) or milliseconds
+of measured latency (and at least --constraint-min).
+
+Writes select-<strategy>.json (every candidate, ranked), genotype.json (the
+best) and cells.png to RUN_DIR (or --out); fastnas train RUN_DIR trains it.
+"""
+
+RANK_EVAL_DESCRIPTION = """\
+Measure how well a supernet ranks architectures: N architectures of the space,
+drawn uniformly, are trained stand-alone with fastnas train's recipe on a short
+schedule (--workers at once, in worker processes) and scored by a supernet
+trained with --method; the report gives Kendall's tau, the sparse Kendall tau
+of Yu et al. (stand-alone accuracies binned at --threshold, 0.1%), Spearman's
+rho, the top-k overlap and the stand-alone accuracy of the supernet's top 3.
+
+The default runs SPOS on the NAS-Bench-201 space and the bundled digits, on the
+CPU, in minutes. --compare SETTING ... trains one supernet per setting and
+tabulates the coefficients of each against the same stand-alone results; a
+setting is base (the run's own options) or key=value,... of fastnas search's
+settings (e.g. bn_track=false, bn_affine=true, method=fairnas, path_dropout=0.2,
+warmup_epochs=5, lr=0.05, weight_decay=0, epochs=10, init_channels=4,
+layers=2, train_portion=0.5), optionally named name:key=value,...;
+--compare alone runs Yu et al.'s heuristics one by one.
+
+Writes to --out: standalone.json (reused by later runs with the same
+architectures and recipe), supernet-<setting>/ (each search's folder),
+pairs-<setting>.json, scatter-<setting>.png, report.json and table.md.
+"""
+
+
+def _add_select_parser(sub) -> None:
+    from fastnas.search.selection import STRATEGIES
+
+    p = sub.add_parser(
+        "select",
+        help="search over a trained supernet (spos, fairnas, oneshot)",
+        description=SELECT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("run", metavar="RUN_DIR", help="the output folder of a spos, fairnas or oneshot search")
+    p.add_argument("--strategy", choices=STRATEGIES, default="evolution", help="random or evolution (default)")
+    p.add_argument("--candidates", type=_positive_int, default=1000, help="random: architectures scored (1000)")
+    p.add_argument("--population", type=_positive_int, default=50, help="evolution: population (50)")
+    p.add_argument("--generations", type=_positive_int, default=20, help="evolution: generations (20)")
+    p.add_argument("--parents", type=_positive_int, default=10, help="evolution: the best that breed (10)")
+    p.add_argument("--mutations", type=int, default=25, help="evolution: mutations per generation (25)")
+    p.add_argument("--mutation-prob", type=float, default=0.1, help="evolution: per-gene mutation probability")
+    p.add_argument("--crossovers", type=int, default=25, help="evolution: crossovers per generation (25)")
+    p.add_argument("--constraint", choices=("params", "flops", "latency"), default=None, help="what to limit")
+    p.add_argument("--constraint-max", type=float, default=None, help="at most this many parameters, FLOPs or ms")
+    p.add_argument("--constraint-min", type=float, default=None, help="at least this many")
+    p.add_argument("--bn-batches", type=int, default=10, help="training batches of the recalibration (10)")
+    p.add_argument("--val-images", type=_positive_int, default=None, help="score on this many validation images")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: 1 for digits)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--out", metavar="DIR", default=None, help="output folder (default: RUN_DIR)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_rank_eval_parser(sub) -> None:
+    from fastnas.search.config import DATASETS, SPACES
+    from fastnas.search.methods import REGISTRY
+
+    methods = [name for name, m in REGISTRY.items() if not m.trains_architecture]
+    r = sub.add_parser(
+        "rank-eval",
+        help="measure how well a supernet ranks architectures",
+        description=RANK_EVAL_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument("--method", choices=methods, default="spos", help="supernet training (default: spos)")
+    r.add_argument("--space", choices=SPACES, default="nb201", help="search space (default: nb201)")
+    r.add_argument("--dataset", choices=DATASETS, default="digits", help="dataset (default: digits, bundled)")
+    r.add_argument("--data", metavar="PATH", default=None, help="folder of the cifar10/cifar100/imagenet files")
+    r.add_argument("--architectures", type=_positive_int, default=30, help="architectures to rank (30)")
+    r.add_argument("--standalone-epochs", type=_positive_int, default=8, help="stand-alone training epochs (8)")
+    r.add_argument(
+        "--standalone-channels", type=_positive_int, default=None, help="C of the stand-alone networks (digits: 8)"
+    )
+    r.add_argument(
+        "--standalone-layers", type=_positive_int, default=None, help="cells of the stand-alone networks (digits: 1)"
+    )
+    r.add_argument("--epochs", type=_positive_int, default=None, help="supernet epochs (default: the method's)")
+    r.add_argument("--workers", type=_positive_int, default=None, help="stand-alone trainings at once (cores, <= 4)")
+    r.add_argument("--bn-batches", type=int, default=10, help="training batches of each recalibration (10)")
+    r.add_argument("--threshold", type=float, default=0.001, help="bin width of the sparse Kendall tau (0.001)")
+    r.add_argument("--top-k", type=_positive_int, default=5, help="k of the top-k overlap (5)")
+    r.add_argument(
+        "--compare", nargs="*", metavar="SETTING", default=None, help="settings to compare (alone: Yu et al.'s)"
+    )
+    r.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
+    r.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    r.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/rank-eval-...)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _add_train_parser(sub) -> None:
@@ -309,7 +455,10 @@ _CONFIG_OPTIONS = {
     "lr": "lr", "arch_lr": "arch_lr", "warmup_epochs": "warmup_epochs", "layers": "layers",
     "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
     "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
-    "cuda_graph": "cuda_graph", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
+    "cuda_graph": "cuda_graph", "weight_decay": "weight_decay", "train_portion": "train_portion",
+    "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
+    "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
+    "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
     "latency_weight": "latency_weight", "activations": "activations",
 }  # fmt: skip
 
@@ -361,6 +510,10 @@ def _run_search(args: argparse.Namespace) -> int:
             flush=True,
         )
     result = searcher.run()
+    if _is_main_process() and not cfg.search_method.trains_architecture:
+        print(f"wrote {out}/checkpoint.pt (the trained supernet) and log.jsonl")
+        print(f"search it: fastnas select {shlex.quote(out)}")
+        return 0
     if _is_main_process():
         print(f"genotype: {result.genotype}")
         print(f"wrote {out}/genotype.json, cells.png, log.jsonl, checkpoint.pt")
@@ -439,6 +592,84 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_select(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.search.selection import SelectSettings, load_supernet, select
+
+    settings = SelectSettings(
+        strategy=args.strategy, candidates=args.candidates, population=args.population,
+        generations=args.generations, parents=args.parents, mutations=args.mutations,
+        mutation_prob=args.mutation_prob, crossovers=args.crossovers, constraint=args.constraint,
+        constraint_min=args.constraint_min, constraint_max=args.constraint_max, bn_batches=args.bn_batches,
+        val_images=args.val_images, seed=args.seed,
+    )  # fmt: skip
+    settings.validate()
+    supernet = load_supernet(args.run, args.device)
+    threads = args.threads or (1 if supernet.config.dataset == "digits" and args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    out = args.out or args.run
+    cfg = supernet.config
+    if not args.no_progress:
+        print(
+            f"fastnas select: {settings.strategy} over the {cfg.method} supernet of {args.run} ({cfg.space} space, "
+            f"{cfg.dataset}, trained {supernet.epochs_done} of {cfg.epochs} epochs)",
+            flush=True,
+        )
+    progress = not args.no_progress
+    result = select(args.run, settings, out_dir=out, device=args.device, progress=progress, supernet=supernet)
+    best = result.best
+    print(f"best: {best['description']}")
+    print(f"supernet validation accuracy {100 * best['val_acc']:.2f}% ({result.evaluated} architectures scored)")
+    print(f"wrote {out}/" + ", ".join(result.files))
+    if os.path.abspath(out) == os.path.abspath(args.run):
+        command = _train_command(out, args.device, 1)
+    else:
+        # The run folder's checkpoint names the data; a separate folder only has the genotype.
+        command = _train_command(os.path.join(out, "genotype.json"), args.device, 1) + f" --dataset {cfg.dataset}"
+        command += f" --data {shlex.quote(cfg.data)}" if cfg.data else ""
+    print(f"train it from scratch: {command}")
+    return 0
+
+
+def _run_rank_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.search.rank_eval import HEURISTICS, RankEvalSettings, Setting, rank_eval
+
+    standalone = {}
+    if args.standalone_channels:
+        standalone["init_channels"] = args.standalone_channels
+    if args.standalone_layers:
+        standalone["layers"] = args.standalone_layers
+    supernet = {"epochs": args.epochs} if args.epochs else {}
+    workers = args.workers or max(1, min(4, os.cpu_count() or 1))
+    settings = RankEvalSettings(
+        method=args.method, space=args.space, dataset=args.dataset, data=args.data,
+        architectures=args.architectures, standalone_epochs=args.standalone_epochs, standalone=standalone,
+        supernet=supernet, workers=workers, device=args.device, seed=args.seed, bn_batches=args.bn_batches,
+        threshold=args.threshold, top_k=args.top_k,
+    )  # fmt: skip
+    compare = None
+    if args.compare is not None:
+        compare = [Setting.parse(text) for text in (args.compare or HEURISTICS)]
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    out = args.out or os.path.join("runs", f"rank-eval-{args.method}-{args.space}-{args.dataset}")
+    if not args.no_progress:
+        print(
+            f"fastnas rank-eval: {settings.architectures} {args.space} architectures on {args.dataset}, "
+            f"{settings.standalone_epochs} stand-alone epochs each ({workers} at once), supernet {args.method}; "
+            f"writing to {out}",
+            flush=True,
+        )
+    report = rank_eval(settings, out, compare, progress=not args.no_progress)
+    print(report["table"])
+    print(f"wrote {out}/report.json, standalone.json, pairs-*.json, scatter-*.png" + (", table.md" if compare else ""))
+    return 0
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
@@ -487,9 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastnas.search import SearchError
 
     errors: tuple = (SearchError, DatasetError)
-    run = _run_search
-    if args.command == "latency-model":
-        run = _run_latency_model
+    run = {
+        "search": _run_search, "select": _run_select, "rank-eval": _run_rank_eval, "latency-model": _run_latency_model,
+    }.get(args.command, _run_search)  # fmt: skip
     if args.command == "train":
         from fastnas.train import TrainError
 

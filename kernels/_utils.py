@@ -1,4 +1,4 @@
-"""Pieces shared by the Triton kernels: pointer tables, rounding, the weights' reduction."""
+"""Pieces shared by the Triton kernels: pointer tables, rounding, the max-pool rule, the weights' reduction."""
 
 from __future__ import annotations
 
@@ -18,11 +18,6 @@ _TL_DTYPES = {
     torch.bfloat16: tl.bfloat16,
     torch.float64: tl.float64,
 }
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 inputs keep fp64; every narrower float accumulates in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -86,6 +81,21 @@ def cast_for_store(x, DTYPE: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def max_pool_takes(v, best):
+    """PyTorch's max-pool rule, scanning a window in row-major order: ``v`` replaces the
+    maximum so far when it is strictly greater or NaN (so ties go to the first
+    maximum, and the last NaN wins)."""
+    return (v > best) | (v != v)
+
+
+@triton.jit
+def take_if_greater(best, arg, v, i):
+    """One step of the max-pool scan: the new (maximum, argmax) after element ``v`` at ``i``."""
+    take = max_pool_takes(v, best)
+    return tl.where(take, v, best), tl.where(take, i, arg)
 
 
 @triton.jit

@@ -16,7 +16,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnas.kernels._utils import accumulate_dtype, cast_for_store, device_guard, sum_partials, tl_dtype
+from fastnas.kernels._utils import (
+    cast_for_store,
+    device_guard,
+    max_pool_takes,
+    sum_partials,
+    tl_dtype,
+)
+from fastnas.ops._common import accumulate_dtype
 
 _STATS_BLOCK = 512
 _FORWARD_BLOCK = 512
@@ -44,7 +51,7 @@ def _window(x_base, oh, ow, H, W, S: tl.constexpr, mask, ACC: tl.constexpr):
             iw = ow * S - 1 + dw
             ok = row_ok & (iw >= 0) & (iw < W)
             v = tl.load(x_base + ih * W + iw, mask=ok, other=0.0).to(ACC)
-            take = ok & ((v > best) | (v != v) | (arg < 0))
+            take = ok & (max_pool_takes(v, best) | (arg < 0))
             best = tl.where(take, v, best)
             arg = tl.where(take, dh * 3 + dw, arg)
             total += v

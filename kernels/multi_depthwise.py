@@ -21,11 +21,14 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnas.kernels._utils import accumulate_dtype, cast_for_store, device_guard, sum_partials, tl_dtype
+from fastnas.kernels._utils import cast_for_store, device_guard, sum_partials, tl_dtype
+from fastnas.ops._common import accumulate_dtype
 from fastnas.ops.activations import ELU_ALPHA as _ELU_ALPHA
 from fastnas.ops.activations import LEAKY_RELU_SLOPE as _LEAKY_RELU_SLOPE
+from fastnas.ops.multi_depthwise import MAX_CANDIDATES_TRITON
 
-MAX_SLOTS = 4
+# The kernels below are written for this many slots; the op checks the limit.
+MAX_SLOTS = MAX_CANDIDATES_TRITON
 # Fixed for a given shape, never tuned: the block sets how the weights' gradient
 # is split into partial sums, which must not change between runs.
 _MAX_BLOCK = 1024
@@ -316,13 +319,7 @@ def _shape(x: torch.Tensor, stride: int):
     return shared, n, c, h, w, (h - 1) // stride + 1, (w - 1) // stride + 1
 
 
-def _check_slots(weights):
-    if not 1 <= len(weights) <= MAX_SLOTS:
-        raise ValueError(f"multi_depthwise (triton): 1 to {MAX_SLOTS} candidates per call, got {len(weights)}")
-
-
 def multi_depthwise_forward(x, weights, dilations, stride, mean=None, rstd=None, activations=None) -> torch.Tensor:
-    _check_slots(weights)
     shared, n, c, h, w, ho, wo = _shape(x, stride)
     out = torch.empty((len(weights), c, n, ho, wo), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -344,7 +341,6 @@ def multi_depthwise_forward(x, weights, dilations, stride, mean=None, rstd=None,
 def multi_depthwise_backward(
     grad_out, x, weights, dilations, stride, mean=None, rstd=None, input_need_grad=True, activations=None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    _check_slots(weights)
     shared, n, c, h, w, ho, wo = _shape(x, stride)
     ptrs, ks, ds, acts = _slots(weights, dilations, activations)
     bn = mean is not None

@@ -17,16 +17,17 @@ import triton
 import triton.language as tl
 
 from fastnas.kernels._utils import (
-    accumulate_dtype,
     all_aligned,
     cast_for_store,
     device_guard,
     load_pointer,
     pointer_table,
     sum_partials,
+    take_if_greater,
     tl_dtype,
     warps_for,
 )
+from fastnas.ops._common import accumulate_dtype
 
 # Rows longer than this are split across programs; the split is a function of
 # the shape alone, so the weights' partial sums are reproducible.
@@ -62,13 +63,6 @@ def _window(bypass_ptr, n, cb, Cb, HW, W, hw, mask, ACC: tl.constexpr):
 
 
 @triton.jit
-def _take_if_greater(best, arg, v, i):
-    # PyTorch's rule: a strictly greater value or any NaN replaces the current one.
-    take = (v > best) | (v != v)
-    return tl.where(take, v, best), tl.where(take, i, arg)
-
-
-@triton.jit
 def _partial_channel_forward_kernel(
     x_table,
     w_ptr,
@@ -100,9 +94,9 @@ def _partial_channel_forward_kernel(
         cb = c - Cp
         if POOL:
             v0, v1, v2, v3, i0, i1, i2, i3 = _window(bypass_ptr, n, cb, Cb, HW, W, hw, mask, ACC)
-            best, arg = _take_if_greater(v0, i0, v1, i1)
-            best, arg = _take_if_greater(best, arg, v2, i2)
-            best, arg = _take_if_greater(best, arg, v3, i3)
+            best, arg = take_if_greater(v0, i0, v1, i1)
+            best, arg = take_if_greater(best, arg, v2, i2)
+            best, arg = take_if_greater(best, arg, v3, i3)
             tl.store(out_ptr + out_row + hw, cast_for_store(best, out_ptr.dtype.element_ty), mask=mask)
         else:
             in_row = (n.to(tl.int64) * Cb + cb) * HW
@@ -162,9 +156,9 @@ def _partial_channel_backward_kernel(
             grad_row = tl.load(grad_ptr + out_row + hw, mask=mask, other=0.0)
             if POOL:
                 v0, v1, v2, v3, i0, i1, i2, i3 = _window(bypass_ptr, n, cb, Cb, HW, W, hw, mask, ACC)
-                best, arg = _take_if_greater(v0, i0, v1, i1)
-                best, arg = _take_if_greater(best, arg, v2, i2)
-                best, arg = _take_if_greater(best, arg, v3, i3)
+                best, arg = take_if_greater(v0, i0, v1, i1)
+                best, arg = take_if_greater(best, arg, v2, i2)
+                best, arg = take_if_greater(best, arg, v3, i3)
                 base = grad_bypass_ptr + (n.to(tl.int64) * Cb + cb) * (4 * HW)
                 # The four windows' cells tile the input exactly: no memset needed.
                 tl.store(base + i0, tl.where(arg == i0, grad_row, 0.0), mask=mask)
@@ -229,15 +223,10 @@ def partial_channel_mixed_sum_backward(
     n, c, h, w = grad_out.shape
     cb = bypass.shape[1]
     cp = c - cb
-    num_w = weights.shape[0]
     grad_index = [k for k, need in enumerate(xs_need_grad) if need]
     grad_xs = [grad_out.new_empty((n, cp, h, w)) for _ in grad_index]
     if not weights_need_grad:
         xs = []
-    elif len(xs) != num_w:
-        raise ValueError(
-            f"partial_channel_mixed_sum_backward: the weights' gradient needs all {num_w} inputs, got {len(xs)}"
-        )
     # Unless the pool's argmax is wanted, bypass may be a zero-stride stand-in
     # that only carries the shape: never read it then.
     read_bypass = bypass_need_grad and bypass_pool

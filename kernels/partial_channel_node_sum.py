@@ -23,16 +23,17 @@ import triton
 import triton.language as tl
 
 from fastnas.kernels._utils import (
-    accumulate_dtype,
     all_aligned,
     cast_for_store,
     device_guard,
     load_pointer,
     pointer_table,
     sum_partials,
+    take_if_greater,
     tl_dtype,
     warps_for,
 )
+from fastnas.ops._common import accumulate_dtype
 
 _MAX_BLOCK = 1024
 
@@ -47,13 +48,6 @@ def _coordinates(C, Cp, C_per_group, groups, HW, W, BLOCK: tl.constexpr):
     h = hw // W
     x = hw - h * W
     return n, c, row.to(tl.int64) * HW, hw, h, x, hw < HW
-
-
-@triton.jit
-def _take_if_greater(best, arg, v, i):
-    # PyTorch's rule: a strictly greater value or any NaN replaces the current one.
-    take = (v > best) | (v != v)
-    return tl.where(take, v, best), tl.where(take, i, arg)
 
 
 @triton.jit
@@ -72,9 +66,9 @@ def _bypass_values(table, e, E, n, cb, h, x, mask, DTYPE: tl.constexpr, ACC: tl.
     else:
         top = base + (2 * h) * sh + (2 * x) * sw
         v = tl.load(top, mask=mask, other=0.0).to(ACC)
-        v, arg = _take_if_greater(v, arg, tl.load(top + sw, mask=mask, other=0.0).to(ACC), 1)
-        v, arg = _take_if_greater(v, arg, tl.load(top + sh, mask=mask, other=0.0).to(ACC), 2)
-        v, arg = _take_if_greater(v, arg, tl.load(top + sh + sw, mask=mask, other=0.0).to(ACC), 3)
+        v, arg = take_if_greater(v, arg, tl.load(top + sw, mask=mask, other=0.0).to(ACC), 1)
+        v, arg = take_if_greater(v, arg, tl.load(top + sh, mask=mask, other=0.0).to(ACC), 2)
+        v, arg = take_if_greater(v, arg, tl.load(top + sh + sw, mask=mask, other=0.0).to(ACC), 3)
     return v, arg, stride
 
 

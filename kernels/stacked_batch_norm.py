@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastnas.kernels._utils import accumulate_dtype, cast_for_store, device_guard, tl_dtype, warps_for
+from fastnas.kernels._utils import cast_for_store, device_guard, tl_dtype, warps_for
+from fastnas.ops._common import accumulate_dtype
 
 _MAX_BLOCK = 1024
 # At least this many chunks per program, so a program's fixed costs amortise.

@@ -4,7 +4,8 @@ every backend against the reference, and the fused edge of activation x convolut
 import pytest
 import torch
 import torch.nn.functional as F
-from test_multi_depthwise import SHAPES, assert_close_to, make_inputs
+from oracle import assert_oracle, backend_case, runs_on
+from test_multi_depthwise import SHAPES, make_inputs, sized
 
 from fastnas import backends
 from fastnas.nn import MixedOp
@@ -16,11 +17,6 @@ from fastnas.ops.multi_depthwise import (
     multi_depthwise_reference,
 )
 
-CASES = [
-    pytest.param(("cpu", "cpu"), id="cpu"),
-    pytest.param(("triton", "cpu"), id="triton-interpreter"),
-    pytest.param(("triton", "cuda"), id="triton-cuda", marks=pytest.mark.requires_cuda),
-]
 # (kernel size, dilation, activation) per candidate; the Triton kernels take four per call.
 CANDIDATES = {
     "mixed": [(3, 1, "relu6"), (5, 1, "swish"), (3, 2, "elu"), (3, 1, "relu")],
@@ -29,13 +25,7 @@ CANDIDATES = {
 MODES = ["shared", "per-candidate", "batch-norm"]
 
 
-@pytest.fixture(params=CASES)
-def case(request):
-    name, device = request.param
-    why = backends.backend_status()[name]
-    if why:
-        pytest.skip(f"backend {name} unavailable: {why}")
-    return name, torch.device(device)
+case = backend_case("multi_depthwise")
 
 
 def test_activation_math_matches_torch():
@@ -74,11 +64,13 @@ def test_reference_applies_each_candidates_activation():
 def test_matches_reference(case, cands, stride, mode, dtype, poison_empty):
     name, device = case
     i = list(CANDIDATES).index(cands) + 2 * stride + MODES.index(mode) + (dtype == torch.float32)
-    x, ws, ds, mean, rstd, acts = _inputs(CANDIDATES[cands], mode, SHAPES[i % len(SHAPES)], dtype, device, 200 + i)
-    out = multi_depthwise(x, ws, ds, stride, mean, rstd, activations=acts, backend=name)
+    shape = sized(case, SHAPES[i % len(SHAPES)])
+    x, ws, ds, mean, rstd, acts = _inputs(CANDIDATES[cands], mode, shape, dtype, device, ("act", cands, stride, mode))
+    with runs_on(name, "multi_depthwise"):
+        out = multi_depthwise(x, ws, ds, stride, mean, rstd, activations=acts, backend=name)
     x64, w64 = x.double(), [w.double() for w in ws]
-    assert_close_to(out, multi_depthwise_reference(x, ws, ds, stride, mean, rstd, acts),
-                    multi_depthwise_reference(x64, w64, ds, stride, mean, rstd, acts), "out")  # fmt: skip
+    assert_oracle(out, multi_depthwise_reference(x, ws, ds, stride, mean, rstd, acts),
+                  multi_depthwise_reference(x64, w64, ds, stride, mean, rstd, acts), "out")  # fmt: skip
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
     grad_out = grad_out.to(device=device, dtype=dtype)
     grad_pre, grad_ws = multi_depthwise_backward(grad_out, x, ws, ds, stride, mean, rstd, activations=acts,
@@ -86,10 +78,10 @@ def test_matches_reference(case, cands, stride, mode, dtype, poison_empty):
     lowp_pre, lowp_ws = multi_depthwise_backward_reference(grad_out, x, ws, ds, stride, mean, rstd, True, acts)
     ref_pre, ref_ws = multi_depthwise_backward_reference(grad_out.double(), x64, w64, ds, stride, mean, rstd, True,
                                                          acts)  # fmt: skip
-    assert_close_to(grad_pre, lowp_pre, ref_pre, "grad_pre")
+    assert_oracle(grad_pre, lowp_pre, ref_pre, "grad_pre")
     scale = grad_out.double().abs().sum().item() * x.double().abs().max().item() / max(1, grad_out.numel()) ** 0.5
     for j, (got, lp, r) in enumerate(zip(grad_ws, lowp_ws, ref_ws)):
-        assert_close_to(got, lp, r, f"grad_weights[{j}]", scale)
+        assert_oracle(got, lp, r, f"grad_weights[{j}]", scale=scale, reduction=True)
 
 
 def test_many_activations_of_one_input_cpu(poison_empty):
@@ -121,6 +113,18 @@ def test_bad_activations_are_named():
     if not backends.backend_status()["cpu"]:
         with pytest.raises(RuntimeError, match=r"activations\[1\] is 9"):
             torch.ops.fastnas.multi_depthwise(x, ws, ds, 1, None, None, [0, 9, 0, 0])
+    # The fake implementations (torch.compile) check the codes too.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fx, fws = mode.from_tensor(x), [mode.from_tensor(w) for w in ws]
+        for op in (torch.ops.fastnas.multi_depthwise_triton, torch.ops.fastnas.multi_depthwise):
+            if op is torch.ops.fastnas.multi_depthwise and backends.backend_status()["cpu"]:
+                continue
+            with pytest.raises(ValueError, match=r"activations\[1\] is 9"):
+                op(fx, fws, ds, 1, None, None, [0, 9, 0, 0])
+            with pytest.raises(ValueError, match="activations has 1 entries"):
+                op(fx, fws, ds, 1, None, None, [0])
 
 
 def test_opcheck_with_activations(case):

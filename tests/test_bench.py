@@ -150,3 +150,72 @@ def test_search_step_benchmark_script_tiny(tmp_path):
         assert float(rows[0]["live_vs_reference"]) == 1.0
     assert float(rows[1]["aten_ops_vs_reference"]) > 0
     assert "MALLOC_MMAP_THRESHOLD_" in (tmp_path / "cpu_search_step_tiny.md").read_text()
+
+
+def test_epoch_benchmark_script_tiny(tmp_path):
+    """One whole (tiny) search epoch per configuration, in fresh processes, with speed-ups
+    against the eager reference measured in the same run."""
+    import csv
+    import subprocess
+
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "bench_epoch.py"), "--configs", "reference,auto,auto-recompute",
+        "--images", "32", "--batch-size", "8", "--image-size", "8", "--channels", "4", "--layers", "2",
+        "--threads", "1", "--out", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "cpu_epoch.csv").open()))
+    assert [r["config"] for r in rows] == ["reference", "auto", "auto-recompute"]
+    for r in rows:
+        assert not r["note"], r["note"]
+        assert float(r["epoch_s"]) > 0 and float(r["images_per_s"]) > 0 and math.isfinite(float(r["train_loss"]))
+        assert r["cuda_graph"] == "False"  # on the CPU the default never captures
+    assert float(rows[0]["speedup"]) == 1.0
+    assert "| auto-recompute | False |" in (tmp_path / "cpu_epoch.md").read_text()
+
+
+def test_host_benchmark_script_tiny(tmp_path):
+    """benchmarks/bench_host.py end to end on a tiny network: every configuration in one
+    process, interleaved, ratios against the eager reference, profiler events split
+    into the network and the optimisers."""
+    import csv
+    import subprocess
+
+    cmd = [
+        sys.executable, str(REPO / "benchmarks" / "bench_host.py"), "--networks", "darts,pc-darts",
+        "--configs", "original,reference,save,recompute,save-composite,save-kept-preprocess", "--channels", "4",
+        "--layers", "2", "--reps", "2", "--warmup", "1", "--out", str(tmp_path), "--tag", "tiny",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = list(csv.DictReader(line for line in (tmp_path / "cpu_host_cost_tiny.csv").open() if not line[0] == "#"))
+    got = {(r["network"], r["config"]): r for r in rows}
+    assert len(rows) == 12 and got[("pc-darts", "original")]["note"]
+    fused = "cpu" in backends.available_backends()
+    for (network, config), r in got.items():
+        if network == "pc-darts" and config == "original":
+            continue
+        assert not r["note"], r["note"]
+        assert float(r["host_ms_median"]) > 0 and int(r["profiler_events"]) > 1000
+        assert int(r["network_events"]) + int(r["optimizer_events"]) <= int(r["profiler_events"])
+        if config in ("save", "recompute") and fused:
+            # Each fused edge (DARTS) or node (PC-DARTS) is one op per direction.
+            assert int(r["fastnas_ops"]) == (2 * 14 * 2 * 2 if network == "darts" else 2 * 4 * 2 * 2)
+        if config == "save-composite" and fused:  # the Python composite: a dozen building blocks per edge
+            assert int(r["fastnas_ops"]) > 5 * int(got[(network, "save")]["fastnas_ops"])
+    assert float(got[("darts", "reference")]["time_vs_reference"]) == 1.0
+    assert float(got[("darts", "original")]["loss"]) > 0
+    assert "profiler_events" in (tmp_path / "cpu_host_cost_tiny.md").read_text()
+
+
+def test_bench_step_host_mode_tiny(capsys):
+    parser = bench.add_bench_step_args(argparse.ArgumentParser())
+    args = parser.parse_args("--host --channels 4 --layers 2 --reps 2 --warmup 1 --device cpu".split())
+    threads = torch.get_num_threads()
+    result = bench.run_bench_step(args)
+    assert torch.get_num_threads() == threads
+    assert result["mode"] == "host" and result["batch_size"] == 2 and result["image_size"] == 8
+    assert result["threads"] == 1 and result["reps"] == 2
+    assert result["host_ms_median"] > 0 and result["profiler_events"] > result["network_events"] > 0
+    assert '"host_ms_median"' in capsys.readouterr().out

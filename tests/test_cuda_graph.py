@@ -98,7 +98,8 @@ def test_flag_is_stored_in_config_and_checkpoint_dict(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
     ckpt.save_checkpoint(path, {"config": values})
     assert ckpt.load_checkpoint(path)["config"]["cuda_graph"] is True
-    assert SearchConfig.create("darts").cuda_graph is False
+    # Not given: None, capture wherever it works.
+    assert SearchConfig.create("darts").cuda_graph is None
 
 
 def test_cpu_is_refused_with_the_reason():
@@ -112,10 +113,7 @@ def test_cpu_is_refused_with_the_reason():
 @pytest.mark.parametrize(
     "method, overrides, reason",
     [
-        ("darts-2nd", {}, "second-order DARTS"),
-        ("darts", {"unrolled": True}, "second-order DARTS"),
         ("gdas", {}, "GDAS samples"),
-        ("p-darts", {"epochs": 3, "stage_layers": (3, 3, 3)}, "P-DARTS"),
         ("darts", {"amp": "fp16"}, "GradScaler"),
         ("darts", {"memory": "checkpoint"}, "--memory checkpoint"),
         ("darts", {"world_size": 2}, "DDP"),
@@ -127,16 +125,50 @@ def test_unsupported_settings_are_refused_with_the_reason(method, overrides, rea
 
 
 def test_supported_settings_pass_the_config_checks():
-    for method in ("darts", "pc-darts"):
+    for method in ("darts", "pc-darts", "darts-2nd"):
         tiny_config(method, device="cuda", cuda_graph=True)
+    tiny_config("p-darts", device="cuda", cuda_graph=True, epochs=3, stage_layers=(3, 3, 3))
+    tiny_config("darts", device="cuda", cuda_graph=True, unrolled=True)
     tiny_config("darts", device="cuda", cuda_graph=True, amp="bf16")
+    tiny_config("darts", device="cuda", cuda_graph=True, memory="recompute")
     tiny_config("darts", space="nb201", device="cuda", cuda_graph=True)
+
+
+@pytest.mark.parametrize(
+    "config, device, world_size, expected",
+    [
+        (dict(), "cpu", 1, (False, None)),
+        (dict(device="cuda"), "cuda", 1, (True, None)),
+        (dict(device="cuda", memory="recompute"), "cuda", 1, (True, None)),
+        (dict(device="cuda", cuda_graph=False), "cuda", 1, (False, None)),
+        (dict(device="cuda", amp="fp16"), "cuda", 1, (False, "GradScaler")),
+        (dict(device="cuda", memory="checkpoint"), "cuda", 1, (False, "--memory checkpoint")),
+        (dict(device="cuda"), "cuda", 2, (False, "several processes")),
+    ],
+)
+def test_capture_is_the_default_on_cuda_wherever_it_works(config, device, world_size, expected):
+    capture, why_not = cuda_graph.decide(tiny_config(**config), torch.device(device), world_size)
+    assert capture is expected[0]
+    assert (why_not is None) if expected[1] is None else (expected[1] in why_not)
+    capture, why_not = cuda_graph.decide(tiny_config("gdas", device="cuda"), torch.device("cuda"), 1)
+    assert not capture and "GDAS samples" in why_not
+
+
+def test_a_search_that_cannot_capture_by_default_says_why_in_one_line(monkeypatch, capsys):
+    from fastnas.search import searcher as searcher_module
+
+    monkeypatch.setattr(searcher_module.cuda_graph, "decide", lambda *a: (False, "a reason that names the setting"))
+    searcher = Searcher(tiny_config(), dataset=tiny_dataset(), progress=False)
+    searcher.run()
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["fastnas search: the step runs without a CUDA graph: a reason that names the setting"]
+    assert searcher.cuda_graph is False
 
 
 def test_resume_with_cuda_graph_on_cpu_is_refused(tmp_path):
     out = str(tmp_path / "run")
     run(tiny_config(), out)
-    assert ckpt.load_checkpoint(out)["config"]["cuda_graph"] is False
+    assert ckpt.load_checkpoint(out)["config"]["cuda_graph"] is None
     with pytest.raises(CUDAGraphError, match="needs a CUDA device"):
         Searcher.resume(out, {"cuda_graph": True}, dataset=tiny_dataset(), progress=False)
 
@@ -229,10 +261,13 @@ class _StandInCapture:
         self.graph = graph
 
     def __enter__(self):
+        # A real capture runs no kernels and draws no random numbers from the generator.
         self.state = self.owner._snapshot()
+        self.rng = torch.get_rng_state()
 
     def __exit__(self, *exc):
         self.owner._restore(self.state)
+        torch.set_rng_state(self.rng)
 
 
 class _StandInStream:
@@ -283,6 +318,29 @@ def test_stand_in_graphed_search_matches_eager_search(stand_in_graphs):
     graphed, graph_searcher = run(config)
     _history_close(graphed.history, eager.history, "stand-in pc-darts")
     _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), "stand-in final network")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("darts-2nd", {}),
+        ("p-darts", {"epochs": 3, "stage_layers": (3, 3, 3), "warmup_epochs": 0}),
+        ("pc-darts", {"memory": "recompute"}),
+    ],
+)
+def test_stand_in_graphed_search_matches_eager_for_more_methods(stand_in_graphs, method, overrides):
+    """Second order (its virtual step reads the momentum buffers the warm-up creates),
+    P-DARTS (a capture per stage and epoch, skip dropout drawn on the device) and
+    recompute take the graphed path and follow the eager search."""
+    kw = {"epochs": 2, **overrides}
+    eager, eager_searcher = run(tiny_config(method, **kw))
+    config = tiny_config(method, **kw)
+    config.cuda_graph = True
+    graphed, graph_searcher = run(config)
+    assert graph_searcher.cuda_graph is True
+    _history_close(graphed.history, eager.history, f"stand-in {method}")
+    _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), f"stand-in {method}")
 
 
 @pytest.mark.slow
@@ -437,14 +495,24 @@ def _history_close(graphed, eager, where):
 
 @pytest.mark.requires_cuda
 @pytest.mark.parametrize("backend", ["reference", None], ids=_backend_id)
-@pytest.mark.parametrize("method, overrides", [("darts", {}), ("pc-darts", {"warmup_epochs": 1})])
+@pytest.mark.parametrize(
+    "method, overrides",
+    [
+        ("darts", {}),
+        ("pc-darts", {"warmup_epochs": 1}),
+        ("darts", {"memory": "recompute"}),
+        ("darts-2nd", {}),
+        ("p-darts", {"stage_layers": (3, 3, 3)}),
+    ],
+)
 def test_graphed_search_matches_eager_search(method, overrides, backend):
     # Two epochs: the cosine schedule changes the lr, so epoch 2 is a new capture;
-    # PC-DARTS' first epoch is a warm-up (no architecture step), a different graph.
-    where = f"{method}, {_describe_backend(backend)}"
-    eager, eager_searcher = run(tiny_config(method, epochs=2, device="cuda", backend=backend, **overrides))
-    graphed, graph_searcher = run(tiny_config(method, epochs=2, device="cuda", backend=backend, cuda_graph=True,
-                                              **overrides))  # fmt: skip
+    # PC-DARTS' first epoch is a warm-up (no architecture step), a different graph;
+    # P-DARTS takes three stages of one epoch, each a new network and capture.
+    where = f"{method} {overrides}, {_describe_backend(backend)}"
+    kw = {"epochs": 3 if method == "p-darts" else 2, "device": "cuda", "backend": backend, **overrides}
+    eager, eager_searcher = run(tiny_config(method, cuda_graph=False, **kw))
+    graphed, graph_searcher = run(tiny_config(method, cuda_graph=True, **kw))
     _history_close(graphed.history, eager.history, where)
     _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), f"{where}: final network")
     assert graphed.genotype_dict == eager.genotype_dict, f"{where}: genotypes differ"
@@ -467,7 +535,7 @@ def test_graphed_search_nan_loss_is_a_clear_error(tmp_path):
 @pytest.mark.requires_cuda
 def test_resume_across_eager_and_graphed_runs(tmp_path, monkeypatch):
     """An eager checkpoint resumes with --cuda-graph, and a graphed one without it."""
-    full, full_searcher = run(tiny_config("darts", epochs=3, device="cuda"))
+    full, full_searcher = run(tiny_config("darts", epochs=3, device="cuda", cuda_graph=False))
     out = str(tmp_path / "run")
     original = Searcher._epoch
     calls = {"n": 0}
@@ -481,7 +549,7 @@ def test_resume_across_eager_and_graphed_runs(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(Searcher, "_epoch", epoch)
         with pytest.raises(KeyboardInterrupt):
-            run(tiny_config("darts", epochs=3, device="cuda"), out)
+            run(tiny_config("darts", epochs=3, device="cuda", cuda_graph=False), out)
     assert len(ckpt.load_checkpoint(out)["history"]) == 1
 
     # Epoch 2 with the graph (the checkpoint's Adam is not capturable), then stop again.

@@ -153,3 +153,33 @@ def test_unknown_dataset_and_bad_size():
         load_dataset("mnist")
     with pytest.raises(DatasetError, match="image_size"):
         load_dataset("digits", image_size=0)
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted data file could do."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_files_pickled_either_way_load(tmp_path, protocol):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(folder / name, "wb") as f:
+            pickle.dump(_cifar_batch(3, 10, "labels", rng), f, protocol=protocol)
+    train, test, _ = load_dataset("cifar10", root=folder)
+    assert len(train) == 15 and len(test) == 3
+
+
+@pytest.mark.parametrize("payload", [_RunsCode(), {b"data": _RunsCode(), b"labels": [0]}])
+def test_a_cifar_file_that_would_run_code_is_refused(cifar10_dir, tmp_path, monkeypatch, payload):
+    monkeypatch.chdir(tmp_path)
+    _write_pickle(cifar10_dir / "data_batch_3", payload)
+    with pytest.raises(DatasetError, match=r"data_batch_3 is not a CIFAR python-pickle file.*(posix|os)\.system"):
+        load_dataset("cifar10", root=cifar10_dir)
+    assert not (tmp_path / "pwned").exists()

@@ -8,7 +8,7 @@ from test_search import _interrupt_at, _strip_times, assert_state_close, losses,
 
 from fastnas.nn.operations import OPS, split_activation, with_activation
 from fastnas.search import SearchConfig, Searcher, SearchError, build_network
-from fastnas.spaces import DARTS_PRIMITIVES, genotype_from_dict, validate_genotype
+from fastnas.spaces import DARTS_PRIMITIVES, genotype_from_dict, genotype_to_dict, validate_genotype
 from fastnas.spaces.darts_eval import NetworkCIFAR
 from fastnas.spaces.darts_factorized import SCALABLE_ACTIVATIONS, factorized_candidates
 
@@ -68,9 +68,7 @@ def test_genotype_records_each_edges_activation_and_networks_build_it(tmp_path):
         edge = net._edge_index(pos // 2, j)
         assert op == ("sep_conv_3x3" if edge == 3 else "sep_conv_3x3_swish")
     assert all(op == "max_pool_3x3" for op, _ in genotype.reduce)
-    from fastnas.search import genotype_to_json
-
-    data = json.loads(json.dumps(genotype_to_json(genotype)))
+    data = json.loads(json.dumps(genotype_to_dict(genotype)))
     assert genotype_from_dict(data) == genotype
     eval_net = NetworkCIFAR(4, 10, 3, False, genotype)
     swish = [m for m in eval_net.modules() if isinstance(m, torch.nn.SiLU)]

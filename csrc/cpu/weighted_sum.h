@@ -97,13 +97,24 @@ inline void weighted_sum_backward_chunk(const scalar_t* __restrict__ go, scalar_
   }
 }
 
-// grad_w[k] = sum over chunks of partials[chunk][k], in chunk order.
+// Sum of v[0], v[stride], ..., v[(n - 1) * stride], halving pairwise: a fixed order
+// (the same result on any number of threads) whose rounding error grows with
+// log(n), not n as a running sum's does over thousands of chunks.
+template <typename acc_t>
+inline acc_t pairwise_sum(const acc_t* v, int64_t n, int64_t stride) {
+  if (n <= 8) {
+    acc_t s = acc_t(0);
+    for (int64_t i = 0; i < n; ++i) s += v[i * stride];
+    return s;
+  }
+  const int64_t half = n / 2;
+  return pairwise_sum(v, half, stride) + pairwise_sum(v + half * stride, n - half, stride);
+}
+
+// grad_w[k] = sum over chunks of partials[chunk][k], pairwise in chunk order.
 template <typename acc_t>
 inline void sum_partials(const acc_t* partials, int64_t chunks, int64_t k_count, acc_t* grad_w) {
-  for (int64_t k = 0; k < k_count; ++k) grad_w[k] = acc_t(0);
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t k = 0; k < k_count; ++k) grad_w[k] += partials[c * k_count + k];
-  }
+  for (int64_t k = 0; k < k_count; ++k) grad_w[k] = pairwise_sum(partials + k, chunks, k_count);
 }
 
 }  // namespace cpu

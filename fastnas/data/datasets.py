@@ -197,10 +197,37 @@ def _cifar_folder(name: str, root) -> Path:
     )
 
 
+# What the CIFAR python-pickle files hold, besides dicts, lists, ints and bytes: numpy
+# arrays (rebuilt through these functions, named as numpy 1 and numpy 2 pickle them)
+# and, in files pickled with protocol 2 by Python 3, bytes rebuilt by _codecs.encode.
+_CIFAR_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Loads only what a CIFAR file holds: a crafted file cannot run code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which a CIFAR file never holds; refusing to load it"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_file(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray, list[int]]:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
+            batch = _CifarUnpickler(f, encoding="bytes").load()
     except Exception as exc:
         raise DatasetError(f"{path} is not a CIFAR python-pickle file: {type(exc).__name__}: {exc}") from None
     if not isinstance(batch, dict):

@@ -10,6 +10,7 @@ import torch.nn as nn
 from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, checkpoint_module
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 from fastnas.ops import mixed_sum
+from fastnas.ops.partial_channel_node import NodeSpec, partial_channel_node
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
 
 
@@ -48,7 +49,7 @@ class Cell(nn.Module):
         reduction_prev: the previous cell did, so input 0 is reduced to match.
         edge_primitives: one candidate list per edge, all the same length.
         partial_channels: K of PC-DARTS, or None for full mixed ops.
-        backend, memory: passed to the mixed ops. Under ``memory="recompute"``, and
+        backend, memory, affine: passed to the mixed ops. Under ``memory="recompute"``, and
             under ``"save"`` when the edges run the fused engine, the two input
             preprocessings (ReLU, 1x1 convolution, batch norm) keep only their
             input, the previous cells' outputs, and run again in backward.
@@ -73,6 +74,7 @@ class Cell(nn.Module):
         partial_channels: int | None = None,
         backend: str | None = None,
         memory: str = "save",
+        affine: bool = False,
         partial_fusion: bool = False,
     ):
         super().__init__()
@@ -92,12 +94,34 @@ class Cell(nn.Module):
         for (j, _), names in zip(edge_endpoints(steps), edge_primitives):
             stride = 2 if reduction and j < 2 else 1
             if partial_channels is None:
-                op = MixedOp(C, stride, names, backend=backend, memory=memory, partial_fusion=partial_fusion)
+                op = MixedOp(
+                    C, stride, names, affine=affine, backend=backend, memory=memory, partial_fusion=partial_fusion
+                )
             else:
                 op = PartialChannelMixedOp(
-                    C, stride, names, partial_channels, backend=backend, memory=memory, partial_fusion=partial_fusion
+                    C,
+                    stride,
+                    names,
+                    partial_channels,
+                    affine=affine,
+                    backend=backend,
+                    memory=memory,
+                    partial_fusion=partial_fusion,
                 )
             self.edges.append(op)
+        # PC-DARTS: each node's static structure for the one-call node op, when every
+        # incoming edge is fusable (None otherwise).
+        self._node_specs: list[NodeSpec | None] = []
+        if partial_channels is not None:
+            offset = 0
+            for i in range(steps):
+                plans = [e.plan for e in self.edges[offset : offset + 2 + i]]
+                specs = [p.spec for p in plans]
+                # A partially fused edge (candidates left to modules) runs edge by edge.
+                fusable = all(s is not None for s in specs) and len({s.K for s in specs}) == 1
+                fusable = fusable and not any(p.modules for p in plans)
+                self._node_specs.append(NodeSpec(tuple(specs), partial_channels) if fusable else None)
+                offset += 2 + i
 
     def forward(
         self,
@@ -148,6 +172,9 @@ class Cell(nn.Module):
     def _partial_channel_node(self, states, weights, edge_weights, indices, offset) -> torch.Tensor:
         """A PC-DARTS node in one pass: every edge's mixed part, bypass, shuffle and weight."""
         edges = [self.edges[offset + j] for j in range(len(states))]
+        fused = self._fused_node(edges, states, weights, edge_weights, indices, offset)
+        if fused is not None:
+            return fused
         mixed = [
             e.mixed(h, weights[offset + j], None if indices is None else indices[offset + j])
             for j, (e, h) in enumerate(zip(edges, states))
@@ -160,3 +187,21 @@ class Cell(nn.Module):
         return partial_channel_node_sum(
             mixed, bypass, beta, self.partial_channels, [e.stride for e in edges], backend=self.backend
         )
+
+    def _fused_node(self, edges, states, weights, edge_weights, indices, offset) -> torch.Tensor | None:
+        """The node as one fastnas.ops.partial_channel_node call when every edge runs fused, else None."""
+        spec = self._node_specs[len(states) - 2]
+        if spec is None or indices is not None or len({(e.memory, e.backend) for e in edges}) != 1:
+            return None
+        for e, h in zip(edges, states):
+            # An edge with P-DARTS skip dropout adds its identity term outside the fused edge.
+            if not e._fusable(h, None) or (e._spec_no_skip is not None and e.skip_drop_prob > 0):
+                return None
+        n = len(states)
+        beta = weights.new_ones(n) if edge_weights is None else edge_weights[offset : offset + n]
+        bound = [e._bound_edge() for e in edges]
+        params, buffers = [b.parameters() for b in bound], [b.buffers() for b in bound]
+        return partial_channel_node(
+            states, weights[offset : offset + n], beta, params, spec, buffers, memory=edges[0].memory,
+            backend=edges[0].backend,
+        )  # fmt: skip

@@ -378,6 +378,43 @@ class EdgePlan:
     def bind(self, candidates) -> BoundEdge:
         return BoundEdge(self, candidates)
 
+    def restrict(self, keep) -> EdgePlan:
+        """The plan of the same edge with only the candidates ``keep`` (indices) computed.
+
+        The fused spec keeps the edge's weight indices (``K`` is unchanged), so the
+        same weight vector drives it; the other candidates cost nothing. Read off this
+        plan, never off the modules again, so a sampled path is planned once.
+        """
+        keep = frozenset(keep)
+        active = tuple(i for i in self.active if i in keep)
+        if self.spec is None:
+            return EdgePlan(self.kinds, active, self.stride, reason=self.reason)
+        if self.modules:
+            return EdgePlan(self.kinds, active, self.stride, reason="a partially fused edge runs a path as modules")
+        spec = self.spec
+        # Each kept convolution keeps its activation (seps, then dils, as the spec lists them).
+        convs = spec.sep + spec.dil
+        activations = tuple(a for (_, i), a in zip(convs, spec.activations) if i in keep)
+
+        def kept(i):
+            return i if i is not None and i in keep else None
+
+        sub = dataclasses.replace(
+            spec,
+            sep=tuple(s for s in spec.sep if s[1] in keep),
+            dil=tuple(d for d in spec.dil if d[1] in keep),
+            max_index=kept(spec.max_index),
+            avg_index=kept(spec.avg_index),
+            skip_index=kept(spec.skip_index),
+            reduce_index=kept(spec.reduce_index),
+            activations=() if set(activations) <= {"relu"} else activations,
+        )
+        if sub.ns + sub.nd == 0 and sub.reduce_index is None and sub.max_index is None and sub.avg_index is None:
+            return EdgePlan(self.kinds, active, self.stride, reason="only an identity or zeros: nothing to fuse")
+        params = tuple(p for p in self.params if p[0] in keep)
+        norms = tuple(n for n in self.norms if n[0] in keep)
+        return EdgePlan(self.kinds, active, self.stride, spec=sub, params=params, norms=norms)
+
     def fused_reason(self, x: torch.Tensor, backend: str | None, *, training: bool, memory: str = "save") -> str | None:
         """None when this call of the edge can run the fused edge, else why not."""
         if self.spec is None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastnas.nn.edge_plan import BoundEdge, check_memory, plan_edge
+from fastnas.nn.edge_plan import BoundEdge, EdgePlan, check_memory, plan_edge
 from fastnas.nn.operations import OPS, check_primitives
 from fastnas.ops import mixed_sum, partial_channel_mixed_sum
 from fastnas.ops.darts_edge import darts_edge
@@ -106,9 +106,14 @@ class MixedOp(nn.Module):
     the last call did not run fused (None when it did).
 
     ``forward(x, weights, index=None)``: ``weights`` has one entry per candidate.
-    With ``index`` only that candidate is run, scaled by ``weights[index]``
-    (GDAS hard sampling). ``none`` candidates contribute exactly zero and are
-    skipped in the sum; their weights still receive their (zero) gradient.
+    With an int ``index`` only that candidate is run, scaled by ``weights[index]``
+    (GDAS hard sampling). With a tuple ``index`` (a path of a single-path or
+    one-shot supernet) the listed candidates run and are summed, unweighted:
+    ``weights`` is not read, nothing else runs, and an empty tuple (or only
+    ``none``) gives zeros. Such a subset runs fused when the fused edge can
+    compute it, from a plan restricted once per subset (``EdgePlan.restrict``).
+    ``none`` candidates contribute exactly zero and are skipped in the sum; their
+    weights still receive their (zero) gradient.
     """
 
     def __init__(
@@ -134,6 +139,7 @@ class MixedOp(nn.Module):
             if pool_bn and "pool" in name:
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self.ops.append(op)
+        self.partial_fusion = partial_fusion
         self.plan = plan_edge(self.ops, C, stride, partial=partial_fusion)
         self._bound: BoundEdge | None = None
         # Why the last call did not run the fused edge (None when it did); before
@@ -149,6 +155,19 @@ class MixedOp(nn.Module):
         self._spec_no_skip = None
         if self.plan.spec is not None and self.plan.spec.skip_index is not None:
             self._spec_no_skip = dataclasses.replace(self.plan.spec, skip_index=None)
+        # Path subsets: their restricted plans and bound edges, made once per subset.
+        self._path_plans: dict[tuple, EdgePlan] = {}
+        self._path_bound: dict[tuple, BoundEdge] = {}
+
+    def replan(self) -> None:
+        """Read the candidates again, after their batch norms changed (``SuperNet.use_batch_statistics``)."""
+        self.plan = plan_edge(self.ops, None, self.stride, partial=self.partial_fusion)
+        self._bound = None
+        self.fused_reason = self.plan.reason
+        self._spec_no_skip = None
+        if self.plan.spec is not None and self.plan.spec.skip_index is not None:
+            self._spec_no_skip = dataclasses.replace(self.plan.spec, skip_index=None)
+        self._path_plans, self._path_bound = {}, {}
 
     def _candidate(self, k: int, x: torch.Tensor) -> torch.Tensor:
         out = self.ops[k](x)
@@ -196,8 +215,49 @@ class MixedOp(nn.Module):
             return checkpoint_module(self, part, x, weights)
         return part(x, weights)
 
-    def _edge(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+    def _path_plan(self, active: tuple) -> EdgePlan:
+        plan = self._path_plans.get(active)
+        if plan is None:
+            plan = self._path_plans[active] = self.plan.restrict(active)
+        return plan
+
+    def _path_edge(self, x: torch.Tensor, keep: tuple) -> torch.Tensor:
+        """The unweighted sum of the candidates ``keep``: only they run (see the class docstring)."""
+        active = tuple(k for k in self.plan.active if k in keep)
+        if not active:
+            return self._zeros(x)
+        plan = self._path_plan(active)
+        skip = plan.spec is not None and plan.spec.skip_index is not None
+        if skip and self.skip_drop_prob > 0 and self.training:
+            self.fused_reason = "skip dropout on a path runs the candidate modules"
+        else:
+            self.fused_reason = plan.fused_reason(x, self.backend, training=self.training, memory=self.memory)
+        if self.fused_reason is None:
+            bound = self._path_bound.get(active)
+            if bound is None or bound.candidates is not self.ops:
+                bound = self._path_bound[active] = plan.bind(self.ops)
+            ones = x.new_ones(len(self.ops), dtype=torch.float32)
+            return darts_edge(
+                x, ones, bound.parameters(), plan.spec, bound.buffers(), memory=self.memory, backend=self.backend
+            )
+        if self._recompute_unfused():
+            return checkpoint_module(self, lambda x: self._path_modules(x, active), x)
+        return self._path_modules(x, active)
+
+    def _path_modules(self, x: torch.Tensor, active: tuple) -> torch.Tensor:
+        out = self._candidate(active[0], x)
+        for k in active[1:]:
+            out = out + self._candidate(k, x)
+        return out
+
+    def _zeros(self, x: torch.Tensor) -> torch.Tensor:
+        # Multiplied rather than allocated, as the Zero candidate: the input stays in the graph.
+        return (x if self.stride == 1 else x[:, :, :: self.stride, :: self.stride]).mul(0.0)
+
+    def _edge(self, x: torch.Tensor, weights: torch.Tensor, index) -> torch.Tensor:
         """``sum_k weights[k] * op_k(x)`` for this edge's (part of the) input."""
+        if isinstance(index, tuple):
+            return self._path_edge(x, index)
         if self._fusable(x, index):
             return self._fused(x, weights)
         if self._recompute_unfused():
@@ -209,8 +269,14 @@ class MixedOp(nn.Module):
         return self.memory == "recompute" and torch.is_grad_enabled() and self.training
 
     def _checkpointed(self, fn, x, weights, index):
-        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once."""
-        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights)
+        """``fn(x, weights, index)`` under ``torch.utils.checkpoint``, BN statistics updated once.
+
+        The random state is kept for the recomputation only when the edge draws from it
+        (P-DARTS' skip dropout): keeping it reads the CUDA generator's state, which a
+        CUDA-graph capture does not allow.
+        """
+        draws = bool(self._dropped) and self.skip_drop_prob > 0 and self.training
+        return checkpoint_module(self, lambda x, weights: fn(x, weights, index), x, weights, preserve_rng_state=draws)
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
@@ -228,7 +294,7 @@ class MixedOp(nn.Module):
                 f"got {tuple(weights.shape)}"
             )
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, index=None) -> torch.Tensor:
         self._check_weights(weights)
         if self.memory == "checkpoint" and torch.is_grad_enabled():
             return self._checkpointed(self._forward, x, weights, index)
@@ -275,12 +341,14 @@ class PartialChannelMixedOp(MixedOp):
     def mixed(self, x: torch.Tensor, weights: torch.Tensor, index: int | None = None) -> torch.Tensor:
         """``sum_k w_k op_k(x[:, :C/K])`` alone, for a node that does the rest (``Cell``)."""
         self._check_weights(weights)
+        _no_path(index)
         part, _ = self.split(x)
         if self.memory == "checkpoint" and torch.is_grad_enabled():
             return self._checkpointed(self._edge, part, weights, index)
         return self._edge(part, weights, index)
 
     def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
+        _no_path(index)
         part, bypass = self.split(x)
         if self._fusable(part, index) or self._recompute_unfused():
             # The fused edge, or its checkpointed fallback (see _edge).
@@ -293,3 +361,11 @@ class PartialChannelMixedOp(MixedOp):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, " + super().extra_repr()
+
+
+def _no_path(index) -> None:
+    if isinstance(index, tuple):
+        raise ValueError(
+            "PartialChannelMixedOp: paths (a tuple index) are not supported with partial channels; "
+            "single-path and one-shot supernets run whole edges"
+        )

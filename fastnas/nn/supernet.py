@@ -1,4 +1,11 @@
-"""What every supernet shares: parameter groups, sampling mode, skip dropout."""
+"""What every supernet shares: parameter groups, sampling mode, skip dropout, paths.
+
+A *path* (single-path and one-shot supernets: SPOS, FairNAS, Bender et al.'s
+one-shot model) names, for each choice block of the network (an edge of a
+cell, shared by every cell of its type, or a layer), the candidates that run:
+a tuple of candidate indices, summed; ``()`` gives zeros. ``set_path`` makes
+every forward run that path and nothing else, until ``set_path(None)``.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +51,55 @@ class SuperNet(nn.Module):
         self.sampling = "softmax"
         self.tau = 1.0
         self._skip_drop_prob = 0.0
+        self._path: tuple[tuple[int, ...], ...] | None = None
+
+    # --- paths ------------------------------------------------------------------------
+
+    def choice_candidates(self) -> list[list[str]]:
+        """The candidate names of every choice block, in path order."""
+        raise NotImplementedError
+
+    def choice_nodes(self) -> list[list[int]]:
+        """The choice blocks feeding each node (summed into it), in path order; a layer is a node of its own."""
+        raise NotImplementedError
+
+    def encoding(self):
+        """The architectures of this supernet as gene vectors (``fastnas.spaces.encoding.Encoding``)."""
+        raise NotImplementedError
+
+    def choice_sizes(self) -> list[int]:
+        """How many candidates each choice block has."""
+        return [len(names) for names in self.choice_candidates()]
+
+    @property
+    def path(self) -> tuple[tuple[int, ...], ...] | None:
+        """The path every forward runs, or None (the weighted sum of ``sampling``)."""
+        return self._path
+
+    def set_path(self, path) -> None:
+        """Run only ``path`` from now on: one tuple (or int) of candidate indices per choice block; None to stop."""
+        if path is None:
+            self._path = None
+            return
+        sizes = self.choice_sizes()
+        path = tuple((entry,) if isinstance(entry, int) else tuple(entry) for entry in path)
+        if len(path) != len(sizes):
+            raise ValueError(f"a path of this network has {len(sizes)} entries (one per choice block), got {len(path)}")
+        for b, (entry, size) in enumerate(zip(path, sizes)):
+            if any(not 0 <= k < size for k in entry):
+                raise ValueError(f"path entry {b} names candidates {entry}; choice block {b} has {size}")
+        self._path = path
+
+    def use_batch_statistics(self) -> None:
+        """Batch norms normalise with the statistics of the batch they see, in training and evaluation
+        alike, and keep no running statistics (``track_running_stats=False``)."""
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+        for m in self.modules():
+            if isinstance(m, MixedOp):
+                m.replan()
 
     def arch_parameters(self) -> list[nn.Parameter]:
         """The architecture parameters (alphas, and betas where used)."""
@@ -83,8 +139,11 @@ class SuperNet(nn.Module):
             if isinstance(m, MixedOp):
                 m.skip_drop_prob = float(p)
 
-    def _edge_weights(self, alphas: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
-        """Per-edge candidate weights, and the sampled candidates in gumbel mode."""
+    def _edge_weights(self, alphas: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, list | None]:
+        """Per-edge candidate weights, and the sampled candidates in gumbel mode; with a path set,
+        weights of one (not read) and the path's entries of these edges (from ``offset``)."""
+        if self._path is not None:
+            return torch.ones_like(alphas).detach(), list(self._path[offset : offset + alphas.shape[0]])
         if self.sampling == "softmax":
             return torch.softmax(alphas, dim=-1), None
         hard, index = gumbel_softmax_hard(alphas, self.tau)

@@ -11,6 +11,7 @@ from fastnas.ops.partial_channel_mixed_sum import (
     partial_channel_mixed_sum,
     partial_channel_mixed_sum_reference,
 )
+from fastnas.ops.partial_channel_node import NodeSpec, partial_channel_node
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
 from fastnas.ops.stacked_batch_norm import (
     stacked_batch_norm_backward,
@@ -21,11 +22,13 @@ from fastnas.ops.stacked_batch_norm import (
 __all__ = [
     "EdgeSpec",
     "MAX_INPUTS",
+    "NodeSpec",
     "darts_edge",
     "darts_sum",
     "darts_sum_backward",
     "multi_depthwise",
     "multi_depthwise_backward",
+    "partial_channel_node",
     "partial_channel_node_sum",
     "pool_batch_norm_stats",
     "stacked_batch_norm_backward",

@@ -1,8 +1,19 @@
-"""Argument checks and autograd plumbing shared by the fused ops."""
+"""What the fused ops share in Python: dtypes, the accumulation rule, argument checks, autograd plumbing.
+
+Every op has one check function (in its own module) built from the checks here.
+The op's public entry calls it, and so does every fake implementation of the
+op's C++ and Triton ops, so eager calls, fake tensors and ``torch.compile`` all
+see one error for one mistake. (The C++ ops keep their own ``TORCH_CHECK``s for
+callers of ``torch.ops.fastnas.*``.)
+
+The checks are ``torch._check_type`` / ``_check_value`` / ``_check_index``
+(TypeError, ValueError, IndexError) with a message built only on failure, that
+names the argument and its value.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,42 +22,151 @@ import torch
 MAX_INPUTS = 128
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
+FLOAT_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
+# Batch statistics and the coefficients that scale them.
+STAT_DTYPES = (torch.float32, torch.float64)
+STAT_DTYPE_NAMES = "float32 or float64"
 
 
-def check_inputs(op: str, xs, weights) -> list[torch.Tensor]:
-    """Validate ``xs`` and ``weights`` of a weighted sum; return xs as a list."""
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
-        raise TypeError(f"{op}: xs must be a list or tuple of tensors, got {type(xs).__name__}")
-    xs = list(xs)
-    if not xs:
-        raise ValueError(f"{op}: xs is empty; it needs at least one tensor")
-    if len(xs) > MAX_INPUTS:
-        raise ValueError(f"{op}: xs has {len(xs)} tensors; at most {MAX_INPUTS} are supported per call")
-    for k, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{op}: xs[{k}] is a {type(x).__name__}, not a tensor")
-    x0 = xs[0]
-    if x0.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: xs[0] has dtype {x0.dtype}; expected {_DTYPE_NAMES}")
-    for k, x in enumerate(xs[1:], start=1):
-        if x.shape != x0.shape:
-            raise ValueError(f"{op}: xs[{k}] has shape {tuple(x.shape)} but xs[0] has shape {tuple(x0.shape)}")
-        if x.dtype != x0.dtype:
-            raise TypeError(f"{op}: xs[{k}] has dtype {x.dtype} but xs[0] has dtype {x0.dtype}")
-        if x.device != x0.device:
-            raise ValueError(f"{op}: xs[{k}] is on {x.device} but xs[0] is on {x0.device}")
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"{op}: weights must be a tensor, got {type(weights).__name__}")
-    if weights.dim() != 1:
-        raise ValueError(f"{op}: weights must be 1-D, got shape {tuple(weights.shape)}")
-    if weights.shape[0] != len(xs):
-        raise ValueError(f"{op}: weights has {weights.shape[0]} entries but xs has {len(xs)} tensors")
-    if weights.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: weights has dtype {weights.dtype}; expected {_DTYPE_NAMES}")
-    if weights.device != x0.device:
-        raise ValueError(f"{op}: weights is on {weights.device} but xs are on {x0.device}")
-    return xs
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the ops (and their references) accumulate in: fp64 for fp64, fp32 for every narrower float."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- the checks -------------------------------------------------------------------------
+
+
+def _fail(error: type[Exception], cond, message: Callable[[], str]) -> None:
+    """The slow path of the checks below: ``cond`` is False, or symbolic."""
+    if torch.compiler.is_compiling():
+        # Dynamo traces this code, and torch._check* there wants a message closure
+        # of constants (these capture the tensors they describe): a failed
+        # condition raises the error itself, a symbolic one is guarded on.
+        if not cond:
+            raise error(message())
+        return
+    torch._check_with(error, cond, message)
+
+
+# A condition that holds is a Python True: settled without a further call, as
+# the checks run on every eager call of an op.
+def check_type(cond, message: Callable[[], str]) -> None:
+    """``torch._check_type``: TypeError(message()) unless ``cond``."""
+    if cond is not True:
+        _fail(TypeError, cond, message)
+
+
+def check_value(cond, message: Callable[[], str]) -> None:
+    """``torch._check_value``: ValueError(message()) unless ``cond``."""
+    if cond is not True:
+        _fail(ValueError, cond, message)
+
+
+def check_index(cond, message: Callable[[], str]) -> None:
+    """``torch._check_index``: IndexError(message()) unless ``cond``."""
+    if cond is not True:
+        _fail(IndexError, cond, message)
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+# Types, dtypes and devices are never symbolic: the helpers that test them test
+# first and make the message only on failure. Shapes may be symbolic (fake
+# tensors, dynamic shapes): they go through check_value.
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        check_type(False, lambda: f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def _first(items, ok) -> int:
+    """The index of the first item that is not ``ok``."""
+    return next(i for i, item in enumerate(items) if not ok(item))
+
+
+def check_tensor_list(op: str, name: str, ts, kind: str = "a list or tuple of tensors") -> list[torch.Tensor]:
+    """``ts`` as a list, each element a tensor."""
+    if isinstance(ts, torch.Tensor) or not isinstance(ts, Sequence):
+        check_type(False, lambda: f"{op}: {name} must be {kind}, got {type(ts).__name__}")
+    ts = list(ts)
+    if not all(isinstance(t, torch.Tensor) for t in ts):
+        i = _first(ts, lambda t: isinstance(t, torch.Tensor))
+        check_type(False, lambda: f"{op}: {name}[{i}] is a {type(ts[i]).__name__}, not a tensor")
+    return ts
+
+
+def check_same_shapes(op: str, name: str, ts, first: int = 0) -> None:
+    """``ts[first + 1:]`` have the shape of ``ts[first]``."""
+    ref = ts[first].shape
+
+    def message():
+        i = first + 1 + _first(ts[first + 1 :], lambda t: t.shape == ref)
+        return f"{op}: {name}[{i}] has shape {tuple(ts[i].shape)} but {name}[{first}] has shape {tuple(ref)}"
+
+    check_value(all(t.shape == ref for t in ts[first + 1 :]), message)
+
+
+def check_dtypes(op: str, name: str, ts, other: str, dtype: torch.dtype) -> None:
+    """Every ``ts[i]`` has ``dtype``, the dtype of the argument ``other``."""
+    if not all(t.dtype == dtype for t in ts):
+        i = _first(ts, lambda t: t.dtype == dtype)
+        check_type(False, lambda: f"{op}: {name}[{i}] has dtype {ts[i].dtype} but {other} has dtype {dtype}")
+
+
+def check_devices(op: str, name: str, ts, other: str, device: torch.device) -> None:
+    """Every ``ts[i]`` is on ``device``; ``other`` says whose device it is ("x is", "xs[0] is")."""
+    if not all(t.device == device for t in ts):
+        i = _first(ts, lambda t: t.device == device)
+        check_value(False, lambda: f"{op}: {name}[{i}] is on {ts[i].device} but {other} on {device}")
+
+
+def check_int_list(op: str, name: str, values) -> list:
+    if isinstance(values, torch.Tensor) or not isinstance(values, Sequence):
+        check_type(False, lambda: f"{op}: {name} must be a list of ints, got {type(values).__name__}")
+    return list(values)
+
+
+def check_dtype(op: str, name: str, t: torch.Tensor, dtypes=FLOAT_DTYPES, names: str = FLOAT_DTYPE_NAMES) -> None:
+    if t.dtype not in dtypes:
+        check_type(False, lambda: f"{op}: {name} has dtype {t.dtype}; expected {names}")
+
+
+def check_same_dtype(op: str, name: str, t: torch.Tensor, other: str, dtype: torch.dtype) -> None:
+    """``t`` has ``dtype``, the dtype of the argument ``other``."""
+    if t.dtype != dtype:
+        check_type(False, lambda: f"{op}: {name} has dtype {t.dtype} but {other} has dtype {dtype}")
+
+
+def check_device(op: str, name: str, t: torch.Tensor, other: str, device: torch.device) -> None:
+    """``t`` is on ``device``; ``other`` says whose device it is ("x is", "xs are")."""
+    if t.device != device:
+        check_value(False, lambda: f"{op}: {name} is on {t.device} but {other} on {device}")
+
+
+def check_flag(op: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        check_type(False, lambda: f"{op}: {name} must be a bool, got {type(value).__name__}")
+
+
+def check_groups(op: str, groups, channels: int) -> None:
+    """The channel shuffle's ``groups`` divides the ``channels`` it shuffles."""
+    check_type(is_int(groups), lambda: f"{op}: groups must be an int, got {type(groups).__name__}")
+    check_value(
+        groups >= 1 and channels % groups == 0,
+        lambda: f"{op}: groups={groups} must be >= 1 and divide the {channels} output channels",
+    )
+
+
+def check_grad_flags(op: str, name: str, flags, count: int, what: str) -> None:
+    """One ``*_need_grad`` flag per input."""
+    check_value(len(flags) == count, lambda: f"{op}: {name} has {len(flags)} entries but {what} {count}")
+
+
+# --- autograd plumbing -------------------------------------------------------------------
 
 
 def grad_flags(xs: Sequence[torch.Tensor]) -> list[bool]:

@@ -33,6 +33,17 @@ the weights; the convolutions' gradients come from ``bmm`` and
 ``multi_depthwise_backward``. Batch-norm running statistics are updated once,
 in forward, exactly as ``nn.BatchNorm2d`` would.
 
+Two implementations of the same arithmetic, op for op, bit-identical:
+
+- ``torch.ops.fastnas.darts_edge`` / ``darts_edge_backward``, C++ (csrc/darts_edge.cpp):
+  the orchestration below written once against the dispatcher and ATen, one call
+  per direction with a C++ autograd, its arguments checked once at the boundary and
+  the edge's static structure read from ``EdgeSpec.encoded``. Registered for the
+  CPU (csrc/cpu/darts_edge.cpp); the same functions serve any device whose
+  building blocks have C++ kernels, by one more registration.
+- ``DartsEdgeFunction``, the Python composite, for the backends whose building
+  blocks have no C++ kernels (``triton``, ``reference``).
+
 The eager oracle is the module path of ``fastnas.nn.MixedOp`` with the
 ``reference`` backend; tests compare outputs, every gradient and the running
 statistics.
@@ -100,6 +111,8 @@ class EdgeSpec:
     def __post_init__(self):
         if self.stride not in (1, 2):
             raise ValueError(f"EdgeSpec: stride must be 1 or 2, got {self.stride}")
+        if self.K < 1:
+            raise ValueError(f"EdgeSpec: K (the number of weights) must be >= 1, got {self.K}")
         if self.skip_index is not None and self.stride != 1:
             raise ValueError("EdgeSpec: the identity skip needs stride 1; use reduce_index on stride-2 edges")
         if self.reduce_index is not None and self.stride != 2:
@@ -108,6 +121,52 @@ class EdgeSpec:
             raise ValueError(
                 f"EdgeSpec: {len(self.activations)} activations for {len(self.sep) + len(self.dil)} convolutions"
             )
+        unknown = [a for a in self.activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(f"EdgeSpec: unknown activation {unknown[0]!r}; choose one of {', '.join(ACTIVATIONS)}")
+        indices = [i for _, i in self.sep + self.dil]
+        indices += [i for i in (self.max_index, self.avg_index, self.skip_index, self.reduce_index) if i is not None]
+        if any(not 0 <= i < self.K for i in indices):
+            raise ValueError(f"EdgeSpec: a weight index out of range for K={self.K}: {indices}")
+        if any(k < 1 or k % 2 == 0 for k, _ in self.sep + self.dil):
+            raise ValueError(f"EdgeSpec: kernel sizes must be odd, got {[k for k, _ in self.sep + self.dil]}")
+        # What the C++ op reads (csrc/darts_edge.h, Spec), encoded once.
+        absent = [-1 if i is None else i for i in (self.max_index, self.avg_index, self.skip_index, self.reduce_index)]
+        encoded = [self.stride, self.K, len(self.sep), len(self.dil), *absent]
+        for (k, i), a in zip(self.sep + self.dil, self.activations or ["relu"] * (len(self.sep) + len(self.dil))):
+            encoded += [k, i, ACTIVATIONS.index(a)]
+        object.__setattr__(self, "_encoded", tuple(encoded))
+
+    @property
+    def encoded(self) -> tuple[int, ...]:
+        """The spec as the ints the C++ op reads: [stride, K, ns, nd, max, avg, skip, reduce
+        (-1 when absent), then (kernel size, weight index, activation code) of each sep, then of
+        each dil]; the codes are ``fastnas.ops.activations``' (0, ReLU, where ``activations`` is empty)."""
+        return self._encoded
+
+    @staticmethod
+    def encoded_size(ns: int, nd: int) -> int:
+        """How many ints ``encoded`` has for ``ns`` separable and ``nd`` dilated convolutions."""
+        return 8 + 3 * (ns + nd)
+
+    @classmethod
+    def decode(cls, encoded, eps: float = 1e-5, momentum: float = 0.1) -> EdgeSpec:
+        """The spec that ``encoded`` describes (the inverse of ``encoded``)."""
+        encoded = [int(v) for v in encoded]
+        if len(encoded) < 8:
+            raise ValueError(f"EdgeSpec.decode: {len(encoded)} ints; an edge needs at least 8 (see EdgeSpec.encoded)")
+        stride, K, ns, nd, *opt = encoded[:8]
+        if ns < 0 or nd < 0 or len(encoded) != cls.encoded_size(ns, nd):
+            raise ValueError(f"EdgeSpec.decode: {len(encoded)} ints do not describe {ns} sep and {nd} dil convolutions")
+        conv = [tuple(encoded[8 + 3 * j : 10 + 3 * j]) for j in range(ns + nd)]
+        codes = [encoded[10 + 3 * j] for j in range(ns + nd)]
+        bad = [c for c in codes if not 0 <= c < len(ACTIVATIONS)]
+        if bad:
+            raise ValueError(f"EdgeSpec.decode: activation code {bad[0]}; codes run from 0 to {len(ACTIVATIONS) - 1}")
+        activations = () if not any(codes) else tuple(ACTIVATIONS[c] for c in codes)
+        max_index, avg_index, skip_index, reduce_index = (None if i == -1 else i for i in opt)
+        return cls(stride, K, tuple(conv[:ns]), tuple(conv[ns:]), max_index, avg_index, skip_index, reduce_index,
+                   float(eps), float(momentum), activations)  # fmt: skip
 
     @property
     def ns(self) -> int:
@@ -120,6 +179,11 @@ class EdgeSpec:
     @property
     def n_params(self) -> int:
         return 4 * self.ns + 2 * self.nd + (2 if self.reduce_index is not None else 0)
+
+    @property
+    def nz(self) -> int:
+        """Rows of the pre-BN buffer darts_sum normalises: dils, sep ends, reduce."""
+        return self.ns + self.nd + (self.reduce_index is not None)
 
     @property
     def n_norms(self) -> int:
@@ -270,7 +334,7 @@ class _Forward:
             if spec.max_index is not None or spec.avg_index is not None:
                 pm, pr, pv = pool_batch_norm_stats(x, s, spec.eps, backend=backend)
             else:
-                pm = x.new_zeros((2, C), dtype=torch.float32)
+                pm = x.new_zeros((2, C), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
                 pr, pv = torch.ones_like(pm), pm
             stats = {
                 "m1": m1,
@@ -393,6 +457,69 @@ class DartsEdgeFunction(torch.autograd.Function):
         return (gx, g_weights.to(ctx.weights_dtype), None, None, None, None, *grads)
 
 
+def _check(op: str, x, weights, params, spec: EdgeSpec, buffers, memory: str) -> None:
+    """The edge's arguments, as the C++ op checks them at its boundary (csrc/darts_edge.cpp,
+    check_edge): for the composite path and for the fake implementation."""
+    torch._check_value(memory in MEMORY_MODES, lambda: f"{op}: memory must be one of {MEMORY_MODES}, got {memory!r}")
+    torch._check_value(x.dim() == 4, lambda: f"{op}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
+    torch._check_type(
+        x.dtype in DTYPES, lambda: f"{op}: the fused edge computes float32 and float64 inputs, not {x.dtype}"
+    )
+    N, C, H, W = x.shape
+    torch._check_value(
+        weights.dim() == 1 and weights.shape[0] == spec.K,
+        lambda: f"{op}: weights must have shape ({spec.K},), one per candidate, got {tuple(weights.shape)}",
+    )
+    torch._check_type(weights.is_floating_point(), lambda: f"{op}: weights has dtype {weights.dtype}")
+    torch._check_value(
+        weights.device == x.device, lambda: f"{op}: weights is on {weights.device} but x is on {x.device}"
+    )
+    torch._check_value(
+        len(params) == spec.n_params,
+        lambda: f"{op}: expected {spec.n_params} parameter tensors for {spec}, got {len(params)}",
+    )
+    if spec.reduce_index is not None:
+        torch._check_value(
+            H % 2 == 0 and W % 2 == 0, lambda: f"{op}: a factorized reduce needs even H and W, got {H}x{W}"
+        )
+        torch._check_value(C >= 2, lambda: f"{op}: a factorized reduce needs at least 2 channels, got {C}")
+    for i, (p, want) in enumerate(zip(params, _param_shapes(spec, C))):
+        torch._check_value(
+            tuple(p.shape) == want,
+            lambda i=i, p=p, w=want: f"{op}: params[{i}] must have shape {w}, got {tuple(p.shape)}",
+        )
+        torch._check_type(
+            p.dtype == x.dtype, lambda i=i, p=p: f"{op}: params[{i}] has dtype {p.dtype} but x has {x.dtype}"
+        )
+        torch._check_value(
+            p.device == x.device, lambda i=i, p=p: f"{op}: params[{i}] is on {p.device} but x on {x.device}"
+        )
+    if buffers is None:
+        return
+    torch._check_value(
+        len(buffers) == 3 and all(len(b) == spec.n_norms for b in buffers),
+        lambda: f"{op}: buffers must be three lists of {spec.n_norms} tensors (running means, variances, counts)",
+    )
+    for name, lst in zip(("running_mean", "running_var"), buffers[:2]):
+        for i, t in enumerate(lst):
+            torch._check_value(
+                tuple(t.shape) == (C,),
+                lambda n=name, i=i, t=t: f"{op}: {n}[{i}] must have shape ({C},), got {tuple(t.shape)}",
+            )
+
+
+def _param_shapes(spec: EdgeSpec, C: int) -> list[tuple[int, ...]]:
+    """The shape of each parameter, in EdgeSpec's order."""
+    shapes = []
+    for k, _ in spec.sep:
+        shapes += [(C, 1, k, k), (C, C, 1, 1), (C, 1, k, k), (C, C, 1, 1)]
+    for k, _ in spec.dil:
+        shapes += [(C, 1, k, k), (C, C, 1, 1)]
+    if spec.reduce_index is not None:
+        shapes += [(C // 2, C, 1, 1), (C - C // 2, C, 1, 1)]
+    return shapes
+
+
 def darts_edge(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -408,26 +535,69 @@ def darts_edge(
     ``params`` are the candidates' convolution weights in the order ``EdgeSpec``
     gives; ``buffers`` is None or three lists (running means, running variances,
     num_batches_tracked) updated in place as ``nn.BatchNorm2d`` would.
+
+    Where the C++ op has a kernel for the backend (``cpu``), this is one call of
+    ``torch.ops.fastnas.darts_edge`` forward and one of its backward, which check
+    their arguments; elsewhere (``triton``, ``reference``) the edge runs as the
+    Python composite of the same building blocks.
     """
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"darts_edge: memory must be one of {MEMORY_MODES}, got {memory!r}")
-    if x.dim() != 4:
-        raise ValueError(f"darts_edge: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    if weights.dim() != 1 or weights.shape[0] != spec.K:
-        raise ValueError(f"darts_edge: weights must have shape ({spec.K},), got {tuple(weights.shape)}")
-    params = tuple(params)
-    if len(params) != spec.n_params:
-        raise ValueError(f"darts_edge: expected {spec.n_params} parameter tensors, got {len(params)}")
-    if buffers is not None:
-        if len(buffers) != 3 or any(len(b) != spec.n_norms for b in buffers):
+    name = backends.resolve("darts_edge", x.device, backend)
+    if name in _CPP_BACKENDS:
+        if buffers is None:
+            buffers = ((), (), ())
+        elif len(buffers) != 3:
             raise ValueError(f"darts_edge: buffers must be three lists of {spec.n_norms} tensors")
-    if spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
-        raise ValueError(f"darts_edge: a factorized reduce needs even H and W, got {tuple(x.shape[2:])}")
-    backend = backends.resolve("darts_edge", x.device, backend)
-    return DartsEdgeFunction.apply(x, weights, spec, memory, backend, buffers, *params)
+        return torch.ops.fastnas.darts_edge(
+            x, weights, params, buffers[0], buffers[1], buffers[2], spec.encoded, spec.eps, spec.momentum, memory
+        )[0]
+    params = tuple(params)
+    _check("darts_edge", x, weights, params, spec, buffers, memory)
+    return DartsEdgeFunction.apply(x, weights, spec, memory, name, buffers, *params)
 
 
-# A composite of the building blocks: it runs wherever they have kernels.
+# --- the C++ op: fake implementations ------------------------------------------------------
+
+
+def _fake_forward(x, weights, params, running_mean, running_var, num_batches_tracked, spec, eps, momentum, memory):
+    spec = EdgeSpec.decode(spec, eps, momentum)
+    buffers = (running_mean, running_var, num_batches_tracked) if running_mean or running_var else None
+    _check("darts_edge", x, weights, list(params), spec, buffers, memory)
+    N, C, H, W = x.shape
+    Ho, Wo = (H - 1) // spec.stride + 1, (W - 1) // spec.stride + 1
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (
+        x.new_empty((N, C, Ho, Wo)),
+        x.new_empty((spec.nz, C, N, Ho, Wo)),
+        x.new_empty((spec.ns, C), dtype=acc),
+        x.new_empty((spec.ns, C), dtype=acc),
+        x.new_empty((spec.nz + 2, C), dtype=acc),
+        x.new_empty((spec.nz + 2, C), dtype=acc),
+    )
+
+
+def _fake_backward(grad_out, x, weights, params, zs, mid_mean, mid_rstd, mean, rstd, spec):
+    spec = EdgeSpec.decode(spec)
+    _check("darts_edge_backward", x, weights, list(params), spec, None, "save")
+    torch._check_value(
+        grad_out.shape[:2] == x.shape[:2], lambda: f"darts_edge_backward: grad_out has shape {tuple(grad_out.shape)}"
+    )
+    return x.new_empty(x.shape), weights.new_empty(weights.shape), [p.new_empty(p.shape) for p in params]
+
+
+def _register_cpp() -> set[str]:
+    """The backends whose C++ kernels run the whole edge ('cpu', and 'cuda' once registered)."""
+    if not backends.register_cpp("darts_edge", "darts_edge_backward"):
+        return set()
+    torch.library.register_fake("fastnas::darts_edge")(_fake_forward)
+    torch.library.register_fake("fastnas::darts_edge_backward")(_fake_backward)
+    return {
+        b for b in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key("fastnas::darts_edge", b.upper())
+    }
+
+
+_CPP_BACKENDS = _register_cpp()
+# Without the C++ op (a build older than it), the composite of the building blocks
+# runs on the cpu backend; on GPU tensors it runs on the Triton building blocks.
 backends.register("darts_edge", "cpu", "triton")
 
 

@@ -37,14 +37,19 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import FLOAT_DTYPES
-
-_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
-_STAT_DTYPES = (torch.float32, torch.float64)
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from fastnas.ops._common import (
+    STAT_DTYPE_NAMES,
+    STAT_DTYPES,
+    accumulate_dtype,
+    check_device,
+    check_dtype,
+    check_flag,
+    check_same_dtype,
+    check_tensor,
+    check_type,
+    check_value,
+    is_int,
+)
 
 
 def pooled_size(size: int, stride: int) -> int:
@@ -66,7 +71,7 @@ def pool_batch_norm_stats_reference(
     x: torch.Tensor, stride: int, eps: float = 1e-5
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager PyTorch: pool, then the biased per-channel var_mean of each pool."""
-    acc = _acc(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     mean, var = [], []
     for p in _pools(x.to(acc), stride):
         v, m = torch.var_mean(p, dim=(0, 2, 3), correction=0)
@@ -88,7 +93,7 @@ def darts_sum_reference(
     has_skip: bool,
 ) -> torch.Tensor:
     """Eager PyTorch: normalise each candidate with the given statistics and sum."""
-    acc = _acc(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     n, c = x.shape[:2]
     jz = z.shape[0]
     m, r, w = mean.to(acc), rstd.to(acc), coef.to(acc)
@@ -128,7 +133,7 @@ def darts_sum_backward_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager PyTorch: the training-mode batch-norm gradient of each candidate,
     ``coef*rstd*(g - mean(g) - yhat*mean(g*yhat))``, then autograd through the pools."""
-    acc = _acc(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     c = x.shape[1]
     jz = z.shape[0]
     m, r, w = mean.to(acc), rstd.to(acc), coef.to(acc)
@@ -172,71 +177,75 @@ def darts_sum_backward_reference(
 
 
 def _check_stride(op: str, stride) -> None:
-    if isinstance(stride, bool) or not isinstance(stride, int):
-        raise TypeError(f"{op}: stride must be an int, got {type(stride).__name__}")
-    if stride < 1:
-        raise ValueError(f"{op}: stride must be >= 1, got {stride}")
+    check_type(is_int(stride), lambda: f"{op}: stride must be an int, got {type(stride).__name__}")
+    check_value(stride >= 1, lambda: f"{op}: stride must be >= 1, got {stride}")
 
 
-def _check_x(op: str, x, name: str = "x") -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {x.dtype}; expected {_DTYPE_NAMES}")
-    if x.dim() != 4:
-        raise ValueError(f"{op}: {name} must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
-    if x.shape[2] < 1 or x.shape[3] < 1:
-        raise ValueError(f"{op}: {name} has an empty spatial size {tuple(x.shape[2:])}")
+def _check_x(op: str, x) -> None:
+    check_tensor(op, "x", x)
+    check_dtype(op, "x", x)
+    check_value(x.dim() == 4, lambda: f"{op}: x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+    check_value(x.shape[2] >= 1 and x.shape[3] >= 1, lambda: f"{op}: x has an empty spatial size {tuple(x.shape[2:])}")
 
 
-def _check_flag(op: str, name: str, v) -> None:
-    if not isinstance(v, bool):
-        raise TypeError(f"{op}: {name} must be a bool, got {type(v).__name__}")
+def check_pool_batch_norm_stats(x, stride, eps) -> None:
+    op = "pool_batch_norm_stats"
+    _check_x(op, x)
+    _check_stride(op, stride)
+    check_value(
+        isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps >= 0,
+        lambda: f"{op}: eps must be a non-negative number, got {eps!r}",
+    )
 
 
 def _check_darts(op, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip) -> None:
     _check_x(op, x)
     _check_stride(op, stride)
     for name, v in (("has_max", has_max), ("has_avg", has_avg), ("has_skip", has_skip)):
-        _check_flag(op, name, v)
-    if has_skip and stride != 1:
-        raise ValueError(f"{op}: has_skip=True (the identity) needs stride 1, got stride {stride}")
+        check_flag(op, name, v)
+    check_value(
+        not has_skip or stride == 1,
+        lambda: f"{op}: has_skip=True (the identity) needs stride 1, got stride {stride}",
+    )
     n, c, h, w = x.shape
     ho, wo = pooled_size(h, stride), pooled_size(w, stride)
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{op}: z must be a tensor, got {type(z).__name__}")
-    if z.dim() != 5 or tuple(z.shape[1:]) != (c, n, ho, wo):
-        raise ValueError(
+    check_tensor(op, "z", z)
+    check_value(
+        z.dim() == 5 and tuple(z.shape[1:]) == (c, n, ho, wo),
+        lambda: (
             f"{op}: z must be (Jz, C, N, Ho, Wo) = (Jz, {c}, {n}, {ho}, {wo}) for x of shape {tuple(x.shape)} "
             f"and stride {stride}, got shape {tuple(z.shape)}"
-        )
-    if z.dtype != x.dtype:
-        raise TypeError(f"{op}: z has dtype {z.dtype} but x has dtype {x.dtype}")
-    if z.device != x.device:
-        raise ValueError(f"{op}: z is on {z.device} but x is on {x.device}")
+        ),
+    )
+    check_same_dtype(op, "z", z, "x", x.dtype)
+    check_device(op, "z", z, "x is", x.device)
     jz = z.shape[0]
     for name, t, shape in (("mean", mean, (jz + 2, c)), ("rstd", rstd, (jz + 2, c)), ("coef", coef, (jz + 3,))):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape} (Jz={jz}, C={c}), got {tuple(t.shape)}")
-        if t.dtype not in _STAT_DTYPES:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32 or float64")
-        if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+        check_tensor(op, name, t)
+        check_value(
+            tuple(t.shape) == shape,
+            lambda: f"{op}: {name} must have shape {shape} (Jz={jz}, C={c}), got {tuple(t.shape)}",
+        )
+        check_dtype(op, name, t, STAT_DTYPES, STAT_DTYPE_NAMES)
+        check_device(op, name, t, "x is", x.device)
 
 
-def _check_grad_out(op, grad_out, x, stride) -> None:
-    if not isinstance(grad_out, torch.Tensor):
-        raise TypeError(f"{op}: grad_out must be a tensor, got {type(grad_out).__name__}")
+def check_darts_sum(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip) -> None:
+    _check_darts("darts_sum", x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
+
+
+def check_darts_sum_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip, x_need_grad):
+    op = "darts_sum_backward"
+    _check_darts(op, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
+    check_tensor(op, "grad_out", grad_out)
     n, c, h, w = x.shape
     shape = (n, c, pooled_size(h, stride), pooled_size(w, stride))
-    if tuple(grad_out.shape) != shape:
-        raise ValueError(f"{op}: grad_out must have shape {shape}, got {tuple(grad_out.shape)}")
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_out has dtype {grad_out.dtype} but x has dtype {x.dtype}")
-    if grad_out.device != x.device:
-        raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
+    check_value(
+        tuple(grad_out.shape) == shape, lambda: f"{op}: grad_out must have shape {shape}, got {tuple(grad_out.shape)}"
+    )
+    check_same_dtype(op, "grad_out", grad_out, "x", x.dtype)
+    check_device(op, "grad_out", grad_out, "x is", x.device)
+    check_flag(op, "x_need_grad", x_need_grad)
 
 
 # --- public API -------------------------------------------------------------------
@@ -252,11 +261,7 @@ def pool_batch_norm_stats(
     pool; var is biased, rstd = 1/sqrt(var + eps). float32 (float64 for
     float64 x).
     """
-    op = "pool_batch_norm_stats"
-    _check_x(op, x)
-    _check_stride(op, stride)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
+    check_pool_batch_norm_stats(x, stride, eps)
     name = backends.resolve("pool_batch_norm_stats", x.device, backend)
     if name == "reference":
         return pool_batch_norm_stats_reference(x, stride, eps)
@@ -282,7 +287,7 @@ def darts_sum(
     (absent terms dropped), bn(p) = (p - mean[k, c]) * rstd[k, c]. Returns
     (N, C, Ho, Wo) contiguous in the dtype of x. Differentiable in x, z and coef
     (training-mode batch norm; see the module docstring)."""
-    _check_darts("darts_sum", x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
+    check_darts_sum(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
     name = backends.resolve("darts_sum", x.device, backend)
     if name == "reference":
         if torch.is_grad_enabled() and (x.requires_grad or z.requires_grad or coef.requires_grad):
@@ -314,10 +319,7 @@ def darts_sum_backward(
     ``x_need_grad`` is False; grad_coef (Jz + 3,) in coef's dtype, 0 for
     absent candidates. Deterministic: bit-identical across runs.
     """
-    op = "darts_sum_backward"
-    _check_darts(op, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
-    _check_grad_out(op, grad_out, x, stride)
-    _check_flag(op, "x_need_grad", x_need_grad)
+    check_darts_sum_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip, x_need_grad)
     args = (grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip, x_need_grad)
     name = backends.resolve("darts_sum", x.device, backend)
     if name == "reference":
@@ -369,17 +371,20 @@ class _DartsSumReference(torch.autograd.Function):
 
 
 def _fake_stats(x, stride, eps):
+    check_pool_batch_norm_stats(x, stride, eps)
     c = x.shape[1]
-    dtype = _acc(x.dtype)
+    dtype = accumulate_dtype(x.dtype)
     return tuple(x.new_empty((2, c), dtype=dtype) for _ in range(3))
 
 
 def _fake_forward(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip):
+    check_darts_sum(x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip)
     n, c, h, w = x.shape
     return x.new_empty((n, c, pooled_size(h, stride), pooled_size(w, stride)))
 
 
 def _fake_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip, x_need_grad):
+    check_darts_sum_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, has_skip, x_need_grad)
     grad_z = z.new_empty(z.shape)
     grad_x = x.new_empty(x.shape if x_need_grad else (0,))
     return grad_z, grad_x, coef.new_empty(coef.shape)

@@ -17,7 +17,20 @@ from collections.abc import Sequence
 import torch
 
 from fastnas import backends
-from fastnas.ops._common import check_inputs, fill_grads, grad_flags
+from fastnas.ops._common import (
+    MAX_INPUTS,
+    check_device,
+    check_devices,
+    check_dtype,
+    check_dtypes,
+    check_grad_flags,
+    check_same_shapes,
+    check_tensor,
+    check_tensor_list,
+    check_value,
+    fill_grads,
+    grad_flags,
+)
 
 
 def mixed_sum_reference(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -28,6 +41,69 @@ def mixed_sum_reference(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> to
     return out
 
 
+# --- argument checks ---------------------------------------------------------------
+
+
+def check_weights(op: str, weights, k: int, device: torch.device) -> None:
+    """``weights``: 1-D, one float per input, on the inputs' device."""
+    check_tensor(op, "weights", weights)
+    check_value(weights.dim() == 1, lambda: f"{op}: weights must be 1-D, got shape {tuple(weights.shape)}")
+    check_value(weights.shape[0] == k, lambda: f"{op}: weights has {weights.shape[0]} entries but xs has {k} tensors")
+    check_dtype(op, "weights", weights)
+    check_device(op, "weights", weights, "xs are", device)
+
+
+def check_mixed_sum(xs, weights, op: str = "mixed_sum") -> list[torch.Tensor]:
+    """The arguments of ``mixed_sum`` (and the weighted sum of the ops built on it); returns xs as a list."""
+    xs = check_tensor_list(op, "xs", xs)
+    check_value(len(xs) > 0, lambda: f"{op}: xs is empty; it needs at least one tensor")
+    check_value(
+        len(xs) <= MAX_INPUTS, lambda: f"{op}: xs has {len(xs)} tensors; at most {MAX_INPUTS} are supported per call"
+    )
+    x0 = xs[0]
+    check_dtype(op, "xs[0]", x0)
+    check_same_shapes(op, "xs", xs)
+    check_dtypes(op, "xs", xs, "xs[0]", x0.dtype)
+    check_devices(op, "xs", xs, "xs[0] is", x0.device)
+    check_weights(op, weights, len(xs), x0.device)
+    return xs
+
+
+def check_weighted_sum_backward(op: str, grad_out, xs, weights, xs_need_grad, weights_need_grad) -> list[torch.Tensor]:
+    """What the backward ops of the weighted sums share: grad_out, the weights, one flag per input, and the
+    inputs (all K when the weights need a gradient, else none or all), of grad_out's dtype and device."""
+    check_tensor(op, "grad_out", grad_out)
+    check_dtype(op, "grad_out", grad_out)
+    xs = check_tensor_list(op, "xs", xs)
+    check_tensor(op, "weights", weights)
+    check_value(weights.dim() == 1, lambda: f"{op}: weights must be 1-D, got shape {tuple(weights.shape)}")
+    k = weights.shape[0]
+    check_value(1 <= k <= MAX_INPUTS, lambda: f"{op}: weights has {k} entries; 1 to {MAX_INPUTS} are supported")
+    check_dtype(op, "weights", weights)
+    check_device(op, "weights", weights, "grad_out is", grad_out.device)
+    check_grad_flags(op, "xs_need_grad", xs_need_grad, k, "weights has")
+    if weights_need_grad:
+        check_value(len(xs) == k, lambda: f"{op}: weights_need_grad=True needs all {k} inputs xs, got {len(xs)}")
+    else:
+        check_value(len(xs) in (0, k), lambda: f"{op}: xs has {len(xs)} tensors; expected 0 or {k}")
+    check_dtypes(op, "xs", xs, "grad_out", grad_out.dtype)
+    check_devices(op, "xs", xs, "grad_out is", grad_out.device)
+    return xs
+
+
+def check_mixed_sum_backward(grad_out, xs, weights, xs_need_grad, weights_need_grad) -> None:
+    op = "mixed_sum_backward"
+    xs = check_weighted_sum_backward(op, grad_out, xs, weights, xs_need_grad, weights_need_grad)
+    for i, x in enumerate(xs):
+        check_value(
+            x.shape == grad_out.shape,
+            lambda: f"{op}: xs[{i}] has shape {tuple(x.shape)} but grad_out has shape {tuple(grad_out.shape)}",
+        )
+
+
+# --- the op ---------------------------------------------------------------------------
+
+
 def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``sum(weights[k] * xs[k])`` over K tensors of one shape, dtype and device.
 
@@ -35,7 +111,7 @@ def mixed_sum(xs: Sequence[torch.Tensor], weights: torch.Tensor, *, backend: str
     (fp32 architecture weights with bf16 activations); the result has the dtype
     of ``xs`` and is accumulated in fp32 (fp64 for fp64 inputs).
     """
-    xs = check_inputs("mixed_sum", xs, weights)
+    xs = check_mixed_sum(xs, weights)
     name = backends.resolve("mixed_sum", xs[0].device, backend)
     if name == "reference":
         return mixed_sum_reference(xs, weights)
@@ -65,10 +141,12 @@ def _make_backward(backward_op):
 
 
 def _fake_forward(xs, weights):
+    check_mixed_sum(xs, weights)
     return torch.empty_like(xs[0], memory_format=torch.contiguous_format)
 
 
 def _fake_backward(grad_out, xs, weights, xs_need_grad, weights_need_grad):
+    check_mixed_sum_backward(grad_out, xs, weights, xs_need_grad, weights_need_grad)
     grad_xs = [torch.empty_like(grad_out, memory_format=torch.contiguous_format) for need in xs_need_grad if need]
     grad_w = weights.new_empty((weights.shape[0] if weights_need_grad else 0,))
     return grad_xs, grad_w

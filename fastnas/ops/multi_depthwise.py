@@ -38,19 +38,27 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
+from fastnas.ops._common import (
+    accumulate_dtype,
+    check_device,
+    check_devices,
+    check_dtype,
+    check_dtypes,
+    check_int_list,
+    check_same_dtype,
+    check_tensor,
+    check_tensor_list,
+    check_type,
+    check_value,
+    is_int,
+)
 from fastnas.ops.activations import ACTIVATIONS, activation_code, apply_activation
 
-_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
 # The Triton kernels take the candidates' weights through a fixed number of
 # pointer slots.
 MAX_CANDIDATES_TRITON = 4
 # The CPU kernel keeps each candidate's tap offsets in fixed-size arrays.
 MAX_KERNEL_SIZE = 15
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _out_size(size: int, stride: int) -> int:
@@ -66,7 +74,7 @@ def _padding(weight: torch.Tensor, dilation: int) -> int:
 
 def _pre_activation(x, mean, rstd):
     """The pre-ReLU value in the accumulation dtype: x, or (x - mean) * rstd per candidate."""
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     pre = x.to(acc)
     if mean is not None:
         pre = (pre - mean.to(acc)[:, :, None, None, None]) * rstd.to(acc)[:, :, None, None, None]
@@ -95,7 +103,7 @@ def multi_depthwise_reference(
 ) -> torch.Tensor:
     """The oracle: eager PyTorch, one ``conv2d(groups=C)`` per candidate, in fp32 (fp64 for fp64)."""
     weights, dilations = list(weights), list(dilations)
-    shared = _check("multi_depthwise_reference", x, weights, dilations, stride, mean, rstd)
+    shared = check_multi_depthwise(x, weights, dilations, stride, mean, rstd, "multi_depthwise_reference")
     codes = activation_codes("multi_depthwise_reference", activations, len(weights))
     pre = _pre_activation(x, mean, rstd)
     return _depthwise_stack(pre, weights, dilations, stride, shared, x.dtype, codes)
@@ -118,10 +126,11 @@ def multi_depthwise_backward_reference(
     the pre-activation value (an empty tensor when ``input_need_grad`` is False).
     """
     weights, dilations = list(weights), list(dilations)
-    shared = _check("multi_depthwise_backward_reference", x, weights, dilations, stride, mean, rstd)
-    _check_grad_out("multi_depthwise_backward_reference", grad_out, x, weights, stride, shared)
+    shared = check_multi_depthwise_backward(
+        grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, "multi_depthwise_backward_reference"
+    )
     codes = activation_codes("multi_depthwise_backward_reference", activations, len(weights))
-    acc = _acc_dtype(x.dtype)
+    acc = accumulate_dtype(x.dtype)
     with torch.enable_grad():
         pre = _pre_activation(x.detach(), mean, rstd).requires_grad_(True)
         ws = [w.detach().to(acc).requires_grad_(True) for w in weights]
@@ -150,66 +159,91 @@ def activation_codes(op: str, activations, num: int) -> list[int]:
         raise ValueError(f"{op}: {exc}") from None
 
 
-def _check(op, x, weights, dilations, stride, mean, rstd) -> bool:
-    """Validate the arguments; return whether x is shared by all candidates."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"{op}: x has dtype {x.dtype}; expected {_DTYPE_NAMES}")
-    if x.dim() not in (4, 5):
-        raise ValueError(
+def check_activation_codes(op: str, codes, num: int) -> None:
+    """The ops' ``activations`` argument: empty (ReLU) or one code of ``fastnas.ops.activations`` per candidate."""
+    codes = check_int_list(op, "activations", codes)
+    check_value(len(codes) in (0, num), lambda: f"{op}: activations has {len(codes)} entries but weights has {num}")
+
+    def message():
+        j = next(j for j, c in enumerate(codes) if not 0 <= c < len(ACTIVATIONS))
+        return f"{op}: activations[{j}] is {codes[j]}; activation codes run from 0 to {len(ACTIVATIONS) - 1}"
+
+    check_value(all(0 <= c < len(ACTIVATIONS) for c in codes), message)
+
+
+def check_multi_depthwise(x, weights, dilations, stride, mean, rstd, op: str = "multi_depthwise") -> bool:
+    """The arguments of ``multi_depthwise``; returns whether x is shared by all candidates."""
+    check_tensor(op, "x", x)
+    check_dtype(op, "x", x)
+    check_value(
+        x.dim() in (4, 5),
+        lambda: (
             f"{op}: x must be (N, C, H, W) shared by all candidates or (J, C, N, H, W) per candidate, "
             f"got shape {tuple(x.shape)}"
-        )
+        ),
+    )
     shared = x.dim() == 4
-    if isinstance(weights, torch.Tensor) or not isinstance(weights, Sequence):
-        raise TypeError(f"{op}: weights must be a list of tensors, got {type(weights).__name__}")
+    weights = check_tensor_list(op, "weights", weights, "a list of tensors")
     num = len(weights)
-    if num == 0:
-        raise ValueError(f"{op}: weights is empty; it needs at least one candidate")
-    if isinstance(dilations, torch.Tensor) or not isinstance(dilations, Sequence):
-        raise TypeError(f"{op}: dilations must be a list of ints, got {type(dilations).__name__}")
-    if len(dilations) != num:
-        raise ValueError(f"{op}: dilations has {len(dilations)} entries but weights has {num}")
-    if isinstance(stride, bool) or not isinstance(stride, int) or stride not in (1, 2):
-        raise ValueError(f"{op}: stride must be 1 or 2, got {stride!r}")
+    check_value(num > 0, lambda: f"{op}: weights is empty; it needs at least one candidate")
+    dilations = check_int_list(op, "dilations", dilations)
+    check_value(len(dilations) == num, lambda: f"{op}: dilations has {len(dilations)} entries but weights has {num}")
+    check_value(is_int(stride) and stride in (1, 2), lambda: f"{op}: stride must be 1 or 2, got {stride!r}")
     channels = x.shape[1]
-    if not shared and x.shape[0] != num:
-        raise ValueError(f"{op}: x has {x.shape[0]} candidates (dim 0) but weights has {num}")
-    for j, (w, d) in enumerate(zip(weights, dilations)):
-        if not isinstance(w, torch.Tensor):
-            raise TypeError(f"{op}: weights[{j}] is a {type(w).__name__}, not a tensor")
-        if w.dim() != 4 or w.shape[0] != channels or w.shape[1] != 1 or w.shape[2] != w.shape[3]:
-            raise ValueError(
-                f"{op}: weights[{j}] must be ({channels}, 1, k, k) for x's {channels} channels, "
-                f"got shape {tuple(w.shape)}"
-            )
-        if w.shape[2] % 2 == 0:
-            raise ValueError(f"{op}: weights[{j}] has an even kernel size {w.shape[2]}; it must be odd")
-        if w.shape[2] > MAX_KERNEL_SIZE:
-            raise ValueError(f"{op}: weights[{j}] has kernel size {w.shape[2]}; at most {MAX_KERNEL_SIZE} is supported")
-        if w.dtype != x.dtype:
-            raise TypeError(f"{op}: weights[{j}] has dtype {w.dtype} but x has dtype {x.dtype}")
-        if w.device != x.device:
-            raise ValueError(f"{op}: weights[{j}] is on {w.device} but x is on {x.device}")
-        if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-            raise ValueError(f"{op}: dilations[{j}] must be an int >= 1, got {d!r}")
-    if (mean is None) != (rstd is None):
-        raise ValueError(f"{op}: mean and rstd must be given together (got only {'mean' if rstd is None else 'rstd'})")
+    check_value(
+        shared or x.shape[0] == num, lambda: f"{op}: x has {x.shape[0]} candidates (dim 0) but weights has {num}"
+    )
+
+    def shape_ok(w):
+        return w.dim() == 4 and w.shape[0] == channels and w.shape[1] == 1 and w.shape[2] == w.shape[3]
+
+    def first(ok):
+        return next(j for j, w in enumerate(weights) if not ok(w))
+
+    def shape_message():
+        j = first(shape_ok)
+        return (
+            f"{op}: weights[{j}] must be ({channels}, 1, k, k) for x's {channels} channels, "
+            f"got shape {tuple(weights[j].shape)}"
+        )
+
+    def even_message():
+        j = first(lambda w: w.shape[2] % 2 == 1)
+        return f"{op}: weights[{j}] has an even kernel size {weights[j].shape[2]}; it must be odd"
+
+    def size_message():
+        j = first(lambda w: w.shape[2] <= MAX_KERNEL_SIZE)
+        return f"{op}: weights[{j}] has kernel size {weights[j].shape[2]}; at most {MAX_KERNEL_SIZE} is supported"
+
+    def dilation_message():
+        j = next(j for j, d in enumerate(dilations) if not (is_int(d) and d >= 1))
+        return f"{op}: dilations[{j}] must be an int >= 1, got {dilations[j]!r}"
+
+    check_value(all(shape_ok(w) for w in weights), shape_message)
+    check_value(all(w.shape[2] % 2 == 1 for w in weights), even_message)
+    check_value(all(w.shape[2] <= MAX_KERNEL_SIZE for w in weights), size_message)
+    check_dtypes(op, "weights", weights, "x", x.dtype)
+    check_devices(op, "weights", weights, "x is", x.device)
+    check_value(all(is_int(d) and d >= 1 for d in dilations), dilation_message)
+    check_value(
+        (mean is None) == (rstd is None),
+        lambda: f"{op}: mean and rstd must be given together (got only {'mean' if rstd is None else 'rstd'})",
+    )
     if mean is not None:
-        if shared:
-            raise ValueError(
+        check_value(
+            not shared,
+            lambda: (
                 f"{op}: mean/rstd need a per-candidate x of shape (J, C, N, H, W); x is shared, shape {tuple(x.shape)}"
-            )
+            ),
+        )
         for name, t in (("mean", mean), ("rstd", rstd)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-            if tuple(t.shape) != (num, channels):
-                raise ValueError(f"{op}: {name} must have shape ({num}, {channels}), got {tuple(t.shape)}")
-            if t.dtype != torch.float32:
-                raise TypeError(f"{op}: {name} must be float32, got {t.dtype}")
-            if t.device != x.device:
-                raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+            check_tensor(op, name, t)
+            check_value(
+                tuple(t.shape) == (num, channels),
+                lambda: f"{op}: {name} must have shape ({num}, {channels}), got {tuple(t.shape)}",
+            )
+            check_type(t.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {t.dtype}")
+            check_device(op, name, t, "x is", x.device)
     return shared
 
 
@@ -222,15 +256,31 @@ def _output_shape(x, num, stride, shared) -> tuple[int, ...]:
 
 
 def _check_grad_out(op, grad_out, x, weights, stride, shared):
-    if not isinstance(grad_out, torch.Tensor):
-        raise TypeError(f"{op}: grad_out must be a tensor, got {type(grad_out).__name__}")
+    check_tensor(op, "grad_out", grad_out)
     want = _output_shape(x, len(weights), stride, shared)
-    if tuple(grad_out.shape) != want:
-        raise ValueError(f"{op}: grad_out has shape {tuple(grad_out.shape)}; expected {want}")
-    if grad_out.dtype != x.dtype:
-        raise TypeError(f"{op}: grad_out has dtype {grad_out.dtype} but x has dtype {x.dtype}")
-    if grad_out.device != x.device:
-        raise ValueError(f"{op}: grad_out is on {grad_out.device} but x is on {x.device}")
+    check_value(
+        tuple(grad_out.shape) == want, lambda: f"{op}: grad_out has shape {tuple(grad_out.shape)}; expected {want}"
+    )
+    check_same_dtype(op, "grad_out", grad_out, "x", x.dtype)
+    check_device(op, "grad_out", grad_out, "x is", x.device)
+
+
+def check_multi_depthwise_backward(
+    grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, op: str = "multi_depthwise_backward"
+) -> bool:
+    shared = check_multi_depthwise(x, weights, dilations, stride, mean, rstd, op)
+    _check_grad_out(op, grad_out, x, weights, stride, shared)
+    return shared
+
+
+def check_triton_candidates(num: int) -> None:
+    """The Triton kernels' pointer slots bound the candidates of one call."""
+    check_value(
+        num <= MAX_CANDIDATES_TRITON,
+        lambda: (
+            f"multi_depthwise: the triton backend takes at most {MAX_CANDIDATES_TRITON} candidates per call, got {num}"
+        ),
+    )
 
 
 # --- the public ops -------------------------------------------------------------------
@@ -238,10 +288,8 @@ def _check_grad_out(op, grad_out, x, weights, stride, shared):
 
 def _backend(device: torch.device, backend: str | None, num: int) -> str:
     name = backends.resolve("multi_depthwise", device, backend)
-    if name == "triton" and num > MAX_CANDIDATES_TRITON:
-        raise ValueError(
-            f"multi_depthwise: the triton backend takes at most {MAX_CANDIDATES_TRITON} candidates per call, got {num}"
-        )
+    if name == "triton":
+        check_triton_candidates(num)
     return name
 
 
@@ -259,7 +307,7 @@ def multi_depthwise(
     """J depthwise convolutions of act(x) (or act((x - mean) * rstd)), as (J, C, N, Ho, Wo);
     ``activations``: one name of ``fastnas.ops.activations`` for all, or one per candidate."""
     weights, dilations = list(weights), list(dilations)
-    shared = _check("multi_depthwise", x, weights, dilations, stride, mean, rstd)
+    shared = check_multi_depthwise(x, weights, dilations, stride, mean, rstd)
     codes = activation_codes("multi_depthwise", activations, len(weights))
     name = _backend(x.device, backend, len(weights))
     if name == "reference":
@@ -285,8 +333,7 @@ def multi_depthwise_backward(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad_pre, grad_weights) of ``multi_depthwise``; see the module docstring."""
     weights, dilations = list(weights), list(dilations)
-    shared = _check("multi_depthwise_backward", x, weights, dilations, stride, mean, rstd)
-    _check_grad_out("multi_depthwise_backward", grad_out, x, weights, stride, shared)
+    check_multi_depthwise_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
     codes = activation_codes("multi_depthwise_backward", activations, len(weights))
     name = _backend(x.device, backend, len(weights))
     input_need_grad = bool(input_need_grad)
@@ -311,18 +358,22 @@ def codes_to_names(codes) -> list[str]:
 
 
 def _fake_forward(x, weights, dilations, stride, mean, rstd, activations=()):
+    check_multi_depthwise(x, weights, dilations, stride, mean, rstd)
+    check_activation_codes("multi_depthwise", activations, len(weights))
     shape = _output_shape(x, len(weights), stride, x.dim() == 4)
     return x.new_empty(shape)
 
 
 def _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations=()):
+    check_multi_depthwise_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
+    check_activation_codes("multi_depthwise_backward", activations, len(weights))
     grad_pre = x.new_empty(x.shape) if input_need_grad else x.new_empty(0)
     return grad_pre, [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
     x, weights, dilations, stride, mean, rstd, activations = inputs
-    ctx.dilations, ctx.stride, ctx.activations = list(dilations), stride, list(activations)
+    ctx.dilations, ctx.stride, ctx.activations = list(dilations), stride, list(activations or [])
     ctx.has_bn = mean is not None
     ctx.save_for_backward(x, mean, rstd, *weights)
 
@@ -337,7 +388,7 @@ def _make_backward(backward_op):
         grad_x = grad_mean = grad_rstd = None
         if ctx.has_bn and need_x:
             # pre = (x - mean) * rstd, per (j, c) row.
-            acc = _acc_dtype(x.dtype)
+            acc = accumulate_dtype(x.dtype)
             g = grad_pre.to(acc)
             r = rstd.to(acc)[:, :, None, None, None]
             if ctx.needs_input_grad[0]:
@@ -375,13 +426,14 @@ def _multi_depthwise_triton(
     stride: int,
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
-    activations: list[int],
+    activations: list[int] | None = None,
 ) -> torch.Tensor:
     from fastnas.kernels.multi_depthwise import multi_depthwise_forward
 
     return multi_depthwise_forward(
         x.contiguous(), [w.contiguous() for w in weights], list(dilations), stride,
-        None if mean is None else mean.contiguous(), None if rstd is None else rstd.contiguous(), list(activations),
+        None if mean is None else mean.contiguous(), None if rstd is None else rstd.contiguous(),
+        list(activations or []),
     )  # fmt: skip
 
 
@@ -395,19 +447,29 @@ def _multi_depthwise_backward_triton(
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
     input_need_grad: bool,
-    activations: list[int],
+    activations: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     from fastnas.kernels.multi_depthwise import multi_depthwise_backward as backward
 
     return backward(
         grad_out.contiguous(), x.contiguous(), [w.contiguous() for w in weights], list(dilations), stride,
         None if mean is None else mean.contiguous(), None if rstd is None else rstd.contiguous(), input_need_grad,
-        list(activations),
+        list(activations or []),
     )  # fmt: skip
 
 
-_multi_depthwise_triton.register_fake(_fake_forward)
-_multi_depthwise_backward_triton.register_fake(_fake_backward)
+@_multi_depthwise_triton.register_fake
+def _fake_forward_triton(x, weights, dilations, stride, mean, rstd, activations=None):
+    check_triton_candidates(len(weights))
+    return _fake_forward(x, weights, dilations, stride, mean, rstd, activations or ())
+
+
+@_multi_depthwise_backward_triton.register_fake
+def _fake_backward_triton(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations=None):
+    check_triton_candidates(len(weights))
+    return _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations or ())
+
+
 _multi_depthwise_triton.register_autograd(
     _make_backward(_multi_depthwise_backward_triton), setup_context=_setup_context
 )

@@ -19,8 +19,16 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import check_inputs, fill_grads, grad_flags
-from fastnas.ops.mixed_sum import mixed_sum_reference
+from fastnas.ops._common import (
+    check_device,
+    check_groups,
+    check_same_dtype,
+    check_tensor,
+    check_value,
+    fill_grads,
+    grad_flags,
+)
+from fastnas.ops.mixed_sum import check_mixed_sum, check_weighted_sum_backward, mixed_sum_reference
 
 _OP = "partial_channel_mixed_sum"
 
@@ -45,37 +53,63 @@ def partial_channel_mixed_sum_reference(
     return channel_shuffle(torch.cat([mixed, bypass], dim=1), groups)
 
 
-def _check(xs, weights, bypass, groups, bypass_pool):
-    xs = check_inputs(_OP, xs, weights)
-    x0 = xs[0]
-    if x0.dim() != 4:
-        raise ValueError(f"{_OP}: xs must be 4-D NCHW tensors, got shape {tuple(x0.shape)}")
-    if not isinstance(bypass, torch.Tensor):
-        raise TypeError(f"{_OP}: bypass must be a tensor, got {type(bypass).__name__}")
-    if bypass.dim() != 4:
-        raise ValueError(f"{_OP}: bypass must be a 4-D NCHW tensor, got shape {tuple(bypass.shape)}")
-    if bypass.dtype != x0.dtype:
-        raise TypeError(f"{_OP}: bypass has dtype {bypass.dtype} but xs have dtype {x0.dtype}")
-    if bypass.device != x0.device:
-        raise ValueError(f"{_OP}: bypass is on {bypass.device} but xs are on {x0.device}")
-    n, cp, h, w = x0.shape
-    nb, cb, hb, wb = bypass.shape
-    if nb != n:
-        raise ValueError(f"{_OP}: bypass has batch size {nb} but xs have {n}")
+def _check_bypass_size(op: str, bypass: torch.Tensor, h: int, w: int, bypass_pool: bool) -> None:
+    hb, wb = bypass.shape[2], bypass.shape[3]
     if bypass_pool:
-        if hb % 2 or wb % 2:
-            raise ValueError(f"{_OP}: bypass_pool=True needs an even bypass height and width, got {hb}x{wb}")
-        if (hb // 2, wb // 2) != (h, w):
-            raise ValueError(
-                f"{_OP}: with bypass_pool=True the bypass must be twice the size of xs ({2 * h}x{2 * w}), got {hb}x{wb}"
-            )
-    elif (hb, wb) != (h, w):
-        raise ValueError(f"{_OP}: bypass is {hb}x{wb} but xs are {h}x{w}")
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"{_OP}: groups must be an int, got {type(groups).__name__}")
-    if groups < 1 or (cp + cb) % groups:
-        raise ValueError(f"{_OP}: groups={groups} must be >= 1 and divide the {cp + cb} output channels")
+        check_value(
+            hb % 2 == 0 and wb % 2 == 0,
+            lambda: f"{op}: bypass_pool=True needs an even bypass height and width, got {hb}x{wb}",
+        )
+        check_value(
+            hb == 2 * h and wb == 2 * w,
+            lambda: (
+                f"{op}: with bypass_pool=True the bypass must be twice the size of xs ({2 * h}x{2 * w}), got {hb}x{wb}"
+            ),
+        )
+    else:
+        check_value(hb == h and wb == w, lambda: f"{op}: bypass is {hb}x{wb} but xs are {h}x{w}")
+
+
+def check_partial_channel_mixed_sum(xs, weights, bypass, groups, bypass_pool) -> list[torch.Tensor]:
+    """The arguments of ``partial_channel_mixed_sum``; returns xs as a list."""
+    op = _OP
+    xs = check_mixed_sum(xs, weights, op)
+    x0 = xs[0]
+    check_value(x0.dim() == 4, lambda: f"{op}: xs must be 4-D NCHW tensors, got shape {tuple(x0.shape)}")
+    check_tensor(op, "bypass", bypass)
+    check_value(bypass.dim() == 4, lambda: f"{op}: bypass must be a 4-D NCHW tensor, got shape {tuple(bypass.shape)}")
+    check_same_dtype(op, "bypass", bypass, "xs", x0.dtype)
+    check_device(op, "bypass", bypass, "xs are", x0.device)
+    n, cp, h, w = x0.shape
+    check_value(bypass.shape[0] == n, lambda: f"{op}: bypass has batch size {bypass.shape[0]} but xs have {n}")
+    _check_bypass_size(op, bypass, h, w, bypass_pool)
+    check_groups(op, groups, cp + bypass.shape[1])
     return xs
+
+
+def check_partial_channel_mixed_sum_backward(
+    grad_out, xs, weights, bypass, groups, bypass_pool, xs_need_grad, weights_need_grad, bypass_need_grad
+) -> None:
+    op = f"{_OP}_backward"
+    xs = check_weighted_sum_backward(op, grad_out, xs, weights, xs_need_grad, weights_need_grad)
+    check_value(grad_out.dim() == 4, lambda: f"{op}: grad_out must be 4-D NCHW, got shape {tuple(grad_out.shape)}")
+    check_tensor(op, "bypass", bypass)
+    check_value(bypass.dim() == 4, lambda: f"{op}: bypass must be a 4-D NCHW tensor, got shape {tuple(bypass.shape)}")
+    n, c, h, w = grad_out.shape
+    cb = bypass.shape[1]
+    check_value(c >= cb, lambda: f"{op}: grad_out has {c} channels, fewer than the bypass's {cb}")
+    check_value(bypass.shape[0] == n, lambda: f"{op}: bypass has batch size {bypass.shape[0]} but xs have {n}")
+    _check_bypass_size(op, bypass, h, w, bypass_pool)
+    check_groups(op, groups, c)
+    x_shape = (n, c - cb, h, w)
+    for i, x in enumerate(xs):
+        check_value(
+            tuple(x.shape) == x_shape,
+            lambda: f"{op}: xs[{i}] has shape {tuple(x.shape)} but grad_out implies {x_shape}",
+        )
+    if bypass_need_grad:
+        check_same_dtype(op, "bypass", bypass, "grad_out", grad_out.dtype)
+        check_device(op, "bypass", bypass, "grad_out is", grad_out.device)
 
 
 def partial_channel_mixed_sum(
@@ -93,7 +127,7 @@ def partial_channel_mixed_sum(
     channels; ``bypass``: (N, Cb, H, W), or (N, Cb, 2H, 2W) with ``bypass_pool``.
     Returns (N, Cp + Cb, H, W) in the dtype of ``xs``.
     """
-    xs = _check(xs, weights, bypass, groups, bypass_pool)
+    xs = check_partial_channel_mixed_sum(xs, weights, bypass, groups, bypass_pool)
     name = backends.resolve("partial_channel_mixed_sum", xs[0].device, backend)
     if name == "reference":
         return partial_channel_mixed_sum_reference(xs, weights, bypass, groups, bypass_pool)
@@ -138,6 +172,7 @@ def _make_backward(backward_op):
 
 
 def _fake_forward(xs, weights, bypass, groups, bypass_pool):
+    check_partial_channel_mixed_sum(xs, weights, bypass, groups, bypass_pool)
     n, cp, h, w = xs[0].shape
     return xs[0].new_empty((n, cp + bypass.shape[1], h, w))
 
@@ -145,6 +180,9 @@ def _fake_forward(xs, weights, bypass, groups, bypass_pool):
 def _fake_backward(
     grad_out, xs, weights, bypass, groups, bypass_pool, xs_need_grad, weights_need_grad, bypass_need_grad
 ):
+    check_partial_channel_mixed_sum_backward(
+        grad_out, xs, weights, bypass, groups, bypass_pool, xs_need_grad, weights_need_grad, bypass_need_grad
+    )
     n, _, h, w = grad_out.shape
     cb = bypass.shape[1]
     cp = grad_out.shape[1] - cb

@@ -24,15 +24,26 @@ import torch
 import torch.nn.functional as F
 
 from fastnas import backends
-from fastnas.ops._common import FLOAT_DTYPES, MAX_INPUTS
+from fastnas.ops._common import (
+    MAX_INPUTS,
+    accumulate_dtype,
+    check_device,
+    check_devices,
+    check_dtype,
+    check_dtypes,
+    check_grad_flags,
+    check_groups,
+    check_int_list,
+    check_same_dtype,
+    check_same_shapes,
+    check_tensor,
+    check_tensor_list,
+    check_value,
+    is_int,
+)
 from fastnas.ops.partial_channel_mixed_sum import channel_shuffle
 
 _OP = "partial_channel_node_sum"
-_DTYPE_NAMES = "float32, float16, bfloat16 or float64"
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def partial_channel_node_sum_reference(
@@ -43,7 +54,7 @@ def partial_channel_node_sum_reference(
     strides: Sequence[int],
 ) -> torch.Tensor:
     """The oracle: each edge's pool, cat and shuffle, then the weighted sum, eagerly."""
-    acc = _accumulate_dtype(mixed[0].dtype)
+    acc = accumulate_dtype(mixed[0].dtype)
     out = None
     for e, (m, b, s) in enumerate(zip(mixed, bypass, strides)):
         if s == 2:
@@ -54,76 +65,91 @@ def partial_channel_node_sum_reference(
     return out.to(mixed[0].dtype)
 
 
-def _check_list(name, xs) -> list[torch.Tensor]:
-    if isinstance(xs, torch.Tensor) or not isinstance(xs, Sequence):
-        raise TypeError(f"{_OP}: {name} must be a list or tuple of tensors, got {type(xs).__name__}")
-    xs = list(xs)
-    for e, x in enumerate(xs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{_OP}: {name}[{e}] is a {type(x).__name__}, not a tensor")
-        if x.dim() != 4:
-            raise ValueError(f"{_OP}: {name}[{e}] must be a 4-D NCHW tensor, got shape {tuple(x.shape)}")
-    return xs
+def _check_nchw_list(op: str, name: str, ts) -> list[torch.Tensor]:
+    ts = check_tensor_list(op, name, ts)
+
+    def message():
+        e = next(e for e, t in enumerate(ts) if t.dim() != 4)
+        return f"{op}: {name}[{e}] must be a 4-D NCHW tensor, got shape {tuple(ts[e].shape)}"
+
+    check_value(all(t.dim() == 4 for t in ts), message)
+    return ts
 
 
-def _check(mixed, bypass, weights, groups, strides):
-    mixed = _check_list("mixed", mixed)
-    bypass = _check_list("bypass", bypass)
-    if not mixed:
-        raise ValueError(f"{_OP}: mixed is empty; a node needs at least one edge")
+def _check_node(op, mixed, bypass, weights, groups, strides):
+    """What the forward and the backward op share; returns the arguments as lists."""
+    mixed = _check_nchw_list(op, "mixed", mixed)
+    bypass = _check_nchw_list(op, "bypass", bypass)
     num = len(mixed)
-    if num > MAX_INPUTS:
-        raise ValueError(f"{_OP}: {num} edges; at most {MAX_INPUTS} are supported per call")
-    if len(bypass) != num:
-        raise ValueError(f"{_OP}: bypass has {len(bypass)} tensors but mixed has {num}")
-    if isinstance(strides, torch.Tensor) or not isinstance(strides, Sequence):
-        raise TypeError(f"{_OP}: strides must be a list of ints, got {type(strides).__name__}")
-    strides = list(strides)
-    if len(strides) != num:
-        raise ValueError(f"{_OP}: strides has {len(strides)} entries but mixed has {num} tensors")
-    for e, s in enumerate(strides):
-        if isinstance(s, bool) or not isinstance(s, int) or s not in (1, 2):
-            raise ValueError(f"{_OP}: strides[{e}]={s!r}; each stride must be 1 or 2")
+    check_value(num > 0, lambda: f"{op}: mixed is empty; a node needs at least one edge")
+    check_value(num <= MAX_INPUTS, lambda: f"{op}: {num} edges; at most {MAX_INPUTS} are supported per call")
+    check_value(len(bypass) == num, lambda: f"{op}: bypass has {len(bypass)} tensors but mixed has {num}")
+    strides = check_int_list(op, "strides", strides)
+    check_value(len(strides) == num, lambda: f"{op}: strides has {len(strides)} entries but mixed has {num} tensors")
+
+    def stride_message():
+        e = next(e for e, s in enumerate(strides) if not (is_int(s) and s in (1, 2)))
+        return f"{op}: strides[{e}]={strides[e]!r}; each stride must be 1 or 2"
+
+    check_value(all(is_int(s) and s in (1, 2) for s in strides), stride_message)
     m0 = mixed[0]
-    if m0.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{_OP}: mixed[0] has dtype {m0.dtype}; expected {_DTYPE_NAMES}")
+    check_dtype(op, "mixed[0]", m0)
+    check_same_shapes(op, "mixed", mixed)
+    check_dtypes(op, "mixed", mixed, "mixed[0]", m0.dtype)
+    check_devices(op, "mixed", mixed, "mixed[0] is", m0.device)
+    check_dtypes(op, "bypass", bypass, "mixed", m0.dtype)
+    check_devices(op, "bypass", bypass, "mixed is", m0.device)
     n, cp, ho, wo = m0.shape
-    for e, m in enumerate(mixed[1:], start=1):
-        if m.shape != m0.shape:
-            raise ValueError(f"{_OP}: mixed[{e}] has shape {tuple(m.shape)} but mixed[0] has {tuple(m0.shape)}")
-        if m.dtype != m0.dtype:
-            raise TypeError(f"{_OP}: mixed[{e}] has dtype {m.dtype} but mixed[0] has {m0.dtype}")
-        if m.device != m0.device:
-            raise ValueError(f"{_OP}: mixed[{e}] is on {m.device} but mixed[0] is on {m0.device}")
     cb = bypass[0].shape[1]
-    for e, (b, s) in enumerate(zip(bypass, strides)):
-        if b.dtype != m0.dtype:
-            raise TypeError(f"{_OP}: bypass[{e}] has dtype {b.dtype} but mixed has {m0.dtype}")
-        if b.device != m0.device:
-            raise ValueError(f"{_OP}: bypass[{e}] is on {b.device} but mixed is on {m0.device}")
+
+    def bypass_ok(b, s):
+        return b.shape[0] == n and b.shape[1] == cb and b.shape[2] == ho * s and b.shape[3] == wo * s
+
+    def bypass_message():
+        e = next(e for e, (b, s) in enumerate(zip(bypass, strides)) if not bypass_ok(b, s))
+        b, s = bypass[e], strides[e]
         if b.shape[0] != n:
-            raise ValueError(f"{_OP}: bypass[{e}] has batch size {b.shape[0]} but mixed has {n}")
+            return f"{op}: bypass[{e}] has batch size {b.shape[0]} but mixed has {n}"
         if b.shape[1] != cb:
-            raise ValueError(f"{_OP}: bypass[{e}] has {b.shape[1]} channels but bypass[0] has {cb}")
-        want = (ho * s, wo * s)
-        if tuple(b.shape[2:]) != want:
-            raise ValueError(
-                f"{_OP}: bypass[{e}] is {b.shape[2]}x{b.shape[3]} but strides[{e}]={s} needs "
-                f"{want[0]}x{want[1]} for mixed outputs of {ho}x{wo}"
-            )
-    if not isinstance(weights, torch.Tensor):
-        raise TypeError(f"{_OP}: weights must be a tensor, got {type(weights).__name__}")
-    if weights.dim() != 1 or weights.shape[0] != num:
-        raise ValueError(f"{_OP}: weights must have shape ({num},), one per edge, got {tuple(weights.shape)}")
-    if weights.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{_OP}: weights has dtype {weights.dtype}; expected {_DTYPE_NAMES}")
-    if weights.device != m0.device:
-        raise ValueError(f"{_OP}: weights is on {weights.device} but mixed is on {m0.device}")
-    if isinstance(groups, bool) or not isinstance(groups, int):
-        raise TypeError(f"{_OP}: groups must be an int, got {type(groups).__name__}")
-    if groups < 1 or (cp + cb) % groups:
-        raise ValueError(f"{_OP}: groups={groups} must be >= 1 and divide the {cp + cb} output channels")
+            return f"{op}: bypass[{e}] has {b.shape[1]} channels but bypass[0] has {cb}"
+        return (
+            f"{op}: bypass[{e}] is {b.shape[2]}x{b.shape[3]} but strides[{e}]={s} needs "
+            f"{ho * s}x{wo * s} for mixed outputs of {ho}x{wo}"
+        )
+
+    check_value(all(bypass_ok(b, s) for b, s in zip(bypass, strides)), bypass_message)
+    check_tensor(op, "weights", weights)
+    check_value(
+        weights.dim() == 1 and weights.shape[0] == num,
+        lambda: f"{op}: weights must have shape ({num},), one per edge, got {tuple(weights.shape)}",
+    )
+    check_dtype(op, "weights", weights)
+    check_device(op, "weights", weights, "mixed is", m0.device)
+    check_groups(op, groups, cp + cb)
     return mixed, bypass, strides
+
+
+def check_partial_channel_node_sum(mixed, bypass, weights, groups, strides):
+    """The arguments of ``partial_channel_node_sum``; returns mixed, bypass and strides as lists."""
+    return _check_node(_OP, mixed, bypass, weights, groups, strides)
+
+
+def check_partial_channel_node_sum_backward(
+    grad_out, mixed, bypass, weights, groups, strides, mixed_need_grad, bypass_need_grad, weights_need_grad
+) -> None:
+    op = f"{_OP}_backward"
+    mixed, bypass, strides = _check_node(op, mixed, bypass, weights, groups, strides)
+    n, cp, ho, wo = mixed[0].shape
+    want = (n, cp + bypass[0].shape[1], ho, wo)
+    check_tensor(op, "grad_out", grad_out)
+    check_value(
+        tuple(grad_out.shape) == want,
+        lambda: f"{op}: grad_out has shape {tuple(grad_out.shape)}; expected {want}",
+    )
+    check_same_dtype(op, "grad_out", grad_out, "mixed", mixed[0].dtype)
+    check_device(op, "grad_out", grad_out, "mixed is", mixed[0].device)
+    check_grad_flags(op, "mixed_need_grad", mixed_need_grad, len(mixed), "mixed has")
+    check_grad_flags(op, "bypass_need_grad", bypass_need_grad, len(mixed), "mixed has")
 
 
 def partial_channel_node_sum(
@@ -143,7 +169,7 @@ def partial_channel_node_sum(
     dtype, accumulated in fp32 (fp64 for fp64 inputs). Returns a contiguous
     (N, Cp + Cb, Ho, Wo) tensor in the dtype of ``mixed``.
     """
-    mixed, bypass, strides = _check(mixed, bypass, weights, groups, strides)
+    mixed, bypass, strides = check_partial_channel_node_sum(mixed, bypass, weights, groups, strides)
     name = backends.resolve("partial_channel_node_sum", mixed[0].device, backend)
     if name == "reference":
         return partial_channel_node_sum_reference(mixed, bypass, weights, groups, strides)
@@ -204,6 +230,7 @@ def _make_backward(backward_op):
 
 
 def _fake_forward(mixed, bypass, weights, groups, strides):
+    check_partial_channel_node_sum(mixed, bypass, weights, groups, strides)
     n, cp, ho, wo = mixed[0].shape
     return mixed[0].new_empty((n, cp + bypass[0].shape[1], ho, wo))
 
@@ -211,6 +238,9 @@ def _fake_forward(mixed, bypass, weights, groups, strides):
 def _fake_backward(
     grad_out, mixed, bypass, weights, groups, strides, mixed_need_grad, bypass_need_grad, weights_need_grad
 ):
+    check_partial_channel_node_sum_backward(
+        grad_out, mixed, bypass, weights, groups, strides, mixed_need_grad, bypass_need_grad, weights_need_grad
+    )
     grad_mixed = [grad_out.new_empty(tuple(m.shape)) for m, need in zip(mixed, mixed_need_grad) if need]
     grad_bypass = [grad_out.new_empty(tuple(b.shape)) for b, need in zip(bypass, bypass_need_grad) if need]
     grad_w = weights.new_empty((weights.shape[0] if weights_need_grad else 0,))

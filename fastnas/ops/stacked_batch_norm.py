@@ -29,18 +29,25 @@ from collections.abc import Sequence
 import torch
 
 from fastnas import backends
+from fastnas.ops._common import (
+    STAT_DTYPE_NAMES,
+    STAT_DTYPES,
+    accumulate_dtype,
+    check_device,
+    check_devices,
+    check_dtype,
+    check_index,
+    check_same_dtype,
+    check_tensor,
+    check_tensor_list,
+    check_type,
+    check_value,
+    is_int,
+)
 
 _STATS = "stacked_batch_norm_stats"
 _BACKWARD = "stacked_batch_norm_backward"
 _UPDATE = "update_running_stats"
-
-_Z_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-_Z_DTYPE_NAMES = "float32, float64, float16 or bfloat16"
-_STAT_DTYPES = (torch.float32, torch.float64)
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- the eager references (the oracle) -------------------------------------------
@@ -51,7 +58,7 @@ def stacked_batch_norm_stats_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-(j, c) mean, rstd and biased variance of ``z`` (J, C, *rest)."""
     j, c = z.shape[:2]
-    rows = z.reshape(j, c, math.prod(z.shape[2:])).to(_accumulate_dtype(z.dtype))
+    rows = z.reshape(j, c, math.prod(z.shape[2:])).to(accumulate_dtype(z.dtype))
     var, mean = torch.var_mean(rows, dim=2, correction=0)
     return mean, torch.rsqrt(var + eps), var
 
@@ -61,7 +68,7 @@ def stacked_batch_norm_backward_reference(
 ) -> torch.Tensor:
     """Gradient of batch norm (training mode, no affine) with respect to ``z``."""
     shape = (z.shape[0], z.shape[1], math.prod(z.shape[2:]))
-    acc = _accumulate_dtype(z.dtype)
+    acc = accumulate_dtype(z.dtype)
     g = grad_yhat.reshape(shape).to(acc)
     r = rstd.to(acc).unsqueeze(-1)
     yhat = (z.reshape(shape).to(acc) - mean.to(acc).unsqueeze(-1)) * r
@@ -91,89 +98,102 @@ def update_running_stats_reference(
 
 
 def _check_z(op: str, z) -> None:
-    if not isinstance(z, torch.Tensor):
-        raise TypeError(f"{op}: z must be a tensor, got {type(z).__name__}")
-    if z.dim() < 2:
-        raise ValueError(f"{op}: z must be (J, C, *rest) with at least 2 dims, got shape {tuple(z.shape)}")
-    if z.dtype not in _Z_DTYPES:
-        raise TypeError(f"{op}: z has dtype {z.dtype}; expected {_Z_DTYPE_NAMES}")
-    if z.shape[0] * z.shape[1] > 0 and z.numel() == 0:
-        raise ValueError(f"{op}: z has shape {tuple(z.shape)}: no values to normalise each (j, c) over")
+    check_tensor(op, "z", z)
+    check_value(z.dim() >= 2, lambda: f"{op}: z must be (J, C, *rest) with at least 2 dims, got shape {tuple(z.shape)}")
+    check_dtype(op, "z", z)
+    check_value(
+        z.shape[0] * z.shape[1] == 0 or z.numel() > 0,
+        lambda: f"{op}: z has shape {tuple(z.shape)}: no values to normalise each (j, c) over",
+    )
 
 
 def _check_stat(op: str, name: str, t, z: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
-    if tuple(t.shape) != tuple(z.shape[:2]):
-        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}; expected (J, C) = {tuple(z.shape[:2])}")
-    if t.dtype not in _STAT_DTYPES:
-        raise TypeError(f"{op}: {name} has dtype {t.dtype}; expected float32 or float64")
-    if t.device != z.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but z is on {z.device}")
+    check_tensor(op, name, t)
+    check_value(
+        tuple(t.shape) == tuple(z.shape[:2]),
+        lambda: f"{op}: {name} has shape {tuple(t.shape)}; expected (J, C) = {tuple(z.shape[:2])}",
+    )
+    check_dtype(op, name, t, STAT_DTYPES, STAT_DTYPE_NAMES)
+    check_device(op, name, t, "z is", z.device)
 
 
-def _check_backward(grad_yhat, z, mean, rstd) -> None:
-    _check_z(_BACKWARD, z)
-    if not isinstance(grad_yhat, torch.Tensor):
-        raise TypeError(f"{_BACKWARD}: grad_yhat must be a tensor, got {type(grad_yhat).__name__}")
-    if grad_yhat.shape != z.shape:
-        raise ValueError(f"{_BACKWARD}: grad_yhat has shape {tuple(grad_yhat.shape)} but z has {tuple(z.shape)}")
-    if grad_yhat.dtype != z.dtype:
-        raise TypeError(f"{_BACKWARD}: grad_yhat has dtype {grad_yhat.dtype} but z has {z.dtype}")
-    if grad_yhat.device != z.device:
-        raise ValueError(f"{_BACKWARD}: grad_yhat is on {grad_yhat.device} but z is on {z.device}")
-    _check_stat(_BACKWARD, "mean", mean, z)
-    _check_stat(_BACKWARD, "rstd", rstd, z)
+def check_stacked_batch_norm_stats(z, eps) -> None:
+    _check_z(_STATS, z)
 
 
-def _check_update(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count) -> None:
+def check_stacked_batch_norm_backward(grad_yhat, z, mean, rstd) -> None:
+    op = _BACKWARD
+    _check_z(op, z)
+    check_tensor(op, "grad_yhat", grad_yhat)
+    check_value(
+        grad_yhat.shape == z.shape,
+        lambda: f"{op}: grad_yhat has shape {tuple(grad_yhat.shape)} but z has {tuple(z.shape)}",
+    )
+    check_same_dtype(op, "grad_yhat", grad_yhat, "z", z.dtype)
+    check_device(op, "grad_yhat", grad_yhat, "z is", z.device)
+    _check_stat(op, "mean", mean, z)
+    _check_stat(op, "rstd", rstd, z)
+
+
+def check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count):
     op = _UPDATE
-    for name, lst in (
-        ("running_mean", running_mean),
-        ("running_var", running_var),
-        ("num_batches_tracked", num_batches_tracked),
-        ("rows", rows),
-    ):
-        if isinstance(lst, torch.Tensor) or not isinstance(lst, Sequence):
-            raise TypeError(f"{op}: {name} must be a list, got {type(lst).__name__}")
+    check_type(
+        isinstance(rows, Sequence) and not isinstance(rows, torch.Tensor),
+        lambda: f"{op}: rows must be a list, got {type(rows).__name__}",
+    )
     n = len(rows)
+    buffers = {}
     for name, lst in (
         ("running_mean", running_mean),
         ("running_var", running_var),
         ("num_batches_tracked", num_batches_tracked),
     ):
-        if len(lst) != n:
-            raise ValueError(f"{op}: {name} has {len(lst)} tensors but rows has {n} entries")
+        lst = buffers[name] = check_tensor_list(op, name, lst, "a list")
+        check_value(len(lst) == n, lambda: f"{op}: {name} has {len(lst)} tensors but rows has {n} entries")
     for name, t in (("mean", mean), ("var", var)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{op}: {name} must be a (J, C) tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    if mean.shape != var.shape:
-        raise ValueError(f"{op}: mean has shape {tuple(mean.shape)} but var has {tuple(var.shape)}")
-    if mean.device != var.device:
-        raise ValueError(f"{op}: mean is on {mean.device} but var is on {var.device}")
+        check_value(
+            isinstance(t, torch.Tensor) and t.dim() == 2,
+            lambda: f"{op}: {name} must be a (J, C) tensor, got {getattr(t, 'shape', type(t).__name__)}",
+        )
+    check_value(
+        mean.shape == var.shape, lambda: f"{op}: mean has shape {tuple(mean.shape)} but var has {tuple(var.shape)}"
+    )
+    check_device(op, "mean", mean, "var is", var.device)
     j, c = mean.shape
-    for i, r in enumerate(rows):
-        if isinstance(r, bool) or not isinstance(r, int):
-            raise TypeError(f"{op}: rows[{i}] is a {type(r).__name__}, not an int")
-        if not 0 <= r < j:
-            raise IndexError(f"{op}: rows[{i}]={r} is out of range for mean and var with J={j} rows")
-    for name, lst in (("running_mean", running_mean), ("running_var", running_var)):
-        for i, t in enumerate(lst):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {name}[{i}] is a {type(t).__name__}, not a tensor")
-            if tuple(t.shape) != (c,):
-                raise ValueError(f"{op}: {name}[{i}] has shape {tuple(t.shape)}; expected ({c},)")
-            if not t.is_floating_point():
-                raise TypeError(f"{op}: {name}[{i}] has dtype {t.dtype}; expected a floating dtype")
-            if t.device != mean.device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device} but mean is on {mean.device}")
-    for i, t in enumerate(num_batches_tracked):
-        if not isinstance(t, torch.Tensor) or t.numel() != 1:
-            raise ValueError(f"{op}: num_batches_tracked[{i}] must be a one-element tensor")
-        if t.device != mean.device:
-            raise ValueError(f"{op}: num_batches_tracked[{i}] is on {t.device} but mean is on {mean.device}")
-    if isinstance(count, bool) or not isinstance(count, int) or count < 2:
-        raise ValueError(f"{op}: count={count!r} must be an int >= 2 (the unbiased variance divides by count - 1)")
+
+    def row_message():
+        i = next(i for i, r in enumerate(rows) if not (is_int(r) and 0 <= r < j))
+        if not is_int(rows[i]):
+            return f"{op}: rows[{i}] is a {type(rows[i]).__name__}, not an int"
+        return f"{op}: rows[{i}]={rows[i]} is out of range for mean and var with J={j} rows"
+
+    check_type(all(is_int(r) for r in rows), row_message)
+    check_index(all(0 <= r < j for r in rows), row_message)
+    for name in ("running_mean", "running_var"):
+        lst = buffers[name]
+
+        def shape_message():
+            i = next(i for i, t in enumerate(lst) if tuple(t.shape) != (c,))
+            return f"{op}: {name}[{i}] has shape {tuple(lst[i].shape)}; expected ({c},)"
+
+        def dtype_message():
+            i = next(i for i, t in enumerate(lst) if not t.is_floating_point())
+            return f"{op}: {name}[{i}] has dtype {lst[i].dtype}; expected a floating dtype"
+
+        check_value(all(tuple(t.shape) == (c,) for t in lst), shape_message)
+        check_type(all(t.is_floating_point() for t in lst), dtype_message)
+        check_devices(op, name, lst, "mean is", mean.device)
+
+    def count_message():
+        i = next(i for i, t in enumerate(buffers["num_batches_tracked"]) if t.numel() != 1)
+        return f"{op}: num_batches_tracked[{i}] must be a one-element tensor"
+
+    check_value(all(t.numel() == 1 for t in buffers["num_batches_tracked"]), count_message)
+    check_devices(op, "num_batches_tracked", buffers["num_batches_tracked"], "mean is", mean.device)
+    check_value(
+        is_int(count) and count >= 2,
+        lambda: f"{op}: count={count!r} must be an int >= 2 (the unbiased variance divides by count - 1)",
+    )
 
 
 # --- the public ops ---------------------------------------------------------------
@@ -187,7 +207,7 @@ def stacked_batch_norm_stats(
     ``z``: (J, C, *rest), any strides. The statistics are fp32 (fp64 for fp64
     ``z``); ``var`` is biased and ``rstd = 1 / sqrt(var + eps)``.
     """
-    _check_z(_STATS, z)
+    check_stacked_batch_norm_stats(z, eps)
     name = backends.resolve("stacked_batch_norm_stats", z.device, backend)
     if name == "reference":
         return stacked_batch_norm_stats_reference(z, eps)
@@ -210,7 +230,7 @@ def stacked_batch_norm_backward(
     (J, C) fp32 or fp64 as returned by :func:`stacked_batch_norm_stats`.
     Returns a contiguous tensor shaped and typed like ``z``.
     """
-    _check_backward(grad_yhat, z, mean, rstd)
+    check_stacked_batch_norm_backward(grad_yhat, z, mean, rstd)
     name = backends.resolve("stacked_batch_norm_backward", z.device, backend)
     if name == "reference":
         return stacked_batch_norm_backward_reference(grad_yhat, z, mean, rstd).contiguous()
@@ -232,7 +252,6 @@ def _update_running_stats_op(
     momentum: float,
     count: int,
 ) -> None:
-    _check_update(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count)
     if not rows:
         return
     # Row views, not an index_select: no host-to-device index copy.
@@ -249,7 +268,7 @@ def _update_running_stats_op(
 
 @_update_running_stats_op.register_fake
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count):
-    _check_update(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count)
+    check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count)
 
 
 def update_running_stats(
@@ -272,7 +291,7 @@ def update_running_stats(
     :func:`stacked_batch_norm_stats` returns it) over ``count`` values per
     channel; the buffers keep their dtypes.
     """
-    _check_update(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count)
+    check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count)
     torch.ops.fastnas.update_running_stats(
         list(running_mean), list(running_var), list(num_batches_tracked), mean, var, list(rows), float(momentum), count
     )
@@ -282,12 +301,14 @@ def update_running_stats(
 
 
 def _fake_stats(z, eps):
+    check_stacked_batch_norm_stats(z, eps)
     shape = tuple(z.shape[:2])
-    acc = _accumulate_dtype(z.dtype)
+    acc = accumulate_dtype(z.dtype)
     return z.new_empty(shape, dtype=acc), z.new_empty(shape, dtype=acc), z.new_empty(shape, dtype=acc)
 
 
 def _fake_backward(grad_yhat, z, mean, rstd):
+    check_stacked_batch_norm_backward(grad_yhat, z, mean, rstd)
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
@@ -303,7 +324,6 @@ def _register_cpp():
 def _stats_triton(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastnas.kernels.stacked_batch_norm import stacked_batch_norm_stats_forward
 
-    _check_z(_STATS, z)
     return stacked_batch_norm_stats_forward(z.contiguous(), eps)
 
 
@@ -311,7 +331,6 @@ def _stats_triton(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tens
 def _backward_triton(grad_yhat: torch.Tensor, z: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
     from fastnas.kernels.stacked_batch_norm import stacked_batch_norm_backward as backward_kernel
 
-    _check_backward(grad_yhat, z, mean, rstd)
     return backward_kernel(grad_yhat.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous())
 
 

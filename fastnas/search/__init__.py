@@ -1,17 +1,21 @@
-"""DARTS-family architecture search: DARTS (first and second order), PC-DARTS, P-DARTS, GDAS.
+"""Weight-sharing architecture search: DARTS (first and second order), PC-DARTS, P-DARTS, GDAS,
+and the single-path and one-shot supernets of SPOS, FairNAS and Bender et al.
 
     from fastnas.search import SearchConfig, search
     result = search(SearchConfig.create("pc-darts", dataset="cifar10", data="~/data/cifar-10"), out_dir="run")
     print(result.genotype)
 
 ``Searcher.resume(out_dir)`` continues an interrupted search exactly where its
-last checkpoint left it.
+last checkpoint left it. A single-path search ends with a trained supernet;
+``fastnas.search.selection.select`` searches over it and
+``fastnas.search.rank_eval.rank_eval`` measures how well it ranks architectures.
 """
 
 from fastnas.search.config import DATASETS, SPACES, SearchConfig
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.methods import METHODS
-from fastnas.search.searcher import Searcher, SearchResult, build_network, genotype_to_json, prune_candidates, search
+from fastnas.search.methods.p_darts import prune_candidates
+from fastnas.search.searcher import Searcher, SearchResult, build_network, search
 
 __all__ = [
     "DATASETS",
@@ -25,7 +29,6 @@ __all__ = [
     "SearchResult",
     "Searcher",
     "build_network",
-    "genotype_to_json",
     "prune_candidates",
     "search",
 ]

@@ -10,8 +10,8 @@ from fastnas.search.errors import SearchError
 from fastnas.search.methods import get_method
 from fastnas.search.methods.amended_darts import AMEND_COEFFICIENT
 from fastnas.search.methods.la_darts import LATENCY_WEIGHT
+from fastnas.spaces import SPACES, get_space
 
-SPACES = ("darts", "nb201")
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 AMP_DTYPES = ("bf16", "fp16")
 
@@ -57,7 +57,15 @@ RESUME_FIELDS = (
     "activations",
     "amp",
     "world_size",
+    "bn_affine",
+    "bn_track",
+    "path_dropout",
+    "ghost_batch_size",
+    "constraint",
+    "constraint_min",
+    "constraint_max",
 )
+CONSTRAINTS = ("params", "flops")
 
 
 @dataclass
@@ -105,12 +113,21 @@ class SearchConfig:
     activations: tuple | None = None
     amp: str | None = None
     memory: str = "save"
-    cuda_graph: bool = False
+    # None: capture the step as a CUDA graph wherever that works (on CUDA).
+    cuda_graph: bool | None = None
     backend: str | None = None
     device: str = "cpu"
     workers: int = 0
     world_size: int = 1
     primitives: tuple | None = None
+    # Single-path and one-shot supernets (spos, fairnas, oneshot; fastnas.search.methods.single_path).
+    bn_affine: bool = False
+    bn_track: bool = True
+    path_dropout: float = 0.0
+    ghost_batch_size: int | None = None
+    constraint: str | None = None
+    constraint_min: float | None = None
+    constraint_max: float | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -134,9 +151,10 @@ class SearchConfig:
         if dataset == "imagenet":
             values["image_size"] = 224
         values.update(method=method, dataset=dataset)
-        if given.get("space") == "nb201":
-            # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
-            values["layers"] = 1 if dataset == "digits" else 5
+        space = given.get("space", values["space"])
+        layers = get_space(space).search_layers(dataset) if space in SPACES else None
+        if layers is not None:
+            values["layers"] = layers
         values.update(given)
         # Scale paper warm-ups to the epochs actually run, unless set explicitly.
         if "warmup_epochs" not in given and search_method.paper_epochs:
@@ -152,12 +170,23 @@ class SearchConfig:
             raise SearchError(f"unknown search space {self.space!r}; choose one of {', '.join(SPACES)}")
         if self.amp is not None and self.amp not in AMP_DTYPES:
             raise SearchError(f"unknown --amp type {self.amp!r}; choose bf16 or fp16")
+        if self.constraint is not None:
+            if self.constraint not in CONSTRAINTS:
+                raise SearchError(f"unknown --constraint {self.constraint!r}; choose {' or '.join(CONSTRAINTS)}")
+            if self.constraint_max is None:
+                raise SearchError("--constraint needs --constraint-max (and optionally --constraint-min)")
+            if self.constraint_min is not None and self.constraint_min > self.constraint_max:
+                raise SearchError(
+                    f"--constraint-min {self.constraint_min} is above --constraint-max {self.constraint_max}"
+                )
+        if not 0.0 < self.train_portion < 1.0:
+            raise SearchError(f"--train-portion must be between 0 and 1, got {self.train_portion}")
         self.search_method.validate(self)
         if self.epochs < 1:
             raise SearchError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:
             raise SearchError(f"--batch-size must be at least 2 (batch norm needs two samples), got {self.batch_size}")
-        if self.cuda_graph:
+        if self.cuda_graph is True:
             from fastnas.search.cuda_graph import check_search_supported
 
             check_search_supported(self)

@@ -69,28 +69,16 @@ UNSUPPORTED_MEMORY = {
     "checkpoint": "torch.utils.checkpoint reads the CUDA RNG state in forward, which is not allowed during capture",
 }
 
-UNROLLED_REASON = (
-    "second-order DARTS (darts-2nd, unrolled) is not supported: its virtual weight step branches "
-    "in Python on whether the optimizer has a momentum buffer, and its finite-difference passes have not been "
-    "verified under capture"
-)
-
 
 class CUDAGraphError(SearchError):
     """A CUDA-graph step was asked for where capture cannot work; the message says why."""
 
 
-def check_search_supported(config) -> None:
-    """Raise CUDAGraphError naming every setting of ``config`` that rules out ``--cuda-graph``.
-
-    The run-time conditions (a visible GPU, one process) are checked by
-    ``check_runtime_supported``.
-    """
+def unsupported_reasons(config) -> list[str]:
+    """Every setting of ``config`` that rules out capturing its step, each with why."""
     reasons = []
     if not str(config.device).startswith("cuda"):
         reasons.append(f"it needs a CUDA device (--device cuda), got --device {config.device}")
-    if config.unrolled:
-        reasons.append(UNROLLED_REASON)
     if config.search_method.cuda_graph_unsupported:
         reasons.append(config.search_method.cuda_graph_unsupported)
     if config.amp == "fp16":
@@ -99,8 +87,34 @@ def check_search_supported(config) -> None:
         reasons.append(f"--memory {config.memory}: {UNSUPPORTED_MEMORY[config.memory]}")
     if config.world_size > 1:
         reasons.append(_DDP_REASON)
+    return reasons
+
+
+def check_search_supported(config) -> None:
+    """Raise CUDAGraphError naming every setting of ``config`` that rules out ``--cuda-graph``.
+
+    The run-time conditions (a visible GPU, one process) are checked by
+    ``check_runtime_supported``.
+    """
+    reasons = unsupported_reasons(config)
     if reasons:
         raise CUDAGraphError("--cuda-graph cannot be used here: " + "; ".join(reasons))
+
+
+def decide(config, device: torch.device, world_size: int) -> tuple[bool, str | None]:
+    """Whether a search captures its step: ``config.cuda_graph`` True or False as asked,
+    None (the default) wherever capture works. Returns (capture, why not when a CUDA
+    search does not capture by default, else None)."""
+    if config.cuda_graph is not None:
+        return bool(config.cuda_graph), None
+    if torch.device(device).type != "cuda":
+        return False, None
+    reasons = unsupported_reasons(config)
+    if world_size > 1:
+        reasons.append(_DDP_REASON)
+    if reasons:
+        return False, "; ".join(dict.fromkeys(reasons))
+    return True, None
 
 
 _DDP_REASON = (

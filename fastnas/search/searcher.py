@@ -23,12 +23,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnas.search import checkpoint as ckpt
+from fastnas.search import cuda_graph
 from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
 from fastnas.search.data import epoch_loader, split_indices
 from fastnas.search.distributed import DistributedContext, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
+from fastnas.spaces import get_space
 
 GENOTYPE_NAME = "genotype.json"
 LOG_NAME = "log.jsonl"
@@ -49,72 +51,10 @@ def build_network(
     config: SearchConfig, num_classes: int, in_channels: int, layers: int, edge_primitives: dict | None = None
 ) -> nn.Module:
     """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
-    if config.space == "darts" and config.activations is not None:
-        from fastnas.spaces.darts import DARTS_PRIMITIVES
-        from fastnas.spaces.darts_factorized import FactorizedSearchNetwork
-
-        return FactorizedSearchNetwork(
-            C=config.init_channels,
-            num_classes=num_classes,
-            layers=layers,
-            stem="imagenet" if config.dataset == "imagenet" else "cifar",
-            primitives=list(config.primitives or DARTS_PRIMITIVES),
-            activations=list(config.activations),
-            backend=config.backend,
-            in_channels=in_channels,
-            memory=config.memory,
-        )
-    if config.space == "darts":
-        from fastnas.spaces.darts import DARTS_PRIMITIVES, SearchNetwork
-
-        return SearchNetwork(
-            C=config.init_channels,
-            num_classes=num_classes,
-            layers=layers,
-            stem="imagenet" if config.dataset == "imagenet" else "cifar",
-            partial_channels=config.partial_channels,
-            primitives=list(config.primitives or DARTS_PRIMITIVES),
-            backend=config.backend,
-            edge_normalization=config.edge_normalization,
-            in_channels=in_channels,
-            edge_primitives=edge_primitives,
-            memory=config.memory,
-        )
-    from fastnas.spaces.nb201 import NB201SearchNetwork
-
-    kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
-    return NB201SearchNetwork(
-        C=config.init_channels,
-        N=layers,
-        num_classes=num_classes,
-        backend=config.backend,
-        in_channels=in_channels,
-        **kwargs,
-    )
-
-
-def genotype_to_json(genotype) -> dict:
-    """A JSON-able form of a DARTS genotype or a NAS-Bench-201 architecture."""
-    if hasattr(genotype, "to_string"):
-        return {"arch": genotype.to_string()}
-    from fastnas.spaces.darts import genotype_to_dict
-
-    return genotype_to_dict(genotype)
-
-
-def prune_candidates(net: nn.Module, keep: int) -> dict:
-    """Each edge's ``keep`` strongest candidates, in their original order (P-DARTS)."""
-    weights = net.arch_weights()
-    candidates = net.edge_candidates()
-    pruned = {}
-    for cell, edges in candidates.items():
-        pruned[cell] = []
-        for e, names in enumerate(edges):
-            w = weights[cell][e].tolist()
-            # Stable: ties keep the earlier candidate, so pruning is deterministic.
-            best = sorted(range(len(names)), key=lambda k: (-w[k], k))[:keep]
-            pruned[cell].append([names[k] for k in sorted(best)])
-    return pruned
+    net = get_space(config.space).build_supernet(config, num_classes, in_channels, layers, edge_primitives)
+    if not config.bn_track:
+        net.use_batch_statistics()
+    return net
 
 
 def _entropy(net: nn.Module) -> dict:
@@ -168,6 +108,7 @@ class Searcher:
         config.validate()
         self.config = config
         self.method = config.search_method
+        self.space = get_space(config.space)
         self.out_dir = out_dir
         self.dataset = dataset
         self.progress = progress
@@ -176,6 +117,8 @@ class Searcher:
         self.dist = DistributedContext()
         # Objects a method builds once per run and reuses (LA-DARTS' latency predictor).
         self.resources: dict = {}
+        # Whether the step is captured as a CUDA graph, decided when the run starts.
+        self.cuda_graph = False
 
     @classmethod
     def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
@@ -225,8 +168,11 @@ class Searcher:
                     "resume with the same --nproc_per_node"
                 )
             cfg.world_size = dist.world_size
-        if cfg.cuda_graph:
+        self.cuda_graph, why_not = cuda_graph.decide(cfg, dist.device, dist.world_size)
+        if self.cuda_graph:
             check_runtime_supported(dist.device, dist.world_size)
+        elif why_not and dist.is_main:
+            print(f"fastnas search: the step runs without a CUDA graph: {why_not}", flush=True)
         if cfg.backend is not None:
             from fastnas import backends
 
@@ -264,7 +210,7 @@ class Searcher:
             )
             net.to(dist.device)
             self.net = net
-            parts = self._make_optimizers(net, stage)
+            parts = self.method.make_optimizers(self, net, stage)
             start_epoch = 0
             if state is not None and s == first_stage:
                 start_epoch = self._load_state(state, net, parts)
@@ -275,19 +221,17 @@ class Searcher:
                 history.append(record)
                 self._save(net, parts, s, epoch + 1, edge_primitives, history, stage_genotypes, record)
             if s + 1 < len(stages):
-                stage_genotypes.append(genotype_to_json(net.genotype()))
+                stage_genotypes.append(self.space.to_json(self.space.genotype(net, cfg)))
                 edge_primitives = self.method.after_stage(net, cfg, s) or edge_primitives
 
-        genotype = self._final_genotype(self.net)
-        result = SearchResult(genotype, genotype_to_json(genotype), history, self.out_dir)
+        if not self.method.trains_architecture:
+            # A trained supernet, not a genotype: ``fastnas select`` searches over it.
+            return SearchResult(None, {}, history, self.out_dir)
+        genotype = self.space.genotype(self.net, cfg)
+        result = SearchResult(genotype, self.space.to_json(genotype), history, self.out_dir)
         if self.out_dir is not None and dist.is_main:
             self._write_outputs(result)
         return result
-
-    def _final_genotype(self, net):
-        if self.config.space == "darts":
-            return net.genotype(max_skip_connect=self.config.max_skip_connect)
-        return net.genotype()
 
     def _load_data(self):
         if self.dataset is not None:
@@ -309,7 +253,7 @@ class Searcher:
             lr=cfg.arch_lr,
             betas=tuple(cfg.arch_betas),
             weight_decay=cfg.arch_weight_decay,
-            capturable=cfg.cuda_graph,
+            capturable=self.cuda_graph,
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
@@ -335,7 +279,7 @@ class Searcher:
             return contextlib.nullcontext()
         dtype = torch.bfloat16 if amp == "bf16" else torch.float16
         # Cached casts would outlive the captured region they were made in.
-        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.config.cuda_graph)
+        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.cuda_graph)
 
     # --- one epoch --------------------------------------------------------------------
 
@@ -352,6 +296,7 @@ class Searcher:
         # Batch-norm statistics saw only this rank's images; evaluate and save their mean.
         self.dist.all_reduce_mean_([b for b in net.buffers() if b.is_floating_point()])
         totals = self.dist.all_reduce_sum(totals)
+        self.method.before_evaluation(net, self.config)
         val = self._evaluate(net, global_epoch)
         record = {
             "epoch": global_epoch + 1,
@@ -366,14 +311,18 @@ class Searcher:
             "search_val_acc": _ratio(totals[4], totals[5]),
             "val_loss": val[0],
             "val_acc": val[1],
-            "arch_weights": {k: v.tolist() for k, v in net.arch_weights().items()},
-            "entropy": _entropy(net),
-            "genotype": genotype_to_json(self._final_genotype(net)),
             "time_s": elapsed,
             "images_per_s": images / max(elapsed, 1e-9),
             **extra,
             **self.method.epoch_record(self, net),
         }
+        if not self.method.uses_validation_batches:
+            for key in ("search_val_loss", "search_val_acc"):
+                del record[key]
+        if self.method.trains_architecture:
+            record["arch_weights"] = {k: v.tolist() for k, v in net.arch_weights().items()}
+            record["entropy"] = _entropy(net)
+            record["genotype"] = self.space.to_json(self.space.genotype(net, self.config))
         self._print_epoch(record)
         return record
 
@@ -393,7 +342,7 @@ class Searcher:
                 cfg.workers,
                 dist.device.type == "cuda",
             )  # fmt: skip
-            for salt, idx in ((0, self.train_idx), (1, self.val_idx))
+            for salt, idx in ((0, self.train_idx), (1, self.val_idx))[: 2 if self.method.uses_validation_batches else 1]
         ]
         if min(len(loader) for loader in loaders) == 0:
             raise SearchError(
@@ -406,11 +355,11 @@ class Searcher:
         """``run(xt, yt, xv, yv) -> tensor [train loss, train correct, val loss, val correct]``:
         the method's step on the device, eagerly or replayed from a CUDA graph."""
         step = self.method.make_step(self, model, net, parts, train_arch, lr)
-        if self.config.cuda_graph:
+        if self.cuda_graph:
             # One capture per epoch: the learning rate is baked into the graph.
             return _GraphedRunner(step, modules=[net], optimizers=[parts["w_opt"], parts["a_opt"]], key=train_arch)
         device = self.dist.device
-        return lambda *batch: step(*(t.to(device, non_blocking=True) for t in batch))
+        return lambda *batch: step(*(None if t is None else t.to(device, non_blocking=True) for t in batch))
 
     def _train_steps(self, run_step, loaders, net, train_arch, global_epoch):
         """Run every step of the epoch; returns (per-rank totals, seconds, images)."""
@@ -419,11 +368,13 @@ class Searcher:
         start = time.perf_counter()
         images = 0
         net.train()
-        for step, ((xt, yt), (xv, yv)) in enumerate(zip(*loaders)):
+        for step, batches in enumerate(zip(*loaders)):
+            # Methods that take no validation batches get only the training half's.
+            (xt, yt), (xv, yv) = batches[0], batches[1] if len(batches) > 1 else (None, None)
             loss, correct, val_loss, val_correct = run_step(xt, yt, xv, yv).tolist()
             loss = self._check_finite(loss, global_epoch, step)
             totals[:3] += torch.tensor([loss * len(yt), correct, len(yt)], dtype=torch.float64)
-            if train_arch:
+            if train_arch and yv is not None:
                 totals[3:] += torch.tensor([val_loss * len(yv), val_correct, len(yv)], dtype=torch.float64)
             images += len(yt) * self.dist.world_size
             self._advance(bar, start, images, loss)
@@ -610,9 +561,10 @@ class Searcher:
         ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state)
         with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
             f.write(json.dumps(record) + "\n")
-        ckpt.atomic_write_text(
-            os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"
-        )
+        if "genotype" in record:
+            ckpt.atomic_write_text(
+                os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"
+            )
         self.dist.barrier()
 
     def _load_state(self, state, net, parts) -> int:
@@ -622,7 +574,7 @@ class Searcher:
                 if state.get(key):
                     parts[key].load_state_dict(state[key])
             # The checkpoint may come from a run with or without --cuda-graph.
-            set_capturable(parts["a_opt"], self.config.cuda_graph)
+            set_capturable(parts["a_opt"], self.cuda_graph)
             stage_epoch = int(state["stage_epoch"])
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
@@ -641,10 +593,7 @@ class Searcher:
         ckpt.atomic_write_text(
             os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(result.genotype_dict, indent=2) + "\n"
         )
-        from fastnas.spaces import plot_genotype, plot_nb201
-
-        plot = plot_nb201 if self.config.space == "nb201" else plot_genotype
-        plot(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
+        self.space.plot(result.genotype, os.path.join(self.out_dir, PLOT_NAME))
 
 
 class _GraphedRunner:

@@ -1,7 +1,13 @@
-"""Search spaces: the DARTS cell space and the NAS-Bench-201 cell space, with their evaluation networks."""
+"""Search spaces: the DARTS and NAS-Bench-201 cell spaces and SPOS' layer-wise ShuffleNet space,
+with their evaluation networks.
+
+Every space is a ``SearchSpace`` (``fastnas.spaces.space``) registered below by name;
+a new space is one file and one line in ``REGISTRY``.
+"""
 
 from fastnas.spaces.darts import (
     DARTS_PRIMITIVES,
+    DartsSpace,
     Genotype,
     SearchNetwork,
     genotype_from_dict,
@@ -11,10 +17,35 @@ from fastnas.spaces.darts import (
     validate_genotype,
 )
 from fastnas.spaces.darts_eval import AuxiliaryHeadCIFAR, AuxiliaryHeadImageNet, NetworkCIFAR, NetworkImageNet
-from fastnas.spaces.nb201 import NB201_PRIMITIVES, NB201Arch, NB201SearchNetwork, plot_nb201
+from fastnas.spaces.nb201 import NB201_PRIMITIVES, NB201Arch, NB201SearchNetwork, NB201Space, plot_nb201
 from fastnas.spaces.nb201_eval import NB201Network
+from fastnas.spaces.shufflenet import ShuffleNetSpace
+from fastnas.spaces.space import SearchSpace
+
+REGISTRY: dict[str, SearchSpace] = {
+    space.name: space
+    for space in (
+        DartsSpace(),
+        NB201Space(),
+        ShuffleNetSpace(),
+    )
+}
+SPACES = tuple(REGISTRY)
+
+
+def get_space(name: str) -> SearchSpace:
+    """The space called ``name``; ValueError naming the known ones otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown search space {name!r}; choose one of {', '.join(SPACES)}") from None
+
 
 __all__ = [
+    "REGISTRY",
+    "SPACES",
+    "SearchSpace",
+    "get_space",
     "DARTS_PRIMITIVES",
     "NB201_PRIMITIVES",
     "AuxiliaryHeadCIFAR",

@@ -8,6 +8,7 @@ sampling of GDAS (Dong and Yang, 2019).
 
 from __future__ import annotations
 
+import itertools
 from collections import namedtuple
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ from fastnas.nn.cell import Cell, normalize_edge_weights, num_edges
 from fastnas.nn.edge_plan import check_memory
 from fastnas.nn.operations import check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
+from fastnas.spaces.encoding import Encoding
+from fastnas.spaces.space import SearchSpace
 
 DARTS_PRIMITIVES = [
     "none",
@@ -121,6 +124,85 @@ def genotype_from_dict(data: dict) -> Genotype:
     return genotype
 
 
+# --- architectures as genes -------------------------------------------------------------
+
+
+class DartsEncoding(Encoding):
+    """DARTS genotypes as genes. For each cell type (normal, then reduction) and each node
+    i: which two of its 2 + i inputs it takes (one gene over the pairs, lower input
+    first), then the operation on each of the two (a gene over the edge's candidates
+    other than ``none``). Node i of every cell of a type is the same, as in DARTS."""
+
+    space = "darts"
+
+    def __init__(self, edge_candidates: dict, steps: int = 4, multiplier: int = 4):
+        self.steps, self.multiplier = steps, multiplier
+        self.candidates = {cell: [list(names) for names in edge_candidates[cell]] for cell in CELL_TYPES}
+        k = sum(2 + i for i in range(steps))
+        self.pairs = [list(itertools.combinations(range(2 + i), 2)) for i in range(steps)]
+        self.ops = {}
+        for cell in CELL_TYPES:
+            if len(self.candidates[cell]) != k:
+                raise ValueError(f"{cell} cells of {steps} nodes have {k} edges, got {len(self.candidates[cell])}")
+            ops = [[n for n in names if n != "none"] for names in self.candidates[cell]]
+            if len({tuple(o) for o in ops}) != 1 or not ops[0]:
+                raise ValueError("every edge must offer the same candidates besides none")
+            self.ops[cell] = ops[0]
+        cards = []
+        for cell in CELL_TYPES:
+            for i in range(steps):
+                cards += [len(self.pairs[i]), len(self.ops[cell]), len(self.ops[cell])]
+        super().__init__(cards)
+
+    def _nodes(self, genes):
+        """(cell, node, (input, op), (input, op)) of every node."""
+        genes = self.check(genes)
+        g = 0
+        for cell in CELL_TYPES:
+            for i in range(self.steps):
+                (j1, j2), a, b = self.pairs[i][genes[g]], genes[g + 1], genes[g + 2]
+                yield cell, i, (j1, self.ops[cell][a]), (j2, self.ops[cell][b])
+                g += 3
+
+    def to_path(self, genes):
+        path = {cell: [()] * len(self.candidates[cell]) for cell in CELL_TYPES}
+        for cell, i, *inputs in self._nodes(genes):
+            start = sum(2 + n for n in range(i))
+            for j, op in inputs:
+                path[cell][start + j] = (self.candidates[cell][start + j].index(op),)
+        return tuple(path["normal"] + path["reduce"])
+
+    def to_genotype(self, genes) -> Genotype:
+        gene = {cell: [] for cell in CELL_TYPES}
+        for cell, _i, (j1, a), (j2, b) in self._nodes(genes):
+            gene[cell] += [(a, j1), (b, j2)]
+        concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
+        return Genotype(normal=gene["normal"], normal_concat=concat, reduce=gene["reduce"], reduce_concat=concat)
+
+    def to_json(self, genes) -> dict:
+        return genotype_to_dict(self.to_genotype(genes))
+
+    def from_json(self, data: dict):
+        genotype = genotype_from_dict(data)
+        genes = []
+        for cell in CELL_TYPES:
+            gene = getattr(genotype, cell)
+            if len(gene) != 2 * self.steps:
+                raise ValueError(f"genotype.{cell} has {len(gene)} edges; this space has {self.steps} nodes")
+            for i in range(self.steps):
+                (a, j1), (b, j2) = sorted(gene[2 * i : 2 * i + 2], key=lambda e: e[1])
+                if j1 == j2:
+                    raise ValueError(f"genotype.{cell}: node {i} takes state {j1} twice, which this space cannot hold")
+                for op in (a, b):
+                    if op not in self.ops[cell]:
+                        raise ValueError(f"genotype.{cell}: {op!r} is not a candidate of this space {self.ops[cell]}")
+                genes += [self.pairs[i].index((j1, j2)), self.ops[cell].index(a), self.ops[cell].index(b)]
+        return tuple(genes)
+
+    def describe(self, genes) -> str:
+        return str(self.to_genotype(genes))
+
+
 # --- the search network -------------------------------------------------------------
 
 
@@ -168,7 +250,11 @@ class SearchNetwork(SuperNet):
             Default: ``primitives`` on every edge.
         memory: "save", "recompute" or "checkpoint", as ``fastnas.nn.MixedOp``
             and ``fastnas.nn.Cell`` take it.
+        affine: affine batch norms inside the candidates (False in search).
         partial_fusion: as ``fastnas.nn.MixedOp`` takes it.
+
+    Paths (``set_path``) have one entry per edge: the 14 edges of the normal
+    cells, then the 14 of the reduction cells, each shared by every cell of its type.
 
     Architecture parameters: ``alphas_normal`` and ``alphas_reduce``
     (edges x candidates) and, with edge normalisation, ``betas_normal`` and
@@ -191,6 +277,7 @@ class SearchNetwork(SuperNet):
         in_channels: int = 3,
         edge_primitives: dict | None = None,
         memory: str = "save",
+        affine: bool = False,
         partial_fusion: bool = False,
     ):
         super().__init__()
@@ -214,7 +301,7 @@ class SearchNetwork(SuperNet):
             C=C, num_classes=num_classes, layers=layers, stem=stem, partial_channels=partial_channels,
             primitives=list(self.primitives), backend=backend, edge_normalization=self.edge_normalization,
             steps=steps, multiplier=multiplier, stem_multiplier=stem_multiplier, in_channels=in_channels,
-            edge_primitives=self.edge_candidates(), memory=memory,
+            edge_primitives=self.edge_candidates(), memory=memory, affine=affine,
         )  # fmt: skip
 
         self.stem_kind = stem
@@ -227,7 +314,7 @@ class SearchNetwork(SuperNet):
                 C_curr *= 2
             cell = Cell(
                 steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
-                self._candidates["reduce" if reduction else "normal"], partial_channels, backend, memory,
+                self._candidates["reduce" if reduction else "normal"], partial_channels, backend, memory, affine,
                 partial_fusion,
             )  # fmt: skip
             self.cells.append(cell)
@@ -265,6 +352,23 @@ class SearchNetwork(SuperNet):
         """The candidate names of every edge, {"normal": [...], "reduce": [...]}."""
         return {cell: [list(names) for names in self._candidates[cell]] for cell in CELL_TYPES}
 
+    def choice_candidates(self) -> list[list[str]]:
+        """The candidates of every edge: the normal cells' 14, then the reduction cells'."""
+        return [list(names) for cell in CELL_TYPES for names in self._candidates[cell]]
+
+    def encoding(self) -> DartsEncoding:
+        """The genotypes of this space as gene vectors."""
+        return DartsEncoding(self.edge_candidates(), self.steps, self.multiplier)
+
+    def choice_nodes(self) -> list[list[int]]:
+        """Node i of each cell type takes its 2 + i edges; the reduction cells' follow the normal cells'."""
+        nodes, e = [], 0
+        for _ in CELL_TYPES:
+            for i in range(self.steps):
+                nodes.append(list(range(e, e + 2 + i)))
+                e += 2 + i
+        return nodes
+
     def arch_parameters(self) -> list[nn.Parameter]:
         """[alphas_normal, alphas_reduce] (+ [betas_normal, betas_reduce] with edge normalisation)."""
         params = [self.alphas_normal, self.alphas_reduce]
@@ -272,15 +376,17 @@ class SearchNetwork(SuperNet):
             params += [self.betas_normal, self.betas_reduce]
         return params
 
-    def _weights(self, cell: str) -> tuple[torch.Tensor, list[int] | None]:
-        """(edges, candidates) weights of ``cell``'s edges, and the sampled candidates in gumbel mode."""
-        return self._edge_weights(getattr(self, f"alphas_{cell}"))
+    def _weights(self, cell: str, offset: int = 0) -> tuple[torch.Tensor, list[int] | None]:
+        """(edges, candidates) weights of ``cell``'s edges, and the sampled candidates in gumbel mode
+        (or a set path's, its entries from ``offset``)."""
+        return self._edge_weights(getattr(self, f"alphas_{cell}"), offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, num_classes)."""
-        weights = {cell: self._weights(cell) for cell in CELL_TYPES}
+        k = num_edges(self.steps)
+        weights = {cell: self._weights(cell, i * k) for i, cell in enumerate(CELL_TYPES)}
         betas = {cell: None for cell in CELL_TYPES}
-        if self.edge_normalization:
+        if self.edge_normalization and self.path is None:
             betas = {cell: normalize_edge_weights(getattr(self, f"betas_{cell}"), self.steps) for cell in CELL_TYPES}
         s0 = self.stem0(x)
         s1 = s0 if self.stem1 is None else self.stem1(s0)
@@ -361,3 +467,74 @@ def plot_genotype(genotype: Genotype, path) -> list:
         )
     save_cells(geometries, path)
     return geometries
+
+
+class DartsSpace(SearchSpace):
+    """The DARTS cell space: a normal and a reduction cell of 4 nodes, 8 candidates per edge."""
+
+    name = "darts"
+    title = "DARTS"
+    architecture_noun = "a DARTS genotype"
+
+    @property
+    def train_defaults(self) -> dict[str, dict]:
+        from fastnas.spaces.darts_eval import TRAIN_DEFAULTS
+
+        return TRAIN_DEFAULTS
+
+    def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> SearchNetwork:
+        if config.activations is not None:
+            # Scalable-DARTS: the operators x activations supernet.
+            from fastnas.spaces.darts_factorized import FactorizedSearchNetwork
+
+            return FactorizedSearchNetwork(
+                C=config.init_channels,
+                num_classes=num_classes,
+                layers=layers,
+                stem="imagenet" if config.dataset == "imagenet" else "cifar",
+                primitives=list(config.primitives or DARTS_PRIMITIVES),
+                activations=list(config.activations),
+                backend=config.backend,
+                in_channels=in_channels,
+                memory=config.memory,
+                affine=config.bn_affine,
+            )
+        return SearchNetwork(
+            C=config.init_channels,
+            num_classes=num_classes,
+            layers=layers,
+            stem="imagenet" if config.dataset == "imagenet" else "cifar",
+            partial_channels=config.partial_channels,
+            primitives=list(config.primitives or DARTS_PRIMITIVES),
+            backend=config.backend,
+            edge_normalization=config.edge_normalization,
+            in_channels=in_channels,
+            edge_primitives=edge_primitives,
+            memory=config.memory,
+            affine=config.bn_affine,
+        )
+
+    def genotype(self, net, config) -> Genotype:
+        return net.genotype(max_skip_connect=config.max_skip_connect)
+
+    def to_json(self, genotype) -> dict:
+        return genotype_to_dict(genotype)
+
+    def recognises(self, data: dict) -> bool:
+        return any(key in data for key in Genotype._fields)
+
+    def from_json(self, data: dict) -> Genotype:
+        from fastnas.spaces.darts_eval import check_eval_genotype
+
+        genotype = genotype_from_dict(data)
+        check_eval_genotype(genotype)
+        return genotype
+
+    def plot(self, genotype, path) -> None:
+        plot_genotype(genotype, path)
+
+    def build_network(self, genotype, config, num_classes, in_channels):
+        from fastnas.spaces.darts_eval import NetworkCIFAR, NetworkImageNet
+
+        network = NetworkImageNet if config.dataset == "imagenet" else NetworkCIFAR
+        return network(config.init_channels, num_classes, config.layers, config.auxiliary, genotype, in_channels)

@@ -291,3 +291,34 @@ class NetworkImageNet(_EvalNetwork):
     def _stem(self, x):
         s0 = self.stem0(x)
         return s0, self.stem1(s0)
+
+
+# --- the papers' training recipes (fastnas train) ------------------------------------
+
+# DARTS cnn/train.py: NetworkCIFAR, C=36, 20 cells, auxiliary head (weight 0.4),
+# drop-path to 0.2, cutout 16, 600 epochs of batch 96, SGD 0.025 cosine to 0, wd 3e-4, clip 5.
+DARTS_CIFAR = dict(
+    init_channels=36, layers=20, auxiliary=True, auxiliary_weight=0.4, drop_path_prob=0.2,
+    epochs=600, batch_size=96, lr=0.025, lr_schedule="cosine", lr_min=0.0, weight_decay=3e-4, grad_clip=5.0,
+    crop_padding=4, flip=True, cutout=16,
+)  # fmt: skip
+
+# DARTS cnn/train_imagenet.py: NetworkImageNet, C=48, 14 cells, auxiliary head, label smoothing 0.1,
+# 250 epochs of batch 128, SGD 0.1 times 0.97 after every epoch, wd 3e-5, clip 5, no drop-path;
+# random resized crops, flips and colour jitter (0.4, 0.4, 0.4, 0.2).
+DARTS_IMAGENET = dict(
+    init_channels=48, layers=14, auxiliary=True, auxiliary_weight=0.4, drop_path_prob=0.0, label_smoothing=0.1,
+    epochs=250, batch_size=128, lr=0.1, lr_schedule="exponential", lr_gamma=0.97, weight_decay=3e-5, grad_clip=5.0,
+    image_size=224, crop_padding=0, flip=True, cutout=0, imagenet_augment=True,
+)  # fmt: skip
+
+# The bundled digits are 8x8: a small network and 30 epochs train in a few minutes on
+# one CPU thread. Augmentation scales with the side: crops pad 1 pixel (4 of CIFAR's 32),
+# cutout erases 2x2 (DARTS' 16 of 32 would blank a quarter of a digit, enough to change
+# it into another); no flips, which turn digits into other shapes. The auxiliary head
+# needs 8x8 after the second reduction (32x32 images), so it is off.
+DIGITS_DARTS = dict(
+    DARTS_CIFAR, init_channels=16, layers=8, auxiliary=False, epochs=30, batch_size=96, image_size=8,
+    crop_padding=1, flip=False, cutout=2,
+)  # fmt: skip
+TRAIN_DEFAULTS = {"digits": DIGITS_DARTS, "cifar10": DARTS_CIFAR, "cifar100": DARTS_CIFAR, "imagenet": DARTS_IMAGENET}

@@ -92,13 +92,14 @@ class FactorizedSearchNetwork(SearchNetwork):
         stem_multiplier: int = 3,
         in_channels: int = 3,
         memory: str = "save",
+        affine: bool = False,
     ):
         self.activations = check_activations(activations)
         self.operators = list(primitives)
         names, operator, activation = factorized_candidates(self.operators, self.activations)
         super().__init__(
             C, num_classes, layers, stem, None, names, backend, False, steps, multiplier, stem_multiplier,
-            in_channels, None, memory, partial_fusion=True,
+            in_channels, None, memory, affine, partial_fusion=True,
         )  # fmt: skip
         k = num_edges(steps)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.operators)))
@@ -124,7 +125,9 @@ class FactorizedSearchNetwork(SearchNetwork):
             [self.activation_alphas_normal, self.activation_alphas_reduce],
         ]
 
-    def _weights(self, cell: str) -> tuple[torch.Tensor, None]:
+    def _weights(self, cell: str, offset: int = 0) -> tuple[torch.Tensor, None]:
+        if self.path is not None:
+            raise ValueError("the factorised network weighs all its candidates; it takes no single path")
         if self.sampling != "softmax":
             raise ValueError("the factorised network weighs its candidates by softmax only")
         ops = torch.softmax(getattr(self, f"alphas_{cell}"), dim=-1)

@@ -15,6 +15,8 @@ import torch.nn as nn
 from fastnas.nn.mixed_op import MixedOp
 from fastnas.nn.operations import ReLUConvBN, check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
+from fastnas.spaces.encoding import Encoding
+from fastnas.spaces.space import SearchSpace
 
 NB201_PRIMITIVES = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
 NB201_NODES = 4
@@ -88,6 +90,41 @@ class NB201Arch:
         return f"NB201Arch({self.to_string()!r})"
 
 
+class NB201Encoding(Encoding):
+    """NAS-Bench-201 cells as 6 genes, the candidate index of each edge (in ``nb201_edges`` order)."""
+
+    space = "nb201"
+
+    def __init__(self, primitives: Sequence[str] = NB201_PRIMITIVES):
+        self.primitives = list(primitives)
+        super().__init__([len(self.primitives)] * len(nb201_edges()))
+
+    def to_path(self, genes):
+        return tuple((g,) for g in self.check(genes))
+
+    def to_arch(self, genes) -> NB201Arch:
+        nodes: list[list[tuple[str, int]]] = [[] for _ in range(NB201_NODES - 1)]
+        for g, (i, j) in zip(self.check(genes), nb201_edges()):
+            nodes[i - 1].append((self.primitives[g], j))
+        return NB201Arch(nodes)
+
+    def to_json(self, genes) -> dict:
+        return {"arch": self.to_arch(genes).to_string()}
+
+    def from_json(self, data: dict):
+        arch = NB201Arch.from_dict(data)
+        ops = {(i, j): op for i, node in enumerate(arch.nodes, start=1) for op, j in node}
+        if set(ops) != set(nb201_edges()):
+            raise ValueError(f"{arch.to_string()!r} is not a cell of {NB201_NODES} nodes")
+        unknown = sorted({op for op in ops.values() if op not in self.primitives})
+        if unknown:
+            raise ValueError(f"{arch.to_string()!r} uses {unknown}, not candidates of this space {self.primitives}")
+        return tuple(self.primitives.index(ops[e]) for e in nb201_edges())
+
+    def describe(self, genes) -> str:
+        return self.to_arch(genes).to_string()
+
+
 class ResNetBasicBlock(nn.Module):
     """The residual reduction block between NAS-Bench-201 stages (stride 2)."""
 
@@ -109,12 +146,19 @@ class ResNetBasicBlock(nn.Module):
 class NB201SearchCell(nn.Module):
     """A NAS-Bench-201 search cell: a mixed op on each of the 6 edges, node sums."""
 
-    def __init__(self, C: int, primitives: Sequence[str], backend: str | None = None, max_nodes: int = NB201_NODES):
+    def __init__(
+        self,
+        C: int,
+        primitives: Sequence[str],
+        backend: str | None = None,
+        max_nodes: int = NB201_NODES,
+        affine: bool = False,
+    ):
         super().__init__()
         self.max_nodes = max_nodes
         # NAS-Bench-201 pools without a batch norm after them.
         self.edges = nn.ModuleList(
-            MixedOp(C, 1, primitives, affine=False, pool_bn=False, backend=backend) for _ in nb201_edges(max_nodes)
+            MixedOp(C, 1, primitives, affine=affine, pool_bn=False, backend=backend) for _ in nb201_edges(max_nodes)
         )
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: Sequence[int] | None = None) -> torch.Tensor:
@@ -140,8 +184,10 @@ class NB201SearchNetwork(SuperNet):
         primitives: candidate names of every edge.
         backend: fastnas backend of the fused ops.
         in_channels: channels of the input images.
+        affine: affine batch norms inside the candidates (False in search).
 
-    All cells share one architecture parameter ``alphas`` (6 x candidates).
+    All cells share one architecture parameter ``alphas`` (6 x candidates), and
+    one path entry per edge (``set_path``).
     """
 
     def __init__(
@@ -152,6 +198,7 @@ class NB201SearchNetwork(SuperNet):
         primitives: Sequence[str] = NB201_PRIMITIVES,
         backend: str | None = None,
         in_channels: int = 3,
+        affine: bool = False,
     ):
         super().__init__()
         self.primitives = check_primitives(primitives)
@@ -163,6 +210,7 @@ class NB201SearchNetwork(SuperNet):
             primitives=list(self.primitives),
             backend=backend,
             in_channels=in_channels,
+            affine=affine,
         )
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()
@@ -172,7 +220,7 @@ class NB201SearchNetwork(SuperNet):
             if stage > 0:
                 self.cells.append(ResNetBasicBlock(C_prev, C_curr, 2))
             for _ in range(N):
-                self.cells.append(NB201SearchCell(C_curr, self.primitives, backend))
+                self.cells.append(NB201SearchCell(C_curr, self.primitives, backend, affine=affine))
             C_prev = C_curr
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -191,6 +239,22 @@ class NB201SearchNetwork(SuperNet):
             out = cell(out, weights, indices) if isinstance(cell, NB201SearchCell) else cell(out)
         out = self.global_pooling(self.lastact(out))
         return self.classifier(out.flatten(1))
+
+    def choice_candidates(self) -> list[list[str]]:
+        """The candidates of each of the 6 edges (shared by all cells)."""
+        return [list(self.primitives) for _ in nb201_edges()]
+
+    def encoding(self) -> NB201Encoding:
+        """The cells of this space as gene vectors."""
+        return NB201Encoding(self.primitives)
+
+    def choice_nodes(self) -> list[list[int]]:
+        """Node i takes edges from every earlier node."""
+        nodes, e = [], 0
+        for i in range(1, NB201_NODES):
+            nodes.append(list(range(e, e + i)))
+            e += i
+        return nodes
 
     def arch_weights(self) -> dict[str, torch.Tensor]:
         """{"cell": softmaxed alphas}, detached on the CPU."""
@@ -224,3 +288,62 @@ def plot_nb201(arch: NB201Arch, path) -> list:
     geometry = layout_cell(f"cell {arch.to_string()}", ["0 (in)"], nodes, edges, [], None)
     save_cells([geometry], path)
     return [geometry]
+
+
+class NB201Space(SearchSpace):
+    """The NAS-Bench-201 cell space: 4 nodes, 6 edges of 5 operations, one cell for the whole network."""
+
+    name = "nb201"
+    title = "NAS-Bench-201"
+    architecture_noun = "a NAS-Bench-201 architecture"
+
+    @property
+    def train_defaults(self) -> dict[str, dict]:
+        from fastnas.spaces.nb201_eval import TRAIN_DEFAULTS
+
+        return TRAIN_DEFAULTS
+
+    def search_layers(self, dataset: str) -> int:
+        # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
+        return 1 if dataset == "digits" else 5
+
+    def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> NB201SearchNetwork:
+        kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
+        return NB201SearchNetwork(
+            C=config.init_channels, N=layers, num_classes=num_classes, backend=config.backend,
+            in_channels=in_channels, affine=config.bn_affine, **kwargs,
+        )  # fmt: skip
+
+    def to_json(self, genotype) -> dict:
+        return {"arch": genotype.to_string()}
+
+    def recognises(self, data: dict) -> bool:
+        return "arch" in data or "nodes" in data
+
+    def from_json(self, data: dict) -> NB201Arch:
+        from fastnas.spaces.nb201_eval import check_eval_arch
+
+        if "arch" in data and not isinstance(data["arch"], str):
+            raise ValueError(f"'arch' must be a NAS-Bench-201 string, got {type(data['arch']).__name__}")
+        try:
+            arch = NB201Arch.from_dict(data)
+        except (TypeError, IndexError) as exc:
+            raise ValueError(f"malformed NAS-Bench-201 architecture: {exc}") from None
+        check_eval_arch(arch)
+        return arch
+
+    def describe(self, genotype) -> str:
+        return genotype.to_string()
+
+    def plot(self, genotype, path) -> None:
+        plot_nb201(genotype, path)
+
+    def build_network(self, genotype, config, num_classes, in_channels):
+        from fastnas.spaces.nb201_eval import NB201Network
+
+        return NB201Network(genotype, config.init_channels, config.layers, num_classes, in_channels)
+
+    def check_train_config(self, config) -> str | None:
+        if config.auxiliary:
+            return "the NAS-Bench-201 network has no auxiliary head; drop --auxiliary"
+        return None

@@ -91,3 +91,23 @@ class NB201Network(nn.Module):
     def has_unused_parameters(self) -> bool:
         """Never: a ``none`` edge multiplies by zero and so keeps its inputs in the graph."""
         return False
+
+
+# --- the benchmark's training recipe (fastnas train) -------------------------------------
+
+# NAS-Bench-201 (AutoDL configs/nas-benchmark/hyper-opts/200E.config): C=16, N=5, 200 epochs of
+# batch 256, SGD Nesterov 0.1 cosine to 0, wd 5e-4, no clipping; random crops (padding 4) and flips.
+NB201_CIFAR = dict(
+    init_channels=16, layers=5, auxiliary=False, drop_path_prob=0.0,
+    epochs=200, batch_size=256, lr=0.1, lr_schedule="cosine", lr_min=0.0, nesterov=True, weight_decay=5e-4,
+    grad_clip=None, crop_padding=4, flip=True, cutout=0,
+)  # fmt: skip
+
+# The benchmark trains on ImageNet as ImageNet16-120: 16x16 images, crops with padding 2.
+NB201_IMAGENET = dict(NB201_CIFAR, image_size=16, crop_padding=2)
+
+# The bundled digits (8x8): two cells per stage, 30 epochs, crops padded by 1, no flips.
+DIGITS_NB201 = dict(
+    NB201_CIFAR, init_channels=16, layers=2, epochs=30, batch_size=96, image_size=8, crop_padding=1, flip=False,
+)  # fmt: skip
+TRAIN_DEFAULTS = {"digits": DIGITS_NB201, "cifar10": NB201_CIFAR, "cifar100": NB201_CIFAR, "imagenet": NB201_IMAGENET}

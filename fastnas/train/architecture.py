@@ -17,11 +17,10 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from fastnas.spaces import REGISTRY, get_space
 from fastnas.train.errors import TrainError
 
 GENOTYPE_NAME = "genotype.json"
-_DARTS_KEYS = ("normal", "normal_concat", "reduce", "reduce_concat")
-_SPACE_NAMES = {"darts": "a DARTS genotype", "nb201": "a NAS-Bench-201 architecture"}
 
 
 @dataclass
@@ -95,74 +94,41 @@ def _from_file(path: str, space: str | None, name: str) -> Architecture:
         raise TrainError(f"{path} is not valid JSON ({exc})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TrainError(f"cannot read {path} ({exc})") from None
-    if isinstance(data, dict) and ("arch" in data or "nodes" in data):
-        return _checked(path, "nb201", data, space, name)
-    if isinstance(data, dict) and any(key in data for key in _DARTS_KEYS):
-        return _checked(path, "darts", data, space, name)
+    if isinstance(data, dict):
+        for found in REGISTRY.values():
+            if found.recognises(data):
+                return _checked(path, found.name, data, space, name)
     raise TrainError(
-        f"{path} holds neither a DARTS genotype (keys {', '.join(_DARTS_KEYS)}) nor a NAS-Bench-201 "
-        'architecture ({"arch": "|nor_conv_3x3~0|+|...|"})'
+        f"{path} holds neither a DARTS genotype (keys normal, normal_concat, reduce, reduce_concat) nor a "
+        'NAS-Bench-201 architecture ({"arch": "|nor_conv_3x3~0|+|...|"})'
     )
 
 
 def _checked(where: str, found: str, data: dict, space: str | None, name: str) -> Architecture:
     if space is not None and space != found:
         raise TrainError(
-            f"{where} holds {_SPACE_NAMES[found]}, but --space {space} was asked for; "
-            f"drop --space or give {_SPACE_NAMES[space]}"
+            f"{where} holds {get_space(found).architecture_noun}, but --space {space} was asked for; "
+            f"drop --space or give {get_space(space).architecture_noun}"
         )
     try:
         genotype = parse_genotype(found, data)
     except ValueError as exc:
         raise TrainError(f"{where}: {exc}") from None
-    return Architecture(space=found, genotype=_to_json(found, genotype), name=name)
+    return Architecture(space=found, genotype=get_space(found).to_json(genotype), name=name)
 
 
 def parse_genotype(space: str, data: dict):
-    """The genotype (DARTS) or ``NB201Arch`` of ``data``; ValueError if malformed or its operations unknown."""
-    if space == "darts":
-        from fastnas.spaces.darts import genotype_from_dict
-        from fastnas.spaces.darts_eval import check_eval_genotype
-
-        genotype = genotype_from_dict(data)
-        check_eval_genotype(genotype)
-        return genotype
-    from fastnas.spaces.nb201 import NB201Arch
-    from fastnas.spaces.nb201_eval import check_eval_arch
-
-    if "arch" in data and not isinstance(data["arch"], str):
-        raise ValueError(f"'arch' must be a NAS-Bench-201 string, got {type(data['arch']).__name__}")
-    try:
-        arch = NB201Arch.from_dict(data)
-    except (TypeError, IndexError) as exc:
-        raise ValueError(f"malformed NAS-Bench-201 architecture: {exc}") from None
-    check_eval_arch(arch)
-    return arch
-
-
-def _to_json(space: str, genotype) -> dict:
-    if space == "darts":
-        from fastnas.spaces.darts import genotype_to_dict
-
-        return genotype_to_dict(genotype)
-    return {"arch": genotype.to_string()}
+    """The architecture of ``space`` that ``data`` holds; ValueError if malformed or its operations unknown."""
+    return get_space(space).from_json(data)
 
 
 def describe(space: str, genotype: dict) -> str:
     """One line naming the architecture, for logs and reports."""
-    if space == "nb201":
-        return genotype["arch"]
-    return str(parse_genotype(space, genotype))
+    found = get_space(space)
+    return found.describe(found.from_json(genotype))
 
 
 def build_network(config, num_classes: int, in_channels: int) -> nn.Module:
     """The evaluation network of ``config.genotype``: ``forward(x) -> (logits, auxiliary logits or None)``."""
-    genotype = parse_genotype(config.space, config.genotype)
-    if config.space == "nb201":
-        from fastnas.spaces.nb201_eval import NB201Network
-
-        return NB201Network(genotype, config.init_channels, config.layers, num_classes, in_channels)
-    from fastnas.spaces.darts_eval import NetworkCIFAR, NetworkImageNet
-
-    network = NetworkImageNet if config.dataset == "imagenet" else NetworkCIFAR
-    return network(config.init_channels, num_classes, config.layers, config.auxiliary, genotype, in_channels)
+    space = get_space(config.space)
+    return space.build_network(space.from_json(config.genotype), config, num_classes, in_channels)

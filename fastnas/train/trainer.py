@@ -183,6 +183,8 @@ class Trainer:
         )
         if cfg.lr_schedule == "cosine":
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs, eta_min=cfg.lr_min)
+        elif cfg.lr_schedule == "linear":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0 - epoch / cfg.epochs)
         else:
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=cfg.lr_gamma)
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"

@@ -17,8 +17,6 @@ import torch.nn as nn
 
 from fastnas.search.errors import SearchError
 
-SPACE_NAMES = {"darts": "DARTS", "nb201": "NAS-Bench-201"}
-
 if TYPE_CHECKING:
     from fastnas.search.config import SearchConfig
 
@@ -43,6 +41,13 @@ class SearchMethod:
     cuda_graph_unsupported: ClassVar[str | None] = None
     #: The method searches an activation factor (``config.activations``, Scalable-DARTS).
     searches_activations: ClassVar[bool] = False
+    #: The method learns architecture weights and ends with a genotype; False: it trains a
+    #: supernet for ``fastnas select`` (single-path and one-shot methods).
+    trains_architecture: ClassVar[bool] = True
+    #: Each step also takes a batch of the validation half (the architecture's step).
+    uses_validation_batches: ClassVar[bool] = True
+    #: Samples architectures under a ``--constraint`` on parameters or FLOPs.
+    supports_constraint: ClassVar[bool] = False
 
     # --- settings -------------------------------------------------------------------
 
@@ -57,16 +62,27 @@ class SearchMethod:
     def validate(self, config: SearchConfig) -> None:
         """Raise SearchError for settings this method cannot run."""
         if config.space not in self.spaces:
-            names = " and ".join(SPACE_NAMES.get(s, s) for s in self.spaces)
+            from fastnas.spaces import get_space
+
+            names = " and ".join(get_space(s).title for s in self.spaces)
             raise SearchError(f"{self.name} searches the {names} space only; use --space {self.spaces[0]}")
         if config.activations is not None and not self.searches_activations:
             raise SearchError(f"{self.name} does not search activations; --activations is for scalable-darts")
+        if config.constraint and not self.supports_constraint:
+            raise SearchError(f"{self.name} samples no architectures under a constraint; --constraint is for spos")
+        if config.path_dropout and self.trains_architecture:
+            raise SearchError(f"--path-dropout is for single-path and one-shot methods, not {self.name}")
 
     def stages(self, config: SearchConfig) -> list[dict]:
         """The training stages: layers, epochs, warm-up epochs and skip dropout of each."""
         return [dict(layers=config.layers, epochs=config.epochs, warmup=config.warmup_epochs, skip_drop=0.0)]
 
     # --- the run ----------------------------------------------------------------------
+
+    def make_optimizers(self, searcher, net: nn.Module, stage: dict) -> dict:
+        """The optimizers, scheduler and grad scalers of a stage (``w_opt``, ``a_opt``, ``sched``,
+        ``w_scaler``, ``a_scaler``). Default: DARTS' SGD and Adam, a cosine schedule."""
+        return searcher._make_optimizers(net, stage)
 
     def make_step(self, searcher, model: nn.Module, net: nn.Module, parts: dict, train_arch: bool, lr: float):
         """The training step of one epoch: ``step(xt, yt, xv, yv)`` on device tensors, returning
@@ -107,6 +123,9 @@ class SearchMethod:
     def on_epoch(self, net: nn.Module, config: SearchConfig, stage: dict, epoch: int) -> dict:
         """Set the network's schedules for ``epoch`` of ``stage``; return them for the log."""
         return {}
+
+    def before_evaluation(self, net: nn.Module, config: SearchConfig) -> None:
+        """Set the network up for the epoch's validation (default: as it is)."""
 
     def after_stage(self, net: nn.Module, config: SearchConfig, stage: int) -> dict | None:
         """The candidates of each edge for the next stage (``edge_primitives``), or None to keep them."""

@@ -23,6 +23,7 @@ class LADarts(SearchMethod):
     # DARTS' first-order settings; the latency term is the method's addition.
     defaults = dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4)
     spaces = ("darts",)
+    cuda_graph_unsupported = "LA-DARTS' latency term in the architecture step has not been verified under capture"
 
     def configure(self, values: dict, given: dict) -> None:
         from fastnas.search.latency import file_digest
@@ -79,6 +80,6 @@ class LADarts(SearchMethod):
         with torch.no_grad():
             relaxed = float(self._relaxed_latency(model, net))
         return {
-            "predicted_latency_ms": model.predict_genotype(searcher._final_genotype(net)),
+            "predicted_latency_ms": model.predict_genotype(searcher.space.genotype(net, searcher.config)),
             "relaxed_predicted_latency_ms": relaxed,
         }

@@ -25,10 +25,6 @@ class PDarts(SearchMethod):
     digits_epochs = 3
     paper_epochs = 75
     spaces = ("darts",)
-    cuda_graph_unsupported = (
-        "P-DARTS rebuilds deeper networks between stages and drops out skip connections with a per-epoch "
-        "probability; that has not been verified under capture"
-    )
 
     def configure(self, values: dict, given: dict) -> None:
         if "stage_layers" not in given:
@@ -69,6 +65,19 @@ class PDarts(SearchMethod):
         return {"skip_drop_prob": p}
 
     def after_stage(self, net: nn.Module, config, stage: int) -> dict | None:
-        from fastnas.search.searcher import prune_candidates
-
         return prune_candidates(net, config.stage_keep[stage])
+
+
+def prune_candidates(net: nn.Module, keep: int) -> dict:
+    """Each edge's ``keep`` strongest candidates, in their original order (P-DARTS)."""
+    weights = net.arch_weights()
+    candidates = net.edge_candidates()
+    pruned = {}
+    for cell, edges in candidates.items():
+        pruned[cell] = []
+        for e, names in enumerate(edges):
+            w = weights[cell][e].tolist()
+            # Stable: ties keep the earlier candidate, so pruning is deterministic.
+            best = sorted(range(len(names)), key=lambda k: (-w[k], k))[:keep]
+            pruned[cell].append([names[k] for k in sorted(best)])
+    return pruned

@@ -1,0 +1,104 @@
+"""Whole networks meet the oracle rule (STYLE.md, rule 13).
+
+A small DARTS and PC-DARTS search network takes one step from the same state in
+float64 (the oracle), in float32 eagerly (the ``reference`` backend: the candidate
+modules) and in float32 through the fused engine, in both memory modes. The fused
+gradients (weights and architecture) and logits may carry at most twice the error
+of the eager float32 ones against the oracle. The error is the global relative one,
+pooled over a few seeded states (initial ones and one a few training steps later):
+for one state alone, rounding errors near 1e-6 vary by more than 2x from seed to
+seed in eager and fused runs alike.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastnas import backends
+from fastnas.nn import MixedOp
+from fastnas.spaces.darts import SearchNetwork
+
+pytestmark = pytest.mark.skipif("cpu" not in backends.available_backends(), reason="needs the cpu kernels")
+
+# A floor for errors that are tiny in both: the rule compares rounding, not noise at 1e-12.
+FLOOR = 1e-9
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _state(partial_channels, trained_steps, seed):
+    torch.manual_seed(seed)
+    net = SearchNetwork(C=8, num_classes=10, layers=5, in_channels=3, partial_channels=partial_channels)
+    net = net.double()
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,), generator=g)
+    _set(net, "reference", "save")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(trained_steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    return net, x, y
+
+
+def _set(net, backend, memory):
+    for m in net.modules():
+        if isinstance(m, MixedOp):
+            m.backend, m.memory = backend, memory
+        elif hasattr(m, "backend"):
+            m.backend = backend
+
+
+def _step(base, x, y, dtype, backend, memory):
+    """Logits, weight gradients and architecture gradients of one forward/backward, in float64."""
+    net = copy.deepcopy(base).to(dtype)
+    _set(net, backend, memory)
+    net.train()
+    logits = net(x.to(dtype))
+    weights, arch = net.weight_parameters(), net.arch_parameters()
+    grads = torch.autograd.grad(F.cross_entropy(logits, y), weights + arch, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, weights + arch)]
+    flat = [torch.cat([g.double().flatten() for g in part]) for part in (grads[: len(weights)], grads[len(weights) :])]
+    fused = [m.fused_reason is None for m in net.modules() if isinstance(m, MixedOp)]
+    return {"logits": logits.detach().double(), "weight grads": flat[0], "arch grads": flat[1]}, fused
+
+
+# (seed, training steps before the measured one)
+STATES = [(0, 0), (1, 3), (2, 0)]
+MEMORY = ("save", "recompute")
+
+
+@pytest.mark.parametrize("network, partial_channels", [("darts", None), ("pc-darts", 2)])
+def test_fused_network_error_is_at_most_twice_eager(network, partial_channels):
+    squared = {}  # (run, quantity) -> [sum of squared errors, sum of squared oracle values]
+    for seed, trained_steps in STATES:
+        base, x, y = _state(partial_channels, trained_steps, seed)
+        oracle, _ = _step(base, x, y, torch.float64, "reference", "save")
+        eager, eager_fused = _step(base, x, y, torch.float32, "reference", "save")
+        assert not any(eager_fused), "the eager run must run the candidate modules"
+        runs = {"eager": eager}
+        for memory in MEMORY:
+            runs[memory], fused_edges = _step(base, x, y, torch.float32, "cpu", memory)
+            assert all(fused_edges), f"every edge of the {memory} run must run the fused edge"
+        for run, values in runs.items():
+            for name, value in values.items():
+                acc = squared.setdefault((run, name), [0.0, 0.0])
+                acc[0] += float(((value - oracle[name]) ** 2).sum())
+                acc[1] += float((oracle[name] ** 2).sum())
+    for memory in MEMORY:
+        for name in ("logits", "weight grads", "arch grads"):
+            e_eager = (squared[("eager", name)][0] / squared[("eager", name)][1]) ** 0.5
+            e_fused = (squared[(memory, name)][0] / squared[(memory, name)][1]) ** 0.5
+            assert e_fused <= 2 * max(e_eager, FLOOR), (
+                f"{network} {memory}: {name} error {e_fused:.3g} against the float64 oracle, "
+                f"more than twice eager float32's {e_eager:.3g}"
+            )
