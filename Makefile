@@ -7,7 +7,7 @@ BUILT := $(VENV)/.fastnas-built
 # What the extension is built from: when none of it changed, `build` does nothing.
 EXT_SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: build lint format test search bench info clean
+.PHONY: build lint format test test-cuda-emulation search bench info clean
 
 $(STAMP): requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(BUILT): $(STAMP) $(EXT_SOURCES)
 	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
-CXX_FILES = $(shell find csrc tests/cpp -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+CXX_FILES = $(shell find csrc tests/cpp tests/cuda_emulation -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 # Lint and format checks (ruff, clang-format); `make format` applies the formatters.
 lint: $(STAMP)
@@ -42,6 +42,11 @@ test: build lint
 	cmake --build build/cmake -j2
 	ctest --test-dir build/cmake --output-on-failure
 	$(PY) -m pytest -q -ra tests
+
+# The CUDA kernels' tests without a GPU: the same kernel code built for the host
+# and run by csrc/cuda/emulation.h on CPU tensors (first build: a few minutes).
+test-cuda-emulation: build
+	FASTNAS_CUDA_EMULATION=1 $(PY) -m pytest -q -ra tests/test_cuda_kernels.py -k emulation
 
 search: build
 	$(VENV)/bin/fastnas search $(ARGS)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU: build fastnas._C against that machine's torch, run the
 # CUDA tests and the Triton tests compiled for the GPU, then the GPU benchmarks.
-# All parts take about 25 minutes; a 10-minute call holds build plus two or three
-# parts (see PARTS below).
+# All parts take about 30 minutes; a 10-minute call holds build plus two or three
+# parts (see PARTS below). With a warm machine a repeated build only relinks.
 #
 #   bash benchmarks/gpu_suite.sh [PART ...]   # results and logs under ${OUT:-benchmarks/results/gpu}
 #
@@ -68,6 +68,9 @@ export PY
 export PYTHONUNBUFFERED=1
 # Parts to run, in order (default: all; a 10-minute call holds about two of the slow ones):
 #   build   install fastnas._C against this machine's torch
+#   kernels the CUDA C++ kernels' tests (tests/test_cuda_kernels.py), then the same under
+#           compute-sanitizer: memcheck (out-of-bounds and misaligned accesses), racecheck
+#           (shared-memory hazards) and synccheck (barriers); about 4 minutes
 #   tests   the CUDA tests (pytest -n, Triton compiled for the GPU), while one step of each
 #           fused configuration fills Triton's kernel cache for the benchmarks
 #   step    search-step table, DARTS and PC-DARTS, eager/fused/checkpoint, each also as a CUDA graph
@@ -75,11 +78,13 @@ export PYTHONUNBUFFERED=1
 #   imagenet  a 224x224 search step with the ImageNet stem, no partial channels
 #   largest the largest batch per configuration: estimated from the step table, each estimate run
 #   ops     the GPU ops and multi_depthwise microbenchmarks
+#   engine  the memory engine's ops, each pass on its own: CUDA C++ vs Triton vs eager, and
+#           multi_depthwise vs cuDNN at the search sizes, with bandwidth as a fraction of copy
 #   epoch   one whole epoch of a first-order DARTS search on CIFAR-shaped data (25,000 + 25,000
 #           random images): the fused engine (save, recompute; CUDA graph by default) and the eager
 #           reference under a CUDA graph
 #   epoch_eager  the same epoch of the eager reference without a graph (the slowest: a call of its own)
-PARTS=${*:-build tests step imagenet largest ops step256 epoch epoch_eager}
+PARTS=${*:-build kernels tests step imagenet largest ops engine step256 epoch epoch_eager}
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 unset TRITON_INTERPRET
 
@@ -87,6 +92,24 @@ step versions 30 bash -c versions
 if want build; then
     step build 200 env MAX_JOBS=16 TORCH_CUDA_ARCH_LIST=9.0 "$PY" -m pip install --no-build-isolation --no-deps -e .
     step info 20 "$PY" -m fastnas.info
+fi
+if want kernels; then
+    # Failures show here first, in a minute; the sanitizers then run the same tests (slowly).
+    step kernel_tests 120 "$PY" -m pytest -q -rs -p no:cacheprovider -m requires_cuda tests/test_cuda_kernels.py
+    SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    sanitize() {  # sanitize TOOL CAP PYTEST_K_EXPRESSION
+        if [[ ! -x $SANITIZER ]]; then
+            echo "== sanitizer_$1: not run, compute-sanitizer not found" | tee -a "$OUT/summary.txt"
+            FAILED=1
+            return
+        fi
+        step "sanitizer_$1" "$2" "$SANITIZER" --tool "$1" --error-exitcode 1 --target-processes all \
+            "$PY" -m pytest -q -x -p no:cacheprovider -m requires_cuda tests/test_cuda_kernels.py -k "$3"
+    }
+    # CUDA graphs, opcheck and autograd add nothing the sanitizers check, and take long under them.
+    sanitize memcheck 150 "not graph and not opcheck and not autograd"
+    sanitize racecheck 120 "(test_multi_depthwise and 7x9) or large_plane or bit_identical"
+    sanitize synccheck 60 "test_multi_depthwise and 7x9"
 fi
 if want tests; then
     warm() {  # one untimed step per fused configuration: compiles the Triton kernels the benchmarks use
@@ -132,6 +155,11 @@ fi
 if want ops; then
     step bench_ops 120 "$PY" benchmarks/bench_ops.py --device cuda --out "$OUT"
     step bench_multi_depthwise 60 "$PY" benchmarks/bench_multi_depthwise.py --device cuda
+fi
+if want engine; then
+    step bench_engine_ops 240 "$PY" benchmarks/bench_engine_ops.py --device cuda --out "$OUT"
+    step bench_engine_ops_bf16 120 "$PY" benchmarks/bench_engine_ops.py --device cuda --quick --dtype bf16 \
+        --tag bf16 --out "$OUT"
 fi
 
 echo "== total $((SECONDS - START)) s" | tee -a "$OUT/summary.txt"

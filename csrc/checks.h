@@ -1,9 +1,10 @@
-// Argument checks at the op boundary, shared by the CPU and CUDA kernels, so
-// that bad input is reported by name before it can reach a kernel.
+// Host-side helpers shared by every op's argument checks (csrc/checks/<op>.h)
+// and by the CPU and CUDA kernels' set-up, so that bad input is reported by
+// name before it can reach a kernel, in the same words everywhere.
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
+#include <c10/core/DeviceType.h>
 #include <c10/util/ArrayRef.h>
 
 #include <cstdint>
@@ -13,12 +14,71 @@
 
 namespace fastnas {
 
+constexpr const char* kDtypeNames = "float32, float16, bfloat16 or float64";
+
 inline bool supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
 }
 
-// fp32 for every supported dtype except fp64, as at::opmath_type.
+// The dtype every op accumulates in: fp32 for every supported dtype except
+// fp64, as at::opmath_type. The one home of this rule on the host.
 inline at::ScalarType accumulate_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// t converted to the accumulation dtype of x_dtype, contiguous (weights, statistics, coefficients).
+inline at::Tensor for_accumulation(const at::Tensor& t, at::ScalarType x_dtype) {
+  return t.to(accumulate_dtype(x_dtype)).contiguous();
+}
+
+inline std::vector<at::Tensor> for_accumulation_all(at::TensorList ts, at::ScalarType x_dtype) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(for_accumulation(t, x_dtype));
+  return out;
+}
+
+inline std::vector<at::Tensor> contiguous_all(at::TensorList xs) {
+  std::vector<at::Tensor> out;
+  out.reserve(xs.size());
+  for (const auto& x : xs) out.push_back(x.contiguous());
+  return out;
+}
+
+// A new tensor of `shape`, contiguous whatever the options' memory format.
+inline at::Tensor empty_contiguous(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return at::empty(shape, options.memory_format(at::MemoryFormat::Contiguous));
+}
+
+// --- checks --------------------------------------------------------------------------
+
+inline void check_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(supported_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(), "; expected ",
+              kDtypeNames);
+}
+
+// Statistics and coefficients: float32 or float64.
+inline void check_stat_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", name, " has dtype ",
+              t.scalar_type(), "; expected float32 or float64");
+}
+
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                             const at::Tensor& ref) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type());
+}
+
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const char* ref_name,
+                              const at::Tensor& ref) {
+  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+              ref.device());
+}
+
+// The device a kernel was registered for: only a call that mixes devices can
+// reach a kernel with a tensor on another one.
+inline void check_device_type(const char* op, const char* name, const at::Tensor& t, c10::DeviceType type) {
+  TORCH_CHECK(t.device().type() == type, op, ": the ", c10::DeviceTypeName(type), " kernel got ", name, " on ",
+              t.device());
+}
 
 inline void check_count(const char* op, int64_t k) {
   TORCH_CHECK(k >= 1, op, ": needs at least one input tensor, got K=", k);
@@ -28,8 +88,7 @@ inline void check_count(const char* op, int64_t k) {
 inline void check_weights(const char* op, const at::Tensor& weights, int64_t k, const at::Device& device) {
   TORCH_CHECK(weights.dim() == 1, op, ": weights must be 1-D, got shape ", weights.sizes());
   TORCH_CHECK(weights.size(0) == k, op, ": weights has ", weights.size(0), " entries but K=", k);
-  TORCH_CHECK(supported_dtype(weights.scalar_type()), op, ": weights has dtype ", weights.scalar_type(),
-              "; expected float32, float16, bfloat16 or float64");
+  check_dtype(op, "weights", weights);
   TORCH_CHECK(weights.device() == device, op, ": weights is on ", weights.device(), " but the inputs are on ", device);
 }
 
@@ -37,8 +96,7 @@ inline void check_weights(const char* op, const at::Tensor& weights, int64_t k, 
 inline void check_xs(const char* op, at::TensorList xs) {
   check_count(op, static_cast<int64_t>(xs.size()));
   const at::Tensor& x0 = xs[0];
-  TORCH_CHECK(supported_dtype(x0.scalar_type()), op, ": xs[0] has dtype ", x0.scalar_type(),
-              "; expected float32, float16, bfloat16 or float64");
+  check_dtype(op, "xs[0]", x0);
   for (size_t k = 1; k < xs.size(); ++k) {
     TORCH_CHECK(xs[k].sizes() == x0.sizes(), op, ": xs[", k, "] has shape ", xs[k].sizes(), " but xs[0] has shape ",
                 x0.sizes());
@@ -54,8 +112,7 @@ inline void check_xs(const char* op, at::TensorList xs) {
 inline void check_backward_common(const char* op, const at::Tensor& grad_out, at::TensorList xs,
                                   const at::Tensor& weights, const std::vector<bool>& xs_need_grad,
                                   bool weights_need_grad) {
-  TORCH_CHECK(supported_dtype(grad_out.scalar_type()), op, ": grad_out has dtype ", grad_out.scalar_type(),
-              "; expected float32, float16, bfloat16 or float64");
+  check_dtype(op, "grad_out", grad_out);
   TORCH_CHECK(weights.dim() == 1, op, ": weights must be 1-D, got shape ", weights.sizes());
   const int64_t k = weights.size(0);
   check_count(op, k);
@@ -89,72 +146,9 @@ inline std::vector<at::Tensor> new_input_grads(at::IntArrayRef shape, const at::
                                                const std::vector<bool>& need) {
   std::vector<at::Tensor> grads;
   for (const bool n : need) {
-    if (n) grads.push_back(at::empty(shape, options.memory_format(at::MemoryFormat::Contiguous)));
+    if (n) grads.push_back(empty_contiguous(shape, options));
   }
   return grads;
-}
-
-// Weights in the accumulation dtype, contiguous, on the weights' device.
-inline at::Tensor weights_for_accumulation(const at::Tensor& weights, at::ScalarType x_dtype) {
-  return weights.to(accumulate_dtype(x_dtype)).contiguous();
-}
-
-inline std::vector<at::Tensor> contiguous_all(at::TensorList xs) {
-  std::vector<at::Tensor> out;
-  out.reserve(xs.size());
-  for (const auto& x : xs) out.push_back(x.contiguous());
-  return out;
-}
-
-// PC-DARTS geometry: xs (N, Cp, H, W), bypass (N, Cb, H, W) or (N, Cb, 2H, 2W).
-struct PartialChannelShape {
-  int64_t n, cp, cb, h, w, groups;
-  int64_t channels() const { return cp + cb; }
-  int64_t channels_per_group() const { return (cp + cb) / groups; }
-  int64_t plane() const { return h * w; }
-};
-
-inline PartialChannelShape check_partial_channel(const char* op, at::IntArrayRef x_shape, const at::Tensor& bypass,
-                                                 int64_t groups, bool bypass_pool) {
-  TORCH_CHECK(x_shape.size() == 4, op, ": xs must be 4-D NCHW tensors, got shape ", x_shape);
-  TORCH_CHECK(bypass.dim() == 4, op, ": bypass must be a 4-D NCHW tensor, got shape ", bypass.sizes());
-  PartialChannelShape s{x_shape[0], x_shape[1], bypass.size(1), x_shape[2], x_shape[3], groups};
-  TORCH_CHECK(bypass.size(0) == s.n, op, ": bypass has batch size ", bypass.size(0), " but xs have ", s.n);
-  if (bypass_pool) {
-    TORCH_CHECK(bypass.size(2) % 2 == 0 && bypass.size(3) % 2 == 0, op,
-                ": bypass_pool=True needs an even bypass height and width, got ", bypass.size(2), "x", bypass.size(3));
-    TORCH_CHECK(bypass.size(2) == 2 * s.h && bypass.size(3) == 2 * s.w, op,
-                ": with bypass_pool=True the bypass must be twice the size of xs (", 2 * s.h, "x", 2 * s.w, "), got ",
-                bypass.size(2), "x", bypass.size(3));
-  } else {
-    TORCH_CHECK(bypass.size(2) == s.h && bypass.size(3) == s.w, op, ": bypass is ", bypass.size(2), "x", bypass.size(3),
-                " but xs are ", s.h, "x", s.w);
-  }
-  TORCH_CHECK(groups >= 1 && s.channels() % groups == 0, op, ": groups=", groups, " must be >= 1 and divide the ",
-              s.channels(), " output channels");
-  return s;
-}
-
-// The backward of partial_channel_mixed_sum: the xs shape follows from grad_out
-// and the bypass, whose data is checked only when it is read.
-inline PartialChannelShape check_partial_channel_backward(const char* op, const at::Tensor& grad_out, at::TensorList xs,
-                                                          const at::Tensor& bypass, int64_t groups, bool bypass_pool,
-                                                          bool bypass_need_grad) {
-  TORCH_CHECK(grad_out.dim() == 4, op, ": grad_out must be 4-D NCHW, got shape ", grad_out.sizes());
-  TORCH_CHECK(bypass.dim() == 4, op, ": bypass must be a 4-D NCHW tensor, got shape ", bypass.sizes());
-  const int64_t cb = bypass.size(1);
-  TORCH_CHECK(grad_out.size(1) >= cb, op, ": grad_out has ", grad_out.size(1), " channels, fewer than the bypass's ",
-              cb);
-  const std::vector<int64_t> x_shape{grad_out.size(0), grad_out.size(1) - cb, grad_out.size(2), grad_out.size(3)};
-  const PartialChannelShape s = check_partial_channel(op, x_shape, bypass, groups, bypass_pool);
-  check_xs_shape(op, xs, x_shape);
-  if (bypass_need_grad) {
-    TORCH_CHECK(bypass.scalar_type() == grad_out.scalar_type(), op, ": bypass has dtype ", bypass.scalar_type(),
-                " but grad_out has dtype ", grad_out.scalar_type());
-    TORCH_CHECK(bypass.device() == grad_out.device(), op, ": bypass is on ", bypass.device(), " but grad_out is on ",
-                grad_out.device());
-  }
-  return s;
 }
 
 }  // namespace fastnas

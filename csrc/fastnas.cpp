@@ -27,6 +27,9 @@ TORCH_LIBRARY(fastnas, m) {
       "Tensor? mean, Tensor? rstd, bool input_need_grad, int[] activations=[]) -> (Tensor, Tensor[])");
   m.def("stacked_batch_norm_stats(Tensor z, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("stacked_batch_norm_backward(Tensor grad_yhat, Tensor z, Tensor mean, Tensor rstd) -> Tensor");
+  m.def(
+      "update_running_stats(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, Tensor(c!)[] num_batches_tracked, "
+      "Tensor mean, Tensor var, int[] rows, float momentum, int count) -> ()");
   m.def("pool_batch_norm_stats(Tensor x, int stride, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "darts_sum(Tensor x, Tensor z, Tensor mean, Tensor rstd, Tensor coef, int stride, bool has_max, "

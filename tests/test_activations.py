@@ -111,7 +111,7 @@ def test_bad_activations_are_named():
     with pytest.raises(ValueError, match="unknown activation 'gelu'"):
         multi_depthwise(x, ws, ds, 1, activations="gelu")
     if not backends.backend_status()["cpu"]:
-        with pytest.raises(RuntimeError, match=r"activations\[1\] is 9"):
+        with pytest.raises(ValueError, match=r"activations\[1\] is 9"):
             torch.ops.fastnas.multi_depthwise(x, ws, ds, 1, None, None, [0, 9, 0, 0])
     # The fake implementations (torch.compile) check the codes too.
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -154,7 +154,7 @@ def test_fused_edge_of_activation_pairs_matches_modules(stride, memory):
     fused = MixedOp(4, stride, PAIRS, memory=memory).double()
     ref = MixedOp(4, stride, PAIRS, backend="reference").double()
     ref.load_state_dict(fused.state_dict())
-    assert fused.plan.spec is not None and not fused.plan.modules
+    assert fused.plan.spec is not None
     assert fused.plan.spec.activations == ("relu", "swish", "relu6", "elu", "relu")
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64)
     w = torch.softmax(torch.randn(len(PAIRS), dtype=torch.float64), 0)

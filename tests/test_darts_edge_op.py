@@ -62,10 +62,10 @@ def _run(module, x, w, memory, path, grad_seed=1):
     w = w.clone().requires_grad_(True)
     params = bound.parameters()
     if path == "cpp":
-        out = darts_edge(x, w, params, spec, bound.buffers(), memory=memory, backend="cpu")
+        out = darts_edge(x, w, params, spec, bound.buffers(), memory=memory, backend=x.device.type)
     else:
-        out = edge_ops.DartsEdgeFunction.apply(x, w, spec, memory, "cpu", bound.buffers(), *params)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+        out = edge_ops.DartsEdgeFunction.apply(x, w, spec, memory, x.device.type, bound.buffers(), *params)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype).to(out.device)
     out.backward(g)
     return [out.detach(), x.grad, w.grad, *(p.grad for p in params), *module.buffers()]
 
@@ -88,6 +88,24 @@ def test_bit_identical_to_the_composite(subset, stride, memory, dtype):
         got = _run(cpp, x, w, memory, "cpp", step)
         for i, (a, b) in enumerate(zip(want, got)):
             assert torch.equal(a, b), f"step {step}, tensor {i}: max diff {(a - b).abs().max().item()}"
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("memory", MEMORY)
+@pytest.mark.parametrize("stride", (1, 2))
+def test_cuda_op_matches_the_cpu_op_float64(stride, memory):
+    """The same C++ orchestration on the CUDA building blocks: float64 agrees to rounding."""
+    assert "cuda" in edge_ops._CPP_BACKENDS
+    op = _edge(DARTS_PRIMITIVES, 6, stride, torch.float64)
+    gen = torch.Generator().manual_seed(stride)
+    x = torch.randn(3, 6, 10, 10, generator=gen, dtype=torch.float64)
+    w = torch.softmax(torch.randn(len(DARTS_PRIMITIVES), generator=gen, dtype=torch.float64), 0)
+    cpu, cuda = copy.deepcopy(op), copy.deepcopy(op).cuda()
+    for step in range(2):
+        want = _run(cpu, x, w, memory, "cpp", step)
+        got = _run(cuda, x.cuda(), w.cuda(), memory, "cpp", step)
+        for i, (a, b) in enumerate(zip(want, got)):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-10, msg=lambda m, i=i, s=step: f"{s} [{i}]: {m}")
 
 
 def test_non_contiguous_input_and_fp32_weights_for_fp64():

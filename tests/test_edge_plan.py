@@ -197,3 +197,14 @@ def test_odd_input_on_a_reducing_edge_is_left_to_the_modules():
     with pytest.raises(RuntimeError, match="Sizes of tensors must match"):
         op(x, torch.softmax(torch.randn(8, generator=_gen(9)), 0))
     assert "even height and width" in op.fused_reason
+
+
+def test_the_part_of_an_edge_the_fused_edge_takes_is_planned():
+    """Pools without a batch norm are not the fused edge's; the convolutions beside them are."""
+    plan = plan_edge([OPS[n](8, 1, False) for n in DARTS_PRIMITIVES], 8, 1)
+    assert plan.spec is None and plan.part is not None
+    assert plan.part_index == (0, 3, 4, 5, 6, 7) and plan.rest == (1, 2)
+    spec = plan.part.spec
+    assert spec.K == 6 and spec.skip_index == 1 and spec.sep == ((3, 2), (5, 3)) and spec.dil == ((3, 4), (5, 5))
+    # Without a convolution among them, the candidates the fused edge takes are not worth a part.
+    assert plan_edge([OPS[n](8, 1, False) for n in ("none", "max_pool_3x3", "skip_connect")], 8, 1).part is None

@@ -66,8 +66,8 @@ def _step(edges, groups, states, weights, beta, memory, path, grad_seed=1):
     else:
         spec = NodeSpec(tuple(e.plan.spec for e in edges), groups)
         out = partial_channel_node(states, weights, beta, params, spec, [_bound(e).buffers() for e in edges],
-                                   memory=memory, backend="cpu")  # fmt: skip
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+                                   memory=memory, backend=out_device(states))  # fmt: skip
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype).to(out.device)
     out.backward(g)
     grads = [p.grad for ps in params for p in ps]
     buffers = [b for e in edges for b in e.buffers()]
@@ -88,6 +88,26 @@ def test_bit_identical_to_the_composite(strides, memory, dtype, monkeypatch):
             want = _step(composite, 2, states, weights, beta, memory, "composite", step)
         for i, (a, b) in enumerate(zip(want, got)):
             assert torch.equal(a, b), f"step {step}, tensor {i}: max diff {(a - b).abs().max().item()}"
+
+
+def out_device(states):
+    return states[0].device.type
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("memory", MEMORY)
+def test_cuda_op_matches_the_cpu_op_float64(memory):
+    """The same C++ orchestration on the CUDA building blocks: float64 agrees to rounding."""
+    assert "cuda" in node_ops._CPP_BACKENDS
+    strides = [2, 2, 1]
+    edges = _node(strides, 8, 2, torch.float64)
+    on_gpu = [copy.deepcopy(e).cuda() for e in edges]
+    states, weights, beta = _inputs(strides, 8, 8, torch.float64, seed=5)
+    for step in range(2):
+        want = _step(edges, 2, states, weights, beta, memory, "cpp", step)
+        got = _step(on_gpu, 2, [s.cuda() for s in states], weights.cuda(), beta.cuda(), memory, "cpp", step)
+        for i, (a, b) in enumerate(zip(want, got)):
+            torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-10, msg=lambda m, i=i, s=step: f"{s} [{i}]: {m}")
 
 
 @pytest.mark.parametrize("memory", MEMORY)

@@ -105,7 +105,7 @@ def test_scalable_search_fused_matches_reference():
     plan = got_net.cells[0].edges[0].plan
     # Every pair fused: the depthwise prologue computes each activation.
     assert plan.fused_reason(torch.randn(2, 4, 8, 8), None, training=True) is None
-    assert plan.modules == () and set(plan.spec.activations) == set(SCALABLE_ACTIVATIONS)
+    assert set(plan.spec.activations) == set(SCALABLE_ACTIVATIONS)
     for (a_train, a_val), (r_train, r_val) in zip(losses(got.history), losses(ref.history)):
         assert a_train == pytest.approx(r_train, rel=1e-5, abs=1e-6)
         assert a_val == pytest.approx(r_val, rel=1e-5, abs=1e-6)
@@ -115,38 +115,6 @@ def test_scalable_search_fused_matches_reference():
     assert got.genotype == ref.genotype
     record = got.history[-1]
     assert set(record["arch_weights"]) == {"normal", "reduce", "activations_normal", "activations_reduce"}
-
-
-@pytest.mark.parametrize("memory", ["save", "recompute"])
-def test_partially_fused_edge_matches_modules(memory):
-    """A candidate the fused edge cannot compute runs as its module beside the fused others."""
-    from fastnas import backends
-    from fastnas.nn import MixedOp
-
-    if backends.backend_status()["cpu"]:
-        pytest.skip("the cpu backend is unavailable")
-    names = ["none", "skip_connect", "sep_conv_3x3_elu", "nor_conv_3x3", "dil_conv_3x3_swish", "max_pool_3x3"]
-    torch.manual_seed(0)
-    fused = MixedOp(4, 1, names, memory=memory, partial_fusion=True).double()
-    ref = MixedOp(4, 1, names, backend="reference").double()
-    ref.load_state_dict(fused.state_dict())
-    assert fused.plan.modules == (3,) and "ReLUConvBN" in fused.plan.reason
-    assert MixedOp(4, 1, names).plan.spec is None  # without partial fusion, the whole edge runs as modules
-    x = torch.randn(2, 4, 6, 6, dtype=torch.float64)
-    w = torch.softmax(torch.randn(len(names), dtype=torch.float64), 0)
-    outs, grads = [], []
-    for op in (fused, ref):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        out = op(xi, wi)
-        out.backward(torch.cos(out))
-        outs.append(out)
-        grads.append([xi.grad, wi.grad] + [p.grad for p in op.parameters()])
-    assert fused.fused_reason is None
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
-    for a, b in zip(fused.buffers(), ref.buffers()):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("memory", ["recompute"])

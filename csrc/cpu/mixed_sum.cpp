@@ -9,7 +9,9 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/loops.h"
 #include "cpu/weighted_sum.h"
+#include "host/mixed_sum.h"
 
 namespace fastnas {
 namespace cpu {
@@ -19,17 +21,15 @@ constexpr const char* kForward = "mixed_sum";
 constexpr const char* kBackward = "mixed_sum_backward";
 
 at::Tensor mixed_sum(at::TensorList xs, const at::Tensor& weights) {
-  check_xs(kForward, xs);
+  check_mixed_sum(kForward, xs, weights, at::kCPU);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  check_weights(kForward, weights, k_count, xs[0].device());
-  TORCH_CHECK(xs[0].device().is_cpu(), kForward, ": the CPU kernel got xs on ", xs[0].device());
 
   const auto dtype = xs[0].scalar_type();
-  at::Tensor out = at::empty(xs[0].sizes(), xs[0].options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_contiguous(xs[0].sizes(), xs[0].options());
   const int64_t n = out.numel();
   if (n == 0) return out;
   const auto xc = contiguous_all(xs);
-  const at::Tensor w = weights_for_accumulation(weights, dtype);
+  const at::Tensor w = for_accumulation(weights, dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mixed_sum_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -38,7 +38,7 @@ at::Tensor mixed_sum(at::TensorList xs, const at::Tensor& weights) {
     const acc_t* wp = w.data_ptr<acc_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t chunks = ceil_div(n, kChunk);
-    at::parallel_for(0, chunks, grain_in_chunks(kChunk), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, grain_for(kChunk), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t c = begin; c < end; ++c) {
         const int64_t off = c * kChunk;
@@ -55,9 +55,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
                                                                    const c10::List<bool>& xs_need_grad_list,
                                                                    bool weights_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
-  check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
-  TORCH_CHECK(grad_out.device().is_cpu(), kBackward, ": the CPU kernel got grad_out on ", grad_out.device());
-  check_xs_shape(kBackward, xs, grad_out.sizes());
+  check_mixed_sum_backward(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad, at::kCPU);
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
   const int64_t n = grad_out.numel();
@@ -68,7 +66,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
   if (n > 0 && (weights_need_grad || !grad_xs.empty())) {
     const at::Tensor go = grad_out.contiguous();
     const auto xc = weights_need_grad ? contiguous_all(xs) : std::vector<at::Tensor>{};
-    const at::Tensor w = weights_for_accumulation(weights, dtype);
+    const at::Tensor w = for_accumulation(weights, dtype);
     const int64_t chunks = ceil_div(n, kChunk);
     at::Tensor partials = at::empty({weights_need_grad ? chunks : 0, k_count}, weights.options().dtype(acc_dtype));
 
@@ -83,7 +81,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
       const scalar_t* gop = go.data_ptr<scalar_t>();
       const acc_t* wp = w.data_ptr<acc_t>();
       acc_t* pp = weights_need_grad ? partials.data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, chunks, grain_in_chunks(kChunk), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, chunks, grain_for(kChunk), [&](int64_t begin, int64_t end) {
         alignas(64) acc_t buf[kChunk];
         for (int64_t c = begin; c < end; ++c) {
           const int64_t off = c * kChunk;

@@ -28,10 +28,12 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "checks.h"
 #include "fastnas_math.h"
+#include "host/multi_depthwise.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
@@ -52,8 +54,6 @@ constexpr const char* kBackward = "multi_depthwise_backward";
 // that each one's weight-gradient partial sums stay cheap to add up.
 constexpr int64_t kTargetTasks = 64;
 
-int64_t out_size(int64_t size, int64_t stride) { return size == 0 ? 0 : (size - 1) / stride + 1; }
-
 // Tile width in elements: as wide as the rows, up to 32 (four AVX registers of fp32).
 constexpr int kTileMax = 32;
 
@@ -62,10 +62,8 @@ struct Layout {
   int64_t row, wq, phases;
 };
 
-// Shapes and the padded-buffer layout of one call.
-struct Geometry {
-  int64_t J, C, N, H, W, Ho, Wo, stride;
-  bool shared;
+// The padded-buffer layout of one call, on top of its shape.
+struct Geometry : DepthwiseShape {
   int64_t P;   // the largest padding over candidates
   int64_t Hp;  // rows of the padded buffer
   int64_t Wq;  // columns of one phase of a padded row
@@ -82,68 +80,15 @@ struct Candidate {
   int64_t k, d, o;  // kernel size, dilation, offset P - p of its window in the padded buffer
 };
 
-void check_forward_args(const char* op, const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations,
-                        int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd) {
-  TORCH_CHECK(supported_dtype(x.scalar_type()), op, ": x has dtype ", x.scalar_type(),
-              "; expected float32, float64, float16 or bfloat16");
-  TORCH_CHECK(x.dim() == 4 || x.dim() == 5, op,
-              ": x must be (N, C, H, W) shared by all candidates or (J, C, N, H, W) per candidate, got shape ",
-              x.sizes());
-  TORCH_CHECK(x.device().is_cpu(), op, ": the CPU kernel got x on ", x.device());
-  const int64_t J = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(J >= 1, op, ": weights is empty; it needs at least one candidate");
-  TORCH_CHECK(static_cast<int64_t>(dilations.size()) == J, op, ": dilations has ", dilations.size(),
-              " entries but weights has ", J);
-  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
-  const bool shared = x.dim() == 4;
-  const int64_t C = x.size(1);
-  if (!shared) {
-    TORCH_CHECK(x.size(0) == J, op, ": x has ", x.size(0), " candidates (dim 0) but weights has ", J);
-  }
-  for (int64_t j = 0; j < J; ++j) {
-    const at::Tensor& w = weights[j];
-    TORCH_CHECK(w.dim() == 4 && w.size(0) == C && w.size(1) == 1 && w.size(2) == w.size(3), op, ": weights[", j,
-                "] must be (", C, ", 1, k, k) for x's ", C, " channels, got shape ", w.sizes());
-    TORCH_CHECK(w.size(2) % 2 == 1, op, ": weights[", j, "] has an even kernel size ", w.size(2), "; it must be odd");
-    TORCH_CHECK(w.scalar_type() == x.scalar_type(), op, ": weights[", j, "] has dtype ", w.scalar_type(),
-                " but x has dtype ", x.scalar_type());
-    TORCH_CHECK(w.device() == x.device(), op, ": weights[", j, "] is on ", w.device(), " but x is on ", x.device());
-    TORCH_CHECK(dilations[j] >= 1, op, ": dilations[", j, "] must be >= 1, got ", dilations[j]);
-  }
-  TORCH_CHECK(mean.has_value() == rstd.has_value(), op, ": mean and rstd must be given together (got only ",
-              mean.has_value() ? "mean" : "rstd", ")");
-  if (mean.has_value()) {
-    TORCH_CHECK(!shared, op, ": mean/rstd need a per-candidate x of shape (J, C, N, H, W); x is shared, shape ",
-                x.sizes());
-    for (const auto* t : {&*mean, &*rstd}) {
-      const char* name = t == &*mean ? "mean" : "rstd";
-      TORCH_CHECK(t->dim() == 2 && t->size(0) == J && t->size(1) == C, op, ": ", name, " must have shape (", J, ", ", C,
-                  "), got ", t->sizes());
-      TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
-      TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
-    }
-  }
-}
-
 Geometry geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
                   std::vector<Candidate>& cands) {
   Geometry g{};
-  g.shared = x.dim() == 4;
-  g.J = static_cast<int64_t>(weights.size());
-  g.C = x.size(1);
-  g.N = g.shared ? x.size(0) : x.size(2);
-  g.H = x.size(g.shared ? 2 : 3);
-  g.W = x.size(g.shared ? 3 : 4);
-  g.stride = stride;
-  g.Ho = out_size(g.H, stride);
-  g.Wo = out_size(g.W, stride);
+  static_cast<DepthwiseShape&>(g) = depthwise_shape(x, weights, stride);
+  const std::vector<DepthwiseCandidate> dc = depthwise_candidates(weights, dilations);
   g.P = 0;
-  for (int64_t j = 0; j < g.J; ++j) g.P = std::max(g.P, dilations[j] * (weights[j].size(2) - 1) / 2);
+  for (const auto& cd : dc) g.P = std::max(g.P, cd.pad);
   cands.clear();
-  for (int64_t j = 0; j < g.J; ++j) {
-    const int64_t k = weights[j].size(2), d = dilations[j];
-    cands.push_back({k, d, g.P - d * (k - 1) / 2});
-  }
+  for (const auto& cd : dc) cands.push_back({cd.k, cd.d, g.P - cd.pad});
   g.Hp = g.H + 2 * g.P;
   g.Wq = (g.W + 2 * g.P + stride - 1) / stride + 1;
   return g;
@@ -160,13 +105,12 @@ Geometry geometry(const at::Tensor& x, at::TensorList weights, at::IntArrayRef d
 // Where the taps of one candidate read in a padded plane: row u is at
 // (r * s + rows[u]) * row, column v at cols[v] past the tile's start.
 struct Taps {
-  static constexpr int kMaxK = 15;
+  static constexpr int kMaxK = kMaxDepthwiseKernel;
   int64_t k, kc, s, row;  // k rows by kc columns of taps
   int64_t rows[kMaxK], cols[kMaxK];
 };
 
 Taps make_taps(Layout l, int64_t k, int64_t d, int64_t o) {
-  TORCH_CHECK(k <= Taps::kMaxK, "multi_depthwise: kernel size ", k, "; at most ", Taps::kMaxK, " is supported");
   Taps t{};
   t.k = k;
   t.kc = k;
@@ -364,9 +308,7 @@ void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean
     acc_t* prow = pad + (h + g.P) * g.row();
     if (g.stride == 1) {
       for (int64_t w = 0; w < g.W; ++w) {
-        acc_t v = static_cast<acc_t>(srow[w]);
-        if (bn) v = (v - mean) * rstd;
-        prow[w + g.P] = v > acc_t(0) ? v : acc_t(0);
+        prow[w + g.P] = math::depthwise_activation(static_cast<acc_t>(srow[w]), bn, mean, rstd);
       }
     } else {
       // Even and odd padded columns in turn, each a contiguous run of its phase.
@@ -375,9 +317,7 @@ void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean
         acc_t* dst = prow + phase * g.Wq + ((w0 + g.P) >> 1);
         const int64_t count = g.W > w0 ? (g.W - w0 + 1) / 2 : 0;
         for (int64_t i = 0; i < count; ++i) {
-          acc_t v = static_cast<acc_t>(srow[w0 + 2 * i]);
-          if (bn) v = (v - mean) * rstd;
-          dst[i] = v > acc_t(0) ? v : acc_t(0);
+          dst[i] = math::depthwise_activation(static_cast<acc_t>(srow[w0 + 2 * i]), bn, mean, rstd);
         }
       }
     }
@@ -389,20 +329,21 @@ struct ActivationSlots {
   std::vector<int> codes;      // activation code of each slot
   std::vector<int64_t> of;     // slot of each candidate
   std::vector<int64_t> first;  // first candidate of each slot
+  int64_t count() const { return static_cast<int64_t>(codes.size()); }
   bool relu_only() const { return codes.size() == 1 && codes[0] == math::kRelu; }
 };
 
 ActivationSlots activation_slots(const char* op, at::IntArrayRef activations, int64_t J) {
-  TORCH_CHECK(activations.empty() || static_cast<int64_t>(activations.size()) == J, op, ": activations has ",
-              activations.size(), " entries but weights has ", J);
+  TORCH_CHECK_VALUE(activations.empty() || static_cast<int64_t>(activations.size()) == J, op, ": activations has ",
+                    activations.size(), " entries but weights has ", J);
   ActivationSlots slots;
   for (int64_t j = 0; j < J; ++j) {
     const int64_t code = activations.empty() ? math::kRelu : activations[j];
-    TORCH_CHECK(code >= 0 && code < math::kNumActivations, op, ": activations[", j, "] is ", code,
-                "; activation codes run from 0 to ", math::kNumActivations - 1);
+    TORCH_CHECK_VALUE(code >= 0 && code < math::kNumActivations, op, ": activations[", j, "] is ", code,
+                      "; activation codes run from 0 to ", math::kNumActivations - 1);
     const auto it = std::find(slots.codes.begin(), slots.codes.end(), static_cast<int>(code));
     if (it == slots.codes.end()) {
-      slots.of.push_back(static_cast<int64_t>(slots.codes.size()));
+      slots.of.push_back(slots.count());
       slots.first.push_back(j);
       slots.codes.push_back(static_cast<int>(code));
     } else {
@@ -430,32 +371,23 @@ void fill_activations(const Geometry& g, const scalar_t* src, bool bn, acc_t mea
   }
 }
 
-// Per-candidate weights in the accumulation type, contiguous.
-std::vector<at::Tensor> weights_in(at::TensorList weights, at::ScalarType acc) {
-  std::vector<at::Tensor> out;
-  for (const auto& w : weights) out.push_back(w.to(acc).contiguous());
-  return out;
-}
-
 // --- forward -------------------------------------------------------------------------
 
 at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd,
                            at::IntArrayRef activations) {
-  check_forward_args(kForward, x_in, weights, dilations, stride, mean, rstd);
+  check_multi_depthwise(kForward, x_in, weights, dilations, stride, mean, rstd, at::kCPU);
   const ActivationSlots slots = activation_slots(kForward, activations, static_cast<int64_t>(weights.size()));
-  const int64_t num_slots = static_cast<int64_t>(slots.codes.size());
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
   at::Tensor out = at::empty({g.J, g.C, g.N, g.Ho, g.Wo}, x_in.options());
   if (out.numel() == 0) return out;
   const at::Tensor x = x_in.contiguous();
   const auto dtype = x.scalar_type();
-  const auto acc_dtype = accumulate_dtype(dtype);
-  const auto ws = weights_in(weights, acc_dtype);
+  const auto ws = for_accumulation_all(weights, dtype);
   const bool bn = mean.has_value();
-  const at::Tensor mean_acc = bn ? mean->to(acc_dtype).contiguous() : at::Tensor();
-  const at::Tensor rstd_acc = bn ? rstd->to(acc_dtype).contiguous() : at::Tensor();
+  const at::Tensor mean_acc = bn ? for_accumulation(*mean, dtype) : at::Tensor();
+  const at::Tensor rstd_acc = bn ? for_accumulation(*rstd, dtype) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -472,13 +404,13 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
     // Shared x: a task is one (c, n) for all J; per candidate: one (j, c, n).
     const int64_t groups = g.shared ? g.C : g.J * g.C;
     at::parallel_for(0, groups * g.N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pad(num_slots * g.size(), acc_t(0));
+      std::vector<acc_t> pad(slots.count() * g.size(), acc_t(0));
       std::vector<acc_t> tmp(direct ? 0 : out_plane);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task % g.N, group = task / g.N;
         const int64_t c = g.shared ? group : group % g.C;
         const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
-        const int64_t s0 = g.shared ? 0 : slots.of[j0], s1 = g.shared ? num_slots : s0 + 1;
+        const int64_t s0 = g.shared ? 0 : slots.of[j0], s1 = g.shared ? slots.count() : s0 + 1;
         const scalar_t* src = g.shared ? xp + (n * g.C + c) * in_plane : xp + (group * g.N + n) * in_plane;
         fill_activations<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1), slots, s0,
                                           s1, pad.data());
@@ -503,40 +435,289 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
 }
 
 // --- backward ------------------------------------------------------------------------
+//
+// One task is a group (a channel c with its J candidates, or one (j, c) pair)
+// and a fixed slice of the batch (split_batch). For every image it writes the
+// activation into the padded buffer, then per candidate adds the weights'
+// gradient (tap_dots) and the input gradient (a correlation of the output
+// gradient with the flipped kernel: input_grad_dense at stride 1,
+// input_grad_phased at stride 2), and finally stores the input gradient where
+// the activation is positive (store_input_grad). The tasks' weight-gradient
+// partials are summed in task order (sum_over_chunks).
+
+// A fixed split of the batch, from the shape alone: the weights' gradient then
+// sums the same partials in the same order on any number of threads.
+struct BatchSplit {
+  int64_t chunks, per_chunk;
+};
+
+BatchSplit split_batch(const Geometry& g) {
+  const int64_t groups = g.groups();
+  const int64_t chunks =
+      g.N == 0 ? 1 : std::min(g.N, std::max<int64_t>(1, kTargetTasks / std::max<int64_t>(1, groups)));
+  return {chunks, g.N == 0 ? 0 : (g.N + chunks - 1) / chunks};
+}
+
+// Stride 2: the zero grid would waste three taps in four, so the input
+// gradient is computed per (row, column) parity phase instead, each phase a
+// dense correlation of the compact output gradient (padded by Q) with the taps
+// whose output lands on the grid. Those sub-kernels depend on the candidate only.
+struct Phase {
+  Taps taps;
+  std::vector<int64_t> us, vs;
+  int64_t rows, cols;
+};
+
+std::vector<Phase> stride_two_phases(const Geometry& g, const std::vector<Candidate>& cands, int64_t Q, Layout cl) {
+  std::vector<Phase> phases;  // [j * 4 + qh * 2 + qw]
+  for (const auto& cd : cands) {
+    const int64_t p = g.P - cd.o;
+    for (int64_t q = 0; q < 4; ++q) {
+      const int64_t qh = q / 2, qw = q % 2;
+      Phase ph{};
+      for (int64_t u = 0; u < cd.k; ++u) {
+        if (((qh + u * cd.d - p) % 2 + 2) % 2 == 0) ph.us.push_back(u);
+        if (((qw + u * cd.d - p) % 2 + 2) % 2 == 0) ph.vs.push_back(u);
+      }
+      ph.taps.k = static_cast<int64_t>(ph.us.size());
+      ph.taps.kc = static_cast<int64_t>(ph.vs.size());
+      ph.taps.s = 1;
+      ph.taps.row = cl.row;
+      for (size_t i = 0; i < ph.us.size(); ++i) ph.taps.rows[i] = (qh + ph.us[i] * cd.d - p) / 2 + Q;
+      for (size_t i = 0; i < ph.vs.size(); ++i) ph.taps.cols[i] = (qw + ph.vs[i] * cd.d - p) / 2 + Q;
+      ph.rows = (g.H - qh + 1) / 2;
+      ph.cols = (g.W - qw + 1) / 2;
+      phases.push_back(std::move(ph));
+    }
+  }
+  return phases;
+}
+
+// Everything a backward task reads, fixed for the call.
+template <typename scalar_t, typename acc_t>
+struct BackwardPlan {
+  const Geometry& g;
+  const std::vector<Candidate>& cands;
+  const ActivationSlots& slots;
+  BatchSplit split;
+  std::vector<int64_t> tap_offset;  // tap_offsets(...): candidate j's taps in a task's row of partials
+  int64_t taps_all;
+  bool input_need_grad, bn, phased;
+  // The data, in acc_t where the kernels compute in it; flipped kernels for the input gradient.
+  const scalar_t *x, *grad_out;
+  std::vector<const acc_t*> wflip;
+  const acc_t *mean, *rstd;
+  scalar_t* grad_pre;
+  // Tap layouts: the activation buffer (forward taps), the stride-1 gradient
+  // buffer (grad taps), the compact stride-2 gradient buffer and its phases.
+  std::vector<Taps> fwd_taps, grad_taps;
+  Layout gl, cl;
+  int64_t gpitch, Q;
+  std::vector<Phase> phases;
+  int64_t phase_cols0, phase_cols1, phase_size;
+
+  BackwardPlan(const Geometry& geo, const std::vector<Candidate>& cs, const ActivationSlots& sl,
+               std::vector<int64_t> offsets, bool need_in)
+      : g(geo),
+        cands(cs),
+        slots(sl),
+        split(split_batch(geo)),
+        tap_offset(std::move(offsets)),
+        input_need_grad(need_in) {
+    taps_all = tap_offset.back();
+    phased = input_need_grad && g.stride == 2;
+    gl = Layout{g.W + 2 * g.P, g.W + 2 * g.P, 1};
+    gpitch = grad_pitch<acc_t>(g.Wo);
+    for (const auto& cd : cands) {
+      fwd_taps.push_back(make_taps(g.layout(), cd.k, cd.d, cd.o));
+      grad_taps.push_back(make_taps(gl, cd.k, cd.d, cd.o));
+    }
+    Q = (g.P + 1) / 2 + 1;
+    cl = Layout{g.Wo + 2 * Q, g.Wo + 2 * Q, 1};
+    if (g.stride == 2) phases = stride_two_phases(g, cands, Q, cl);
+    phase_cols0 = (g.W + 1) / 2;
+    phase_cols1 = g.W / 2;
+    phase_size = ((g.H + 1) / 2) * phase_cols0;
+  }
+};
+
+// One thread's buffers.
+template <typename acc_t>
+struct BackwardScratch {
+  std::vector<acc_t> pad;           // the activation, padded (Geometry), one buffer per activation slot
+  std::vector<acc_t> grad;          // one output-gradient plane, rows of gpitch, zeros past Wo
+  std::vector<acc_t> taps;          // the task's weight-gradient sums
+  std::vector<acc_t> gc, gq, wsub;  // stride 2: compact padded gradient, the four phases' sums, a sub-kernel
+  std::vector<acc_t> gz, ga;        // stride 1: the gradient on the padded grid, the input-gradient sums
+  // (gq and ga hold one sum per activation slot: each is multiplied by its activation's derivative)
+
+  template <typename scalar_t>
+  explicit BackwardScratch(const BackwardPlan<scalar_t, acc_t>& pl)
+      : pad(pl.slots.count() * pl.g.size(), acc_t(0)),
+        grad(pl.g.Ho * pl.gpitch, acc_t(0)),
+        taps(pl.taps_all),
+        gc(pl.phased ? (pl.g.Ho + 2 * pl.Q + 1) * pl.cl.row + kTileMax : 0, acc_t(0)),
+        gq(pl.phased ? pl.slots.count() * 4 * pl.phase_size : 0),
+        wsub(Taps::kMaxK * Taps::kMaxK),
+        gz(pl.input_need_grad && !pl.phased ? (pl.g.Hp + 1) * pl.gl.row + kTileMax : 0, acc_t(0)),
+        ga(pl.input_need_grad && !pl.phased ? pl.slots.count() * pl.g.in_plane() : 0) {}
+};
+
+// One output-gradient plane into the scratch's pitched buffer, in acc_t.
+template <typename scalar_t, typename acc_t>
+void load_grad_plane(const BackwardPlan<scalar_t, acc_t>& pl, const scalar_t* gsrc, BackwardScratch<acc_t>& sc) {
+  for (int64_t ho = 0; ho < pl.g.Ho; ++ho) {
+    for (int64_t wo = 0; wo < pl.g.Wo; ++wo) sc.grad[ho * pl.gpitch + wo] = static_cast<acc_t>(gsrc[ho * pl.g.Wo + wo]);
+  }
+}
+
+// Stride 2: adds candidate j's input gradient to the four phase sums.
+template <typename scalar_t, typename acc_t>
+void input_grad_phased(const BackwardPlan<scalar_t, acc_t>& pl, int64_t j, int64_t c, BackwardScratch<acc_t>& sc) {
+  const Geometry& g = pl.g;
+  const Candidate& cd = pl.cands[j];
+  for (int64_t ho = 0; ho < g.Ho; ++ho) {
+    std::copy(sc.grad.data() + ho * pl.gpitch, sc.grad.data() + ho * pl.gpitch + g.Wo,
+              sc.gc.data() + (ho + pl.Q) * pl.cl.row + pl.Q);
+  }
+  const acc_t* wf = pl.wflip[j] + c * cd.k * cd.k;
+  for (int64_t q = 0; q < 4; ++q) {
+    const Phase& ph = pl.phases[j * 4 + q];
+    if (ph.us.empty() || ph.vs.empty() || ph.rows == 0 || ph.cols == 0) continue;
+    for (size_t i = 0; i < ph.us.size(); ++i) {
+      for (size_t l = 0; l < ph.vs.size(); ++l) sc.wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
+    }
+    const int64_t sum = (pl.slots.of[j] * 4 + q) * pl.phase_size;
+    correlate(sc.gc.data(), ph.taps, sc.wsub.data(), ph.rows, ph.cols, sc.gq.data() + sum, true);
+  }
+}
+
+// Stride 1: candidate j's input gradient, the output gradient on the padded
+// grid correlated with the flipped kernel; the first candidate of the task in
+// each activation slot writes the slot's sum, the others add to it.
+template <typename scalar_t, typename acc_t>
+void input_grad_dense(const BackwardPlan<scalar_t, acc_t>& pl, int64_t j, int64_t c, bool first,
+                      BackwardScratch<acc_t>& sc) {
+  const Geometry& g = pl.g;
+  const Candidate& cd = pl.cands[j];
+  for (int64_t ho = 0; ho < g.Ho; ++ho) {
+    acc_t* zrow = sc.gz.data() + (ho * g.stride + g.P) * pl.gl.row + g.P;
+    for (int64_t wo = 0; wo < g.Wo; ++wo) zrow[wo * g.stride] = sc.grad[ho * pl.gpitch + wo];
+  }
+  correlate(sc.gz.data(), pl.grad_taps[j], pl.wflip[j] + c * cd.k * cd.k, g.H, g.W,
+            sc.ga.data() + pl.slots.of[j] * g.in_plane(), !first);
+}
+
+// Other activations than ReLU: each slot's gradient sum times its activation's
+// derivative at pre = x or (x - mean) * rstd, summed over the task's slots [s0, s1).
+template <typename scalar_t, typename acc_t>
+void store_input_grad_activations(const BackwardPlan<scalar_t, acc_t>& pl, const BackwardScratch<acc_t>& sc,
+                                  const scalar_t* x, acc_t mean, acc_t rstd, int64_t s0, int64_t s1, scalar_t* dst) {
+  const Geometry& g = pl.g;
+  for (int64_t h = 0; h < g.H; ++h) {
+    for (int64_t w = 0; w < g.W; ++w) {
+      acc_t pre = static_cast<acc_t>(x[h * g.W + w]);
+      if (pl.bn) pre = (pre - mean) * rstd;
+      const int64_t q = (h & 1) * 2 + (w & 1);
+      const int64_t pc = (w & 1) ? pl.phase_cols1 : pl.phase_cols0;
+      acc_t sum = acc_t(0);
+      for (int64_t s = s0; s < s1; ++s) {
+        const acc_t v = pl.phased ? sc.gq[(s * 4 + q) * pl.phase_size + (h >> 1) * pc + (w >> 1)]
+                                  : sc.ga[s * g.in_plane() + h * g.W + w];
+        sum += math::activation_derivative(pl.slots.codes[s], pre) * v;
+      }
+      dst[h * g.W + w] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+// The summed input gradient of one image, where the activation (ReLU) is positive.
+template <typename scalar_t, typename acc_t>
+void store_input_grad(const BackwardPlan<scalar_t, acc_t>& pl, const BackwardScratch<acc_t>& sc, scalar_t* dst) {
+  const Geometry& g = pl.g;
+  for (int64_t h = 0; h < g.H && pl.phased; ++h) {
+    for (int64_t w = 0; w < g.W; ++w) {
+      const acc_t a = sc.pad[g.at(h + g.P, w + g.P)];
+      const int64_t q = (h & 1) * 2 + (w & 1);
+      const int64_t pc = (w & 1) ? pl.phase_cols1 : pl.phase_cols0;
+      const acc_t v = sc.gq[q * pl.phase_size + (h >> 1) * pc + (w >> 1)];
+      dst[h * g.W + w] = static_cast<scalar_t>(math::depthwise_grad_passes(a, v));
+    }
+  }
+  for (int64_t h = 0; h < g.H && !pl.phased; ++h) {
+    for (int64_t w = 0; w < g.W; ++w) {
+      const acc_t a = sc.pad[g.at(h + g.P, w + g.P)];
+      dst[h * g.W + w] = static_cast<scalar_t>(math::depthwise_grad_passes(a, sc.ga[h * g.W + w]));
+    }
+  }
+}
+
+// One task: its images, its candidates; its weight-gradient sums go to partial.
+template <typename scalar_t, typename acc_t>
+void backward_task(const BackwardPlan<scalar_t, acc_t>& pl, int64_t task, BackwardScratch<acc_t>& sc, acc_t* partial) {
+  const Geometry& g = pl.g;
+  const int64_t group = task / pl.split.chunks, chunk = task % pl.split.chunks;
+  const int64_t c = g.shared ? group : group % g.C;
+  const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+  const int64_t s0 = g.shared ? 0 : pl.slots.of[j0], s1 = g.shared ? pl.slots.count() : s0 + 1;
+  const acc_t m = pl.bn ? pl.mean[group] : acc_t(0), r = pl.bn ? pl.rstd[group] : acc_t(1);
+  const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
+  std::fill(sc.taps.begin(), sc.taps.end(), acc_t(0));
+  const int64_t n_end = std::min(g.N, (chunk + 1) * pl.split.per_chunk);
+  for (int64_t n = chunk * pl.split.per_chunk; n < n_end; ++n) {
+    const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
+    fill_activations<scalar_t, acc_t>(g, pl.x + in_index * in_plane, pl.bn, m, r, pl.slots, s0, s1, sc.pad.data());
+    if (pl.phased) std::fill(sc.gq.begin(), sc.gq.end(), acc_t(0));
+    for (int64_t j = j0; j < j1; ++j) {
+      load_grad_plane(pl, pl.grad_out + ((j * g.C + c) * g.N + n) * out_plane, sc);
+      const int64_t slot = pl.slots.of[j];
+      tap_dots(sc.pad.data() + slot * g.size(), pl.fwd_taps[j], g.Ho, g.Wo, sc.grad.data(),
+               sc.taps.data() + pl.tap_offset[j]);
+      if (pl.phased) {
+        input_grad_phased(pl, j, c, sc);
+      } else if (pl.input_need_grad) {
+        input_grad_dense(pl, j, c, g.shared ? j == pl.slots.first[slot] : true, sc);
+      }
+    }
+    if (pl.input_need_grad && pl.slots.relu_only()) {
+      store_input_grad(pl, sc, pl.grad_pre + in_index * in_plane);
+    } else if (pl.input_need_grad) {
+      store_input_grad_activations(pl, sc, pl.x + in_index * in_plane, m, r, s0, s1, pl.grad_pre + in_index * in_plane);
+    }
+  }
+  std::copy(sc.taps.begin(), sc.taps.end(), partial + task * pl.taps_all);
+}
+
+// Second stage, in a fixed order: summed[group] = sum over the group's chunks of their partials.
+template <typename acc_t>
+void sum_over_chunks(const acc_t* partials, int64_t groups, int64_t chunks, int64_t taps_all, acc_t* summed) {
+  for (int64_t group = 0; group < groups; ++group) {
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const acc_t* part = partials + (group * chunks + chunk) * taps_all;
+      for (int64_t t = 0; t < taps_all; ++t) summed[group * taps_all + t] += part[t];
+    }
+  }
+}
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
     int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd, bool input_need_grad,
     at::IntArrayRef activations) {
-  check_forward_args(kBackward, x_in, weights, dilations, stride, mean, rstd);
+  check_multi_depthwise(kBackward, x_in, weights, dilations, stride, mean, rstd, at::kCPU);
   const ActivationSlots slots = activation_slots(kBackward, activations, static_cast<int64_t>(weights.size()));
-  const int64_t num_slots = static_cast<int64_t>(slots.codes.size());
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
-  const std::vector<int64_t> out_shape{g.J, g.C, g.N, g.Ho, g.Wo};
-  TORCH_CHECK(grad_out_in.sizes() == at::IntArrayRef(out_shape), kBackward, ": grad_out has shape ",
-              grad_out_in.sizes(), "; expected ", at::IntArrayRef(out_shape));
-  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(), kBackward, ": grad_out has dtype ",
-              grad_out_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
-  TORCH_CHECK(grad_out_in.device() == x_in.device(), kBackward, ": grad_out is on ", grad_out_in.device(),
-              " but x is on ", x_in.device());
+  check_multi_depthwise_grad_out(kBackward, grad_out_in, x_in, g);
 
   const auto dtype = x_in.scalar_type();
   const auto acc_dtype = accumulate_dtype(dtype);
-  at::Tensor grad_pre = input_need_grad
-                            ? at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous))
-                            : at::empty({0}, x_in.options());
-  const int64_t groups = g.shared ? g.C : g.J * g.C;
-  // A fixed split of the batch, from the shape alone: the weights' gradient
-  // then sums the same partials in the same order on any number of threads.
-  const int64_t chunks =
-      g.N == 0 ? 1 : std::min(g.N, std::max<int64_t>(1, kTargetTasks / std::max<int64_t>(1, groups)));
-  const int64_t per_chunk = g.N == 0 ? 0 : (g.N + chunks - 1) / chunks;
-  // partial[task][j][c-free taps]: each task owns the taps of its candidates for its channel.
-  std::vector<int64_t> tap_offset(g.J + 1, 0);
-  for (int64_t j = 0; j < g.J; ++j) tap_offset[j + 1] = tap_offset[j] + cands[j].k * cands[j].k;
-  const int64_t taps_all = tap_offset[g.J];
-  at::Tensor partials = at::zeros({groups, chunks, taps_all}, x_in.options().dtype(acc_dtype));
+  at::Tensor grad_pre =
+      input_need_grad ? empty_contiguous(x_in.sizes(), x_in.options()) : at::empty({0}, x_in.options());
+  const BatchSplit split = split_batch(g);
+  const int64_t groups = g.groups();
+  const std::vector<DepthwiseCandidate> dc = depthwise_candidates(weights, dilations);
+  const int64_t taps_all = tap_offsets(dc).back();
+  at::Tensor partials = at::zeros({groups, split.chunks, taps_all}, x_in.options().dtype(acc_dtype));
   at::Tensor summed = at::zeros({groups, taps_all}, x_in.options().dtype(acc_dtype));
 
   if (g.N > 0 && g.C > 0 && g.Ho > 0 && g.Wo > 0) {
@@ -545,185 +726,28 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
     std::vector<at::Tensor> wflip;
     for (const auto& w : weights) wflip.push_back(w.to(acc_dtype).flip({2, 3}).contiguous());
     const bool bn = mean.has_value();
-    const at::Tensor mean_acc = bn ? mean->to(acc_dtype).contiguous() : at::Tensor();
-    const at::Tensor rstd_acc = bn ? rstd->to(acc_dtype).contiguous() : at::Tensor();
+    const at::Tensor mean_acc = bn ? for_accumulation(*mean, dtype) : at::Tensor();
+    const at::Tensor rstd_acc = bn ? for_accumulation(*rstd, dtype) : at::Tensor();
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      std::vector<const acc_t*> wfp;
-      for (const auto& w : wflip) wfp.push_back(w.data_ptr<acc_t>());
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      const scalar_t* gp = go.data_ptr<scalar_t>();
-      scalar_t* gxp = input_need_grad ? grad_pre.data_ptr<scalar_t>() : nullptr;
+      BackwardPlan<scalar_t, acc_t> plan(g, cands, slots, tap_offsets(dc), input_need_grad);
+      plan.bn = bn;
+      plan.x = x.data_ptr<scalar_t>();
+      plan.grad_out = go.data_ptr<scalar_t>();
+      for (const auto& w : wflip) plan.wflip.push_back(w.data_ptr<acc_t>());
+      plan.mean = bn ? mean_acc.data_ptr<acc_t>() : nullptr;
+      plan.rstd = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
+      plan.grad_pre = input_need_grad ? grad_pre.data_ptr<scalar_t>() : nullptr;
       acc_t* pp = partials.data_ptr<acc_t>();
-      const acc_t* mp = bn ? mean_acc.data_ptr<acc_t>() : nullptr;
-      const acc_t* rp = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
-      const int64_t in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
-
-      // The input gradient in gather form: the output gradient spread on the
-      // stride grid of a zero buffer, correlated with the flipped kernel.
-      const Layout gl{g.W + 2 * g.P, g.W + 2 * g.P, 1};
-      const int64_t gpitch = grad_pitch<acc_t>(g.Wo);
-      std::vector<Taps> fwd_taps, grad_taps;
-      for (const auto& cd : cands) {
-        fwd_taps.push_back(make_taps(g.layout(), cd.k, cd.d, cd.o));
-        grad_taps.push_back(make_taps(gl, cd.k, cd.d, cd.o));
-      }
-      // Stride 2: the zero grid would waste three taps in four, so the input
-      // gradient is computed per (row, column) parity phase instead, each phase
-      // a dense correlation of the compact output gradient with the taps whose
-      // output lands on the grid. Those sub-kernels depend on the candidate only.
-      const int64_t Q = (g.P + 1) / 2 + 1;
-      const Layout cl{g.Wo + 2 * Q, g.Wo + 2 * Q, 1};
-      struct Phase {
-        Taps taps;
-        std::vector<int64_t> us, vs;
-        int64_t rows, cols;
-      };
-      std::vector<Phase> phases;  // [j * 4 + qh * 2 + qw]
-      if (g.stride == 2) {
-        for (const auto& cd : cands) {
-          const int64_t p = g.P - cd.o;
-          for (int64_t q = 0; q < 4; ++q) {
-            const int64_t qh = q / 2, qw = q % 2;
-            Phase ph{};
-            for (int64_t u = 0; u < cd.k; ++u) {
-              if (((qh + u * cd.d - p) % 2 + 2) % 2 == 0) ph.us.push_back(u);
-              if (((qw + u * cd.d - p) % 2 + 2) % 2 == 0) ph.vs.push_back(u);
-            }
-            ph.taps.k = static_cast<int64_t>(ph.us.size());
-            ph.taps.kc = static_cast<int64_t>(ph.vs.size());
-            ph.taps.s = 1;
-            ph.taps.row = cl.row;
-            for (size_t i = 0; i < ph.us.size(); ++i) ph.taps.rows[i] = (qh + ph.us[i] * cd.d - p) / 2 + Q;
-            for (size_t i = 0; i < ph.vs.size(); ++i) ph.taps.cols[i] = (qw + ph.vs[i] * cd.d - p) / 2 + Q;
-            ph.rows = (g.H - qh + 1) / 2;
-            ph.cols = (g.W - qw + 1) / 2;
-            phases.push_back(std::move(ph));
-          }
-        }
-      }
-      const int64_t phase_cols0 = (g.W + 1) / 2, phase_cols1 = g.W / 2;
-      const int64_t phase_size = ((g.H + 1) / 2) * phase_cols0;
-      at::parallel_for(0, groups * chunks, 1, [&](int64_t begin, int64_t end) {
-        // Per activation slot: the padded activation, and the input gradient before its derivative.
-        std::vector<acc_t> pad(num_slots * g.size(), acc_t(0));
-        const bool phased = input_need_grad && g.stride == 2;
-        std::vector<acc_t> gc(phased ? (g.Ho + 2 * Q + 1) * cl.row + kTileMax : 0, acc_t(0));
-        std::vector<acc_t> gq(phased ? num_slots * 4 * phase_size : 0);
-        std::vector<acc_t> wsub(Taps::kMaxK * Taps::kMaxK);
-        std::vector<acc_t> gz(input_need_grad && !phased ? (g.Hp + 1) * gl.row + kTileMax : 0, acc_t(0));
-        std::vector<acc_t> ga(input_need_grad && !phased ? num_slots * in_plane : 0);
-        std::vector<acc_t> grad(g.Ho * gpitch, acc_t(0));  // zeros past Wo stay zero
-        std::vector<acc_t> taps(taps_all);
-        for (int64_t task = begin; task < end; ++task) {
-          const int64_t group = task / chunks, chunk = task % chunks;
-          const int64_t c = g.shared ? group : group % g.C;
-          const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
-          const int64_t s0 = g.shared ? 0 : slots.of[j0], s1 = g.shared ? num_slots : s0 + 1;
-          const acc_t m = bn ? mp[group] : acc_t(0), r = bn ? rp[group] : acc_t(1);
-          std::fill(taps.begin(), taps.end(), acc_t(0));
-          const int64_t n_end = std::min(g.N, (chunk + 1) * per_chunk);
-          for (int64_t n = chunk * per_chunk; n < n_end; ++n) {
-            const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
-            fill_activations<scalar_t, acc_t>(g, xp + in_index * in_plane, bn, m, r, slots, s0, s1, pad.data());
-            if (phased) std::fill(gq.begin(), gq.end(), acc_t(0));
-            for (int64_t j = j0; j < j1; ++j) {
-              const Candidate& cd = cands[j];
-              const int64_t slot = slots.of[j];
-              const scalar_t* gsrc = gp + ((j * g.C + c) * g.N + n) * out_plane;
-              for (int64_t ho = 0; ho < g.Ho; ++ho) {
-                for (int64_t wo = 0; wo < g.Wo; ++wo) grad[ho * gpitch + wo] = static_cast<acc_t>(gsrc[ho * g.Wo + wo]);
-              }
-              tap_dots(pad.data() + slot * g.size(), fwd_taps[j], g.Ho, g.Wo, grad.data(), taps.data() + tap_offset[j]);
-              if (phased) {
-                for (int64_t ho = 0; ho < g.Ho; ++ho) {
-                  std::copy(grad.data() + ho * gpitch, grad.data() + ho * gpitch + g.Wo,
-                            gc.data() + (ho + Q) * cl.row + Q);
-                }
-                const acc_t* wf = wfp[j] + c * cd.k * cd.k;
-                for (int64_t q = 0; q < 4; ++q) {
-                  const Phase& ph = phases[j * 4 + q];
-                  if (ph.us.empty() || ph.vs.empty() || ph.rows == 0 || ph.cols == 0) continue;
-                  for (size_t i = 0; i < ph.us.size(); ++i) {
-                    for (size_t l = 0; l < ph.vs.size(); ++l)
-                      wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
-                  }
-                  correlate(gc.data(), ph.taps, wsub.data(), ph.rows, ph.cols, gq.data() + (slot * 4 + q) * phase_size,
-                            true);
-                }
-              } else if (input_need_grad) {
-                for (int64_t ho = 0; ho < g.Ho; ++ho) {
-                  acc_t* zrow = gz.data() + (ho * g.stride + g.P) * gl.row + g.P;
-                  for (int64_t wo = 0; wo < g.Wo; ++wo) zrow[wo * g.stride] = grad[ho * gpitch + wo];
-                }
-                // The first candidate of a slot writes its buffer, the others add to it.
-                const bool accumulate = g.shared && j > slots.first[slot];
-                correlate(gz.data(), grad_taps[j], wfp[j] + c * cd.k * cd.k, g.H, g.W, ga.data() + slot * in_plane,
-                          accumulate);
-              }
-            }
-            if (input_need_grad && !slots.relu_only()) {
-              // Each slot's gradient times its activation's derivative at pre, summed over the slots.
-              scalar_t* dst = gxp + in_index * in_plane;
-              const scalar_t* src = xp + in_index * in_plane;
-              for (int64_t h = 0; h < g.H; ++h) {
-                for (int64_t w = 0; w < g.W; ++w) {
-                  acc_t pre = static_cast<acc_t>(src[h * g.W + w]);
-                  if (bn) pre = (pre - m) * r;
-                  const int64_t q = (h & 1) * 2 + (w & 1);
-                  const int64_t pc = (w & 1) ? phase_cols1 : phase_cols0;
-                  acc_t sum = acc_t(0);
-                  for (int64_t sl = s0; sl < s1; ++sl) {
-                    const acc_t v = phased ? gq[(sl * 4 + q) * phase_size + (h >> 1) * pc + (w >> 1)]
-                                           : ga[sl * in_plane + h * g.W + w];
-                    sum += math::activation_derivative(slots.codes[sl], pre) * v;
-                  }
-                  dst[h * g.W + w] = static_cast<scalar_t>(sum);
-                }
-              }
-            } else if (input_need_grad) {
-              // The gradient passes the ReLU where pre > 0, i.e. where the activation is positive.
-              scalar_t* dst = gxp + in_index * in_plane;
-              for (int64_t h = 0; h < g.H && phased; ++h) {
-                for (int64_t w = 0; w < g.W; ++w) {
-                  const acc_t a = pad[g.at(h + g.P, w + g.P)];
-                  const int64_t q = (h & 1) * 2 + (w & 1);
-                  const int64_t pc = (w & 1) ? phase_cols1 : phase_cols0;
-                  const acc_t v = gq[q * phase_size + (h >> 1) * pc + (w >> 1)];
-                  dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? v : acc_t(0));
-                }
-              }
-              for (int64_t h = 0; h < g.H && !phased; ++h) {
-                for (int64_t w = 0; w < g.W; ++w) {
-                  const acc_t a = pad[g.at(h + g.P, w + g.P)];
-                  dst[h * g.W + w] = static_cast<scalar_t>(a > acc_t(0) ? ga[h * g.W + w] : acc_t(0));
-                }
-              }
-            }
-          }
-          std::copy(taps.begin(), taps.end(), pp + task * taps_all);
-        }
+      at::parallel_for(0, groups * split.chunks, 1, [&](int64_t begin, int64_t end) {
+        BackwardScratch<acc_t> scratch(plan);
+        for (int64_t task = begin; task < end; ++task) backward_task(plan, task, scratch, pp);
       });
-      // Second stage, in a fixed order: the sum over the batch chunks.
-      acc_t* sp = summed.data_ptr<acc_t>();
-      for (int64_t group = 0; group < groups; ++group) {
-        for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-          const acc_t* part = pp + (group * chunks + chunk) * taps_all;
-          for (int64_t t = 0; t < taps_all; ++t) sp[group * taps_all + t] += part[t];
-        }
-      }
+      sum_over_chunks(pp, groups, split.chunks, taps_all, summed.data_ptr<acc_t>());
     });
   }
-
-  std::vector<at::Tensor> grad_ws;
-  for (int64_t j = 0; j < g.J; ++j) {
-    const int64_t k = cands[j].k;
-    at::Tensor rows = g.shared ? summed.narrow(1, tap_offset[j], k * k)
-                               : summed.narrow(0, j * g.C, g.C).narrow(1, tap_offset[j], k * k);
-    grad_ws.push_back(rows.reshape({g.C, 1, k, k}).to(weights[j].scalar_type()).contiguous());
-  }
-  return {grad_pre, grad_ws};
+  return {grad_pre, depthwise_weight_grads(summed, g, dc, weights)};
 }
 
 }  // namespace

@@ -15,7 +15,10 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/bypass.h"
+#include "cpu/loops.h"
 #include "cpu/weighted_sum.h"
+#include "host/partial_channel_mixed_sum.h"
 
 namespace fastnas {
 namespace cpu {
@@ -24,78 +27,17 @@ namespace {
 constexpr const char* kForward = "partial_channel_mixed_sum";
 constexpr const char* kBackward = "partial_channel_mixed_sum_backward";
 
-// A chunk of one plane: plane index (over N * channels) and element range.
-struct PlaneChunk {
-  int64_t plane, off, len;
-};
-
-inline PlaneChunk plane_chunk(int64_t task, int64_t chunks_per_plane, int64_t plane_size) {
-  PlaneChunk pc;
-  pc.plane = task / chunks_per_plane;
-  pc.off = (task - pc.plane * chunks_per_plane) * kChunk;
-  pc.len = std::min(kChunk, plane_size - pc.off);
-  return pc;
-}
-
-// Pooled bypass for output positions [off, off + len) of one plane; src is
-// the bypass plane, (2h, 2w). Row by row, so the inner loop has no wrap-around
-// and gcc can vectorise it.
+// The contiguous bypass (N, Cb, H', W'), pooled 2x2 when bypass_pool.
 template <typename scalar_t>
-inline void pool_chunk(const scalar_t* __restrict__ src, int64_t w, int64_t off, int64_t len,
-                       scalar_t* __restrict__ dst) {
-  using acc_t = at::opmath_type<scalar_t>;
-  int64_t oh = off / w, ow = off - (off / w) * w;
-  for (int64_t i = 0; i < len; ++oh, ow = 0) {
-    const int64_t run = std::min(w - ow, len - i);
-    const scalar_t* __restrict__ top = src + (2 * oh) * (2 * w) + 2 * ow;
-    const scalar_t* __restrict__ bottom = top + 2 * w;
-    scalar_t* __restrict__ d = dst + i;
-    for (int64_t j = 0; j < run; ++j) {
-      d[j] = static_cast<scalar_t>(
-          math::max_pool_2x2<acc_t>(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]).value);
-    }
-    i += run;
-  }
-}
-
-// Gradient of the pooled bypass for output positions [off, off + len): each
-// 2x2 window gets the output gradient at its argmax and zeros elsewhere.
-template <typename scalar_t>
-inline void pool_backward_chunk(const scalar_t* __restrict__ go, const scalar_t* __restrict__ src, int64_t w,
-                                int64_t off, int64_t len, scalar_t* __restrict__ grad) {
-  using acc_t = at::opmath_type<scalar_t>;
-  int64_t oh = off / w, ow = off - (off / w) * w;
-  for (int64_t i = 0; i < len; ++oh, ow = 0) {
-    const int64_t run = std::min(w - ow, len - i);
-    const int64_t top = (2 * oh) * (2 * w) + 2 * ow;
-    const scalar_t* __restrict__ s_top = src + top;
-    const scalar_t* __restrict__ s_bottom = s_top + 2 * w;
-    scalar_t* __restrict__ g_top = grad + top;
-    scalar_t* __restrict__ g_bottom = g_top + 2 * w;
-    const scalar_t* __restrict__ g = go + i;
-    for (int64_t j = 0; j < run; ++j) {
-      const int arg =
-          math::max_pool_2x2<acc_t>(s_top[2 * j], s_top[2 * j + 1], s_bottom[2 * j], s_bottom[2 * j + 1]).index;
-      g_top[2 * j] = math::pool_grad_at(0, arg, g[j]);
-      g_top[2 * j + 1] = math::pool_grad_at(1, arg, g[j]);
-      g_bottom[2 * j] = math::pool_grad_at(2, arg, g[j]);
-      g_bottom[2 * j + 1] = math::pool_grad_at(3, arg, g[j]);
-    }
-    i += run;
-  }
+BypassView<scalar_t> contiguous_bypass(const at::Tensor& bc, bool bypass_pool) {
+  return bypass_view<scalar_t>(bc, bypass_pool ? 2 : 1);
 }
 
 at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
                                      int64_t groups, bool bypass_pool) {
-  check_xs(kForward, xs);
+  const PartialChannelShape s =
+      check_partial_channel_mixed_sum(kForward, xs, weights, bypass, groups, bypass_pool, at::kCPU);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  check_weights(kForward, weights, k_count, xs[0].device());
-  TORCH_CHECK(xs[0].device().is_cpu(), kForward, ": the CPU kernel got xs on ", xs[0].device());
-  TORCH_CHECK(bypass.scalar_type() == xs[0].scalar_type(), kForward, ": bypass has dtype ", bypass.scalar_type(),
-              " but xs have dtype ", xs[0].scalar_type());
-  TORCH_CHECK(bypass.device() == xs[0].device(), kForward, ": bypass is on ", bypass.device(), " but xs are on ",
-              xs[0].device());
-  const PartialChannelShape s = check_partial_channel(kForward, xs[0].sizes(), bypass, groups, bypass_pool);
 
   const auto dtype = xs[0].scalar_type();
   at::Tensor out = at::empty({s.n, s.channels(), s.h, s.w}, xs[0].options());
@@ -103,20 +45,19 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
   if (out.numel() == 0) return out;
   const auto xc = contiguous_all(xs);
   const at::Tensor bc = bypass.contiguous();
-  const at::Tensor w = weights_for_accumulation(weights, dtype);
+  const at::Tensor w = for_accumulation(weights, dtype);
   const int64_t chunks_per_plane = ceil_div(hw, kChunk);
   const int64_t channels = s.channels(), cpg = s.channels_per_group();
-  const int64_t bypass_plane = bypass_pool ? 4 * hw : hw;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     std::vector<const scalar_t*> ptrs;
     for (const auto& x : xc) ptrs.push_back(x.data_ptr<scalar_t>());
     const acc_t* wp = w.data_ptr<acc_t>();
-    const scalar_t* bp = bc.data_ptr<scalar_t>();
+    const BypassView<scalar_t> b = contiguous_bypass<scalar_t>(bc, bypass_pool);
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t tasks = s.n * channels * chunks_per_plane;
-    at::parallel_for(0, tasks, grain_in_chunks(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) {
       alignas(64) acc_t buf[kChunk];
       for (int64_t t = begin; t < end; ++t) {
         const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
@@ -125,9 +66,11 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
         if (c < s.cp) {
           weighted_sum_chunk(ptrs.data(), k_count, wp, (n * s.cp + c) * hw + pc.off, pc.len, dst, buf);
         } else if (bypass_pool) {
-          pool_chunk(bp + (n * s.cb + (c - s.cp)) * bypass_plane, s.w, pc.off, pc.len, dst);
+          gather_bypass(b, b.data + n * b.sn + (c - s.cp) * b.sc, s.w, pc.off, pc.len, buf,
+                        static_cast<int8_t*>(nullptr));
+          for (int64_t i = 0; i < pc.len; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
         } else {
-          const scalar_t* src = bp + (n * s.cb + (c - s.cp)) * hw + pc.off;
+          const scalar_t* src = b.data + n * b.sn + (c - s.cp) * b.sc + pc.off;
           std::copy(src, src + pc.len, dst);
         }
       }
@@ -140,10 +83,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
     const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass, int64_t groups,
     bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad, bool bypass_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
-  check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
-  TORCH_CHECK(grad_out.device().is_cpu(), kBackward, ": the CPU kernel got grad_out on ", grad_out.device());
   const PartialChannelShape s =
-      check_partial_channel_backward(kBackward, grad_out, xs, bypass, groups, bypass_pool, bypass_need_grad);
+      check_partial_channel_mixed_sum_backward(kBackward, grad_out, xs, weights, bypass, groups, bypass_pool,
+                                               xs_need_grad, weights_need_grad, bypass_need_grad, at::kCPU);
   const std::vector<int64_t> x_shape{s.n, s.cp, s.h, s.w};
 
   const int64_t k_count = weights.size(0);
@@ -158,7 +100,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
   if (grad_out.numel() == 0) return {std::move(grad_xs), grad_w_acc.to(weights.scalar_type()), grad_b};
   const at::Tensor go = grad_out.contiguous();
   const int64_t chunks_per_plane = ceil_div(hw, kChunk);
-  const int64_t grain = grain_in_chunks(std::min(hw, kChunk));
+  const int64_t grain = grain_for(std::min(hw, kChunk));
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -166,7 +108,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
 
     if (s.cp > 0 && (weights_need_grad || !grad_xs.empty())) {
       const auto xc = weights_need_grad ? contiguous_all(xs) : std::vector<at::Tensor>{};
-      const at::Tensor w = weights_for_accumulation(weights, dtype);
+      const at::Tensor w = for_accumulation(weights, dtype);
       const int64_t tasks = s.n * s.cp * chunks_per_plane;
       at::Tensor partials = at::empty({weights_need_grad ? tasks : 0, k_count}, weights.options().dtype(acc_dtype));
       std::vector<scalar_t*> gx_ptrs(k_count, nullptr);
@@ -194,16 +136,21 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
       // The bypass is read only to find the pooling argmax: without pooling
       // Python passes a zero-stride stand-in that must not be touched.
       const at::Tensor bc = bypass_pool ? bypass.contiguous() : at::Tensor();
-      const scalar_t* bp = bypass_pool ? bc.data_ptr<scalar_t>() : nullptr;
+      const BypassView<scalar_t> b = bypass_pool ? contiguous_bypass<scalar_t>(bc, true) : BypassView<scalar_t>{};
       scalar_t* gbp = grad_b.data_ptr<scalar_t>();
       const int64_t bypass_plane = bypass_pool ? 4 * hw : hw;
       at::parallel_for(0, s.n * s.cb * chunks_per_plane, grain, [&](int64_t begin, int64_t end) {
+        alignas(64) acc_t buf[kChunk];
+        alignas(64) acc_t vals[kChunk];
+        alignas(64) int8_t arg[kChunk];
         for (int64_t t = begin; t < end; ++t) {
           const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
           const int64_t n = pc.plane / s.cb, c = s.cp + (pc.plane - n * s.cb);
           const scalar_t* g = gop + (n * channels + math::shuffled_channel(c, cpg, groups)) * hw + pc.off;
           if (bypass_pool) {
-            pool_backward_chunk(g, bp + pc.plane * bypass_plane, s.w, pc.off, pc.len, gbp + pc.plane * bypass_plane);
+            gather_bypass(b, b.data + pc.plane * bypass_plane, s.w, pc.off, pc.len, vals, arg);
+            for (int64_t i = 0; i < pc.len; ++i) buf[i] = static_cast<acc_t>(g[i]);
+            scatter_pool_grad(buf, acc_t(1), arg, s.w, pc.off, pc.len, gbp + pc.plane * bypass_plane);
           } else {
             std::copy(g, g + pc.len, gbp + pc.plane * hw + pc.off);
           }

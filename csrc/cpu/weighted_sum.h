@@ -1,31 +1,19 @@
 // Chunk loops of the weighted sum and its backward, shared by the CPU ops.
 //
-// Work is cut into chunks of a fixed number of elements, never by the number
-// of threads: a chunk of all K streams stays in L1/L2, and the per-chunk
-// partial dot products, summed in a fixed order afterwards, give the same bits
-// whatever the thread count.
+// Work is cut into chunks of kChunk elements (cpu/loops.h): a chunk of all K
+// streams stays in L1/L2, and the per-chunk partial dot products, summed in a
+// fixed order afterwards, give the same bits whatever the thread count.
 #pragma once
 
-#include <ATen/Parallel.h>
 #include <c10/macros/Macros.h>
 
-#include <algorithm>
 #include <cstdint>
 
+#include "cpu/loops.h"
 #include "fastnas_math.h"
 
 namespace fastnas {
 namespace cpu {
-
-constexpr int64_t kChunk = 2048;
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Chunks per parallel task: below at::internal::GRAIN_SIZE elements, the
-// thread hand-off costs more than it saves.
-inline int64_t grain_in_chunks(int64_t chunk_len) {
-  return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, chunk_len));
-}
 
 // dst[i] = sum_k w[k] * xs[k][src + i] for i < len, accumulated in buf.
 template <typename scalar_t, typename acc_t>
@@ -44,37 +32,23 @@ inline void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_count, const
   for (int64_t i = 0; i < len; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
 }
 
-// sum_i g[i] * x[i] with a fixed number of lanes (so gcc vectorises it without
-// -ffast-math) combined pairwise in a fixed order. With gx non-null it also
-// writes gx[i] = wk * g[i] in the same sweep, which keeps the number of
-// memory streams in flight down.
+// sum_i g[i] * x[i] over 16 lanes. With gx non-null it also writes
+// gx[i] = wk * g[i] in the same sweep, which keeps the number of memory
+// streams in flight down.
 template <typename scalar_t, typename acc_t>
 inline acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len,
                        scalar_t* __restrict__ gx = nullptr, acc_t wk = acc_t(0)) {
   constexpr int kLanes = 16;
   acc_t s[kLanes] = {};
-  int64_t i = 0;
   if (gx != nullptr) {
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        gx[i + j] = static_cast<scalar_t>(wk * g[i + j]);
-        s[j] = math::dot_accumulate(s[j], g[i + j], x[i + j]);
-      }
-    }
-    for (int j = 0; i < len; ++i, ++j) {
+    for_lanes<kLanes>(len, [&](int64_t i, int j) {
       gx[i] = static_cast<scalar_t>(wk * g[i]);
       s[j] = math::dot_accumulate(s[j], g[i], x[i]);
-    }
+    });
   } else {
-    for (; i + kLanes <= len; i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) s[j] = math::dot_accumulate(s[j], g[i + j], x[i + j]);
-    }
-    for (int j = 0; i < len; ++i, ++j) s[j] = math::dot_accumulate(s[j], g[i], x[i]);
+    for_lanes<kLanes>(len, [&](int64_t i, int j) { s[j] = math::dot_accumulate(s[j], g[i], x[i]); });
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) s[j] += s[j + width];
-  }
-  return s[0];
+  return combine_lanes<kLanes>(s);
 }
 
 // One chunk of the backward of the weighted sum. go holds the len output

@@ -2,7 +2,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -10,6 +9,7 @@
 
 #include "checks.h"
 #include "cuda/weighted_sum.cuh"
+#include "host/mixed_sum.h"
 
 namespace fastnas {
 namespace cuda {
@@ -19,18 +19,16 @@ constexpr const char* kForward = "mixed_sum";
 constexpr const char* kBackward = "mixed_sum_backward";
 
 at::Tensor mixed_sum(at::TensorList xs, const at::Tensor& weights) {
-  check_xs(kForward, xs);
+  check_mixed_sum(kForward, xs, weights, kDevice);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  check_weights(kForward, weights, k_count, xs[0].device());
-  TORCH_CHECK(xs[0].is_cuda(), kForward, ": the CUDA kernel got xs on ", xs[0].device());
-  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const DeviceGuard guard(xs[0].device());
 
   const auto dtype = xs[0].scalar_type();
-  at::Tensor out = at::empty(xs[0].sizes(), xs[0].options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_contiguous(xs[0].sizes(), xs[0].options());
   const int64_t n = out.numel();
   if (n == 0) return out;
   const auto xc = contiguous_all(xs);
-  const at::Tensor w = weights_for_accumulation(weights, dtype);
+  const at::Tensor w = for_accumulation(weights, dtype);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mixed_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -47,10 +45,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
                                                                    const c10::List<bool>& xs_need_grad_list,
                                                                    bool weights_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
-  check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
-  TORCH_CHECK(grad_out.is_cuda(), kBackward, ": the CUDA kernel got grad_out on ", grad_out.device());
-  check_xs_shape(kBackward, xs, grad_out.sizes());
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  check_mixed_sum_backward(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad, kDevice);
+  const DeviceGuard guard(grad_out.device());
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
   const int64_t n = grad_out.numel();
@@ -61,7 +57,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
   if (n > 0 && (weights_need_grad || !grad_xs.empty())) {
     const at::Tensor go = grad_out.contiguous();
     const auto xc = weights_need_grad ? contiguous_all(xs) : std::vector<at::Tensor>{};
-    const at::Tensor w = weights_for_accumulation(weights, dtype);
+    const at::Tensor w = for_accumulation(weights, dtype);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "mixed_sum_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -88,7 +84,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
 }  // namespace cuda
 }  // namespace fastnas
 
-TORCH_LIBRARY_IMPL(fastnas, CUDA, m) {
+FASTNAS_CUDA_LIBRARY_IMPL(m) {
   m.impl("mixed_sum", &fastnas::cuda::mixed_sum);
   m.impl("mixed_sum_backward", &fastnas::cuda::mixed_sum_backward);
 }

@@ -8,15 +8,14 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <tuple>
 #include <vector>
 
 #include "checks.h"
 #include "cuda/weighted_sum.cuh"
+#include "host/partial_channel_mixed_sum.h"
 
 namespace fastnas {
 namespace cuda {
@@ -121,62 +120,45 @@ BypassGeometry<index_t> bypass_geometry(const PartialChannelShape& s) {
                                  static_cast<index_t>(s.groups)};
 }
 
-// 32-bit indices when every offset, the pooled bypass's included, fits.
-inline bool fits_32bit(const PartialChannelShape& s) {
-  const int64_t largest = s.n * std::max(s.channels(), 4 * s.cb) * s.plane();
-  return largest < static_cast<int64_t>(std::numeric_limits<int32_t>::max());
-}
-
 template <typename scalar_t, typename index_t>
 void launch_bypass_forward(const scalar_t* bypass, scalar_t* out, const PartialChannelShape& s, bool pool) {
   const int64_t total = s.n * s.cb * s.plane();
-  auto stream = at::cuda::getCurrentCUDAStream();
   const auto geo = bypass_geometry<index_t>(s);
   if (pool) {
-    bypass_forward_kernel<scalar_t, index_t, true><<<blocks_for(total), kThreads, 0, stream>>>(bypass, out, total, geo);
+    launch(bypass_forward_kernel<scalar_t, index_t, true>, blocks_for(total), 0, bypass, out, total, geo);
   } else {
-    bypass_forward_kernel<scalar_t, index_t, false>
-        <<<blocks_for(total), kThreads, 0, stream>>>(bypass, out, total, geo);
+    launch(bypass_forward_kernel<scalar_t, index_t, false>, blocks_for(total), 0, bypass, out, total, geo);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t, typename index_t>
 void launch_bypass_backward(const scalar_t* grad_out, const scalar_t* bypass, scalar_t* grad_bypass,
                             const PartialChannelShape& s, bool pool) {
   const int64_t total = s.n * s.cb * s.plane();
-  auto stream = at::cuda::getCurrentCUDAStream();
   const auto geo = bypass_geometry<index_t>(s);
   if (pool) {
-    bypass_backward_kernel<scalar_t, index_t, true>
-        <<<blocks_for(total), kThreads, 0, stream>>>(grad_out, bypass, grad_bypass, total, geo);
+    launch(bypass_backward_kernel<scalar_t, index_t, true>, blocks_for(total), 0, grad_out, bypass, grad_bypass, total,
+           geo);
   } else {
-    bypass_backward_kernel<scalar_t, index_t, false>
-        <<<blocks_for(total), kThreads, 0, stream>>>(grad_out, bypass, grad_bypass, total, geo);
+    launch(bypass_backward_kernel<scalar_t, index_t, false>, blocks_for(total), 0, grad_out, bypass, grad_bypass, total,
+           geo);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass,
                                      int64_t groups, bool bypass_pool) {
-  check_xs(kForward, xs);
+  const PartialChannelShape s =
+      check_partial_channel_mixed_sum(kForward, xs, weights, bypass, groups, bypass_pool, kDevice);
   const int64_t k_count = static_cast<int64_t>(xs.size());
-  check_weights(kForward, weights, k_count, xs[0].device());
-  TORCH_CHECK(xs[0].is_cuda(), kForward, ": the CUDA kernel got xs on ", xs[0].device());
-  TORCH_CHECK(bypass.scalar_type() == xs[0].scalar_type(), kForward, ": bypass has dtype ", bypass.scalar_type(),
-              " but xs have dtype ", xs[0].scalar_type());
-  TORCH_CHECK(bypass.device() == xs[0].device(), kForward, ": bypass is on ", bypass.device(), " but xs are on ",
-              xs[0].device());
-  const PartialChannelShape s = check_partial_channel(kForward, xs[0].sizes(), bypass, groups, bypass_pool);
-  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const DeviceGuard guard(xs[0].device());
 
   const auto dtype = xs[0].scalar_type();
   at::Tensor out = at::empty({s.n, s.channels(), s.h, s.w}, xs[0].options());
   if (out.numel() == 0) return out;
   const auto xc = contiguous_all(xs);
   const at::Tensor bc = bypass.contiguous();
-  const at::Tensor w = weights_for_accumulation(weights, dtype);
-  const bool small = fits_32bit(s);
+  const at::Tensor w = for_accumulation(weights, dtype);
+  const bool small = s.offsets_fit_int32();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -211,12 +193,11 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
     const at::Tensor& grad_out, at::TensorList xs, const at::Tensor& weights, const at::Tensor& bypass, int64_t groups,
     bool bypass_pool, const c10::List<bool>& xs_need_grad_list, bool weights_need_grad, bool bypass_need_grad) {
   const std::vector<bool> xs_need_grad = xs_need_grad_list.vec();
-  check_backward_common(kBackward, grad_out, xs, weights, xs_need_grad, weights_need_grad);
-  TORCH_CHECK(grad_out.is_cuda(), kBackward, ": the CUDA kernel got grad_out on ", grad_out.device());
   const PartialChannelShape s =
-      check_partial_channel_backward(kBackward, grad_out, xs, bypass, groups, bypass_pool, bypass_need_grad);
+      check_partial_channel_mixed_sum_backward(kBackward, grad_out, xs, weights, bypass, groups, bypass_pool,
+                                               xs_need_grad, weights_need_grad, bypass_need_grad, kDevice);
   const std::vector<int64_t> x_shape{s.n, s.cp, s.h, s.w};
-  const c10::cuda::CUDAGuard guard(grad_out.device());
+  const DeviceGuard guard(grad_out.device());
 
   const int64_t k_count = weights.size(0);
   const auto dtype = grad_out.scalar_type();
@@ -226,7 +207,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
   at::Tensor grad_b = bypass_need_grad ? at::empty(bypass.sizes(), grad_out.options()) : grad_out.new_empty({0});
   if (grad_out.numel() == 0) return {std::move(grad_xs), grad_w_acc.to(weights.scalar_type()), grad_b};
   const at::Tensor go = grad_out.contiguous();
-  const bool small = fits_32bit(s);
+  const bool small = s.offsets_fit_int32();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "partial_channel_mixed_sum_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -235,7 +216,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
 
     if (s.cp > 0 && (weights_need_grad || !grad_xs.empty())) {
       const auto xc = weights_need_grad ? contiguous_all(xs) : std::vector<at::Tensor>{};
-      const at::Tensor w = weights_for_accumulation(weights, dtype);
+      const at::Tensor w = for_accumulation(weights, dtype);
       InputPtrs<scalar_t> x_ptrs{};
       GradPtrs<scalar_t> gx_ptrs{};
       for (size_t k = 0; k < xc.size(); ++k) x_ptrs.ptr[k] = xc[k].data_ptr<scalar_t>();
@@ -278,7 +259,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
 }  // namespace cuda
 }  // namespace fastnas
 
-TORCH_LIBRARY_IMPL(fastnas, CUDA, m) {
+FASTNAS_CUDA_LIBRARY_IMPL(m) {
   m.impl("partial_channel_mixed_sum", &fastnas::cuda::partial_channel_mixed_sum);
   m.impl("partial_channel_mixed_sum_backward", &fastnas::cuda::partial_channel_mixed_sum_backward);
 }

@@ -9,23 +9,15 @@
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
 #include <cstdint>
 
+#include "cuda/common.cuh"
 #include "fastnas_math.h"
 
 namespace fastnas {
 namespace cuda {
-
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-// A grid size that depends on the problem size only, never on the device, so
-// the weight gradients are bit-identical wherever they run; enough blocks to
-// fill an H100 several times over.
-constexpr int64_t kMaxBlocks = 2048;
 
 template <typename scalar_t>
 struct InputPtrs {
@@ -56,12 +48,6 @@ __device__ __forceinline__ void store_pack(scalar_t* p, const Pack<scalar_t, VEC
 struct FlatMap {
   __device__ __forceinline__ int64_t operator()(int64_t i) const { return i; }
 };
-
-inline int64_t blocks_for(int64_t work_items) {
-  return std::max<int64_t>(1, std::min<int64_t>(kMaxBlocks, (work_items + kThreads - 1) / kThreads));
-}
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // out[map(i)] = sum_k w[k] * xs[k][i] for i < n. Vectors of VEC elements
 // cover [0, n_vec * VEC); the tail, shorter than VEC, goes element by element.
@@ -102,18 +88,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Sum over a warp in a fixed butterfly order: the same bits on every run.
-template <typename acc_t>
-__device__ __forceinline__ acc_t warp_sum(acc_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // Backward of weighted_sum_kernel: grad_xs[k][i] = w[k] * grad_out[map(i)]
 // where needed, and per-block partial sums of grad_out[map(i)] * xs[k][i]
-// into partials[block][k] (when need_w) for weighted_sum_partials_kernel to
-// finish. Each grad_out element is read once. Every thread of a block runs
+// into partials[block][k] (when need_w) for launch_strided_sums to finish.
+// Each grad_out element is read once. Every thread of a block runs
 // the same number of iterations so that the warp sums see all lanes.
 template <typename scalar_t, int VEC, typename Map>
 __global__ void __launch_bounds__(kThreads)
@@ -193,26 +171,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad_w[k] = sum over blocks b of partials[b][k]: one block per k, a fixed
-// strided split over threads and a fixed tree, so no atomics and no
-// run-to-run variation.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    weighted_sum_partials_kernel(const acc_t* __restrict__ partials, int64_t blocks, int k_count,
-                                 acc_t* __restrict__ grad_w) {
-  __shared__ acc_t s[kThreads];
-  const int k = blockIdx.x;
-  acc_t v = acc_t(0);
-  for (int64_t b = threadIdx.x; b < blocks; b += blockDim.x) v += partials[b * k_count + k];
-  s[threadIdx.x] = v;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) s[threadIdx.x] += s[threadIdx.x + width];
-    __syncthreads();
-  }
-  if (threadIdx.x == 0) grad_w[k] = s[0];
-}
-
 // Host side: launch the forward on the current stream with the widest vector
 // width the pointers' alignment (and vec_ok, the Map's own constraint) allow.
 template <typename scalar_t, typename Map>
@@ -221,14 +179,11 @@ void launch_weighted_sum(const InputPtrs<scalar_t>& xs, int k_count, const at::o
   constexpr int kVec = 16 / sizeof(scalar_t);
   bool aligned = vec_ok && aligned16(out);
   for (int k = 0; k < k_count; ++k) aligned = aligned && aligned16(xs.ptr[k]);
-  auto stream = at::cuda::getCurrentCUDAStream();
   if (aligned) {
-    weighted_sum_kernel<scalar_t, kVec, Map>
-        <<<blocks_for(n / kVec), kThreads, 0, stream>>>(xs, k_count, w, out, n, map);
+    launch(weighted_sum_kernel<scalar_t, kVec, Map>, blocks_for(n / kVec), 0, xs, k_count, w, out, n, map);
   } else {
-    weighted_sum_kernel<scalar_t, 1, Map><<<blocks_for(n), kThreads, 0, stream>>>(xs, k_count, w, out, n, map);
+    launch(weighted_sum_kernel<scalar_t, 1, Map>, blocks_for(n), 0, xs, k_count, w, out, n, map);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 // Host side of the backward: both stages on the current stream. partials
@@ -261,20 +216,15 @@ void launch_weighted_sum_backward(const BackwardLaunch<scalar_t>& plan, const sc
                                   const at::opmath_type<scalar_t>* w, bool need_w, int64_t n, Map map,
                                   at::opmath_type<scalar_t>* partials, at::opmath_type<scalar_t>* grad_w) {
   constexpr int kVec = BackwardLaunch<scalar_t>::kVec;
-  auto stream = at::cuda::getCurrentCUDAStream();
   if (plan.vectorised) {
-    weighted_sum_backward_kernel<scalar_t, kVec, Map>
-        <<<plan.blocks, kThreads, 0, stream>>>(grad_out, xs, grad_xs, k_count, w, need_w, n, map, partials);
+    launch(weighted_sum_backward_kernel<scalar_t, kVec, Map>, plan.blocks, 0, grad_out, xs, grad_xs, k_count, w, need_w,
+           n, map, partials);
   } else {
-    weighted_sum_backward_kernel<scalar_t, 1, Map>
-        <<<plan.blocks, kThreads, 0, stream>>>(grad_out, xs, grad_xs, k_count, w, need_w, n, map, partials);
+    launch(weighted_sum_backward_kernel<scalar_t, 1, Map>, plan.blocks, 0, grad_out, xs, grad_xs, k_count, w, need_w, n,
+           map, partials);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (need_w) {
-    weighted_sum_partials_kernel<at::opmath_type<scalar_t>>
-        <<<k_count, kThreads, 0, stream>>>(partials, plan.blocks, k_count, grad_w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  // grad_w[k] = sum over blocks b of partials[b][k].
+  if (need_w) launch_strided_sums(partials, k_count, plan.blocks, 1, k_count, grad_w);
 }
 
 }  // namespace cuda

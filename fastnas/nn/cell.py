@@ -53,7 +53,6 @@ class Cell(nn.Module):
             under ``"save"`` when the edges run the fused engine, the two input
             preprocessings (ReLU, 1x1 convolution, batch norm) keep only their
             input, the previous cells' outputs, and run again in backward.
-        partial_fusion: passed to the mixed ops (``fastnas.nn.MixedOp``).
 
     ``forward(s0, s1, weights, edge_weights=None, indices=None)``: ``weights`` is
     (edges, candidates); ``edge_weights`` (edges,) scales each edge's output
@@ -75,7 +74,6 @@ class Cell(nn.Module):
         backend: str | None = None,
         memory: str = "save",
         affine: bool = False,
-        partial_fusion: bool = False,
     ):
         super().__init__()
         if len(edge_primitives) != num_edges(steps):
@@ -94,19 +92,10 @@ class Cell(nn.Module):
         for (j, _), names in zip(edge_endpoints(steps), edge_primitives):
             stride = 2 if reduction and j < 2 else 1
             if partial_channels is None:
-                op = MixedOp(
-                    C, stride, names, affine=affine, backend=backend, memory=memory, partial_fusion=partial_fusion
-                )
+                op = MixedOp(C, stride, names, affine=affine, backend=backend, memory=memory)
             else:
                 op = PartialChannelMixedOp(
-                    C,
-                    stride,
-                    names,
-                    partial_channels,
-                    affine=affine,
-                    backend=backend,
-                    memory=memory,
-                    partial_fusion=partial_fusion,
+                    C, stride, names, partial_channels, affine=affine, backend=backend, memory=memory
                 )
             self.edges.append(op)
         # PC-DARTS: each node's static structure for the one-call node op, when every
@@ -115,11 +104,8 @@ class Cell(nn.Module):
         if partial_channels is not None:
             offset = 0
             for i in range(steps):
-                plans = [e.plan for e in self.edges[offset : offset + 2 + i]]
-                specs = [p.spec for p in plans]
-                # A partially fused edge (candidates left to modules) runs edge by edge.
+                specs = [e.plan.spec for e in self.edges[offset : offset + 2 + i]]
                 fusable = all(s is not None for s in specs) and len({s.K for s in specs}) == 1
-                fusable = fusable and not any(p.modules for p in plans)
                 self._node_specs.append(NodeSpec(tuple(specs), partial_channels) if fusable else None)
                 offset += 2 + i
 

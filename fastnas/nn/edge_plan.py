@@ -11,17 +11,23 @@ ops of other code that ``fastnas.patch`` accelerates.
 ``EdgePlan.fused_reason(x, ...)`` is the one fuse-or-not policy: None when this
 call can run fused, else why not (eval mode, a memory mode without the fused edge,
 autocast, no fused kernels for the device, a limit of the kernels). An edge that
-cannot run fused falls back to its candidate modules; it never fails.
+cannot run fused falls back to its candidate modules; it never fails. Where the
+fused edge takes only some of the candidates, ``EdgePlan.part`` plans those, when
+they include a convolution; ``fastnas.patch`` runs that part fused and the others
+(pools without a batch norm, identity + dropout, full convolutions, ...) as modules
+beside it.
 
 Candidate kinds (``kind`` strings, as reports show them):
 
 - ``zero``: a stateless leaf that returns zeros; ``identity``: one that returns its
   input (both probed on a small tensor, in train and eval mode);
 - ``identity+dropout``: ``Sequential(identity, Dropout, ...)`` (P-DARTS);
-- ``max_pool``, ``avg_pool``: ``nn.MaxPool2d`` / ``nn.AvgPool2d``; with ``+bn`` when
-  followed by an ``nn.BatchNorm2d`` in an ``nn.Sequential``;
+- ``max_pool``, ``avg_pool``: ``nn.MaxPool2d`` / ``nn.AvgPool2d``, alone or as the one
+  child of a module that returns the pool's output (AutoDL's ``POOLING``, probed); with
+  ``+bn`` when followed by an ``nn.BatchNorm2d`` in an ``nn.Sequential``;
 - ``factorized_reduce``: one ReLU, two 1x1 stride-2 convolutions of the same input
-  and one batch norm over both outputs;
+  and one batch norm over both outputs (AutoDL's also pads the input by one row and
+  column at the far end, which changes nothing on the even sizes the fused edge takes);
 - convolution chains, leaf modules in order only activations, Conv2d and
   BatchNorm2d, starting with an activation and ending with a batch norm, channels
   agreeing link to link: ``sep_conv_KxK`` (two ReLU, depthwise, 1x1, BN blocks),
@@ -35,13 +41,12 @@ factorized reduce (stride 2, C/2 + C/2 channels); 3x3 padding-1 max and avg pool
 (avg without padding in the count) each followed by a batch norm; separable and
 dilated (dilation 2) convolutions with odd square kernels, "same" padding, no
 bias, the first depthwise carrying the edge's stride. Every batch norm must be
-non-affine, track running statistics with a float momentum, and share one eps and
-momentum within the edge. A convolution's activation must be one the fused edge's
-depthwise prologue computes (``fastnas.ops.darts_edge.FUSED_ACTIVATIONS``).
-
-With ``partial=True`` (``plan_edge``), candidates the fused edge cannot compute no
-longer keep the whole edge from it: it computes the others and the plan lists
-the rest in ``modules``, which run as their modules and are added to its output.
+non-affine and share one eps with the others of the edge; either all of them track
+running statistics, with one float momentum, or none does (then the fused edge
+updates no buffers, as such batch norms do not). Convolutions with a bias and
+affine batch norms (AutoDL's ``bias=not affine``) leave the edge to its modules.
+A convolution's activation must be one the fused edge's depthwise prologue
+computes (``fastnas.ops.darts_edge.FUSED_ACTIVATIONS``).
 """
 
 from __future__ import annotations
@@ -89,10 +94,13 @@ def _is_stateless_leaf(m: nn.Module) -> bool:
     return not m._modules and not m._parameters and not m._buffers
 
 
-def _probe(m: nn.Module) -> tuple[str, int] | None:
-    """('zero' | 'identity', stride) for a stateless leaf behaving as one, else None."""
+def _probe_input() -> torch.Tensor:
     # No entry is 0 and both signs occur, so ReLU and friends are not taken for zero.
-    x = torch.arange(torch.Size(_PROBE_SHAPE).numel(), dtype=torch.float32).reshape(_PROBE_SHAPE) % 7 - 3.5
+    return torch.arange(torch.Size(_PROBE_SHAPE).numel(), dtype=torch.float32).reshape(_PROBE_SHAPE) % 7 - 3.5
+
+
+def _outputs(m: nn.Module, x: torch.Tensor) -> list[torch.Tensor] | None:
+    """``m.forward(x)`` in training and in eval mode (4-D tensors), or None; ``m`` is left as it was."""
     results = []
     was_training = m.training
     try:
@@ -105,6 +113,15 @@ def _probe(m: nn.Module) -> tuple[str, int] | None:
     finally:
         m.training = was_training
     if not all(isinstance(out, torch.Tensor) and out.dim() == 4 for out in results):
+        return None
+    return results
+
+
+def _probe(m: nn.Module) -> tuple[str, int] | None:
+    """('zero' | 'identity', stride) for a stateless leaf behaving as one, else None."""
+    x = _probe_input()
+    results = _outputs(m, x)
+    if results is None:
         return None
     if all(out.shape == x.shape and torch.equal(out, x) for out in results):
         return "identity", 1
@@ -153,12 +170,33 @@ def _chain_kind(leaves: list[nn.Module]) -> str | None:
     return "conv_chain"
 
 
+def _wrapped_pool(m: nn.Module) -> nn.Module | None:
+    """The pool of a module whose one child is a pool and whose output is the pool's
+    (AutoDL's ``POOLING`` when its channels do not change), else None."""
+    if isinstance(m, nn.Sequential) or m._parameters or m._buffers or len(m._modules) != 1:
+        return None
+    pool = next(iter(m._modules.values()))
+    if not isinstance(pool, (nn.MaxPool2d, nn.AvgPool2d)):
+        return None
+    x = _probe_input()
+    mine, its = _outputs(m, x), _outputs(pool, x)
+    if mine is None or its is None or not all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(mine, its)):
+        return None
+    return pool
+
+
+def _is_reduce_pad(m: nn.Module) -> bool:
+    return isinstance(m, nn.ConstantPad2d) and tuple(m.padding) == (0, 1, 0, 1) and m.value == 0
+
+
 def _is_factorized_reduce(m: nn.Module) -> bool:
-    children = list(m.children())
-    if Counter(type(c) for c in children) != Counter({nn.ReLU: 1, nn.Conv2d: 2, nn.BatchNorm2d: 1}):
+    leaves = [leaf for leaf in _leaves(m) if not _is_reduce_pad(leaf)]
+    if len(leaves) + 1 < len(_leaves(m)):
         return False
-    convs = [c for c in children if isinstance(c, nn.Conv2d)]
-    bn = next(c for c in children if isinstance(c, nn.BatchNorm2d))
+    if Counter(type(c) for c in leaves) != Counter({nn.ReLU: 1, nn.Conv2d: 2, nn.BatchNorm2d: 1}):
+        return False
+    convs = [c for c in leaves if isinstance(c, nn.Conv2d)]
+    bn = next(c for c in leaves if isinstance(c, nn.BatchNorm2d))
     return (
         all(_pair(c.kernel_size) == (1, 1) and _pair(c.stride) == (2, 2) for c in convs)
         and convs[0].in_channels == convs[1].in_channels
@@ -178,6 +216,9 @@ def _recognise(m: nn.Module) -> tuple[str | None, int | None]:
     if _is_stateless_leaf(m):
         probed = _probe(m)
         return probed if probed is not None else (None, None)
+    pool = _wrapped_pool(m)
+    if pool is not None:
+        return _recognise(pool)
     if isinstance(m, nn.Sequential) and len(m) >= 2:
         first, rest = m[0], list(m)[1:]
         if isinstance(first, (nn.MaxPool2d, nn.AvgPool2d)) and len(rest) == 1 and isinstance(rest[0], nn.BatchNorm2d):
@@ -206,11 +247,13 @@ def _norm_reason(bn: nn.Module, C: int) -> str | None:
         return f"a batch norm has {bn.num_features} features, the edge {C} channels"
     if bn.affine:
         return "a batch norm is affine (only non-affine batch norms are folded into the sum)"
-    if not bn.track_running_stats or bn.running_mean is None:
-        return "a batch norm does not track running statistics"
-    if bn.momentum is None:
+    if _tracks(bn) and bn.momentum is None:
         return "a batch norm uses a cumulative average (momentum=None)"
     return None
+
+
+def _tracks(bn: nn.Module) -> bool:
+    return bool(bn.track_running_stats) and bn.running_mean is not None
 
 
 def _depthwise(conv: nn.Conv2d, C: int, stride: int, dilation: int) -> tuple[int, str | None]:
@@ -311,7 +354,7 @@ def _pool_for_fusion(m: nn.Module, kind: str, C: int, stride: int) -> _Fused | s
 
 
 def _reduce_for_fusion(m: nn.Module, C: int) -> _Fused | str:
-    named = dict(m.named_children())
+    named = {name: leaf for name, leaf in m.named_modules() if not leaf._modules}
     convs = [name for name, c in named.items() if isinstance(c, nn.Conv2d)]
     norm = next(name for name, c in named.items() if isinstance(c, nn.BatchNorm2d))
     half = C // 2
@@ -362,8 +405,10 @@ class EdgePlan:
     of the non-zero candidates; ``stride``: the edge's stride (None when no
     candidate tells); ``spec``: the fused edge's ``EdgeSpec``, or None with
     ``reason`` saying why the fused edge cannot compute these candidates;
-    ``modules``: under partial fusion, the candidates the fused edge leaves to
-    their modules (``reason`` then says why).
+    ``channels``: the edge's input channels (None when no candidate tells).
+    ``part``: where ``spec`` is None, the plan of the candidates ``part_index`` that
+    the fused edge computes, when they include a convolution (bind it to those
+    candidates alone), or None; ``rest`` the other non-zero candidates.
     """
 
     kinds: tuple
@@ -373,7 +418,17 @@ class EdgePlan:
     reason: str | None = None
     params: tuple = ()  # (candidate index, module path, attribute) per parameter, in EdgeSpec's order
     norms: tuple = ()  # (candidate index, module path) per batch norm, in EdgeSpec's buffer order
-    modules: tuple[int, ...] = ()
+    channels: int | None = None  # the edge's input channels, when the candidates tell
+    track: bool = True  # whether the batch norms keep running statistics (all of them or none)
+    # When the fused edge cannot take every candidate: the plan of the candidates
+    # ``part_index`` it does take (its spec's weight indices count within the part).
+    part: EdgePlan | None = None
+    part_index: tuple[int, ...] = ()
+
+    @property
+    def rest(self) -> tuple[int, ...]:
+        """The non-zero candidates outside ``part``, which run as modules beside it."""
+        return tuple(i for i in self.active if i not in self.part_index)
 
     def bind(self, candidates) -> BoundEdge:
         return BoundEdge(self, candidates)
@@ -389,8 +444,6 @@ class EdgePlan:
         active = tuple(i for i in self.active if i in keep)
         if self.spec is None:
             return EdgePlan(self.kinds, active, self.stride, reason=self.reason)
-        if self.modules:
-            return EdgePlan(self.kinds, active, self.stride, reason="a partially fused edge runs a path as modules")
         spec = self.spec
         # Each kept convolution keeps its activation (seps, then dils, as the spec lists them).
         convs = spec.sep + spec.dil
@@ -452,6 +505,10 @@ class BoundEdge:
         return [getattr(m, attr) for m, attr in self._params]
 
     def buffers(self):
+        """(running means, running variances, batch counts) for ``darts_edge``; None when
+        the edge's batch norms keep no running statistics."""
+        if not self.plan.track:
+            return None
         return (
             [m.running_mean for m in self._norms],
             [m.running_var for m in self._norms],
@@ -474,34 +531,47 @@ def plan_edge(candidates, C: int | None = None, stride: int | None = None, parti
         stride = strides.pop() if len(strides) == 1 else None
     if C is None:
         C = _channels(candidates)
-    plan = EdgePlan(kinds=kinds, active=active, stride=stride)
-    if None in kinds and not partial:
+    plan = EdgePlan(kinds=kinds, active=active, stride=stride, channels=C)
+    if None in kinds:
         i = kinds.index(None)
         return _without_fusion(plan, _not_computed(i, candidates[i]))
     if stride not in (1, 2):
         return _without_fusion(plan, "the edge's stride cannot be read off its candidates")
     if C is None:
         return _without_fusion(plan, "the edge's channel count cannot be read off its candidates")
-    fused, modules, why_not = [], [], []
+    read_for_fusion = []
+    reason = None
     for i, (m, kind) in enumerate(zip(candidates, kinds)):
         got = _for_fusion(m, kind, C, stride)
-        if not isinstance(got, _Fused):
-            why = _not_computed(i, m) if got is None else f"candidate {i} ({type(m).__name__}): {got}"
-            if not partial:
-                return _without_fusion(plan, why)
-            # Left to its module: a zero in the fused edge's weights.
-            got = _Fused("zero")
-            modules.append(i)
-            why_not.append(why)
-        fused.append(got)
-    if modules and len(modules) == len(active):
-        return _without_fusion(plan, "; ".join(why_not))
-    fused_plan = _with_fusion(plan, candidates, fused)
-    if not modules or fused_plan.spec is None:
-        return fused_plan
-    return dataclasses.replace(
-        fused_plan, modules=tuple(modules), reason=f"run as modules, not fused: {'; '.join(why_not)}"
+        if got is None:
+            got = _not_computed(i, m)
+        elif isinstance(got, str):
+            got = f"candidate {i} ({type(m).__name__}): {got}"
+        if isinstance(got, str) and reason is None:
+            reason = got
+        read_for_fusion.append(got)
+    if reason is None:
+        return _with_fusion(plan, candidates, read_for_fusion)
+    return _with_part(_without_fusion(plan, reason), candidates, read_for_fusion)
+
+
+def _with_part(plan: EdgePlan, candidates, read_for_fusion: list) -> EdgePlan:
+    """``plan`` with the part of its edge the fused edge computes, when that part
+    holds a convolution candidate (what the fused edge saves most on); the other
+    candidates then run as modules beside it."""
+    part = tuple(i for i, got in enumerate(read_for_fusion) if isinstance(got, _Fused))
+    if not any(read_for_fusion[i].role in ("sep", "dil") for i in part):
+        return plan
+    sub = EdgePlan(
+        kinds=tuple(plan.kinds[i] for i in part),
+        active=tuple(j for j, i in enumerate(part) if plan.kinds[i] != "zero"),
+        stride=plan.stride,
+        channels=plan.channels,
     )
+    sub = _with_fusion(sub, [candidates[i] for i in part], [read_for_fusion[i] for i in part])
+    if sub.spec is None:
+        return plan
+    return dataclasses.replace(plan, part=sub, part_index=part)
 
 
 def _not_computed(i: int, m: nn.Module) -> str:
@@ -509,7 +579,7 @@ def _not_computed(i: int, m: nn.Module) -> str:
 
 
 def _without_fusion(plan: EdgePlan, reason: str) -> EdgePlan:
-    return EdgePlan(plan.kinds, plan.active, plan.stride, reason=reason)
+    return EdgePlan(plan.kinds, plan.active, plan.stride, reason=reason, channels=plan.channels)
 
 
 def _with_fusion(plan: EdgePlan, candidates, fused: list[_Fused]) -> EdgePlan:
@@ -530,8 +600,12 @@ def _with_fusion(plan: EdgePlan, candidates, fused: list[_Fused]) -> EdgePlan:
     norms = [(i, f.norms[0]) for i, f in sep] + [(i, f.norms[0]) for i, f in dil] + [(i, f.norms[1]) for i, f in sep]
     norms += [(index[role], fused[index[role]].norms[0]) for role in ("reduce", "max", "avg") if role in index]
     bns = [candidates[i].get_submodule(path) for i, path in norms]
+    tracking = {_tracks(bn) for bn in bns}
+    if len(tracking) > 1:
+        return _without_fusion(plan, "some batch norms of the edge keep running statistics and others do not")
+    track = tracking.pop() if tracking else True
     eps = {bn.eps for bn in bns}
-    momentum = {float(bn.momentum) for bn in bns}
+    momentum = {float(bn.momentum) for bn in bns} if track else set()
     if len(eps) > 1 or len(momentum) > 1:
         return _without_fusion(plan, "the batch norms of the edge differ in eps or momentum")
     activations = tuple(f.activation for _, f in sep + dil)
@@ -548,7 +622,10 @@ def _with_fusion(plan: EdgePlan, candidates, fused: list[_Fused]) -> EdgePlan:
         eps=eps.pop() if eps else 1e-5,
         momentum=momentum.pop() if momentum else 0.1,
     )
-    return EdgePlan(plan.kinds, plan.active, plan.stride, spec=spec, params=tuple(params), norms=tuple(norms))
+    return EdgePlan(
+        plan.kinds, plan.active, plan.stride, spec=spec, params=tuple(params), norms=tuple(norms),
+        channels=plan.channels, track=track,
+    )  # fmt: skip
 
 
 def _autocast_on(device_type: str) -> bool:

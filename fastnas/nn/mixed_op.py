@@ -91,9 +91,6 @@ class MixedOp(nn.Module):
             inside its backward; "checkpoint": the eager candidate modules under
             ``torch.utils.checkpoint`` (a baseline); "sum": the eager candidate
             modules, their weighted sum fused.
-        partial_fusion: candidates the fused edge cannot compute run as their
-            modules beside it (``EdgePlan.modules``) instead of keeping the whole
-            edge from it.
 
     The candidates are read once, at construction (``self.plan``, see
     ``fastnas.nn.edge_plan``). In training mode, an edge whose candidates are all
@@ -125,7 +122,6 @@ class MixedOp(nn.Module):
         pool_bn: bool = True,
         backend: str | None = None,
         memory: str = "save",
-        partial_fusion: bool = False,
     ):
         super().__init__()
         self.primitives = check_primitives(primitives)
@@ -139,8 +135,7 @@ class MixedOp(nn.Module):
             if pool_bn and "pool" in name:
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self.ops.append(op)
-        self.partial_fusion = partial_fusion
-        self.plan = plan_edge(self.ops, C, stride, partial=partial_fusion)
+        self.plan = plan_edge(self.ops, C, stride)
         self._bound: BoundEdge | None = None
         # Why the last call did not run the fused edge (None when it did); before
         # any call, why the candidates cannot be fused at all.
@@ -161,7 +156,7 @@ class MixedOp(nn.Module):
 
     def replan(self) -> None:
         """Read the candidates again, after their batch norms changed (``SuperNet.use_batch_statistics``)."""
-        self.plan = plan_edge(self.ops, None, self.stride, partial=self.partial_fusion)
+        self.plan = plan_edge(self.ops, None, self.stride)
         self._bound = None
         self.fused_reason = self.plan.reason
         self._spec_no_skip = None
@@ -200,20 +195,7 @@ class MixedOp(nn.Module):
             extra = weights[k] * F.dropout(x, p=self.skip_drop_prob)
         params, buffers = bound.parameters(), bound.buffers()
         out = darts_edge(x, weights, params, spec, buffers, memory=self.memory, backend=self.backend)
-        if plan.modules:
-            out = out + self._modules_part(x, weights)
         return out if extra is None else out + extra
-
-    def _modules_part(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The candidates a partially fused edge leaves to their modules, weighted and summed."""
-        modules = list(self.plan.modules)
-
-        def part(x, weights):
-            return mixed_sum([self._candidate(k, x) for k in modules], weights[modules], backend=self.backend)
-
-        if self.memory == "recompute" and torch.is_grad_enabled():
-            return checkpoint_module(self, part, x, weights)
-        return part(x, weights)
 
     def _path_plan(self, active: tuple) -> EdgePlan:
         plan = self._path_plans.get(active)
@@ -323,13 +305,12 @@ class PartialChannelMixedOp(MixedOp):
         pool_bn: bool = True,
         backend: str | None = None,
         memory: str = "save",
-        partial_fusion: bool = False,
     ):
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
             raise ValueError(f"partial channels K must be a positive int, got {groups!r}")
         if C % groups:
             raise ValueError(f"partial channels K={groups} must divide the edge's {C} channels")
-        super().__init__(C // groups, stride, primitives, affine, pool_bn, backend, memory, partial_fusion)
+        super().__init__(C // groups, stride, primitives, affine, pool_bn, backend, memory)
         self.groups = groups
         self.channels = C
 

@@ -38,9 +38,9 @@ Two implementations of the same arithmetic, op for op, bit-identical:
 - ``torch.ops.fastnas.darts_edge`` / ``darts_edge_backward``, C++ (csrc/darts_edge.cpp):
   the orchestration below written once against the dispatcher and ATen, one call
   per direction with a C++ autograd, its arguments checked once at the boundary and
-  the edge's static structure read from ``EdgeSpec.encoded``. Registered for the
-  CPU (csrc/cpu/darts_edge.cpp); the same functions serve any device whose
-  building blocks have C++ kernels, by one more registration.
+  the edge's static structure read from ``EdgeSpec.encoded``. The same functions
+  are registered for the CPU (csrc/cpu/darts_edge.cpp) and CUDA
+  (csrc/cuda/darts_edge.cu), on those devices' kernels of the building blocks.
 - ``DartsEdgeFunction``, the Python composite, for the backends whose building
   blocks have no C++ kernels (``triton``, ``reference``).
 
@@ -536,7 +536,7 @@ def darts_edge(
     gives; ``buffers`` is None or three lists (running means, running variances,
     num_batches_tracked) updated in place as ``nn.BatchNorm2d`` would.
 
-    Where the C++ op has a kernel for the backend (``cpu``), this is one call of
+    Where the C++ op has a kernel for the backend (``cpu``, ``cuda``), this is one call of
     ``torch.ops.fastnas.darts_edge`` forward and one of its backward, which check
     their arguments; elsewhere (``triton``, ``reference``) the edge runs as the
     Python composite of the same building blocks.
@@ -585,7 +585,7 @@ def _fake_backward(grad_out, x, weights, params, zs, mid_mean, mid_rstd, mean, r
 
 
 def _register_cpp() -> set[str]:
-    """The backends whose C++ kernels run the whole edge ('cpu', and 'cuda' once registered)."""
+    """The backends whose C++ kernels run the whole edge ('cpu', 'cuda')."""
     if not backends.register_cpp("darts_edge", "darts_edge_backward"):
         return set()
     torch.library.register_fake("fastnas::darts_edge")(_fake_forward)
@@ -596,9 +596,9 @@ def _register_cpp() -> set[str]:
 
 
 _CPP_BACKENDS = _register_cpp()
-# Without the C++ op (a build older than it), the composite of the building blocks
-# runs on the cpu backend; on GPU tensors it runs on the Triton building blocks.
-backends.register("darts_edge", "cpu", "triton")
+# Where the C++ op lacks a device's kernel (a build older than it), the Python
+# composite of the building blocks runs on that device's backend.
+backends.register("darts_edge", "cpu", "cuda", "triton")
 
 
 __all__ = ["DTYPES", "EdgeSpec", "FUSED_ACTIVATIONS", "MEMORY_MODES", "darts_edge", "unsupported_reason"]

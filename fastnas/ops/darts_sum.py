@@ -26,7 +26,7 @@ their inputs, so ``grad_z``/``grad_x`` include the paths through them and
 true gradient.
 
 Ops registered with torch.library:
-  fastnas::pool_batch_norm_stats, darts_sum, darts_sum_backward     C++ (CPU)
+  fastnas::pool_batch_norm_stats, darts_sum, darts_sum_backward     C++ (CPU, CUDA)
   fastnas::pool_batch_norm_stats_triton, darts_sum_triton,
           darts_sum_backward_triton                                 Triton
 """

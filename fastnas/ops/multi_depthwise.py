@@ -26,7 +26,7 @@ by ``pre > 0``), and the weights' gradients, reduced in a fixed order so reruns
 are bit-identical.
 
 Ops registered with torch.library:
-  fastnas::multi_depthwise / multi_depthwise_backward                 C++ (CPU kernel)
+  fastnas::multi_depthwise / multi_depthwise_backward                 C++ (CPU, CUDA)
   fastnas::multi_depthwise_triton / multi_depthwise_backward_triton   Triton kernels
 """
 

@@ -221,6 +221,6 @@ def _register_cpp() -> set[str]:
 
 _CPP_BACKENDS = _register_cpp()
 # The composite (one darts_edge per edge, then partial_channel_node_sum) runs elsewhere.
-backends.register(_OP, "cpu", "triton")
+backends.register(_OP, "cpu", "cuda", "triton")
 
 __all__ = ["NodeSpec", "partial_channel_node"]

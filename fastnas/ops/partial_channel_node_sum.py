@@ -12,7 +12,7 @@ once; the weights' gradient is a fixed-order two-stage reduction, and the
 pooling argmax is recomputed from the bypass (first maximum wins, as PyTorch).
 
 Ops registered with torch.library:
-  fastnas::partial_channel_node_sum / _backward                 C++ (CPU)
+  fastnas::partial_channel_node_sum / _backward                 C++ (CPU, CUDA)
   fastnas::partial_channel_node_sum_triton / _triton_backward   Triton
 """
 

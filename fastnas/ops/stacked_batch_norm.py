@@ -16,9 +16,9 @@ one contiguous row of M values.
       nn.BatchNorm2d's training-mode buffer update for the candidates ``rows``.
 
 Ops registered with torch.library:
-  fastnas::stacked_batch_norm_stats / _backward                C++ (CPU)
+  fastnas::stacked_batch_norm_stats / _backward                C++ (CPU, CUDA)
   fastnas::stacked_batch_norm_stats_triton / _backward_triton  Triton
-  fastnas::update_running_stats                                Python, any device
+  fastnas::update_running_stats                                C++ (CPU, CUDA), one implementation
 """
 
 from __future__ import annotations
@@ -239,34 +239,6 @@ def stacked_batch_norm_backward(
     return torch.ops.fastnas.stacked_batch_norm_backward(grad_yhat, z, mean, rstd)
 
 
-@torch.library.custom_op(
-    "fastnas::update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
-)
-def _update_running_stats_op(
-    running_mean: list[torch.Tensor],
-    running_var: list[torch.Tensor],
-    num_batches_tracked: list[torch.Tensor],
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    rows: list[int],
-    momentum: float,
-    count: int,
-) -> None:
-    if not rows:
-        return
-    # Row views, not an index_select: no host-to-device index copy.
-    mean_rows, var_rows = mean.detach().unbind(0), var.detach().unbind(0)
-    new_mean = [mean_rows[r].to(t.dtype) for r, t in zip(rows, running_mean)]
-    unbiased = [(var_rows[r] * (count / (count - 1))).to(t.dtype) for r, t in zip(rows, running_var)]
-    # (1 - m) * running + m * batch, the order nn.BatchNorm2d's kernels use.
-    torch._foreach_mul_(running_mean, 1 - momentum)
-    torch._foreach_add_(running_mean, new_mean, alpha=momentum)
-    torch._foreach_mul_(running_var, 1 - momentum)
-    torch._foreach_add_(running_var, unbiased, alpha=momentum)
-    torch._foreach_add_(num_batches_tracked, 1)
-
-
-@_update_running_stats_op.register_fake
 def _update_running_stats_fake(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count):
     check_update_running_stats(running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count)
 
@@ -313,11 +285,39 @@ def _fake_backward(grad_yhat, z, mean, rstd):
 
 
 def _register_cpp():
+    if backends.register_cpp("update_running_stats"):
+        torch.library.register_fake("fastnas::update_running_stats")(_update_running_stats_fake)
+    else:
+        _define_update_running_stats_without_cpp()
     stats = backends.register_cpp("stacked_batch_norm_stats")
     if not (backends.register_cpp("stacked_batch_norm_backward") and stats):
         return
     torch.library.register_fake("fastnas::stacked_batch_norm_stats")(_fake_stats)
     torch.library.register_fake("fastnas::stacked_batch_norm_backward")(_fake_backward)
+
+
+def _define_update_running_stats_without_cpp():
+    """Without fastnas._C, the same op, run by the reference."""
+
+    @torch.library.custom_op(
+        "fastnas::update_running_stats", mutates_args=("running_mean", "running_var", "num_batches_tracked")
+    )
+    def _update_running_stats_op(
+        running_mean: list[torch.Tensor],
+        running_var: list[torch.Tensor],
+        num_batches_tracked: list[torch.Tensor],
+        mean: torch.Tensor,
+        var: torch.Tensor,
+        rows: list[int],
+        momentum: float,
+        count: int,
+    ) -> None:
+        with torch.no_grad():
+            update_running_stats_reference(
+                running_mean, running_var, num_batches_tracked, mean, var, rows, momentum, count
+            )
+
+    _update_running_stats_op.register_fake(_update_running_stats_fake)
 
 
 @torch.library.custom_op("fastnas::stacked_batch_norm_stats_triton", mutates_args=())

@@ -251,7 +251,6 @@ class SearchNetwork(SuperNet):
         memory: "save", "recompute" or "checkpoint", as ``fastnas.nn.MixedOp``
             and ``fastnas.nn.Cell`` take it.
         affine: affine batch norms inside the candidates (False in search).
-        partial_fusion: as ``fastnas.nn.MixedOp`` takes it.
 
     Paths (``set_path``) have one entry per edge: the 14 edges of the normal
     cells, then the 14 of the reduction cells, each shared by every cell of its type.
@@ -278,7 +277,6 @@ class SearchNetwork(SuperNet):
         edge_primitives: dict | None = None,
         memory: str = "save",
         affine: bool = False,
-        partial_fusion: bool = False,
     ):
         super().__init__()
         if stem not in STEMS:
@@ -315,7 +313,6 @@ class SearchNetwork(SuperNet):
             cell = Cell(
                 steps, multiplier, C_prev_prev, C_prev, C_curr, reduction, reduction_prev,
                 self._candidates["reduce" if reduction else "normal"], partial_channels, backend, memory, affine,
-                partial_fusion,
             )  # fmt: skip
             self.cells.append(cell)
             reduction_prev = reduction

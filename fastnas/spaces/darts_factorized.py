@@ -12,9 +12,9 @@ operator factor (as DARTS), and for a convolution the edge's best activation,
 named ``<operator>_<activation>`` (``sep_conv_3x3_relu6``; the plain name is
 ReLU), which the evaluation networks build from ``fastnas.nn.operations.OPS``.
 
-The edges are partially fused (``fastnas.nn.MixedOp(partial_fusion=True)``):
-the fused edge computes every candidate its depthwise prologue has the
-activation for, the rest run as their modules beside it.
+The fused edge computes every (convolution, activation) pair of an edge: the
+depthwise prologue applies each activation from one read of the edge input
+(``fastnas.ops.multi_depthwise``).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ class FactorizedSearchNetwork(SearchNetwork):
         names, operator, activation = factorized_candidates(self.operators, self.activations)
         super().__init__(
             C, num_classes, layers, stem, None, names, backend, False, steps, multiplier, stem_multiplier,
-            in_channels, None, memory, affine, partial_fusion=True,
+            in_channels, None, memory, affine,
         )  # fmt: skip
         k = num_edges(steps)
         self.alphas_normal = nn.Parameter(1e-3 * torch.randn(k, len(self.operators)))
