@@ -567,3 +567,29 @@ def test_rank_eval_trains_in_worker_processes(tmp_path):
     assert report["architectures"] == 2 and len(report["settings"]) == 1
     with open(tmp_path / "standalone.json") as f:
         assert len(json.load(f)["results"]) == 2
+
+
+def test_darts_path_with_batch_statistics_only_runs_fused_and_matches_reference(fused_edge_calls):
+    """A sampled path of a DARTS supernet whose batch norms keep no running statistics (the
+    heuristic ``--no-bn-track``) runs through the fused edge, with the reference's results."""
+    torch.manual_seed(0)
+    fused = SearchNetwork(C=4, num_classes=4, layers=2, in_channels=3).double()
+    reference = copy.deepcopy(fused)
+    for m in reference.modules():
+        if isinstance(m, MixedOp):
+            m.backend = "reference"
+    for net in (fused, reference):
+        net.use_batch_statistics()
+        net.set_path([(1, 2, 4, 6)] * len(net.choice_sizes()))
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    outs, grads = [], []
+    for net in (fused, reference):
+        out = net(x)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([p.grad for p in net.parameters() if p.grad is not None])
+    assert fused_edge_calls
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-9, atol=1e-10)
+    assert len(grads[0]) == len(grads[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

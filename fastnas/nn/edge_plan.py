@@ -443,7 +443,7 @@ class EdgePlan:
         keep = frozenset(keep)
         active = tuple(i for i in self.active if i in keep)
         if self.spec is None:
-            return EdgePlan(self.kinds, active, self.stride, reason=self.reason)
+            return EdgePlan(self.kinds, active, self.stride, reason=self.reason, channels=self.channels)
         spec = self.spec
         # Each kept convolution keeps its activation (seps, then dils, as the spec lists them).
         convs = spec.sep + spec.dil
@@ -463,10 +463,25 @@ class EdgePlan:
             activations=() if set(activations) <= {"relu"} else activations,
         )
         if sub.ns + sub.nd == 0 and sub.reduce_index is None and sub.max_index is None and sub.avg_index is None:
-            return EdgePlan(self.kinds, active, self.stride, reason="only an identity or zeros: nothing to fuse")
+            return EdgePlan(
+                self.kinds,
+                active,
+                self.stride,
+                reason="only an identity or zeros: nothing to fuse",
+                channels=self.channels,
+            )
         params = tuple(p for p in self.params if p[0] in keep)
         norms = tuple(n for n in self.norms if n[0] in keep)
-        return EdgePlan(self.kinds, active, self.stride, spec=sub, params=params, norms=norms)
+        return EdgePlan(
+            self.kinds,
+            active,
+            self.stride,
+            spec=sub,
+            params=params,
+            norms=norms,
+            channels=self.channels,
+            track=self.track,
+        )
 
     def fused_reason(self, x: torch.Tensor, backend: str | None, *, training: bool, memory: str = "save") -> str | None:
         """None when this call of the edge can run the fused edge, else why not."""
