@@ -171,3 +171,10 @@ def test_fused_edge_of_activation_pairs_matches_modules(stride, memory):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
     for a, b in zip(fused.buffers(), ref.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_sampled_path_keeps_each_convolutions_activation():
+    plan = MixedOp(4, 1, PAIRS).plan
+    assert plan.restrict([4, 5]).spec.activations == ("swish", "elu")  # sep_conv_3x3_swish, dil_conv_3x3_elu
+    assert plan.restrict([3, 6]).spec.activations == ("relu", "relu6")
+    assert plan.restrict([1, 3, 7]).spec.activations == ()  # all ReLU
