@@ -7,6 +7,7 @@
 // at the boundary, and the building blocks are called through operator handles
 // looked up once.
 #include "darts_edge.h"
+#include "fastnas_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -63,12 +64,16 @@ Spec decode_spec(const char* op, at::IntArrayRef encoded, int64_t offset, double
   TORCH_CHECK_VALUE(!s.has_reduce() || s.stride == 2, op, ": a factorized reduce needs stride 2");
   const int64_t* conv = e + Spec::kHeader;
   for (int64_t j = 0; j < s.ns + s.nd; ++j) {
-    const int64_t k = conv[2 * j], index = conv[2 * j + 1];
+    const int64_t k = conv[3 * j], index = conv[3 * j + 1], activation = conv[3 * j + 2];
     const char* kind = j < s.ns ? "separable" : "dilated";
     TORCH_CHECK_VALUE(k >= 1 && k % 2 == 1, op, ": spec gives a ", kind, " convolution kernel size ", k,
                       "; it must be odd");
     TORCH_CHECK_VALUE(index >= 0 && index < s.K, op, ": spec gives a ", kind, " convolution weight index ", index,
                       ", out of range for K=", s.K);
+    TORCH_CHECK_VALUE(activation >= 0 && activation < math::kNumActivations, op, ": spec gives a ", kind,
+                      " convolution activation code ", activation, "; codes run from 0 to ", math::kNumActivations - 1);
+    s.act1.push_back(activation);
+    if (j < s.ns) s.act2.push_back(activation);
     (j < s.ns ? s.sep_k : s.dil_k).push_back(k);
     (j < s.ns ? s.sep_i : s.dil_i).push_back(index);
   }
@@ -215,10 +220,10 @@ using OptionalTensor = std::optional<Tensor>;
 
 // The building blocks, through the dispatcher: each device's kernels serve.
 using MultiDepthwise = Tensor(const Tensor&, TensorList, at::IntArrayRef, int64_t, const OptionalTensor&,
-                              const OptionalTensor&);
+                              const OptionalTensor&, at::IntArrayRef);
 using MultiDepthwiseBackward = std::tuple<Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, TensorList,
                                                                        at::IntArrayRef, int64_t, const OptionalTensor&,
-                                                                       const OptionalTensor&, bool);
+                                                                       const OptionalTensor&, bool, at::IntArrayRef);
 using Stats = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, double);
 using StatsBackward = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
 using PoolStats = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, double);
@@ -325,7 +330,7 @@ void run_candidates(const Spec& s, const Shape& sh, const Tensor& x, const EdgeP
   if (J1) pass.pw1 = at::stack(P.pw1).flatten(2);
   if (ns) pass.pw2 = at::stack(P.pw2).flatten(2);
   if (J1) {
-    pass.d1 = B.multi_depthwise.call(x, P.dw1, P.dil1, s.stride, std::nullopt, std::nullopt);
+    pass.d1 = B.multi_depthwise.call(x, P.dw1, P.dil1, s.stride, std::nullopt, std::nullopt, s.act1);
     const Tensor d1 = pass.d1.view({J1, C, M});
     if (ns) pass.z_mid = at::bmm(pass.pw1.narrow(0, 0, ns), d1.narrow(0, 0, ns)).view({ns, C, sh.N, sh.Ho, sh.Wo});
     if (fill && nd) {
@@ -336,7 +341,7 @@ void run_candidates(const Spec& s, const Shape& sh, const Tensor& x, const EdgeP
   if (ns) {
     if (v1 != nullptr) std::tie(m1, r1, *v1) = B.stats.call(pass.z_mid, s.eps);
     auto [pre, mean, rstd] = prologue(pass.z_mid, m1, r1);
-    pass.d2 = B.multi_depthwise.call(pre, P.dw2, P.ones, 1, mean, rstd);
+    pass.d2 = B.multi_depthwise.call(pre, P.dw2, P.ones, 1, mean, rstd, s.act2);
     if (fill) {
       Tensor out = zs.narrow(0, nd, ns).view({ns, C, M});
       at::bmm_out(out, pass.pw2, pass.d2.view({ns, C, M}));
@@ -539,8 +544,8 @@ EdgeGrads edge_backward(const Spec& s, const Tensor& grad_out, const Tensor& x_i
       g_pw2 = at::unbind_copy(at::bmm(gz_end, pass.d2.view({ns, C, M}).transpose(1, 2)).view({ns, C, C, 1, 1}));
       const Tensor gd2 = at::bmm(pass.pw2.transpose(1, 2), gz_end);
       auto [a2, m_a2, r_a2] = prologue(pass.z_mid, m1, r1);
-      auto [gpre2, gdw2] =
-          B.multi_depthwise_backward.call(gd2.view({ns, C, N, sh.Ho, sh.Wo}), a2, P.dw2, P.ones, 1, m_a2, r_a2, true);
+      auto [gpre2, gdw2] = B.multi_depthwise_backward.call(gd2.view({ns, C, N, sh.Ho, sh.Wo}), a2, P.dw2, P.ones, 1,
+                                                           m_a2, r_a2, true, s.act2);
       g_dw2 = std::move(gdw2);
       const Tensor gz_mid = B.stats_backward.call(gpre2, pass.z_mid, m1, r1);
       gz1 = nd ? at::cat({gz_mid.view({ns, C, M}), gz1}) : gz_mid.view({ns, C, M});
@@ -549,7 +554,7 @@ EdgeGrads edge_backward(const Spec& s, const Tensor& grad_out, const Tensor& x_i
     // Copies, not views: an op's outputs must not alias each other.
     g_pw1 = at::unbind_copy(at::bmm(gz1, d1.transpose(1, 2)).view({J1, C, C, 1, 1}));
     auto [gx1, gdw1] = B.multi_depthwise_backward.call(gd1.view({J1, C, N, sh.Ho, sh.Wo}), x, P.dw1, P.dil1, s.stride,
-                                                       std::nullopt, std::nullopt, true);
+                                                       std::nullopt, std::nullopt, true, s.act1);
     g_dw1 = std::move(gdw1);
     gx.add_(gx1);
   }

@@ -24,8 +24,8 @@ namespace edge {
 
 // The static structure of one edge, decoded from EdgeSpec.encoded:
 //   [stride, K, ns, nd, max_index, avg_index, skip_index, reduce_index,
-//    (kernel size, weight index) of each separable convolution,
-//    (kernel size, weight index) of each dilated convolution]
+//    (kernel size, weight index, activation) of each separable convolution,
+//    (kernel size, weight index, activation) of each dilated convolution]
 // with -1 for an absent candidate. Parameters come per separable convolution
 // (dw1, pw1, dw2, pw2), per dilated one (dw, pw), then the factorized reduce's
 // two 1x1 convolutions; batch-norm buffers in the order of the statistics rows:
@@ -35,6 +35,9 @@ struct Spec {
   int64_t stride = 1, K = 0, ns = 0, nd = 0;
   int64_t max_index = -1, avg_index = -1, skip_index = -1, reduce_index = -1;
   c10::SmallVector<int64_t, 4> sep_k, sep_i, dil_k, dil_i;
+  // The activation code (fastnas_math.h) in place of each convolution's ReLUs: the
+  // first depthwise convolutions' (seps, then dils) and the seps' second ones.
+  c10::SmallVector<int64_t, 8> act1, act2;
   double eps = 1e-5, momentum = 0.1;
 
   bool has_max() const { return max_index >= 0; }
@@ -46,7 +49,7 @@ struct Spec {
   int64_t nz() const { return nd + ns + (has_reduce() ? 1 : 0); }
   int64_t n_params() const { return 4 * ns + 2 * nd + (has_reduce() ? 2 : 0); }
   int64_t n_norms() const { return 2 * ns + nd + (has_reduce() ? 1 : 0) + has_max() + has_avg(); }
-  int64_t encoded_size() const { return kHeader + 2 * (ns + nd); }
+  int64_t encoded_size() const { return kHeader + 3 * (ns + nd); }
 };
 
 // The spec that starts at encoded[offset], checked: names op in its errors.

@@ -21,10 +21,10 @@ TORCH_LIBRARY(fastnas, m) {
   // convolution of all J is one bmm and per-channel statistics read rows.
   m.def(
       "multi_depthwise(Tensor x, Tensor[] weights, int[] dilations, int stride, Tensor? mean, "
-      "Tensor? rstd) -> Tensor");
+      "Tensor? rstd, int[] activations=[]) -> Tensor");
   m.def(
       "multi_depthwise_backward(Tensor grad_out, Tensor x, Tensor[] weights, int[] dilations, int stride, "
-      "Tensor? mean, Tensor? rstd, bool input_need_grad) -> (Tensor, Tensor[])");
+      "Tensor? mean, Tensor? rstd, bool input_need_grad, int[] activations=[]) -> (Tensor, Tensor[])");
   m.def("stacked_batch_norm_stats(Tensor z, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("stacked_batch_norm_backward(Tensor grad_yhat, Tensor z, Tensor mean, Tensor rstd) -> Tensor");
   m.def(

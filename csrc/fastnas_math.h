@@ -80,6 +80,59 @@ C10_HOST_DEVICE inline scalar_t pool_grad_at(int position, int argmax, scalar_t 
   return position == argmax ? grad : scalar_t(0);
 }
 
+// The activations a depthwise prologue applies (fastnas/ops/activations.py: a
+// name's code is its position in ACTIVATIONS). ELU and leaky ReLU take PyTorch's
+// defaults; swish is x * sigmoid(x). Every one maps 0 to 0, so zero padding
+// before or after the activation is the same.
+enum Activation : int { kRelu = 0, kRelu6 = 1, kElu = 2, kLeakyRelu = 3, kSwish = 4, kHardswish = 5 };
+constexpr int kNumActivations = 6;
+constexpr double kEluAlpha = 1.0;
+constexpr double kLeakyReluSlope = 0.01;
+
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T activation_forward(int code, T v) {
+  switch (code) {
+    case kRelu6:
+      return v > T(0) ? (v < T(6) ? v : T(6)) : T(0);
+    case kElu:
+      return v > T(0) ? v : T(kEluAlpha) * std::expm1(v);
+    case kLeakyRelu:
+      return v > T(0) ? v : T(kLeakyReluSlope) * v;
+    case kSwish:
+      return v * sigmoid(v);
+    case kHardswish:
+      return v <= T(-3) ? T(0) : (v >= T(3) ? v : v * (v + T(3)) / T(6));
+    default:
+      return v > T(0) ? v : T(0);
+  }
+}
+
+// d activation / d pre at pre = v, with PyTorch's choices at the kinks.
+template <typename T>
+C10_HOST_DEVICE inline T activation_derivative(int code, T v) {
+  switch (code) {
+    case kRelu6:
+      return (v > T(0) && v < T(6)) ? T(1) : T(0);
+    case kElu:
+      return v > T(0) ? T(1) : T(kEluAlpha) * std::exp(v);
+    case kLeakyRelu:
+      return v > T(0) ? T(1) : T(kLeakyReluSlope);
+    case kSwish: {
+      const T s = sigmoid(v);
+      return s * (T(1) + v * (T(1) - s));
+    }
+    case kHardswish:
+      return v <= T(-3) ? T(0) : (v >= T(3) ? T(1) : v / T(3) + T(0.5));
+    default:
+      return v > T(0) ? T(1) : T(0);
+  }
+}
+
 // Output size of a window of size 2 * pad + 1 sliding over `size` elements
 // with padding `pad` and `stride`: (size - 1) / stride + 1, 0 for an empty input.
 C10_HOST_DEVICE inline int64_t same_padding_out_size(int64_t size, int64_t stride) {

@@ -77,6 +77,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _name_list(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastnas._version import __version__
     from fastnas.nn.edge_plan import MEMORY_MODES
@@ -85,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastnas", description="Fused-kernel weight-sharing architecture search.")
     parser.add_argument("--version", action="version", version=f"fastnas {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{search,select,train,rank-eval,bench-step,info}")
+    sub = parser.add_subparsers(dest="command", metavar="{search,select,train,rank-eval,latency-model,bench-step,info}")
 
     s = sub.add_parser(
         "search",
@@ -116,6 +123,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-channels", type=_positive_int, default=None, help="channels of the first cells")
     s.add_argument("--partial-channels", type=_positive_int, default=None, help="PC-DARTS K")
     s.add_argument("--image-size", type=_positive_int, default=None, help="side of the (square) input images")
+    s.add_argument(
+        "--amend-coefficient",
+        type=float,
+        default=None,
+        help="amended-darts: eta, the weight of the amending term (the paper's 0.1)",
+    )
+    s.add_argument(
+        "--latency-model",
+        metavar="FILE",
+        default=None,
+        help="la-darts: the latency predictor (made by fastnas latency-model)",
+    )
+    s.add_argument(
+        "--latency-weight",
+        type=float,
+        default=None,
+        help="la-darts: lambda, the weight of the predicted latency in milliseconds (default 0.01)",
+    )
+    s.add_argument(
+        "--activations",
+        type=_name_list,
+        default=None,
+        metavar="A,B,...",
+        help="scalable-darts: the activation factor (default: relu,relu6,elu,leaky_relu,swish; also hardswish)",
+    )
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
     s.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
     s.add_argument("--backend", default=None, help="fused-op backend: auto, reference, cpu, cuda, triton")
@@ -180,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_parser(sub)
     _add_train_parser(sub)
     _add_rank_eval_parser(sub)
+    _add_latency_parser(sub)
     sub.add_parser("bench-step", help="time one search step (see fastnas bench-step --help)", add_help=False)
     sub.add_parser("info", help="versions and available backends", add_help=False)
     return parser
@@ -342,6 +375,80 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
 
+LATENCY_DESCRIPTION = """\
+Fit the latency predictor of LA-DARTS: sample architectures of the space
+uniformly, build each one's evaluation network (the network fastnas train
+trains on --dataset), measure its median inference latency on --device after
+a warm-up, fit a small multi-layer regressor from the architecture encoding to
+the latency on 80% of them and report its mean relative error on the other
+20%. Use the file with fastnas search --method la-darts --latency-model FILE.
+
+On the CPU the measurement runs on --threads threads (default 1, as the digits
+search and training run); the model is only valid for the setting it measured.
+"""
+
+
+def _add_latency_parser(sub) -> None:
+    from fastnas.search.latency import DATASET_INPUTS, REPEATS, ROUNDS, SPACES, WARMUP
+    from fastnas.train.report import CLOCKS
+
+    m = sub.add_parser(
+        "latency-model",
+        help="measure sampled architectures and fit LA-DARTS' latency predictor",
+        description=LATENCY_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    m.add_argument("--space", choices=SPACES, default="darts", help="search space (default: darts)")
+    m.add_argument("--dataset", choices=tuple(DATASET_INPUTS), default="digits", help="whose network (digits)")
+    m.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)")
+    m.add_argument("--samples", type=_positive_int, default=500, help="architectures to measure (default: 500)")
+    m.add_argument("--batch-size", type=_positive_int, default=1, help="images per measured forward (default: 1)")
+    m.add_argument("--repeats", type=_positive_int, default=REPEATS, help=f"timed runs per architecture ({REPEATS})")
+    m.add_argument("--warmup", type=int, default=WARMUP, help=f"untimed runs first ({WARMUP})")
+    m.add_argument(
+        "--rounds", type=_positive_int, default=ROUNDS, help=f"passes over all architectures, median taken ({ROUNDS})"
+    )
+    m.add_argument("--init-channels", type=_positive_int, default=None, help="C of the measured network")
+    m.add_argument("--layers", type=_positive_int, default=None, help="cells of the measured network")
+    m.add_argument("--image-size", type=_positive_int, default=None, help="side of the measured images")
+    m.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: 1)")
+    m.add_argument(
+        "--clock",
+        choices=CLOCKS,
+        default="wall",
+        help="wall (elapsed time, the default) or cpu (the measuring thread's CPU time: on a busy shared machine, "
+        "what an idle one would take; --device cpu with one thread)",
+    )
+    m.add_argument("--seed", type=int, default=0, help="seed of the sampled architectures and the fit (0)")
+    m.add_argument("--out", metavar="FILE", default=None, help="where to write (default: runs/latency-...pt)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_latency_model(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastnas.search import SearchError
+    from fastnas.search.latency import describe, fit_latency_model
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SearchError("--device cuda: torch sees no CUDA GPU here")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    if args.clock == "cpu" and (args.device != "cpu" or torch.get_num_threads() != 1):
+        raise SearchError("--clock cpu times one CPU thread: use it with --device cpu and --threads 1")
+    out = args.out or os.path.join("runs", f"latency-{args.space}-{args.dataset}-{args.device}.pt")
+    network = {k: getattr(args, k) for k in ("init_channels", "layers", "image_size") if getattr(args, k)}
+    model = fit_latency_model(
+        args.space, args.dataset, args.device, args.samples, args.batch_size, args.seed, network,
+        warmup=args.warmup, repeats=args.repeats, progress=not args.no_progress, clock=args.clock,
+        rounds=args.rounds,
+    )  # fmt: skip
+    model.save(out)
+    print(describe(model))
+    print(f"wrote {out}; use it with: fastnas search --method la-darts --latency-model {shlex.quote(out)}")
+    return 0
+
+
 # CLI option -> SearchConfig field, for the options that describe the search.
 _CONFIG_OPTIONS = {
     "space": "space", "data": "data", "fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size",
@@ -351,7 +458,8 @@ _CONFIG_OPTIONS = {
     "cuda_graph": "cuda_graph", "weight_decay": "weight_decay", "train_portion": "train_portion",
     "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
     "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
-    "constraint_max": "constraint_max",
+    "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
+    "latency_weight": "latency_weight", "activations": "activations",
 }  # fmt: skip
 
 
@@ -610,7 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastnas.search import SearchError
 
     errors: tuple = (SearchError, DatasetError)
-    run = {"search": _run_search, "select": _run_select, "rank-eval": _run_rank_eval}.get(args.command, _run_search)
+    run = {
+        "search": _run_search, "select": _run_select, "rank-eval": _run_rank_eval, "latency-model": _run_latency_model,
+    }.get(args.command, _run_search)  # fmt: skip
     if args.command == "train":
         from fastnas.train import TrainError
 

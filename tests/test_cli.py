@@ -94,3 +94,31 @@ def test_help_names_every_method(capsys):
     for method in ("darts", "darts-2nd", "pc-darts", "p-darts", "gdas"):
         assert method in text
     assert "paper" in text or "papers" in text
+
+
+@pytest.mark.parametrize("method", ["amended-darts", "la-darts", "scalable-darts"])
+def test_darts_family_methods_from_the_command_line(method, tmp_path, capsys):
+    extra = []
+    if method == "la-darts":
+        model = str(tmp_path / "latency.pt")
+        assert main(["latency-model", "--samples", "5", "--init-channels", "4", "--layers", "2", "--warmup", "0",
+                     "--repeats", "1", "--rounds", "1", "--no-progress", "--out", model]) == 0  # fmt: skip
+        extra = ["--latency-model", model, "--latency-weight", "0.1"]
+    if method == "scalable-darts":
+        extra = ["--activations", "relu,swish"]
+    out = tmp_path / "run"
+    assert main(["search", "--method", method, *SMALL, *extra, "--out", str(out)]) == 0
+    genotype = genotype_from_dict(json.loads((out / "genotype.json").read_text()))
+    record = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+    if method == "la-darts":
+        assert record["predicted_latency_ms"] > 0
+    if method == "scalable-darts":
+        assert set(record["arch_weights"]) == {"normal", "reduce", "activations_normal", "activations_reduce"}
+        convs = [op for op, _ in genotype.normal + genotype.reduce if "conv" in op]
+        assert all(op.endswith("_swish") or not op.endswith(("_relu6", "_elu")) for op in convs)
+        # fastnas train builds the genotype with its activations.
+        train = tmp_path / "train"
+        args = ["train", str(out), "--epochs", "1", "--init-channels", "4", "--layers", "3", "--batch-size", "16",
+                "--fraction", "0.1", "--no-progress", "--out", str(train)]  # fmt: skip
+        assert main(args) == 0
+        assert "test accuracy:" in capsys.readouterr().out

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from fastnas import backends
+from fastnas.ops.activations import activation_code
 from fastnas.ops.darts_sum import (
     darts_sum,
     darts_sum_backward_reference,
@@ -158,20 +159,22 @@ def depthwise_inputs(cands, mode, shape, dtype, seed):
     return x, ws, [d for _, d in cands], mean, rstd
 
 
-def check_multi_depthwise(target, cands, mode, shape, stride, dtype, seed=0):
+def check_multi_depthwise(target, cands, mode, shape, stride, dtype, seed=0, activations="relu"):
     x, ws, ds, mean, rstd = depthwise_inputs(cands, mode, shape, dtype, seed)
     T = target
     dev = [T(w) for w in ws]
     m, r = (None, None) if mean is None else (T(mean), T(rstd))
-    out = T.ops.multi_depthwise(T(x), dev, ds, stride, m, r)
-    lowp = multi_depthwise_reference(x, ws, ds, stride, mean, rstd)
+    acts = [activations] * len(cands) if isinstance(activations, str) else list(activations)
+    codes = [activation_code(a) for a in acts]
+    out = T.ops.multi_depthwise(T(x), dev, ds, stride, m, r, codes)
+    lowp = multi_depthwise_reference(x, ws, ds, stride, mean, rstd, acts)
     x64, w64 = x.double(), [w.double() for w in ws]
-    assert_oracle(out, lowp, multi_depthwise_reference(x64, w64, ds, stride, mean, rstd), "out")
+    assert_oracle(out, lowp, multi_depthwise_reference(x64, w64, ds, stride, mean, rstd, acts), "out")
 
     g = randn(*out.shape, dtype=dtype, seed=seed + 20)
-    grad_pre, grad_ws = T.ops.multi_depthwise_backward(T(g), T(x), dev, ds, stride, m, r, True)
-    lowp_pre, lowp_ws = multi_depthwise_backward_reference(g, x, ws, ds, stride, mean, rstd)
-    ref_pre, ref_ws = multi_depthwise_backward_reference(g.double(), x64, w64, ds, stride, mean, rstd)
+    grad_pre, grad_ws = T.ops.multi_depthwise_backward(T(g), T(x), dev, ds, stride, m, r, True, codes)
+    lowp_pre, lowp_ws = multi_depthwise_backward_reference(g, x, ws, ds, stride, mean, rstd, True, acts)
+    ref_pre, ref_ws = multi_depthwise_backward_reference(g.double(), x64, w64, ds, stride, mean, rstd, True, acts)
     assert_oracle(grad_pre, lowp_pre, ref_pre, "grad_pre")
     # A weight's gradient sums N*Ho*Wo products: its error scales with their sum.
     scale = g.double().abs().sum().item() * x.double().abs().max().item() / max(1, g.numel()) ** 0.5
@@ -194,6 +197,17 @@ def test_multi_depthwise(target, poison_empty, cands, mode, shape, stride):
 @pytest.mark.parametrize("stride", [1, 2])
 def test_multi_depthwise_dtypes(target, poison_empty, dtype, stride):
     check_multi_depthwise(target, DARTS, "shared", (2, 3, 7, 9), stride, dtype, seed=3)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("mode", ["shared", "per-candidate", "batch-norm"])
+def test_multi_depthwise_activations(target, poison_empty, mode, stride):
+    """Candidates of several activations in one call (Scalable-DARTS), and one activation for all."""
+    acts = ["relu6", "swish", "elu", "relu"]
+    check_multi_depthwise(target, DARTS, mode, (2, 3, 7, 9), stride, torch.float32, seed=11, activations=acts)
+    check_multi_depthwise(target, DARTS, mode, (2, 3, 7, 9), stride, torch.float64, seed=12, activations="hardswish")
+    check_multi_depthwise(target, [(3, 1), (5, 2)], mode, (2, 3, 7, 9), stride, torch.float32, seed=13,
+                          activations=["leaky_relu", "leaky_relu"])  # fmt: skip
 
 
 def test_multi_depthwise_large_plane(target, poison_empty):

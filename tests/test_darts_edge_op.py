@@ -203,8 +203,12 @@ def test_version_counters_of_buffers_move():
 
 def test_encoded_spec_round_trips():
     spec = EdgeSpec(2, 8, sep=((3, 4), (5, 5)), dil=((3, 6),), max_index=1, avg_index=2, reduce_index=3, eps=1e-3)
-    assert spec.encoded == (2, 8, 2, 1, 1, 2, -1, 3, 3, 4, 5, 5, 3, 6)
+    assert spec.encoded == (2, 8, 2, 1, 1, 2, -1, 3, 3, 4, 0, 5, 5, 0, 3, 6, 0)
     assert EdgeSpec.decode(spec.encoded, 1e-3, 0.1) == spec
+    # Each convolution's activation code follows its kernel size and weight index (0: ReLU).
+    swish = EdgeSpec(2, 8, sep=((3, 4), (5, 5)), dil=((3, 6),), reduce_index=3, activations=("swish", "relu", "elu"))
+    assert swish.encoded[8:] == (3, 4, 4, 5, 5, 0, 3, 6, 2)
+    assert EdgeSpec.decode(swish.encoded) == swish
 
 
 def _bad_calls():
@@ -222,9 +226,10 @@ def _bad_calls():
 
     yield "memory", raw(memory="keep"), ValueError, "memory must be one of"
     yield "spec stride", raw(enc=[3, *enc[1:]]), ValueError, "spec stride must be 1 or 2"
-    yield "spec index", raw(enc=enc[:8] + [3, 7]), ValueError, "weight index 7, out of range for K=3"
-    yield "spec length", raw(enc=enc[:9]), ValueError, "spec needs 10 ints"
-    yield "spec even kernel", raw(enc=enc[:8] + [4, 1]), ValueError, "kernel size 4"
+    yield "spec index", raw(enc=enc[:8] + [3, 7, 0]), ValueError, "weight index 7, out of range for K=3"
+    yield "spec length", raw(enc=enc[:9]), ValueError, "spec needs 11 ints"
+    yield "spec even kernel", raw(enc=enc[:8] + [4, 1, 0]), ValueError, "kernel size 4"
+    yield "spec activation", raw(enc=enc[:8] + [3, 1, 9]), ValueError, "activation code 9"
     yield "skip on stride 2", raw(enc=[2, *enc[1:]]), ValueError, "identity skip needs stride 1"
     yield "x not 4-D", raw(x=x[0]), ValueError, r"x must be \(N, C, H, W\)"
     yield "x float16", raw(x=x.half(), params=[p.half() for p in params]), TypeError, "float32 and float64"

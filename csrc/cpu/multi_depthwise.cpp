@@ -1,6 +1,8 @@
-// multi_depthwise on CPU: J depthwise convolutions of relu(x) (or of
-// relu((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
-// their backward.
+// multi_depthwise on CPU: J depthwise convolutions of act_j(x) (or of
+// act_j((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
+// their backward. act_j is ReLU unless `activations` names another one
+// (fastnas_math.h); candidates of several activations read each input plane once
+// and write one padded buffer per distinct activation ("slot").
 //
 // Each task takes one channel (shared x: all J candidates; per-candidate x: one
 // (j, c) pair) and a fixed slice of the batch. For every image it writes the
@@ -322,11 +324,60 @@ void fill_activation(const Geometry& g, const scalar_t* src, bool bn, acc_t mean
   }
 }
 
+// The distinct activations of a call's candidates, one padded buffer ("slot") each.
+struct ActivationSlots {
+  std::vector<int> codes;      // activation code of each slot
+  std::vector<int64_t> of;     // slot of each candidate
+  std::vector<int64_t> first;  // first candidate of each slot
+  int64_t count() const { return static_cast<int64_t>(codes.size()); }
+  bool relu_only() const { return codes.size() == 1 && codes[0] == math::kRelu; }
+};
+
+ActivationSlots activation_slots(const char* op, at::IntArrayRef activations, int64_t J) {
+  TORCH_CHECK_VALUE(activations.empty() || static_cast<int64_t>(activations.size()) == J, op, ": activations has ",
+                    activations.size(), " entries but weights has ", J);
+  ActivationSlots slots;
+  for (int64_t j = 0; j < J; ++j) {
+    const int64_t code = activations.empty() ? math::kRelu : activations[j];
+    TORCH_CHECK_VALUE(code >= 0 && code < math::kNumActivations, op, ": activations[", j, "] is ", code,
+                      "; activation codes run from 0 to ", math::kNumActivations - 1);
+    const auto it = std::find(slots.codes.begin(), slots.codes.end(), static_cast<int>(code));
+    if (it == slots.codes.end()) {
+      slots.of.push_back(slots.count());
+      slots.first.push_back(j);
+      slots.codes.push_back(static_cast<int>(code));
+    } else {
+      slots.of.push_back(it - slots.codes.begin());
+    }
+  }
+  return slots;
+}
+
+// Writes act_s(pre) of one (H, W) input plane into the interior of the padded buffer
+// of each slot s in [s0, s1), reading the plane once, pre = x or (x - mean) * rstd.
+template <typename scalar_t, typename acc_t>
+void fill_activations(const Geometry& g, const scalar_t* src, bool bn, acc_t mean, acc_t rstd,
+                      const ActivationSlots& slots, int64_t s0, int64_t s1, acc_t* pads) {
+  if (slots.relu_only()) return fill_activation<scalar_t, acc_t>(g, src, bn, mean, rstd, pads);
+  const int64_t size = g.size();
+  for (int64_t h = 0; h < g.H; ++h) {
+    const scalar_t* srow = src + h * g.W;
+    for (int64_t w = 0; w < g.W; ++w) {
+      acc_t v = static_cast<acc_t>(srow[w]);
+      if (bn) v = (v - mean) * rstd;
+      const int64_t at = g.at(h + g.P, w + g.P);
+      for (int64_t s = s0; s < s1; ++s) pads[s * size + at] = math::activation_forward(slots.codes[s], v);
+    }
+  }
+}
+
 // --- forward -------------------------------------------------------------------------
 
 at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
-                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd) {
+                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd,
+                           at::IntArrayRef activations) {
   check_multi_depthwise(kForward, x_in, weights, dilations, stride, mean, rstd, at::kCPU);
+  const ActivationSlots slots = activation_slots(kForward, activations, static_cast<int64_t>(weights.size()));
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
   at::Tensor out = at::empty({g.J, g.C, g.N, g.Ho, g.Wo}, x_in.options());
@@ -353,14 +404,16 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
     // Shared x: a task is one (c, n) for all J; per candidate: one (j, c, n).
     const int64_t groups = g.shared ? g.C : g.J * g.C;
     at::parallel_for(0, groups * g.N, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> pad(g.size(), acc_t(0));
+      std::vector<acc_t> pad(slots.count() * g.size(), acc_t(0));
       std::vector<acc_t> tmp(direct ? 0 : out_plane);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t n = task % g.N, group = task / g.N;
         const int64_t c = g.shared ? group : group % g.C;
         const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+        const int64_t s0 = g.shared ? 0 : slots.of[j0], s1 = g.shared ? slots.count() : s0 + 1;
         const scalar_t* src = g.shared ? xp + (n * g.C + c) * in_plane : xp + (group * g.N + n) * in_plane;
-        fill_activation<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1), pad.data());
+        fill_activations<scalar_t, acc_t>(g, src, bn, bn ? mp[group] : acc_t(0), bn ? rp[group] : acc_t(1), slots, s0,
+                                          s1, pad.data());
         for (int64_t j = j0; j < j1; ++j) {
           const Candidate& cd = cands[j];
           scalar_t* dst = op + ((j * g.C + c) * g.N + n) * out_plane;
@@ -370,7 +423,7 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
           } else {
             acc = tmp.data();
           }
-          correlate(pad.data(), taps[j], wp[j] + c * cd.k * cd.k, g.Ho, g.Wo, acc, false);
+          correlate(pad.data() + slots.of[j] * g.size(), taps[j], wp[j] + c * cd.k * cd.k, g.Ho, g.Wo, acc, false);
           if constexpr (!direct) {
             for (int64_t i = 0; i < out_plane; ++i) dst[i] = static_cast<scalar_t>(acc[i]);
           }
@@ -445,6 +498,7 @@ template <typename scalar_t, typename acc_t>
 struct BackwardPlan {
   const Geometry& g;
   const std::vector<Candidate>& cands;
+  const ActivationSlots& slots;
   BatchSplit split;
   std::vector<int64_t> tap_offset;  // tap_offsets(...): candidate j's taps in a task's row of partials
   int64_t taps_all;
@@ -462,8 +516,14 @@ struct BackwardPlan {
   std::vector<Phase> phases;
   int64_t phase_cols0, phase_cols1, phase_size;
 
-  BackwardPlan(const Geometry& geo, const std::vector<Candidate>& cs, std::vector<int64_t> offsets, bool need_in)
-      : g(geo), cands(cs), split(split_batch(geo)), tap_offset(std::move(offsets)), input_need_grad(need_in) {
+  BackwardPlan(const Geometry& geo, const std::vector<Candidate>& cs, const ActivationSlots& sl,
+               std::vector<int64_t> offsets, bool need_in)
+      : g(geo),
+        cands(cs),
+        slots(sl),
+        split(split_batch(geo)),
+        tap_offset(std::move(offsets)),
+        input_need_grad(need_in) {
     taps_all = tap_offset.back();
     phased = input_need_grad && g.stride == 2;
     gl = Layout{g.W + 2 * g.P, g.W + 2 * g.P, 1};
@@ -484,22 +544,23 @@ struct BackwardPlan {
 // One thread's buffers.
 template <typename acc_t>
 struct BackwardScratch {
-  std::vector<acc_t> pad;           // the activation, padded (Geometry)
+  std::vector<acc_t> pad;           // the activation, padded (Geometry), one buffer per activation slot
   std::vector<acc_t> grad;          // one output-gradient plane, rows of gpitch, zeros past Wo
   std::vector<acc_t> taps;          // the task's weight-gradient sums
   std::vector<acc_t> gc, gq, wsub;  // stride 2: compact padded gradient, the four phases' sums, a sub-kernel
-  std::vector<acc_t> gz, ga;        // stride 1: the gradient on the padded grid, the input-gradient sum
+  std::vector<acc_t> gz, ga;        // stride 1: the gradient on the padded grid, the input-gradient sums
+  // (gq and ga hold one sum per activation slot: each is multiplied by its activation's derivative)
 
   template <typename scalar_t>
   explicit BackwardScratch(const BackwardPlan<scalar_t, acc_t>& pl)
-      : pad(pl.g.size(), acc_t(0)),
+      : pad(pl.slots.count() * pl.g.size(), acc_t(0)),
         grad(pl.g.Ho * pl.gpitch, acc_t(0)),
         taps(pl.taps_all),
         gc(pl.phased ? (pl.g.Ho + 2 * pl.Q + 1) * pl.cl.row + kTileMax : 0, acc_t(0)),
-        gq(pl.phased ? 4 * pl.phase_size : 0),
+        gq(pl.phased ? pl.slots.count() * 4 * pl.phase_size : 0),
         wsub(Taps::kMaxK * Taps::kMaxK),
         gz(pl.input_need_grad && !pl.phased ? (pl.g.Hp + 1) * pl.gl.row + kTileMax : 0, acc_t(0)),
-        ga(pl.input_need_grad && !pl.phased ? pl.g.in_plane() : 0) {}
+        ga(pl.input_need_grad && !pl.phased ? pl.slots.count() * pl.g.in_plane() : 0) {}
 };
 
 // One output-gradient plane into the scratch's pitched buffer, in acc_t.
@@ -526,13 +587,14 @@ void input_grad_phased(const BackwardPlan<scalar_t, acc_t>& pl, int64_t j, int64
     for (size_t i = 0; i < ph.us.size(); ++i) {
       for (size_t l = 0; l < ph.vs.size(); ++l) sc.wsub[i * ph.vs.size() + l] = wf[ph.us[i] * cd.k + ph.vs[l]];
     }
-    correlate(sc.gc.data(), ph.taps, sc.wsub.data(), ph.rows, ph.cols, sc.gq.data() + q * pl.phase_size, true);
+    const int64_t sum = (pl.slots.of[j] * 4 + q) * pl.phase_size;
+    correlate(sc.gc.data(), ph.taps, sc.wsub.data(), ph.rows, ph.cols, sc.gq.data() + sum, true);
   }
 }
 
 // Stride 1: candidate j's input gradient, the output gradient on the padded
-// grid correlated with the flipped kernel; the first candidate of the task
-// writes the sum, the others add to it.
+// grid correlated with the flipped kernel; the first candidate of the task in
+// each activation slot writes the slot's sum, the others add to it.
 template <typename scalar_t, typename acc_t>
 void input_grad_dense(const BackwardPlan<scalar_t, acc_t>& pl, int64_t j, int64_t c, bool first,
                       BackwardScratch<acc_t>& sc) {
@@ -542,10 +604,34 @@ void input_grad_dense(const BackwardPlan<scalar_t, acc_t>& pl, int64_t j, int64_
     acc_t* zrow = sc.gz.data() + (ho * g.stride + g.P) * pl.gl.row + g.P;
     for (int64_t wo = 0; wo < g.Wo; ++wo) zrow[wo * g.stride] = sc.grad[ho * pl.gpitch + wo];
   }
-  correlate(sc.gz.data(), pl.grad_taps[j], pl.wflip[j] + c * cd.k * cd.k, g.H, g.W, sc.ga.data(), !first);
+  correlate(sc.gz.data(), pl.grad_taps[j], pl.wflip[j] + c * cd.k * cd.k, g.H, g.W,
+            sc.ga.data() + pl.slots.of[j] * g.in_plane(), !first);
 }
 
-// The summed input gradient of one image, where the activation is positive.
+// Other activations than ReLU: each slot's gradient sum times its activation's
+// derivative at pre = x or (x - mean) * rstd, summed over the task's slots [s0, s1).
+template <typename scalar_t, typename acc_t>
+void store_input_grad_activations(const BackwardPlan<scalar_t, acc_t>& pl, const BackwardScratch<acc_t>& sc,
+                                  const scalar_t* x, acc_t mean, acc_t rstd, int64_t s0, int64_t s1, scalar_t* dst) {
+  const Geometry& g = pl.g;
+  for (int64_t h = 0; h < g.H; ++h) {
+    for (int64_t w = 0; w < g.W; ++w) {
+      acc_t pre = static_cast<acc_t>(x[h * g.W + w]);
+      if (pl.bn) pre = (pre - mean) * rstd;
+      const int64_t q = (h & 1) * 2 + (w & 1);
+      const int64_t pc = (w & 1) ? pl.phase_cols1 : pl.phase_cols0;
+      acc_t sum = acc_t(0);
+      for (int64_t s = s0; s < s1; ++s) {
+        const acc_t v = pl.phased ? sc.gq[(s * 4 + q) * pl.phase_size + (h >> 1) * pc + (w >> 1)]
+                                  : sc.ga[s * g.in_plane() + h * g.W + w];
+        sum += math::activation_derivative(pl.slots.codes[s], pre) * v;
+      }
+      dst[h * g.W + w] = static_cast<scalar_t>(sum);
+    }
+  }
+}
+
+// The summed input gradient of one image, where the activation (ReLU) is positive.
 template <typename scalar_t, typename acc_t>
 void store_input_grad(const BackwardPlan<scalar_t, acc_t>& pl, const BackwardScratch<acc_t>& sc, scalar_t* dst) {
   const Geometry& g = pl.g;
@@ -573,24 +659,31 @@ void backward_task(const BackwardPlan<scalar_t, acc_t>& pl, int64_t task, Backwa
   const int64_t group = task / pl.split.chunks, chunk = task % pl.split.chunks;
   const int64_t c = g.shared ? group : group % g.C;
   const int64_t j0 = g.shared ? 0 : group / g.C, j1 = g.shared ? g.J : j0 + 1;
+  const int64_t s0 = g.shared ? 0 : pl.slots.of[j0], s1 = g.shared ? pl.slots.count() : s0 + 1;
   const acc_t m = pl.bn ? pl.mean[group] : acc_t(0), r = pl.bn ? pl.rstd[group] : acc_t(1);
   const int64_t in_plane = g.in_plane(), out_plane = g.out_plane();
   std::fill(sc.taps.begin(), sc.taps.end(), acc_t(0));
   const int64_t n_end = std::min(g.N, (chunk + 1) * pl.split.per_chunk);
   for (int64_t n = chunk * pl.split.per_chunk; n < n_end; ++n) {
     const int64_t in_index = g.shared ? (n * g.C + c) : (group * g.N + n);
-    fill_activation<scalar_t, acc_t>(g, pl.x + in_index * in_plane, pl.bn, m, r, sc.pad.data());
+    fill_activations<scalar_t, acc_t>(g, pl.x + in_index * in_plane, pl.bn, m, r, pl.slots, s0, s1, sc.pad.data());
     if (pl.phased) std::fill(sc.gq.begin(), sc.gq.end(), acc_t(0));
     for (int64_t j = j0; j < j1; ++j) {
       load_grad_plane(pl, pl.grad_out + ((j * g.C + c) * g.N + n) * out_plane, sc);
-      tap_dots(sc.pad.data(), pl.fwd_taps[j], g.Ho, g.Wo, sc.grad.data(), sc.taps.data() + pl.tap_offset[j]);
+      const int64_t slot = pl.slots.of[j];
+      tap_dots(sc.pad.data() + slot * g.size(), pl.fwd_taps[j], g.Ho, g.Wo, sc.grad.data(),
+               sc.taps.data() + pl.tap_offset[j]);
       if (pl.phased) {
         input_grad_phased(pl, j, c, sc);
       } else if (pl.input_need_grad) {
-        input_grad_dense(pl, j, c, j == j0, sc);
+        input_grad_dense(pl, j, c, g.shared ? j == pl.slots.first[slot] : true, sc);
       }
     }
-    if (pl.input_need_grad) store_input_grad(pl, sc, pl.grad_pre + in_index * in_plane);
+    if (pl.input_need_grad && pl.slots.relu_only()) {
+      store_input_grad(pl, sc, pl.grad_pre + in_index * in_plane);
+    } else if (pl.input_need_grad) {
+      store_input_grad_activations(pl, sc, pl.x + in_index * in_plane, m, r, s0, s1, pl.grad_pre + in_index * in_plane);
+    }
   }
   std::copy(sc.taps.begin(), sc.taps.end(), partial + task * pl.taps_all);
 }
@@ -606,13 +699,12 @@ void sum_over_chunks(const acc_t* partials, int64_t groups, int64_t chunks, int6
   }
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const at::Tensor& grad_out_in,
-                                                                         const at::Tensor& x_in, at::TensorList weights,
-                                                                         at::IntArrayRef dilations, int64_t stride,
-                                                                         const std::optional<at::Tensor>& mean,
-                                                                         const std::optional<at::Tensor>& rstd,
-                                                                         bool input_need_grad) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
+    int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd, bool input_need_grad,
+    at::IntArrayRef activations) {
   check_multi_depthwise(kBackward, x_in, weights, dilations, stride, mean, rstd, at::kCPU);
+  const ActivationSlots slots = activation_slots(kBackward, activations, static_cast<int64_t>(weights.size()));
   std::vector<Candidate> cands;
   const Geometry g = geometry(x_in, weights, dilations, stride, cands);
   check_multi_depthwise_grad_out(kBackward, grad_out_in, x_in, g);
@@ -639,7 +731,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const a
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_backward_cpu", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      BackwardPlan<scalar_t, acc_t> plan(g, cands, tap_offsets(dc), input_need_grad);
+      BackwardPlan<scalar_t, acc_t> plan(g, cands, slots, tap_offsets(dc), input_need_grad);
       plan.bn = bn;
       plan.x = x.data_ptr<scalar_t>();
       plan.grad_out = go.data_ptr<scalar_t>();

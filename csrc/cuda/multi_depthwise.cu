@@ -1,6 +1,9 @@
-// multi_depthwise on CUDA: J depthwise convolutions of relu(x) (or of
-// relu((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
-// their backward.
+// multi_depthwise on CUDA: J depthwise convolutions of act(x) (or of
+// act((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
+// their backward. act is ReLU unless `activations` names another one
+// (fastnas_math.h); the kernels apply one activation per launch, and a call
+// whose candidates have several is run as one call per activation (one read of
+// the input per distinct activation, where the CPU kernel reads it once).
 //
 // Every kernel works on tiles held in shared memory. A block owns one group (a
 // channel c with all J candidates for a shared x, or one (j, c) pair) and a
@@ -88,7 +91,23 @@ struct Candidates {
 struct Dims {
   int N, C, H, W, Ho, Wo, stride, P;
   bool shared, bn;
+  int act = math::kRelu;  // the activation code of every candidate of the launch
 };
+
+// The activation a candidate convolves: act(pre), pre = x or (x - mean) * rstd.
+template <typename acc_t>
+__device__ __forceinline__ acc_t prologue_activation(const Dims& dm, acc_t xv, acc_t mean, acc_t rstd) {
+  if (dm.act == math::kRelu) return math::depthwise_activation(xv, dm.bn, mean, rstd);
+  return math::activation_forward(dm.act, dm.bn ? (xv - mean) * rstd : xv);
+}
+
+// The input gradient from grad, the gradient with respect to the activation at x.
+template <typename acc_t>
+__device__ __forceinline__ acc_t prologue_grad(const Dims& dm, acc_t xv, acc_t mean, acc_t rstd, acc_t grad) {
+  if (dm.act == math::kRelu)
+    return math::depthwise_grad_passes(math::depthwise_activation(xv, dm.bn, mean, rstd), grad);
+  return math::activation_derivative(dm.act, dm.bn ? (xv - mean) * rstd : xv) * grad;
+}
 
 // Offset of the input plane (group, n): shared x (N, C, H, W) or per-candidate x (J, C, N, H, W).
 __device__ __forceinline__ int64_t plane_offset(const Dims& dm, int64_t group, int64_t n) {
@@ -164,7 +183,7 @@ __device__ void load_activation(acc_t* region, const Tile& t, const TileCoord& t
     if (ih >= 0 && ih < dm.H && iw >= 0 && iw < dm.W) {
       const acc_t xv =
           static_cast<acc_t>(x[plane_offset(dm, group, tc.n0 + pb) + static_cast<int64_t>(ih) * dm.W + iw]);
-      v = math::depthwise_activation(xv, dm.bn, mean, rstd);
+      v = prologue_activation(dm, xv, mean, rstd);
     }
     region[(pb * t.rows + r) * t.pitch + cc] = v;
   }
@@ -427,8 +446,7 @@ __global__ void __launch_bounds__(kThreads)
     const int row = st.rg * kRows + i;
     if (row >= tc.th) break;
     const int64_t off = base + static_cast<int64_t>(tc.r0 + row) * dm.W;
-    const acc_t a = math::depthwise_activation(static_cast<acc_t>(x[off]), dm.bn, m, r);
-    grad_pre[off] = static_cast<scalar_t>(math::depthwise_grad_passes(a, acc[i]));
+    grad_pre[off] = static_cast<scalar_t>(prologue_grad(dm, static_cast<acc_t>(x[off]), m, r, acc[i]));
   }
 }
 
@@ -577,6 +595,61 @@ void check_cuda_limits(const char* op, const DepthwiseShape& s, const std::vecto
               s.N, ", ", s.C, ", ", s.H, ", ", s.W, ") has a dimension too large for the CUDA kernel");
 }
 
+// The activation code of each of the J candidates (ReLU where `activations` is empty), checked.
+std::vector<int64_t> activation_codes(const char* op, at::IntArrayRef activations, int64_t J) {
+  TORCH_CHECK_VALUE(activations.empty() || static_cast<int64_t>(activations.size()) == J, op, ": activations has ",
+                    activations.size(), " entries but weights has ", J);
+  std::vector<int64_t> codes(J, math::kRelu);
+  for (int64_t j = 0; j < static_cast<int64_t>(activations.size()); ++j) {
+    TORCH_CHECK_VALUE(activations[j] >= 0 && activations[j] < math::kNumActivations, op, ": activations[", j, "] is ",
+                      activations[j], "; activation codes run from 0 to ", math::kNumActivations - 1);
+    codes[j] = activations[j];
+  }
+  return codes;
+}
+
+// The candidates of each distinct activation, in order of first appearance; one
+// group when every candidate has the same.
+std::vector<std::vector<int64_t>> activation_groups(const std::vector<int64_t>& codes) {
+  std::vector<int64_t> seen;
+  std::vector<std::vector<int64_t>> groups;
+  for (int64_t j = 0; j < static_cast<int64_t>(codes.size()); ++j) {
+    const auto it = std::find(seen.begin(), seen.end(), codes[j]);
+    if (it == seen.end()) {
+      seen.push_back(codes[j]);
+      groups.push_back({j});
+    } else {
+      groups[it - seen.begin()].push_back(j);
+    }
+  }
+  return groups;
+}
+
+// The arguments of one activation's candidates (the subset `index` of the call's).
+struct Subset {
+  at::Tensor index;  // on x's device
+  std::vector<at::Tensor> weights;
+  std::vector<int64_t> dilations, codes;
+  std::optional<at::Tensor> mean, rstd;
+};
+
+Subset subset_of(const std::vector<int64_t>& idx, const std::vector<int64_t>& codes, const at::Tensor& x,
+                 at::TensorList weights, at::IntArrayRef dilations, const std::optional<at::Tensor>& mean,
+                 const std::optional<at::Tensor>& rstd) {
+  Subset sub;
+  sub.index = at::tensor(idx, at::kLong).to(x.device());
+  for (const int64_t j : idx) {
+    sub.weights.push_back(weights[j]);
+    sub.dilations.push_back(dilations[j]);
+    sub.codes.push_back(codes[j]);
+  }
+  if (mean.has_value()) {
+    sub.mean = mean->index_select(0, sub.index);
+    sub.rstd = rstd->index_select(0, sub.index);
+  }
+  return sub;
+}
+
 // Blocks of a launch: one dimension of at most 2^31 - 1.
 int64_t grid_size(const char* op, int64_t blocks) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks, " blocks; too many for one launch");
@@ -674,21 +747,34 @@ Tile plan_tiles(Region kind, int64_t plane_h, int64_t plane_w, int64_t n, int s,
 }
 
 at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations, int64_t stride,
-                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd) {
+                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd,
+                           at::IntArrayRef activations) {
   check_multi_depthwise(kForward, x_in, weights, dilations, stride, mean, rstd, kDevice);
   const DepthwiseShape s = depthwise_shape(x_in, weights, stride);
   const std::vector<DepthwiseCandidate> cands = depthwise_candidates(weights, dilations);
   check_cuda_limits(kForward, s, cands);
+  const std::vector<int64_t> codes = activation_codes(kForward, activations, s.J);
   const DeviceGuard guard(x_in.device());
   at::Tensor out = at::empty({s.J, s.C, s.N, s.Ho, s.Wo}, x_in.options());
   if (out.numel() == 0) return out;
+  const auto groups = activation_groups(codes);
+  if (groups.size() > 1) {
+    for (const auto& idx : groups) {
+      const Subset sub = subset_of(idx, codes, x_in, weights, dilations, mean, rstd);
+      const at::Tensor x_sub = s.shared ? x_in : x_in.index_select(0, sub.index);
+      out.index_copy_(0, sub.index,
+                      multi_depthwise(x_sub, sub.weights, sub.dilations, stride, sub.mean, sub.rstd, sub.codes));
+    }
+    return out;
+  }
   const at::Tensor x = x_in.contiguous();
   const auto dtype = x.scalar_type();
   const auto ws = for_accumulation_all(weights, dtype);
   const bool bn = mean.has_value();
   const at::Tensor mean_acc = bn ? for_accumulation(*mean, dtype) : at::Tensor();
   const at::Tensor rstd_acc = bn ? for_accumulation(*rstd, dtype) : at::Tensor();
-  const Dims dm = dims_of(s, cands, bn);
+  Dims dm = dims_of(s, cands, bn);
+  dm.act = static_cast<int>(codes.empty() ? math::kRelu : codes[0]);
   const int w_taps = max_taps(cands);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_cuda", [&] {
@@ -702,18 +788,35 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
   return out;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const at::Tensor& grad_out_in,
-                                                                         const at::Tensor& x_in, at::TensorList weights,
-                                                                         at::IntArrayRef dilations, int64_t stride,
-                                                                         const std::optional<at::Tensor>& mean,
-                                                                         const std::optional<at::Tensor>& rstd,
-                                                                         bool input_need_grad) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
+    const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
+    int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd, bool input_need_grad,
+    at::IntArrayRef activations) {
   check_multi_depthwise(kBackward, x_in, weights, dilations, stride, mean, rstd, kDevice);
   const DepthwiseShape s = depthwise_shape(x_in, weights, stride);
   check_multi_depthwise_grad_out(kBackward, grad_out_in, x_in, s);
   const std::vector<DepthwiseCandidate> cands = depthwise_candidates(weights, dilations);
   check_cuda_limits(kBackward, s, cands);
+  const std::vector<int64_t> codes = activation_codes(kBackward, activations, s.J);
   const DeviceGuard guard(x_in.device());
+  const auto groups = activation_groups(codes);
+  if (groups.size() > 1) {
+    // One call per activation: a shared x sums their input gradients, in this order.
+    at::Tensor grad_pre = !input_need_grad ? at::empty({0}, x_in.options())
+                          : s.shared       ? at::zeros(x_in.sizes(), x_in.options())
+                                           : empty_contiguous(x_in.sizes(), x_in.options());
+    std::vector<at::Tensor> grad_ws(s.J);
+    for (const auto& idx : groups) {
+      const Subset sub = subset_of(idx, codes, x_in, weights, dilations, mean, rstd);
+      const at::Tensor x_sub = s.shared ? x_in : x_in.index_select(0, sub.index);
+      auto [gp, gw] = multi_depthwise_backward(grad_out_in.index_select(0, sub.index), x_sub, sub.weights,
+                                               sub.dilations, stride, sub.mean, sub.rstd, input_need_grad, sub.codes);
+      if (input_need_grad && s.shared) grad_pre.add_(gp);
+      if (input_need_grad && !s.shared) grad_pre.index_copy_(0, sub.index, gp);
+      for (size_t i = 0; i < idx.size(); ++i) grad_ws[idx[i]] = gw[i];
+    }
+    return {grad_pre, grad_ws};
+  }
   const auto dtype = x_in.scalar_type();
   const auto acc_dtype = accumulate_dtype(dtype);
   at::Tensor grad_pre =
@@ -727,7 +830,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(const a
     const bool bn = mean.has_value();
     const at::Tensor mean_acc = bn ? for_accumulation(*mean, dtype) : at::Tensor();
     const at::Tensor rstd_acc = bn ? for_accumulation(*rstd, dtype) : at::Tensor();
-    const Dims dm = dims_of(s, cands, bn);
+    Dims dm = dims_of(s, cands, bn);
+    dm.act = static_cast<int>(codes.empty() ? math::kRelu : codes[0]);
     const int w_taps = max_taps(cands);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_backward_cuda", [&] {

@@ -28,11 +28,13 @@ Candidate kinds (``kind`` strings, as reports show them):
 - ``factorized_reduce``: one ReLU, two 1x1 stride-2 convolutions of the same input
   and one batch norm over both outputs (AutoDL's also pads the input by one row and
   column at the far end, which changes nothing on the even sizes the fused edge takes);
-- convolution chains, leaf modules in order only ReLU, Conv2d and BatchNorm2d,
-  starting with a ReLU and ending with a batch norm, channels agreeing link to
-  link: ``sep_conv_KxK`` (two ReLU, depthwise, 1x1, BN blocks), ``dil_conv_KxK``
-  (one block with a dilated depthwise), ``relu_conv_bn_KxK`` (one convolution),
-  ``conv_chain`` (any other).
+- convolution chains, leaf modules in order only activations, Conv2d and
+  BatchNorm2d, starting with an activation and ending with a batch norm, channels
+  agreeing link to link: ``sep_conv_KxK`` (two ReLU, depthwise, 1x1, BN blocks),
+  ``dil_conv_KxK`` (one block with a dilated depthwise), ``relu_conv_bn_KxK`` (one
+  convolution), ``conv_chain`` (any other); with ``_<activation>`` appended when
+  every activation of the chain is the same other one of
+  ``fastnas.ops.activations`` (``sep_conv_3x3_relu6``).
 
 Fusable candidates (C channels in and out): zero; identity (stride 1); the
 factorized reduce (stride 2, C/2 + C/2 channels); 3x3 padding-1 max and avg pools
@@ -43,6 +45,8 @@ non-affine and share one eps with the others of the edge; either all of them tra
 running statistics, with one float momentum, or none does (then the fused edge
 updates no buffers, as such batch norms do not). Convolutions with a bias and
 affine batch norms (AutoDL's ``bias=not affine``) leave the edge to its modules.
+A convolution's activation must be one the fused edge's depthwise prologue
+computes (``fastnas.ops.darts_edge.FUSED_ACTIVATIONS``).
 """
 
 from __future__ import annotations
@@ -55,8 +59,9 @@ import torch
 import torch.nn as nn
 
 from fastnas import backends
+from fastnas.nn.operations import activation_name
+from fastnas.ops.darts_edge import FUSED_ACTIVATIONS, EdgeSpec, unsupported_reason
 from fastnas.ops.darts_edge import MEMORY_MODES as FUSED_MEMORY_MODES
-from fastnas.ops.darts_edge import EdgeSpec, unsupported_reason
 
 # What a mixed op keeps for backward:
 #   save        the fused edge keeps the pre-BN tensors its weighted sum normalises
@@ -127,13 +132,15 @@ def _probe(m: nn.Module) -> tuple[str, int] | None:
 
 
 def _chain_kind(leaves: list[nn.Module]) -> str | None:
-    """The kind of a ReLU/Conv2d/BatchNorm2d chain, or None if the leaves are not one."""
-    if len(leaves) < 3 or not isinstance(leaves[0], nn.ReLU) or not isinstance(leaves[-1], nn.BatchNorm2d):
+    """The kind of an activation/Conv2d/BatchNorm2d chain, or None if the leaves are not one."""
+    if len(leaves) < 3 or activation_name(leaves[0]) is None or not isinstance(leaves[-1], nn.BatchNorm2d):
         return None
     channels = None
     convs = []
+    activations = set()
     for leaf in leaves:
-        if isinstance(leaf, nn.ReLU):
+        if activation_name(leaf) is not None:
+            activations.add(activation_name(leaf))
             continue
         if isinstance(leaf, nn.Conv2d):
             if channels is not None and leaf.in_channels != channels:
@@ -151,12 +158,15 @@ def _chain_kind(leaves: list[nn.Module]) -> str | None:
         return None
     depthwise = [c for c in convs if c.groups == c.in_channels and c.groups > 1]
     size = "x".join(map(str, convs[0].kernel_size))
+    if len(activations) > 1:
+        return "conv_chain"
+    suffix = "" if activations == {"relu"} else f"_{activations.pop()}"
     if depthwise and any(_pair(c.dilation) != (1, 1) for c in depthwise):
-        return f"dil_conv_{size}"
+        return f"dil_conv_{size}{suffix}"
     if len(depthwise) == 2 and len(convs) == 4:
-        return f"sep_conv_{size}"
+        return f"sep_conv_{size}{suffix}"
     if len(convs) == 1:
-        return f"relu_conv_bn_{size}"
+        return f"relu_conv_bn_{size}" if not suffix else f"conv_bn_{size}{suffix}"
     return "conv_chain"
 
 
@@ -287,14 +297,21 @@ class _Fused:
     k: int = 0
     params: tuple = ()  # module paths (relative to the candidate) of the weights, in EdgeSpec order
     norms: tuple = ()  # module paths of the batch norms, in the order the spec's rows need them
+    activation: str = "relu"  # of a sep or dil
 
 
 def _conv_for_fusion(m: nn.Module, kind: str, C: int, stride: int) -> _Fused | str:
     named = [(name, leaf) for name, leaf in m.named_modules() if not leaf._modules]
     leaves = [leaf for _, leaf in named]
     names = [name for name, _ in named]
-    kinds = [type(leaf) for leaf in leaves]
-    block = [nn.ReLU, nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]
+    acts = [activation_name(leaf) for leaf in leaves]
+    kinds = ["act" if a is not None else type(leaf) for a, leaf in zip(acts, leaves)]
+    block = ["act", nn.Conv2d, nn.Conv2d, nn.BatchNorm2d]
+    activation = acts[0]
+    if activation is not None and activation not in FUSED_ACTIVATIONS:
+        return (
+            f"its {activation} activation (the fused edge's depthwise prologue computes {', '.join(FUSED_ACTIVATIONS)})"
+        )
     if kind.startswith("sep_conv_") and kinds == block * 2:
         k1, why = _depthwise(leaves[1], C, stride, 1)
         k2, why2 = _depthwise(leaves[5], C, 1, 1)
@@ -302,15 +319,17 @@ def _conv_for_fusion(m: nn.Module, kind: str, C: int, stride: int) -> _Fused | s
         why = why or _norm_reason(leaves[3], C) or _norm_reason(leaves[7], C)
         if why is None and k1 != k2:
             why = "the two depthwise convolutions of a separable convolution differ in size"
+        if why is None and acts[4] != activation:
+            why = "the two activations of a separable convolution differ"
         if why:
             return why
-        return _Fused("sep", k1, (names[1], names[2], names[5], names[6]), (names[3], names[7]))
+        return _Fused("sep", k1, (names[1], names[2], names[5], names[6]), (names[3], names[7]), activation)
     if kind.startswith("dil_conv_") and kinds == block:
         k, why = _depthwise(leaves[1], C, stride, 2)
         why = why or _pointwise_reason(leaves[2], C, C) or _norm_reason(leaves[3], C)
         if why:
             return why
-        return _Fused("dil", k, (names[1], names[2]), (names[3],))
+        return _Fused("dil", k, (names[1], names[2]), (names[3],), activation)
     return "a convolution candidate that is neither a separable nor a dilated (dilation 2) convolution"
 
 
@@ -426,6 +445,9 @@ class EdgePlan:
         if self.spec is None:
             return EdgePlan(self.kinds, active, self.stride, reason=self.reason, channels=self.channels)
         spec = self.spec
+        # Each kept convolution keeps its activation (seps, then dils, as the spec lists them).
+        convs = spec.sep + spec.dil
+        activations = tuple(a for (_, i), a in zip(convs, spec.activations) if i in keep)
 
         def kept(i):
             return i if i is not None and i in keep else None
@@ -438,6 +460,7 @@ class EdgePlan:
             avg_index=kept(spec.avg_index),
             skip_index=kept(spec.skip_index),
             reduce_index=kept(spec.reduce_index),
+            activations=() if set(activations) <= {"relu"} else activations,
         )
         if sub.ns + sub.nd == 0 and sub.reduce_index is None and sub.max_index is None and sub.avg_index is None:
             return EdgePlan(
@@ -508,10 +531,12 @@ class BoundEdge:
         )
 
 
-def plan_edge(candidates, C: int | None = None, stride: int | None = None) -> EdgePlan:
+def plan_edge(candidates, C: int | None = None, stride: int | None = None, partial: bool = False) -> EdgePlan:
     """Read an edge's candidate modules once; ``C`` and ``stride`` are read off the
     modules when not given. Never raises for candidates it does not know: their
-    kind is None and the plan says why the edge cannot be fused."""
+    kind is None and the plan says why the edge cannot be fused, or, with
+    ``partial``, the fused edge computes the others and the plan lists these in
+    ``modules``."""
     candidates = list(candidates)
     read = [_recognise(m) for m in candidates]
     kinds = tuple(kind for kind, _ in read)
@@ -598,11 +623,13 @@ def _with_fusion(plan: EdgePlan, candidates, fused: list[_Fused]) -> EdgePlan:
     momentum = {float(bn.momentum) for bn in bns} if track else set()
     if len(eps) > 1 or len(momentum) > 1:
         return _without_fusion(plan, "the batch norms of the edge differ in eps or momentum")
+    activations = tuple(f.activation for _, f in sep + dil)
     spec = EdgeSpec(
         stride=plan.stride,
         K=len(fused),
         sep=tuple((f.k, i) for i, f in sep),
         dil=tuple((f.k, i) for i, f in dil),
+        activations=() if set(activations) <= {"relu"} else activations,
         max_index=index.get("max"),
         avg_index=index.get("avg"),
         skip_index=index.get("identity"),

@@ -5,6 +5,11 @@ NAS-Bench-201 (Dong and Yang, 2020). ``OPS`` maps a primitive's name to a
 factory ``(C, stride, affine) -> nn.Module``; the candidate set of a search
 space is a list of these names, so new primitives only need
 ``register_primitive``.
+
+The convolution candidates also come with another activation in place of their
+ReLUs (Scalable-DARTS, Wang et al., 2019), named ``<primitive>_<activation>``:
+``sep_conv_3x3_relu6``, ``dil_conv_5x5_swish`` (``with_activation``,
+``split_activation``); the plain name is the ReLU one.
 """
 
 from __future__ import annotations
@@ -14,16 +19,63 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from fastnas.ops.activations import ACTIVATIONS, ELU_ALPHA, LEAKY_RELU_SLOPE
+
 OpFactory = Callable[[int, int, bool], nn.Module]
+
+# The module of each activation of fastnas.ops.activations, with the parameters the kernels take.
+ACTIVATION_MODULES: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=False),
+    "relu6": lambda: nn.ReLU6(inplace=False),
+    "elu": lambda: nn.ELU(alpha=ELU_ALPHA),
+    "leaky_relu": lambda: nn.LeakyReLU(LEAKY_RELU_SLOPE),
+    "swish": lambda: nn.SiLU(),
+    "hardswish": lambda: nn.Hardswish(),
+}
+assert tuple(ACTIVATION_MODULES) == ACTIVATIONS
+
+
+def activation_module(name: str) -> nn.Module:
+    """A fresh module of activation ``name``."""
+    if name not in ACTIVATION_MODULES:
+        raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATION_MODULES[name]()
+
+
+def activation_name(m: nn.Module) -> str | None:
+    """The name of activation module ``m`` when it is one of ``ACTIVATION_MODULES`` with
+    their parameters (ELU alpha, leaky ReLU slope), else None."""
+    if isinstance(m, nn.ReLU):
+        return "relu"
+    if isinstance(m, nn.ReLU6):
+        return "relu6"
+    if isinstance(m, nn.ELU) and m.alpha == ELU_ALPHA:
+        return "elu"
+    if isinstance(m, nn.LeakyReLU) and m.negative_slope == LEAKY_RELU_SLOPE:
+        return "leaky_relu"
+    if isinstance(m, nn.SiLU):
+        return "swish"
+    if isinstance(m, nn.Hardswish):
+        return "hardswish"
+    return None
 
 
 class ReLUConvBN(nn.Module):
     """ReLU, convolution, batch norm (DARTS preprocessing; NAS-Bench-201 ``nor_conv``)."""
 
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        affine: bool = True,
+        activation: str = "relu",
+    ):
         super().__init__()
         self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
+            activation_module(activation),
             nn.Conv2d(C_in, C_out, kernel_size, stride=stride, padding=padding, bias=False),
             nn.BatchNorm2d(C_out, affine=affine),
         )
@@ -33,14 +85,22 @@ class ReLUConvBN(nn.Module):
 
 
 class DilConv(nn.Module):
-    """ReLU, dilated depthwise convolution, 1x1 convolution, batch norm."""
+    """ReLU (or ``activation``), dilated depthwise convolution, 1x1 convolution, batch norm."""
 
     def __init__(
-        self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, dilation: int, affine: bool = True
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        dilation: int,
+        affine: bool = True,
+        activation: str = "relu",
     ):
         super().__init__()
         self.op = nn.Sequential(
-            nn.ReLU(inplace=False),
+            activation_module(activation),
             nn.Conv2d(
                 C_in, C_in, kernel_size, stride=stride, padding=padding, dilation=dilation, groups=C_in, bias=False
             ),
@@ -53,13 +113,22 @@ class DilConv(nn.Module):
 
 
 class SepConv(nn.Module):
-    """Two stacked (ReLU, depthwise, 1x1, batch norm) blocks; only the first strides."""
+    """Two stacked (ReLU or ``activation``, depthwise, 1x1, batch norm) blocks; only the first strides."""
 
-    def __init__(self, C_in: int, C_out: int, kernel_size: int, stride: int, padding: int, affine: bool = True):
+    def __init__(
+        self,
+        C_in: int,
+        C_out: int,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        affine: bool = True,
+        activation: str = "relu",
+    ):
         super().__init__()
         self.op = nn.Sequential(
-            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine=affine),
-            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine=affine),
+            DilConv(C_in, C_in, kernel_size, stride, padding, 1, affine=affine, activation=activation),
+            DilConv(C_in, C_out, kernel_size, 1, padding, 1, affine=affine, activation=activation),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,19 +177,55 @@ class FactorizedReduce(nn.Module):
         return self.bn(torch.cat([self.conv_1(x), self.conv_2(x[:, :, 1:, 1:])], dim=1))
 
 
+def _conv_factories(activation: str) -> dict[str, OpFactory]:
+    """The convolution candidates with ``activation`` in place of their ReLUs, by primitive name."""
+    a = activation
+    return {
+        "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine, activation=a),
+        "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine, activation=a),
+        "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine=affine, activation=a),
+        "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine, activation=a),
+        "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine, activation=a),
+        "nor_conv_1x1": lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine=affine, activation=a),
+        "nor_conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine=affine, activation=a),
+    }
+
+
+# The candidates that begin with an activation, and so also come with the others.
+CONV_PRIMITIVES = tuple(_conv_factories("relu"))
+
 OPS: dict[str, OpFactory] = {
     "none": lambda C, stride, affine: Zero(stride),
     "avg_pool_3x3": lambda C, stride, affine: nn.AvgPool2d(3, stride=stride, padding=1, count_include_pad=False),
     "max_pool_3x3": lambda C, stride, affine: nn.MaxPool2d(3, stride=stride, padding=1),
     "skip_connect": lambda C, stride, affine: Identity() if stride == 1 else FactorizedReduce(C, C, affine=affine),
-    "sep_conv_3x3": lambda C, stride, affine: SepConv(C, C, 3, stride, 1, affine=affine),
-    "sep_conv_5x5": lambda C, stride, affine: SepConv(C, C, 5, stride, 2, affine=affine),
-    "sep_conv_7x7": lambda C, stride, affine: SepConv(C, C, 7, stride, 3, affine=affine),
-    "dil_conv_3x3": lambda C, stride, affine: DilConv(C, C, 3, stride, 2, 2, affine=affine),
-    "dil_conv_5x5": lambda C, stride, affine: DilConv(C, C, 5, stride, 4, 2, affine=affine),
-    "nor_conv_1x1": lambda C, stride, affine: ReLUConvBN(C, C, 1, stride, 0, affine=affine),
-    "nor_conv_3x3": lambda C, stride, affine: ReLUConvBN(C, C, 3, stride, 1, affine=affine),
+    **_conv_factories("relu"),
 }
+
+
+def with_activation(primitive: str, activation: str) -> str:
+    """The name of convolution ``primitive`` with ``activation`` in place of ReLU (the plain name for ReLU)."""
+    if activation not in ACTIVATION_MODULES:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {', '.join(ACTIVATIONS)}")
+    if activation == "relu":
+        return primitive
+    if primitive not in CONV_PRIMITIVES:
+        raise ValueError(f"{primitive!r} has no activation to choose; those that do: {', '.join(CONV_PRIMITIVES)}")
+    return f"{primitive}_{activation}"
+
+
+def split_activation(name: str) -> tuple[str, str | None]:
+    """(primitive, activation) of a candidate name: ``sep_conv_3x3_relu6`` -> (sep_conv_3x3, relu6),
+    ``sep_conv_3x3`` -> (sep_conv_3x3, relu); (name, None) for a candidate without an activation."""
+    for activation in sorted(ACTIVATIONS, key=len, reverse=True):
+        base = name[: -len(activation) - 1]
+        if name.endswith("_" + activation) and base in CONV_PRIMITIVES and activation != "relu":
+            return base, activation
+    return (name, "relu") if name in CONV_PRIMITIVES else (name, None)
+
+
+for _activation in ACTIVATIONS[1:]:
+    OPS.update({with_activation(p, _activation): f for p, f in _conv_factories(_activation).items()})
 
 
 def register_primitive(name: str, factory: OpFactory, *, overwrite: bool = False) -> None:

@@ -8,7 +8,9 @@ through the building-block ops, never as separate eager modules:
   output into one channel-major buffer (J, C, N, H, W), so their 1x1
   convolutions are one ``bmm``; the second half of the separable convolutions
   is a second ``multi_depthwise`` whose prologue applies the first batch norm
-  and ReLU in registers;
+  and ReLU in registers. Candidates with another activation in place of ReLU
+  (``EdgeSpec.activations``, Scalable-DARTS' pairs) go into the same calls: the
+  prologue computes every activation from one read of x;
 - every batch norm at a candidate's end is folded into ``darts_sum``, which
   receives the pre-BN tensors and their batch statistics;
 - max_pool_3x3 and avg_pool_3x3 with their batch norms are computed inside
@@ -55,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from fastnas import backends
+from fastnas.ops.activations import ACTIVATIONS
 from fastnas.ops.darts_sum import darts_sum, darts_sum_backward, pool_batch_norm_stats
 from fastnas.ops.multi_depthwise import (
     MAX_CANDIDATES_TRITON,
@@ -71,6 +74,8 @@ from fastnas.ops.stacked_batch_norm import (
 MEMORY_MODES = ("save", "recompute")
 # The dtypes the fused edge computes; the rest run the candidate modules.
 DTYPES = (torch.float32, torch.float64)
+# The activations the depthwise prologue applies before the convolution candidates.
+FUSED_ACTIVATIONS = ACTIVATIONS
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,9 @@ class EdgeSpec:
     ``sep`` and ``dil`` list (kernel size, index into the edge's weights) of the
     separable and dilated convolution candidates; the ``*_index`` fields give
     the weight index of the other candidates present (None if absent); ``K`` is
-    the number of weights (``none`` candidates included).
+    the number of weights (``none`` candidates included); ``activations`` names
+    the activation of each convolution candidate, seps then dils, in place of
+    ReLU (empty: all ReLU).
 
     Parameters come in this order: for each sep (dw1, pw1, dw2, pw2), for each
     dil (dw, pw), then the factorized reduce's (conv_1, conv_2). Batch-norm
@@ -99,6 +106,7 @@ class EdgeSpec:
     reduce_index: int | None = None
     eps: float = 1e-5
     momentum: float = 0.1
+    activations: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.stride not in (1, 2):
@@ -109,6 +117,13 @@ class EdgeSpec:
             raise ValueError("EdgeSpec: the identity skip needs stride 1; use reduce_index on stride-2 edges")
         if self.reduce_index is not None and self.stride != 2:
             raise ValueError("EdgeSpec: a factorized reduce needs stride 2")
+        if self.activations and len(self.activations) != len(self.sep) + len(self.dil):
+            raise ValueError(
+                f"EdgeSpec: {len(self.activations)} activations for {len(self.sep) + len(self.dil)} convolutions"
+            )
+        unknown = [a for a in self.activations if a not in ACTIVATIONS]
+        if unknown:
+            raise ValueError(f"EdgeSpec: unknown activation {unknown[0]!r}; choose one of {', '.join(ACTIVATIONS)}")
         indices = [i for _, i in self.sep + self.dil]
         indices += [i for i in (self.max_index, self.avg_index, self.skip_index, self.reduce_index) if i is not None]
         if any(not 0 <= i < self.K for i in indices):
@@ -118,15 +133,21 @@ class EdgeSpec:
         # What the C++ op reads (csrc/darts_edge.h, Spec), encoded once.
         absent = [-1 if i is None else i for i in (self.max_index, self.avg_index, self.skip_index, self.reduce_index)]
         encoded = [self.stride, self.K, len(self.sep), len(self.dil), *absent]
-        for k, i in self.sep + self.dil:
-            encoded += [k, i]
+        for (k, i), a in zip(self.sep + self.dil, self.activations or ["relu"] * (len(self.sep) + len(self.dil))):
+            encoded += [k, i, ACTIVATIONS.index(a)]
         object.__setattr__(self, "_encoded", tuple(encoded))
 
     @property
     def encoded(self) -> tuple[int, ...]:
         """The spec as the ints the C++ op reads: [stride, K, ns, nd, max, avg, skip, reduce
-        (-1 when absent), then (kernel size, weight index) of each sep, then of each dil]."""
+        (-1 when absent), then (kernel size, weight index, activation code) of each sep, then of
+        each dil]; the codes are ``fastnas.ops.activations``' (0, ReLU, where ``activations`` is empty)."""
         return self._encoded
+
+    @staticmethod
+    def encoded_size(ns: int, nd: int) -> int:
+        """How many ints ``encoded`` has for ``ns`` separable and ``nd`` dilated convolutions."""
+        return 8 + 3 * (ns + nd)
 
     @classmethod
     def decode(cls, encoded, eps: float = 1e-5, momentum: float = 0.1) -> EdgeSpec:
@@ -135,12 +156,17 @@ class EdgeSpec:
         if len(encoded) < 8:
             raise ValueError(f"EdgeSpec.decode: {len(encoded)} ints; an edge needs at least 8 (see EdgeSpec.encoded)")
         stride, K, ns, nd, *opt = encoded[:8]
-        if ns < 0 or nd < 0 or len(encoded) != 8 + 2 * (ns + nd):
+        if ns < 0 or nd < 0 or len(encoded) != cls.encoded_size(ns, nd):
             raise ValueError(f"EdgeSpec.decode: {len(encoded)} ints do not describe {ns} sep and {nd} dil convolutions")
-        conv = [tuple(encoded[8 + 2 * j : 10 + 2 * j]) for j in range(ns + nd)]
+        conv = [tuple(encoded[8 + 3 * j : 10 + 3 * j]) for j in range(ns + nd)]
+        codes = [encoded[10 + 3 * j] for j in range(ns + nd)]
+        bad = [c for c in codes if not 0 <= c < len(ACTIVATIONS)]
+        if bad:
+            raise ValueError(f"EdgeSpec.decode: activation code {bad[0]}; codes run from 0 to {len(ACTIVATIONS) - 1}")
+        activations = () if not any(codes) else tuple(ACTIVATIONS[c] for c in codes)
         max_index, avg_index, skip_index, reduce_index = (None if i == -1 else i for i in opt)
         return cls(stride, K, tuple(conv[:ns]), tuple(conv[ns:]), max_index, avg_index, skip_index, reduce_index,
-                   float(eps), float(momentum))  # fmt: skip
+                   float(eps), float(momentum), activations)  # fmt: skip
 
     @property
     def ns(self) -> int:
@@ -180,6 +206,9 @@ def unsupported_reason(spec: EdgeSpec, dtype: torch.dtype, backend: str) -> str 
     of the building blocks the edge is made of."""
     if dtype not in DTYPES:
         return f"the fused edge computes float32 and float64 inputs, not {dtype}"
+    unknown = sorted(set(spec.activations) - set(FUSED_ACTIVATIONS))
+    if unknown:
+        return f"a {unknown[0]} activation; the fused edge's depthwise prologue computes {', '.join(FUSED_ACTIVATIONS)}"
     sizes = [k for k, _ in spec.sep] + [k for k, _ in spec.dil]
     if any(k > MAX_KERNEL_SIZE for k in sizes):
         return f"a depthwise kernel of size {max(sizes)}; the fused edge takes at most {MAX_KERNEL_SIZE}"
@@ -208,6 +237,11 @@ def _first_dilations(spec: EdgeSpec) -> list[int]:
     return [1] * spec.ns + [2] * spec.nd
 
 
+def _activations(spec: EdgeSpec) -> list[str]:
+    """Activation of each first depthwise convolution, seps then dils (the seps' second ones: the first ns)."""
+    return list(spec.activations) or ["relu"] * (spec.ns + spec.nd)
+
+
 def _prologue(z_mid, mean, rstd):
     """The second depthwise stage's input, as multi_depthwise takes it.
 
@@ -222,9 +256,9 @@ def _prologue(z_mid, mean, rstd):
     return z_mid, mean.float(), rstd.float()
 
 
-def _second_depthwise(z_mid, mean, rstd, dw2, backend):
+def _second_depthwise(z_mid, mean, rstd, dw2, activations, backend):
     x, m, r = _prologue(z_mid, mean, rstd)
-    return multi_depthwise(x, dw2, [1] * len(dw2), 1, m, r, backend=backend)
+    return multi_depthwise(x, dw2, [1] * len(dw2), 1, m, r, activations=activations, backend=backend)
 
 
 def _stack_pointwise(ws) -> torch.Tensor:
@@ -271,7 +305,9 @@ class _Forward:
         self.pw1 = _stack_pointwise(pw1) if J1 else None
         self.pw2 = _stack_pointwise(pw2) if ns else None
         if J1:
-            self.d1 = multi_depthwise(x, dw1, _first_dilations(spec), s, backend=backend)
+            self.d1 = multi_depthwise(
+                x, dw1, _first_dilations(spec), s, activations=_activations(spec), backend=backend
+            )
             d1 = self.d1.view(J1, C, M)
             if ns:
                 self.z_mid = torch.bmm(self.pw1[:ns], d1[:ns]).view(ns, C, N, Ho, Wo)
@@ -282,7 +318,7 @@ class _Forward:
         else:
             m1, r1 = stats["m1"], stats["r1"]
         if ns:
-            self.d2 = _second_depthwise(self.z_mid, m1, r1, dw2, backend)
+            self.d2 = _second_depthwise(self.z_mid, m1, r1, dw2, _activations(spec)[:ns], backend)
             if fill:
                 torch.bmm(self.pw2, self.d2.view(ns, C, M), out=zs[nd : nd + ns].view(ns, C, M))
         if spec.reduce_index is not None:
@@ -387,15 +423,16 @@ class DartsEdgeFunction(torch.autograd.Function):
                 gd2 = torch.bmm(fwd.pw2.transpose(1, 2), gz_end)
                 a2, m_a2, r_a2 = _prologue(fwd.z_mid, st["m1"], st["r1"])
                 gpre2, g_dw2 = multi_depthwise_backward(
-                    gd2.view(ns, C, N, Ho, Wo), a2, fwd.dw2, [1] * ns, 1, m_a2, r_a2, True, backend=backend
-                )
+                    gd2.view(ns, C, N, Ho, Wo), a2, fwd.dw2, [1] * ns, 1, m_a2, r_a2, True,
+                    activations=_activations(spec)[:ns], backend=backend,
+                )  # fmt: skip
                 gz_mid = stacked_batch_norm_backward(gpre2, fwd.z_mid, st["m1"], st["r1"], backend=backend)
                 gz1 = torch.cat((gz_mid.view(ns, C, M), gz1)) if nd else gz_mid.view(ns, C, M)
             gd1 = torch.bmm(fwd.pw1.transpose(1, 2), gz1)
             g_pw1 = torch.bmm(gz1, d1.transpose(1, 2)).view(J1, C, C, 1, 1).unbind(0)
             gx1, g_dw1 = multi_depthwise_backward(
                 gd1.view(J1, C, N, Ho, Wo), x, fwd.dw1, _first_dilations(spec), spec.stride, None, None, True,
-                backend=backend,
+                activations=_activations(spec), backend=backend,
             )  # fmt: skip
             gx = gx + gx1
         g_fr = []
@@ -564,4 +601,4 @@ _CPP_BACKENDS = _register_cpp()
 backends.register("darts_edge", "cpu", "cuda", "triton")
 
 
-__all__ = ["DTYPES", "EdgeSpec", "MEMORY_MODES", "darts_edge", "unsupported_reason"]
+__all__ = ["DTYPES", "EdgeSpec", "FUSED_ACTIVATIONS", "MEMORY_MODES", "darts_edge", "unsupported_reason"]

@@ -1,11 +1,14 @@
-"""multi_depthwise: J depthwise convolutions of one ReLU'd input, stacked channel-major.
+"""multi_depthwise: J depthwise convolutions of one activated input, stacked channel-major.
 
 The DARTS candidates sep_conv_3x3/5x5 and dil_conv_3x3/5x5 all begin with
 ReLU of the same edge input followed by a depthwise convolution. This op reads
 the input once, applies the ReLU (optionally after a batch norm without
 affine, ``(x - mean) * rstd``) in registers and writes the J depthwise outputs
 into one (J, C, N, Ho, Wo) buffer, so the J pointwise convolutions that follow
-are one bmm over (C, N*Ho*Wo) matrices.
+are one bmm over (C, N*Ho*Wo) matrices. ``activations`` puts another
+activation of ``fastnas.ops.activations`` in place of the ReLU, one for all
+candidates or one per candidate: candidates of several activations still read
+the input once (Scalable-DARTS' activation x convolution pairs).
 
 Inputs:
   x          (N, C, H, W), shared by all J candidates, or (J, C, N, H, W), one
@@ -14,11 +17,13 @@ Inputs:
   dilations  J ints >= 1; candidate j is zero-padded by d_j * (k_j - 1) / 2, so
              every candidate has the output size (H - 1) // stride + 1.
   stride     1 or 2.
+  activations  "relu" (default), another name of ``fastnas.ops.activations``, or J names.
 
-The backward returns the gradient with respect to the pre-ReLU value (x in the
-shared case, summed over candidates; ``(x - mean) * rstd`` per candidate
-otherwise), already masked by ``pre > 0``, and the weights' gradients, reduced
-in a fixed order so reruns are bit-identical.
+The backward returns the gradient with respect to the pre-activation value (x
+in the shared case, summed over candidates; ``(x - mean) * rstd`` per candidate
+otherwise), already multiplied by the activation's derivative (for ReLU, masked
+by ``pre > 0``), and the weights' gradients, reduced in a fixed order so reruns
+are bit-identical.
 
 Ops registered with torch.library:
   fastnas::multi_depthwise / multi_depthwise_backward                 C++ (CPU, CUDA)
@@ -47,6 +52,7 @@ from fastnas.ops._common import (
     check_value,
     is_int,
 )
+from fastnas.ops.activations import ACTIVATIONS, activation_code, apply_activation
 
 # The Triton kernels take the candidates' weights through a fixed number of
 # pointer slots.
@@ -75,13 +81,12 @@ def _pre_activation(x, mean, rstd):
     return pre
 
 
-def _depthwise_stack(pre, weights, dilations, stride, shared, out_dtype):
-    """relu(pre) convolved with each candidate, stacked as (J, C, N, Ho, Wo)."""
+def _depthwise_stack(pre, weights, dilations, stride, shared, out_dtype, activations):
+    """act_j(pre) convolved with each candidate j, stacked as (J, C, N, Ho, Wo)."""
     acc = pre.dtype
-    a = torch.relu(pre)
     outs = []
     for j, (w, d) in enumerate(zip(weights, dilations)):
-        a_j = a if shared else a[j].transpose(0, 1)  # (N, C, H, W)
+        a_j = apply_activation(ACTIVATIONS[activations[j]], pre if shared else pre[j].transpose(0, 1))  # (N, C, H, W)
         y = F.conv2d(a_j, w.to(acc), stride=stride, padding=_padding(w, d), dilation=d, groups=a_j.shape[1])
         outs.append(y.transpose(0, 1))  # (C, N, Ho, Wo)
     return torch.stack(outs).to(out_dtype).contiguous()
@@ -94,12 +99,14 @@ def multi_depthwise_reference(
     stride: int,
     mean: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
+    activations="relu",
 ) -> torch.Tensor:
     """The oracle: eager PyTorch, one ``conv2d(groups=C)`` per candidate, in fp32 (fp64 for fp64)."""
     weights, dilations = list(weights), list(dilations)
     shared = check_multi_depthwise(x, weights, dilations, stride, mean, rstd, "multi_depthwise_reference")
+    codes = activation_codes("multi_depthwise_reference", activations, len(weights))
     pre = _pre_activation(x, mean, rstd)
-    return _depthwise_stack(pre, weights, dilations, stride, shared, x.dtype)
+    return _depthwise_stack(pre, weights, dilations, stride, shared, x.dtype, codes)
 
 
 def multi_depthwise_backward_reference(
@@ -111,21 +118,23 @@ def multi_depthwise_backward_reference(
     mean: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
     input_need_grad: bool = True,
+    activations="relu",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The oracle of the backward: autograd through the reference.
 
     Returns (grad_pre, grad_weights); grad_pre is the gradient with respect to
-    the pre-ReLU value (an empty tensor when ``input_need_grad`` is False).
+    the pre-activation value (an empty tensor when ``input_need_grad`` is False).
     """
     weights, dilations = list(weights), list(dilations)
     shared = check_multi_depthwise_backward(
         grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, "multi_depthwise_backward_reference"
     )
+    codes = activation_codes("multi_depthwise_backward_reference", activations, len(weights))
     acc = accumulate_dtype(x.dtype)
     with torch.enable_grad():
         pre = _pre_activation(x.detach(), mean, rstd).requires_grad_(True)
         ws = [w.detach().to(acc).requires_grad_(True) for w in weights]
-        out = _depthwise_stack(pre, ws, dilations, stride, shared, acc)
+        out = _depthwise_stack(pre, ws, dilations, stride, shared, acc, codes)
         grads = torch.autograd.grad(out, [pre, *ws], grad_out.to(acc))
     grad_pre = grads[0].to(x.dtype).contiguous() if input_need_grad else x.new_empty(0)
     grad_ws = [g.to(w.dtype) for g, w in zip(grads[1:], weights)]
@@ -133,6 +142,33 @@ def multi_depthwise_backward_reference(
 
 
 # --- argument checks ----------------------------------------------------------------
+
+
+def activation_codes(op: str, activations, num: int) -> list[int]:
+    """The kernels' codes of ``activations``: one name for all ``num`` candidates, or one name each."""
+    if isinstance(activations, str):
+        activations = [activations] * num
+    elif isinstance(activations, torch.Tensor) or not isinstance(activations, Sequence):
+        raise TypeError(f"{op}: activations must be a name or a list of names, got {type(activations).__name__}")
+    activations = list(activations)
+    if len(activations) != num:
+        raise ValueError(f"{op}: activations has {len(activations)} entries but weights has {num}")
+    try:
+        return [activation_code(a) for a in activations]
+    except ValueError as exc:
+        raise ValueError(f"{op}: {exc}") from None
+
+
+def check_activation_codes(op: str, codes, num: int) -> None:
+    """The ops' ``activations`` argument: empty (ReLU) or one code of ``fastnas.ops.activations`` per candidate."""
+    codes = check_int_list(op, "activations", codes)
+    check_value(len(codes) in (0, num), lambda: f"{op}: activations has {len(codes)} entries but weights has {num}")
+
+    def message():
+        j = next(j for j, c in enumerate(codes) if not 0 <= c < len(ACTIVATIONS))
+        return f"{op}: activations[{j}] is {codes[j]}; activation codes run from 0 to {len(ACTIVATIONS) - 1}"
+
+    check_value(all(0 <= c < len(ACTIVATIONS) for c in codes), message)
 
 
 def check_multi_depthwise(x, weights, dilations, stride, mean, rstd, op: str = "multi_depthwise") -> bool:
@@ -265,18 +301,21 @@ def multi_depthwise(
     mean: torch.Tensor | None = None,
     rstd: torch.Tensor | None = None,
     *,
+    activations="relu",
     backend: str | None = None,
 ) -> torch.Tensor:
-    """J depthwise convolutions of relu(x) (or relu((x - mean) * rstd)), as (J, C, N, Ho, Wo)."""
+    """J depthwise convolutions of act(x) (or act((x - mean) * rstd)), as (J, C, N, Ho, Wo);
+    ``activations``: one name of ``fastnas.ops.activations`` for all, or one per candidate."""
     weights, dilations = list(weights), list(dilations)
     shared = check_multi_depthwise(x, weights, dilations, stride, mean, rstd)
+    codes = activation_codes("multi_depthwise", activations, len(weights))
     name = _backend(x.device, backend, len(weights))
     if name == "reference":
-        return multi_depthwise_reference(x, weights, dilations, stride, mean, rstd)
+        return multi_depthwise_reference(x, weights, dilations, stride, mean, rstd, codes_to_names(codes))
     x = x.contiguous() if shared or not x.is_contiguous() else x
     if name == "triton":
-        return torch.ops.fastnas.multi_depthwise_triton(x, weights, dilations, stride, mean, rstd)
-    return torch.ops.fastnas.multi_depthwise(x, weights, dilations, stride, mean, rstd)
+        return torch.ops.fastnas.multi_depthwise_triton(x, weights, dilations, stride, mean, rstd, codes)
+    return torch.ops.fastnas.multi_depthwise(x, weights, dilations, stride, mean, rstd, codes)
 
 
 def multi_depthwise_backward(
@@ -289,42 +328,52 @@ def multi_depthwise_backward(
     rstd: torch.Tensor | None = None,
     input_need_grad: bool = True,
     *,
+    activations="relu",
     backend: str | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad_pre, grad_weights) of ``multi_depthwise``; see the module docstring."""
     weights, dilations = list(weights), list(dilations)
     check_multi_depthwise_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
+    codes = activation_codes("multi_depthwise_backward", activations, len(weights))
     name = _backend(x.device, backend, len(weights))
     input_need_grad = bool(input_need_grad)
     if name == "reference":
-        return multi_depthwise_backward_reference(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
+        return multi_depthwise_backward_reference(
+            grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, codes_to_names(codes)
+        )
     x, grad_out = x.contiguous(), grad_out.contiguous()
     if name == "triton":
         op = torch.ops.fastnas.multi_depthwise_backward_triton
     else:
         op = torch.ops.fastnas.multi_depthwise_backward
-    grad_pre, grad_ws = op(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
+    grad_pre, grad_ws = op(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, codes)
     return grad_pre, list(grad_ws)
+
+
+def codes_to_names(codes) -> list[str]:
+    return [ACTIVATIONS[c] for c in codes]
 
 
 # --- fake implementations, autograd ---------------------------------------------------
 
 
-def _fake_forward(x, weights, dilations, stride, mean, rstd):
+def _fake_forward(x, weights, dilations, stride, mean, rstd, activations=()):
     check_multi_depthwise(x, weights, dilations, stride, mean, rstd)
+    check_activation_codes("multi_depthwise", activations, len(weights))
     shape = _output_shape(x, len(weights), stride, x.dim() == 4)
     return x.new_empty(shape)
 
 
-def _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad):
+def _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations=()):
     check_multi_depthwise_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
+    check_activation_codes("multi_depthwise_backward", activations, len(weights))
     grad_pre = x.new_empty(x.shape) if input_need_grad else x.new_empty(0)
     return grad_pre, [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, dilations, stride, mean, rstd = inputs
-    ctx.dilations, ctx.stride = list(dilations), stride
+    x, weights, dilations, stride, mean, rstd, activations = inputs
+    ctx.dilations, ctx.stride, ctx.activations = list(dilations), stride, list(activations or [])
     ctx.has_bn = mean is not None
     ctx.save_for_backward(x, mean, rstd, *weights)
 
@@ -334,7 +383,7 @@ def _make_backward(backward_op):
         x, mean, rstd, *weights = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0] or (ctx.has_bn and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]))
         grad_pre, grad_ws = backward_op(
-            grad_out.contiguous(), x, weights, ctx.dilations, ctx.stride, mean, rstd, bool(need_x)
+            grad_out.contiguous(), x, weights, ctx.dilations, ctx.stride, mean, rstd, bool(need_x), ctx.activations
         )
         grad_x = grad_mean = grad_rstd = None
         if ctx.has_bn and need_x:
@@ -350,7 +399,7 @@ def _make_backward(backward_op):
                 grad_rstd = (g * (x.to(acc) - mean.to(acc)[:, :, None, None, None])).sum((2, 3, 4)).to(rstd.dtype)
         elif ctx.needs_input_grad[0]:
             grad_x = grad_pre
-        return grad_x, list(grad_ws), None, None, grad_mean, grad_rstd
+        return grad_x, list(grad_ws), None, None, grad_mean, grad_rstd, None
 
     return backward
 
@@ -377,12 +426,14 @@ def _multi_depthwise_triton(
     stride: int,
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
+    activations: list[int] | None = None,
 ) -> torch.Tensor:
     from fastnas.kernels.multi_depthwise import multi_depthwise_forward
 
     return multi_depthwise_forward(
         x.contiguous(), [w.contiguous() for w in weights], list(dilations), stride,
         None if mean is None else mean.contiguous(), None if rstd is None else rstd.contiguous(),
+        list(activations or []),
     )  # fmt: skip
 
 
@@ -396,25 +447,27 @@ def _multi_depthwise_backward_triton(
     mean: torch.Tensor | None,
     rstd: torch.Tensor | None,
     input_need_grad: bool,
+    activations: list[int] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     from fastnas.kernels.multi_depthwise import multi_depthwise_backward as backward
 
     return backward(
         grad_out.contiguous(), x.contiguous(), [w.contiguous() for w in weights], list(dilations), stride,
         None if mean is None else mean.contiguous(), None if rstd is None else rstd.contiguous(), input_need_grad,
+        list(activations or []),
     )  # fmt: skip
 
 
 @_multi_depthwise_triton.register_fake
-def _fake_forward_triton(x, weights, dilations, stride, mean, rstd):
+def _fake_forward_triton(x, weights, dilations, stride, mean, rstd, activations=None):
     check_triton_candidates(len(weights))
-    return _fake_forward(x, weights, dilations, stride, mean, rstd)
+    return _fake_forward(x, weights, dilations, stride, mean, rstd, activations or ())
 
 
 @_multi_depthwise_backward_triton.register_fake
-def _fake_backward_triton(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad):
+def _fake_backward_triton(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations=None):
     check_triton_candidates(len(weights))
-    return _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad)
+    return _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations or ())
 
 
 _multi_depthwise_triton.register_autograd(

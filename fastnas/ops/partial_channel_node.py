@@ -63,7 +63,7 @@ class NodeSpec:
         for e in range(len(eps)):
             if len(encoded) < at + 8:
                 raise ValueError(f"NodeSpec.decode: {len(encoded)} ints end inside edge {e}'s header")
-            size = 8 + 2 * (encoded[at + 2] + encoded[at + 3])
+            size = EdgeSpec.encoded_size(encoded[at + 2], encoded[at + 3])
             edges.append(EdgeSpec.decode(encoded[at : at + size], eps[e], momentum[e]))
             at += size
         if at != len(encoded):

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from fastnas.search.errors import SearchError
 from fastnas.search.methods import get_method
+from fastnas.search.methods.amended_darts import AMEND_COEFFICIENT
+from fastnas.search.methods.la_darts import LATENCY_WEIGHT
 from fastnas.spaces import SPACES, get_space
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
@@ -49,6 +51,10 @@ RESUME_FIELDS = (
     "max_skip_connect",
     "tau_max",
     "tau_min",
+    "amend_coefficient",
+    "latency_model_sha256",
+    "latency_weight",
+    "activations",
     "amp",
     "world_size",
     "bn_affine",
@@ -100,6 +106,11 @@ class SearchConfig:
     max_skip_connect: int | None = None
     tau_max: float = 10.0
     tau_min: float = 0.1
+    amend_coefficient: float = AMEND_COEFFICIENT
+    latency_model: str | None = None
+    latency_model_sha256: str | None = None
+    latency_weight: float = LATENCY_WEIGHT
+    activations: tuple | None = None
     amp: str | None = None
     memory: str = "save"
     # None: capture the step as a CUDA graph wherever that works (on CUDA).
@@ -200,7 +211,7 @@ class SearchConfig:
     @classmethod
     def from_dict(cls, values: dict) -> SearchConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        tuples = {"arch_betas", "stage_layers", "stage_keep", "skip_drop", "primitives"}
+        tuples = {"arch_betas", "stage_layers", "stage_keep", "skip_drop", "primitives", "activations"}
         kwargs = {}
         for k, v in values.items():
             if k in names:

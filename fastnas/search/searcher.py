@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from fastnas.search import checkpoint as ckpt
 from fastnas.search import cuda_graph
-from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
+from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
 from fastnas.search.data import epoch_loader, split_indices
@@ -115,6 +115,8 @@ class Searcher:
         self.resume_state = resume_state
         self.net: nn.Module | None = None
         self.dist = DistributedContext()
+        # Objects a method builds once per run and reuses (LA-DARTS' latency predictor).
+        self.resources: dict = {}
         # Whether the step is captured as a CUDA graph, decided when the run starts.
         self.cuda_graph = False
 
@@ -312,6 +314,7 @@ class Searcher:
             "time_s": elapsed,
             "images_per_s": images / max(elapsed, 1e-9),
             **extra,
+            **self.method.epoch_record(self, net),
         }
         if not self.method.uses_validation_batches:
             for key in ("search_val_loss", "search_val_acc"):
@@ -406,11 +409,17 @@ class Searcher:
         Returns ``step(xt, yt, xv, yv) -> [train loss, train correct, val loss,
         val correct]`` (the val entries are 0 while the architecture is frozen).
         """
-        unrolled = UnrolledArchGrad(net, self.dist) if (self.config.unrolled and train_arch) else None
+        arch = None
+        if train_arch:
+            arch = dict(
+                gradient=self.method.arch_gradient(self, net),
+                penalty=self.method.arch_penalty(self, net),
+                groups=self.method.arch_groups(net),
+            )
 
         def step(xt, yt, xv, yv):
             if train_arch:
-                val_loss, val_logits = self._arch_step(net, parts, unrolled, xt, yt, xv, yv, lr)
+                val_loss, val_logits = self._arch_step(net, parts, arch, xt, yt, xv, yv, lr)
                 val = [val_loss.float(), _correct_count(val_logits, yv)]
             loss, logits = self._weight_step(model, net, parts, xt, yt)
             train = [loss.float(), _correct_count(logits, yt)]
@@ -420,28 +429,40 @@ class Searcher:
 
         return step
 
-    def _arch_step(self, net, parts, unrolled, xt, yt, xv, yv, lr):
+    def _arch_step(self, net, parts, arch, xt, yt, xv, yv, lr):
+        """The architecture's step(s): each group of ``arch["groups"]`` in turn, its gradient
+        taken by ``arch["gradient"]`` (first order when None) plus that of ``arch["penalty"]``.
+        Returns the validation loss and logits of the first group's gradient."""
         cfg, a_opt, scaler = self.config, parts["a_opt"], parts["a_scaler"]
-        arch = net.arch_parameters()
-        if unrolled is not None:
-            grads, loss, logits = unrolled(
-                xt, yt, xv, yv, lr, cfg.momentum, cfg.weight_decay, parts["w_opt"], self._autocast
-            )
-        else:
-            grads, loss, logits = first_order_arch_grads(
-                net, arch, xv, yv, self._autocast, scaler.scale if scaler.is_enabled() else None
-            )
-        # The weights' gradients are averaged by DDP; the alphas' step bypasses it.
-        self.dist.all_reduce_mean_(grads)
-        a_opt.zero_grad(set_to_none=True)
-        for p, g in zip(arch, grads):
-            p.grad = g.to(p.dtype)
-        if scaler.is_enabled() and unrolled is None:
-            scaler.step(a_opt)
-            scaler.update()
-        else:
-            a_opt.step()
-        return loss, logits
+        gradient, penalty = arch["gradient"], arch["penalty"]
+        first = None
+        for group in arch["groups"]:
+            if gradient is not None:
+                all_grads, loss, logits = gradient(
+                    xt, yt, xv, yv, lr, cfg.momentum, cfg.weight_decay, parts["w_opt"], self._autocast
+                )
+                by_param = dict(zip(map(id, net.arch_parameters()), all_grads))
+                grads = [by_param[id(p)] for p in group]
+                if penalty is not None:
+                    extra = torch.autograd.grad(penalty(), group, allow_unused=True)
+                    grads = [g if e is None else g + e for g, e in zip(grads, extra)]
+            else:
+                grads, loss, logits = first_order_arch_grads(
+                    net, group, xv, yv, self._autocast, scaler.scale if scaler.is_enabled() else None, penalty
+                )
+            if first is None:
+                first = (loss, logits)
+            # The weights' gradients are averaged by DDP; the alphas' step bypasses it.
+            self.dist.all_reduce_mean_(grads)
+            a_opt.zero_grad(set_to_none=True)
+            for p, g in zip(group, grads):
+                p.grad = g.to(p.dtype)
+            if scaler.is_enabled() and gradient is None:
+                scaler.step(a_opt)
+                scaler.update()
+            else:
+                a_opt.step()
+        return first
 
     def _weight_step(self, model, net, parts, x, y):
         cfg, w_opt, scaler = self.config, parts["w_opt"], parts["w_scaler"]

@@ -373,12 +373,15 @@ class SearchNetwork(SuperNet):
             params += [self.betas_normal, self.betas_reduce]
         return params
 
+    def _weights(self, cell: str, offset: int = 0) -> tuple[torch.Tensor, list[int] | None]:
+        """(edges, candidates) weights of ``cell``'s edges, and the sampled candidates in gumbel mode
+        (or a set path's, its entries from ``offset``)."""
+        return self._edge_weights(getattr(self, f"alphas_{cell}"), offset)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of shape (N, num_classes)."""
         k = num_edges(self.steps)
-        weights = {
-            cell: self._edge_weights(getattr(self, f"alphas_{cell}"), i * k) for i, cell in enumerate(CELL_TYPES)
-        }
+        weights = {cell: self._weights(cell, i * k) for i, cell in enumerate(CELL_TYPES)}
         betas = {cell: None for cell in CELL_TYPES}
         if self.edge_normalization and self.path is None:
             betas = {cell: normalize_edge_weights(getattr(self, f"betas_{cell}"), self.steps) for cell in CELL_TYPES}
@@ -405,6 +408,10 @@ class SearchNetwork(SuperNet):
         weights = self.arch_weights()
         return {cell: float(entropy(weights[cell])) for cell in CELL_TYPES}
 
+    def _parse_candidates(self, cell: str) -> list[list[str]]:
+        """The candidate names the rows of ``_cell_weights`` belong to, per edge."""
+        return self._candidates[cell]
+
     def _cell_weights(self, cell: str) -> torch.Tensor:
         weights = self.arch_weights()
         w = weights[cell]
@@ -421,9 +428,9 @@ class SearchNetwork(SuperNet):
         or loses its place to a stronger edge (P-DARTS).
         """
         concat = list(range(2 + self.steps - self.multiplier, self.steps + 2))
-        reduce = parse_cell(self._cell_weights("reduce").tolist(), self._candidates["reduce"], self.steps)
+        reduce = parse_cell(self._cell_weights("reduce").tolist(), self._parse_candidates("reduce"), self.steps)
         w = self._cell_weights("normal").tolist()
-        cands = self._candidates["normal"]
+        cands = self._parse_candidates("normal")
         normal = parse_cell(w, cands, self.steps)
         if max_skip_connect is not None:
             if max_skip_connect < 0:
@@ -473,6 +480,22 @@ class DartsSpace(SearchSpace):
         return TRAIN_DEFAULTS
 
     def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> SearchNetwork:
+        if config.activations is not None:
+            # Scalable-DARTS: the operators x activations supernet.
+            from fastnas.spaces.darts_factorized import FactorizedSearchNetwork
+
+            return FactorizedSearchNetwork(
+                C=config.init_channels,
+                num_classes=num_classes,
+                layers=layers,
+                stem="imagenet" if config.dataset == "imagenet" else "cifar",
+                primitives=list(config.primitives or DARTS_PRIMITIVES),
+                activations=list(config.activations),
+                backend=config.backend,
+                in_channels=in_channels,
+                memory=config.memory,
+                affine=config.bn_affine,
+            )
         return SearchNetwork(
             C=config.init_channels,
             num_classes=num_classes,

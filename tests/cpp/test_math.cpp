@@ -142,6 +142,40 @@ void test_depthwise() {
   }
 }
 
+void test_activations() {
+  // The definitions PyTorch documents (ELU alpha 1, leaky slope 0.01, swish = SiLU).
+  auto want = [](int code, double v) {
+    switch (code) {
+      case math::kRelu6:
+        return std::min(std::max(v, 0.0), 6.0);
+      case math::kElu:
+        return v > 0 ? v : std::exp(v) - 1.0;
+      case math::kLeakyRelu:
+        return v > 0 ? v : 0.01 * v;
+      case math::kSwish:
+        return v / (1.0 + std::exp(-v));
+      case math::kHardswish:
+        return v * std::min(std::max(v + 3.0, 0.0), 6.0) / 6.0;
+      default:
+        return std::max(v, 0.0);
+    }
+  };
+  for (int code = 0; code < math::kNumActivations; ++code) {
+    const std::string name = "activation " + std::to_string(code);
+    expect(math::activation_forward(code, 0.0) == 0.0, name + " maps 0 to 0 (zero padding commutes with it)");
+    for (double v = -7.75; v <= 7.75; v += 0.5) {  // no kink (0, +-3, 6) among these points
+      expect(std::abs(math::activation_forward(code, v) - want(code, v)) <= 1e-12, name + " at " + std::to_string(v));
+      const double h = 1e-6;
+      const double fd = (want(code, v + h) - want(code, v - h)) / (2 * h);
+      expect(std::abs(math::activation_derivative(code, v) - fd) <= 1e-6, name + " derivative at " + std::to_string(v));
+      expect(std::abs(math::activation_forward(code, static_cast<float>(v)) - static_cast<float>(want(code, v))) <=
+                 1e-5f * std::max(1.0, std::abs(v)),
+             name + " in float at " + std::to_string(v));
+    }
+  }
+  expect(math::activation_forward(math::kRelu, std::nan("")) == 0.0, "relu of NaN is 0, as depthwise_activation");
+}
+
 }  // namespace
 
 int main() {
@@ -150,6 +184,7 @@ int main() {
   test_merge_moments();
   test_batch_norm_terms();
   test_depthwise();
+  test_activations();
   if (failures == 0) std::printf("all fastnas math tests passed\n");
   return failures == 0 ? 0 : 1;
 }

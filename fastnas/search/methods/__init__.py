@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from fastnas.search.errors import SearchError
+from fastnas.search.methods.amended_darts import AmendedDarts
 from fastnas.search.methods.base import SearchMethod
 from fastnas.search.methods.darts import Darts, DartsSecondOrder
 from fastnas.search.methods.fairnas import FairNAS
 from fastnas.search.methods.gdas import GDAS
+from fastnas.search.methods.la_darts import LADarts
 from fastnas.search.methods.oneshot import OneShot
 from fastnas.search.methods.p_darts import PDarts
 from fastnas.search.methods.pc_darts import PCDarts
+from fastnas.search.methods.scalable_darts import ScalableDarts
 from fastnas.search.methods.spos import SPOS
 
 REGISTRY: dict[str, SearchMethod] = {
@@ -20,6 +23,9 @@ REGISTRY: dict[str, SearchMethod] = {
         PCDarts(),
         PDarts(),
         GDAS(),
+        AmendedDarts(),
+        LADarts(),
+        ScalableDarts(),
         SPOS(),
         FairNAS(),
         OneShot(),

@@ -9,8 +9,10 @@ where it differs, in a file of its own, registered by one line in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 import torch.nn as nn
 
 from fastnas.search.errors import SearchError
@@ -37,6 +39,8 @@ class SearchMethod:
     ddp_find_unused_parameters: ClassVar[bool] = False
     #: Why a step of this method cannot be captured as a CUDA graph, or None when it can.
     cuda_graph_unsupported: ClassVar[str | None] = None
+    #: The method searches an activation factor (``config.activations``, Scalable-DARTS).
+    searches_activations: ClassVar[bool] = False
     #: The method learns architecture weights and ends with a genotype; False: it trains a
     #: supernet for ``fastnas select`` (single-path and one-shot methods).
     trains_architecture: ClassVar[bool] = True
@@ -62,6 +66,8 @@ class SearchMethod:
 
             names = " and ".join(get_space(s).title for s in self.spaces)
             raise SearchError(f"{self.name} searches the {names} space only; use --space {self.spaces[0]}")
+        if config.activations is not None and not self.searches_activations:
+            raise SearchError(f"{self.name} does not search activations; --activations is for scalable-darts")
         if config.constraint and not self.supports_constraint:
             raise SearchError(f"{self.name} samples no architectures under a constraint; --constraint is for spos")
         if config.path_dropout and self.trains_architecture:
@@ -85,6 +91,34 @@ class SearchMethod:
         grad scalers; ``train_arch`` is False during the warm-up. Default: DARTS' bilevel step.
         """
         return searcher.bilevel_step(model, net, parts, train_arch, lr)
+
+    def arch_gradient(self, searcher, net: nn.Module) -> Callable | None:
+        """How the architecture's gradient is taken while it trains: None for the first
+        order at the current weights, else a callable with ``UnrolledArchGrad``'s call
+        (``(xt, yt, xv, yv, lr, momentum, weight_decay, w_opt, autocast) -> (grads of
+        every architecture parameter, val loss, val logits)``). Default: DARTS' unrolled
+        second order when ``config.unrolled``."""
+        if not searcher.config.unrolled:
+            return None
+        from fastnas.search.architect import UnrolledArchGrad
+
+        return UnrolledArchGrad(net, searcher.dist)
+
+    def arch_penalty(self, searcher, net: nn.Module) -> Callable[[], torch.Tensor] | None:
+        """A differentiable term of the architecture parameters alone that the architecture
+        step minimises along with the validation loss (LA-DARTS' predicted latency), as
+        ``penalty() -> scalar tensor``; None (the default) for none. Called once per epoch."""
+        return None
+
+    def arch_groups(self, net: nn.Module) -> list[list[nn.Parameter]]:
+        """The architecture parameters in the order their steps are taken: one group, all
+        at once (the default), or several, each stepped in turn with its gradient taken
+        after the previous group's step (Scalable-DARTS' factors)."""
+        return [net.arch_parameters()]
+
+    def epoch_record(self, searcher, net: nn.Module) -> dict:
+        """Fields the method adds to the log record of an epoch, after it trained."""
+        return {}
 
     def on_epoch(self, net: nn.Module, config: SearchConfig, stage: dict, epoch: int) -> dict:
         """Set the network's schedules for ``epoch`` of ``stage``; return them for the log."""

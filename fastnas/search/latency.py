@@ -1,0 +1,459 @@
+"""A differentiable latency predictor for LA-DARTS (Xu et al., 2020).
+
+An architecture of the DARTS space is encoded as one row per edge of each cell
+over the candidate operations: the one-hot of its operation for the two edges
+a node keeps, the one-hot of ``none`` for the others. A small multi-layer
+regressor (``LatencyRegressor``) maps that encoding to the measured inference
+latency of the architecture's evaluation network. During the search the same
+regressor reads the relaxed architecture, the softmax of the architecture
+parameters in the same rows (``encode_weights``), so the predicted latency is a
+differentiable function of the architecture.
+
+``fit_latency_model`` samples architectures uniformly from the space, builds
+each one's evaluation network (``fastnas.train.build_network``, the network
+``fastnas train`` trains on that dataset), measures its median latency on the
+device after a warm-up, fits the regressor on most of them and reports its mean
+relative error on the rest. The file it writes loads with
+``torch.load(weights_only=True)``; ``LatencyModel.load`` checks it and raises a
+one-line ``LatencyModelError`` for a missing, corrupt or foreign file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import random
+import statistics
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from fastnas.search.errors import SearchError
+
+FORMAT = "fastnas-latency-model"
+VERSION = 1
+SPACES = ("darts",)
+# (classes, image channels) of each dataset's evaluation network; ImageNet folders
+# vary in classes, so the ImageNet classifier is measured at ImageNet's 1000.
+DATASET_INPUTS = {"digits": (10, 3), "cifar10": (10, 3), "cifar100": (100, 3), "imagenet": (1000, 3)}
+HIDDEN = (128, 128)
+HELDOUT_FRACTION = 0.2
+# What the measurement of one architecture repeats: a short warm-up, then the median
+# of a few runs; a model is fitted on hundreds of them, so each must be quick.
+WARMUP = 3
+REPEATS = 10
+ROUNDS = 3
+
+
+class LatencyModelError(SearchError):
+    """A latency model file is missing, unreadable or does not fit the search."""
+
+
+# --- encodings ------------------------------------------------------------------------
+
+
+def edge_count(steps: int) -> int:
+    return sum(2 + i for i in range(steps))
+
+
+def encode_genotype(genotype, candidates: Sequence[str], steps: int) -> torch.Tensor:
+    """(2 * edges * K,) float32: per cell and edge, the one-hot of the operation the genotype
+    puts there, or of ``none`` for an edge it leaves out (a zero row without ``none``)."""
+    candidates = list(candidates)
+    rows = []
+    for cell in ("normal", "reduce"):
+        enc = torch.zeros(edge_count(steps), len(candidates))
+        kept = {}
+        for pos, (op, j) in enumerate(getattr(genotype, cell)):
+            node = pos // 2
+            kept[sum(2 + i for i in range(node)) + j] = op
+        for e in range(edge_count(steps)):
+            op = kept.get(e, "none")
+            if op in candidates:
+                enc[e, candidates.index(op)] = 1.0
+            elif op != "none":
+                raise LatencyModelError(f"operation {op!r} is not one of the latency model's candidates {candidates}")
+        rows.append(enc.flatten())
+    return torch.cat(rows)
+
+
+def encode_weights(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The relaxed encoding: the softmaxed architecture weights of the normal and the
+    reduction cell ((edges, K) each), flattened in ``encode_genotype``'s order."""
+    return torch.cat([weights["normal"].flatten(), weights["reduce"].flatten()])
+
+
+def random_genotype(rng: random.Random, candidates: Sequence[str], steps: int = 4):
+    """A genotype drawn uniformly: each node takes two distinct inputs, each edge an operation other than none."""
+    from fastnas.spaces.darts import Genotype
+
+    ops = [c for c in candidates if c != "none"]
+    cells = {}
+    for cell in ("normal", "reduce"):
+        gene = []
+        for node in range(steps):
+            for j in sorted(rng.sample(range(2 + node), 2)):
+                gene.append((rng.choice(ops), j))
+        cells[cell] = gene
+    concat = list(range(2, 2 + steps))
+    return Genotype(normal=cells["normal"], normal_concat=concat, reduce=cells["reduce"], reduce_concat=concat)
+
+
+# --- the regressor ----------------------------------------------------------------------
+
+
+def edge_groups(steps: int) -> torch.Tensor:
+    """(edges,) 0 for an edge from a cell input (stride 2 in a reduction cell), 1 from a node."""
+    return torch.tensor([0 if j < 2 else 1 for node in range(steps) for j in range(2 + node)])
+
+
+class LatencyRegressor(nn.Module):
+    """A multi-layer perceptron from an architecture encoding to latency in milliseconds.
+
+    It reads the encoding ((2 * edges * K,), ``encode_genotype`` or
+    ``encode_weights``) through a fixed first layer that counts each operation
+    per cell and per kind of edge (from a cell input, which strides in a
+    reduction cell, or from a node): latency depends on which operations run
+    at which resolution far more than on which edge holds them, and 4K counts
+    are learnt from a few hundred measured architectures where 2 * edges * K
+    one-hot inputs would not be. The counts are sums of the encoding, so the
+    predicted latency of a relaxed architecture stays differentiable. It
+    predicts in units of ``scale`` (the mean measured latency), so the same
+    initialisation and learning rate serve any device.
+    """
+
+    def __init__(self, steps: int, candidates: int, hidden: Sequence[int] = HIDDEN, scale: float = 1.0):
+        super().__init__()
+        self.steps, self.candidates = steps, candidates
+        groups = edge_groups(steps)
+        self.register_buffer("pool", torch.stack([(groups == g).float() for g in (0, 1)]))  # (2, edges)
+        layers, width = [], 4 * candidates
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.mlp = nn.Sequential(*layers)
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def features(self, encoding: torch.Tensor) -> torch.Tensor:
+        """(..., 4K): operation counts per cell and kind of edge."""
+        lead = encoding.shape[:-1]
+        cells = encoding.reshape(*lead, 2, self.pool.shape[1], self.candidates)
+        return torch.einsum("ge,...cek->...cgk", self.pool.to(cells.dtype), cells).flatten(-3)
+
+    def forward(self, encoding: torch.Tensor) -> torch.Tensor:
+        """Predicted latency (ms) of each encoding, (..., 2 * edges * K) -> (...)."""
+        return self.mlp(self.features(encoding)).squeeze(-1) * self.scale
+
+
+@dataclass
+class LatencyModel:
+    """A fitted regressor and what it was measured on."""
+
+    regressor: LatencyRegressor
+    space: str
+    candidates: list[str]
+    steps: int
+    dataset: str
+    device: str
+    network: dict
+    batch_size: int
+    threads: int | None
+    clock: str
+    heldout_relative_error: float
+    samples: int
+    data: dict = field(default_factory=dict)  # the measurements: encodings, latency_ms
+
+    def predict(self, encoding: torch.Tensor) -> torch.Tensor:
+        return self.regressor(encoding.to(self.regressor.scale.device, torch.float32))
+
+    def predict_genotype(self, genotype) -> float:
+        with torch.no_grad():
+            return float(self.predict(encode_genotype(genotype, self.candidates, self.steps)))
+
+    def check_fits(self, space: str, candidates: Sequence[str], steps: int = 4, where: str = "the search") -> None:
+        """Raise LatencyModelError unless the model encodes architectures of this space and candidates."""
+        if space != self.space or list(candidates) != self.candidates or steps != self.steps:
+            raise LatencyModelError(
+                f"the latency model was fitted on the {self.space} space with candidates {self.candidates} and "
+                f"{self.steps} nodes per cell, but {where} uses the {space} space with {list(candidates)} and "
+                f"{steps}; make one with fastnas latency-model --space {space}"
+            )
+
+    def save(self, path: str) -> None:
+        from fastnas.search.checkpoint import atomic_write
+
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "space": self.space,
+            "candidates": list(self.candidates),
+            "steps": self.steps,
+            "dataset": self.dataset,
+            "device": self.device,
+            "network": dict(self.network),
+            "batch_size": self.batch_size,
+            "threads": self.threads,
+            "clock": self.clock,
+            "heldout_relative_error": self.heldout_relative_error,
+            "samples": self.samples,
+            "hidden": [m.out_features for m in self.regressor.mlp if isinstance(m, nn.Linear)][:-1],
+            "regressor": {k: v.detach().cpu() for k, v in self.regressor.state_dict().items()},
+            "data": {k: v.cpu() for k, v in self.data.items()},
+        }
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> LatencyModel:
+        """Read a model written by ``save``; LatencyModelError naming the problem otherwise."""
+        if not os.path.isfile(path):
+            raise LatencyModelError(
+                f"no latency model at {path}; make one with fastnas latency-model --space darts --device cpu"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+            raise LatencyModelError(
+                f"latency model {path} is corrupt, truncated or not a latency model ({type(exc).__name__})"
+            ) from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise LatencyModelError(f"{path} is not a fastnas latency model (made by fastnas latency-model)")
+        if state.get("version") != VERSION:
+            raise LatencyModelError(
+                f"latency model {path} has format version {state.get('version')}; this fastnas reads version {VERSION}"
+            )
+        try:
+            steps, candidates = int(state["steps"]), list(state["candidates"])
+            regressor = LatencyRegressor(steps, len(candidates), list(state["hidden"]))
+            regressor.load_state_dict(state["regressor"])
+            model = cls(
+                regressor=regressor.to(device).eval(),
+                space=str(state["space"]),
+                candidates=[str(c) for c in state["candidates"]],
+                steps=int(state["steps"]),
+                dataset=str(state["dataset"]),
+                device=str(state["device"]),
+                network=dict(state["network"]),
+                batch_size=int(state["batch_size"]),
+                threads=state["threads"],
+                clock=str(state["clock"]),
+                heldout_relative_error=float(state["heldout_relative_error"]),
+                samples=int(state["samples"]),
+                data=dict(state.get("data", {})),
+            )
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise LatencyModelError(
+                f"latency model {path} is damaged or from another version ({str(exc).splitlines()[0]})"
+            ) from None
+        for p in regressor.parameters():
+            p.requires_grad_(False)
+        return model
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file: a resumed search must use the very model it started with."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- fitting --------------------------------------------------------------------------------
+
+
+def fit_regressor(
+    encodings: torch.Tensor,
+    latency_ms: torch.Tensor,
+    candidates: int,
+    steps: int = 4,
+    seed: int = 0,
+    hidden: Sequence[int] = HIDDEN,
+    heldout_fraction: float = HELDOUT_FRACTION,
+    iterations: int = 3000,
+) -> tuple[LatencyRegressor, float, torch.Tensor]:
+    """Fit a regressor on all but a held-out ``heldout_fraction`` of the measurements.
+
+    Minimises the mean squared relative error, full batch, Adam. Returns the
+    regressor, its mean relative error ``|pred - y| / y`` on the held-out
+    architectures, and their indices.
+    """
+    n = len(latency_ms)
+    if n < 5:
+        raise LatencyModelError(f"{n} measured architectures are too few to fit and check a latency model; use >= 5")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(n, generator=g)
+    held = max(1, int(round(n * heldout_fraction)))
+    test, train = order[:held], order[held:]
+    x, y = encodings.float(), latency_ms.float()
+    torch.manual_seed(seed)
+    regressor = LatencyRegressor(steps, candidates, hidden, scale=float(y[train].mean()))
+    opt = torch.optim.Adam(regressor.parameters(), lr=3e-3, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
+    with torch.enable_grad():
+        for _ in range(iterations):
+            opt.zero_grad(set_to_none=True)
+            loss = ((regressor(x[train]) / y[train] - 1.0) ** 2).mean()
+            loss.backward()
+            opt.step()
+            sched.step()
+    regressor.eval()
+    with torch.no_grad():
+        error = float(((regressor(x[test]) - y[test]).abs() / y[test]).mean())
+    return regressor, error, test
+
+
+def measure_architectures(
+    genotypes,
+    space: str,
+    dataset: str,
+    device,
+    batch_size: int = 1,
+    network: dict | None = None,
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    progress: Callable[[int], None] | None = None,
+    clock: str = "wall",
+    rounds: int = ROUNDS,
+) -> tuple[list[float], dict]:
+    """The inference latency (ms) of each genotype's evaluation network on ``device``.
+
+    Each architecture is measured once per round (warm-up, then the median of
+    ``repeats`` runs), the rounds passing over all architectures in turn, and its
+    latency is the median over the rounds: a slow spell of the machine then
+    touches one round of many architectures rather than all rounds of a few.
+    ``network`` overrides the evaluation network's ``TrainConfig`` fields
+    (init_channels, layers, image_size); returns the latencies and the network settings used.
+    """
+    from fastnas.spaces.darts import genotype_to_dict
+    from fastnas.train import TrainConfig, build_network
+    from fastnas.train.report import measure_latency
+
+    classes, channels = DATASET_INPUTS[dataset]
+    overrides = dict(network or {})
+    configs = [
+        TrainConfig.create(space, dataset, genotype=genotype_to_dict(g), auxiliary=False, **overrides)
+        for g in genotypes
+    ]
+    if not configs:
+        return [], {}
+    size = configs[0].image_size or (224 if dataset == "imagenet" else 32)
+    settings = dict(init_channels=configs[0].init_channels, layers=configs[0].layers, image_size=size)
+    measured = [[] for _ in configs]
+    for r in range(rounds):
+        for i, config in enumerate(configs):
+            net = build_network(config, classes, channels).to(device)
+            # The very first measurement also warms the allocator and the caches up.
+            for _ in range(2 if r == i == 0 else 1):
+                result = measure_latency(
+                    net, batch_size, channels, size, device, contextlib.nullcontext,
+                    warmup=warmup, min_repeats=repeats, max_repeats=repeats, budget_s=0.0, clock=clock,
+                )  # fmt: skip
+            measured[i].append(result["latency_ms"])
+            if progress is not None:
+                progress(1)
+    return [statistics.median(m) for m in measured], settings
+
+
+def fit_latency_model(
+    space: str = "darts",
+    dataset: str = "digits",
+    device="cpu",
+    samples: int = 500,
+    batch_size: int = 1,
+    seed: int = 0,
+    network: dict | None = None,
+    candidates: Sequence[str] | None = None,
+    steps: int = 4,
+    warmup: int = WARMUP,
+    repeats: int = REPEATS,
+    progress: bool = False,
+    iterations: int = 3000,
+    clock: str = "wall",
+    rounds: int = ROUNDS,
+) -> LatencyModel:
+    """Sample ``samples`` architectures, measure them on ``device``, fit and check the regressor."""
+    from fastnas.spaces.darts import DARTS_PRIMITIVES
+
+    if space not in SPACES:
+        raise LatencyModelError(f"latency models are made for the {', '.join(SPACES)} space, not {space!r}")
+    if dataset not in DATASET_INPUTS:
+        raise LatencyModelError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_INPUTS)}")
+    candidates = list(candidates or DARTS_PRIMITIVES)
+    rng = random.Random(seed)
+    genotypes = [random_genotype(rng, candidates, steps) for _ in range(samples)]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=samples * rounds, desc="measuring", unit="arch", dynamic_ncols=True)
+    try:
+        latencies, settings = measure_architectures(
+            genotypes,
+            space,
+            dataset,
+            device,
+            batch_size,
+            network,
+            warmup,
+            repeats,
+            bar.update if bar else None,
+            clock,
+            rounds,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    encodings = torch.stack([encode_genotype(g, candidates, steps) for g in genotypes])
+    y = torch.tensor(latencies, dtype=torch.float64)
+    if not torch.isfinite(y).all() or (y <= 0).any():
+        raise LatencyModelError("a measured latency is not a positive number; measure again")
+    regressor, error, _ = fit_regressor(encodings, y, len(candidates), steps, seed, iterations=iterations)
+    device = torch.device(device)
+    return LatencyModel(
+        regressor=regressor,
+        space=space,
+        candidates=candidates,
+        steps=steps,
+        dataset=dataset,
+        device=str(device),
+        network=settings,
+        batch_size=batch_size,
+        threads=torch.get_num_threads() if device.type == "cpu" else None,
+        clock=clock,
+        heldout_relative_error=error,
+        samples=samples,
+        data={"encodings": encodings, "latency_ms": y},
+    )
+
+
+def describe(model: LatencyModel) -> str:
+    net = model.network
+    threads = f", {model.threads} CPU thread{'s' if model.threads > 1 else ''}" if model.threads else ""
+    clock = ", CPU-time clock" if model.clock == "cpu" else ""
+    return (
+        f"latency model of the {model.space} space's {model.dataset} network (C={net.get('init_channels')}, "
+        f"{net.get('layers')} cells, {net.get('image_size')}x{net.get('image_size')}, batch {model.batch_size}) on "
+        f"{model.device}{threads}{clock}: {model.samples} architectures, held-out mean relative error "
+        f"{100 * model.heldout_relative_error:.1f}%"
+    )
+
+
+__all__ = [
+    "LatencyModel",
+    "LatencyModelError",
+    "LatencyRegressor",
+    "encode_genotype",
+    "encode_weights",
+    "file_digest",
+    "fit_latency_model",
+    "fit_regressor",
+    "random_genotype",
+]
