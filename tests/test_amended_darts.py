@@ -123,3 +123,16 @@ def test_amended_settings():
         SearchConfig.create("amended-darts", amend_coefficient=-1.0)
     with pytest.raises(SearchError, match="does not unroll"):
         SearchConfig.create("amended-darts", unrolled=True)
+
+
+@pytest.mark.parametrize(
+    "method, option, message",
+    [
+        ("darts", dict(amend_coefficient=0.5), "--amend-coefficient is for amended-darts, not darts"),
+        ("gdas", dict(latency_weight=0.5), "--latency-weight is for la-darts, not gdas"),
+        ("amended-darts", dict(latency_model="latency.pt"), "--latency-model is for la-darts, not amended-darts"),
+    ],
+)
+def test_a_method_refuses_another_methods_options(method, option, message):
+    with pytest.raises(SearchError, match=message):
+        SearchConfig.create(method, dataset="digits", **option)

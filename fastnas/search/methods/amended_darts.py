@@ -14,6 +14,7 @@ class AmendedDarts(SearchMethod):
     name = "amended-darts"
     summary = "Amended-DARTS: dL_val/da - eta * d2L_train/dadw . H . dL_val/dw, by finite differences"
     defaults = dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4)
+    own_options = ("amend_coefficient",)
     cuda_graph_unsupported = (
         "Amended-DARTS' four finite-difference passes per step (shifted weights under functional_call) have not "
         "been verified under capture"

@@ -48,6 +48,9 @@ class SearchMethod:
     uses_validation_batches: ClassVar[bool] = True
     #: Samples architectures under a ``--constraint`` on parameters or FLOPs.
     supports_constraint: ClassVar[bool] = False
+    #: SearchConfig fields that only this method reads (e.g. ``amend_coefficient``): any other
+    #: method refuses them when they differ from their defaults.
+    own_options: ClassVar[tuple[str, ...]] = ()
 
     # --- settings -------------------------------------------------------------------
 
@@ -72,6 +75,19 @@ class SearchMethod:
             raise SearchError(f"{self.name} samples no architectures under a constraint; --constraint is for spos")
         if config.path_dropout and self.trains_architecture:
             raise SearchError(f"--path-dropout is for single-path and one-shot methods, not {self.name}")
+        self._refuse_others_options(config)
+
+    def _refuse_others_options(self, config: SearchConfig) -> None:
+        import dataclasses
+
+        from fastnas.search.methods import REGISTRY
+
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for method in REGISTRY.values():
+            for field in method.own_options:
+                if field not in self.own_options and getattr(config, field) != defaults[field]:
+                    option = "--" + field.replace("_", "-")
+                    raise SearchError(f"{option} is for {method.name}, not {self.name}")
 
     def stages(self, config: SearchConfig) -> list[dict]:
         """The training stages: layers, epochs, warm-up epochs and skip dropout of each."""

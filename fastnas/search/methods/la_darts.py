@@ -23,6 +23,7 @@ class LADarts(SearchMethod):
     # DARTS' first-order settings; the latency term is the method's addition.
     defaults = dict(epochs=50, batch_size=64, lr=0.025, lr_min=0.001, arch_lr=3e-4)
     spaces = ("darts",)
+    own_options = ("latency_model", "latency_weight")
     cuda_graph_unsupported = "LA-DARTS' latency term in the architecture step has not been verified under capture"
 
     def configure(self, values: dict, given: dict) -> None:
