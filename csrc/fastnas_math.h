@@ -196,6 +196,19 @@ C10_HOST_DEVICE inline void merge_moments(T& count, T& mean, T& m2, T count_b, T
   count = total;
 }
 
+// The moments of a row of m values from those of its chunks of `chunk` values
+// (the last one shorter), merged in order: chunks * (mean, m2) at part_mean and
+// part_m2, combined in double into (count, mean, m2).
+template <typename T>
+C10_HOST_DEVICE inline void merge_chunk_moments(const T* part_mean, const T* part_m2, int64_t m, int64_t chunks,
+                                                int64_t chunk, double& count, double& mean, double& m2) {
+  count = mean = m2 = 0;
+  for (int64_t p = 0; p < chunks; ++p) {
+    const double len = static_cast<double>(m - p * chunk < chunk ? m - p * chunk : chunk);
+    merge_moments(count, mean, m2, len, static_cast<double>(part_mean[p]), static_cast<double>(part_m2[p]));
+  }
+}
+
 // One normalised candidate's term in a weighted sum, scale * (p - mean), with
 // scale = coefficient * rstd.
 template <typename acc_t>

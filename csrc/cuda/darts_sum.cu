@@ -106,12 +106,8 @@ __global__ void __launch_bounds__(kThreads)
                             acc_t* __restrict__ var) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (row >= rows) return;
-  double count = 0, mu = 0, m2 = 0;
-  for (int64_t p = 0; p < chunks; ++p) {
-    const double len = static_cast<double>(m - p * kChunk < kChunk ? m - p * kChunk : kChunk);
-    math::merge_moments(count, mu, m2, len, static_cast<double>(part_mean[row * chunks + p]),
-                        static_cast<double>(part_m2[row * chunks + p]));
-  }
+  double count, mu, m2;
+  math::merge_chunk_moments(part_mean + row * chunks, part_m2 + row * chunks, m, chunks, kChunk, count, mu, m2);
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double v = count > 0 ? m2 / count : nan;
   mean[row] = static_cast<acc_t>(count > 0 ? mu : nan);

@@ -81,12 +81,8 @@ __global__ void __launch_bounds__(kThreads)
                        acc_t* __restrict__ var) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (row >= rows) return;
-  double count = 0, mu = 0, m2 = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    const double len = static_cast<double>(m - c * kRowChunk < kRowChunk ? m - c * kRowChunk : kRowChunk);
-    math::merge_moments(count, mu, m2, len, static_cast<double>(chunk_mean[row * chunks + c]),
-                        static_cast<double>(chunk_m2[row * chunks + c]));
-  }
+  double count, mu, m2;
+  math::merge_chunk_moments(chunk_mean + row * chunks, chunk_m2 + row * chunks, m, chunks, kRowChunk, count, mu, m2);
   const double v = m2 / count;
   mean[row] = static_cast<acc_t>(mu);
   var[row] = static_cast<acc_t>(v);
