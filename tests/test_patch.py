@@ -94,6 +94,22 @@ def _step(model, opts, x, y, rng_seed):
     return logits.detach(), loss.detach(), grads, after
 
 
+def assert_steps_alike(ref, fast, ref_opts, fast_opts, steps, batch, step, dtype, tol):
+    """Train ``ref`` and ``fast`` side by side for ``steps`` steps on the same batches
+    (``batch(i, dtype=)``, ``step(model, opts, x, y, i)``): logits, losses, every gradient
+    and the random numbers drawn after each step agree."""
+    for i in range(steps):
+        x, y = batch(i, dtype=dtype)
+        l_ref, loss_ref, g_ref, r_ref = step(ref, ref_opts, x, y, i)
+        l_fast, loss_fast, g_fast, r_fast = step(fast, fast_opts, x, y, i)
+        torch.testing.assert_close(l_fast, l_ref, **tol)
+        torch.testing.assert_close(loss_fast, loss_ref, **tol)
+        assert g_fast.keys() == g_ref.keys()
+        for name in g_ref:
+            torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
+        torch.testing.assert_close(r_fast, r_ref, rtol=0, atol=0)
+
+
 def _assert_train_alike(build, backend, dtype, steps, memory="save"):
     tol = TOL64 if dtype == torch.float64 else TOL
     ref = _to(build(), dtype)
@@ -103,16 +119,7 @@ def _assert_train_alike(build, backend, dtype, steps, memory="save"):
     report = patch(fast, backend=backend, memory=memory)
     assert report.patched and not report.skipped
     ref.train(), fast.train()
-    for step in range(steps):
-        x, y = _batch(step, dtype=dtype)
-        l_ref, loss_ref, g_ref, r_ref = _step(ref, ref_opts, x, y, step)
-        l_fast, loss_fast, g_fast, r_fast = _step(fast, fast_opts, x, y, step)
-        torch.testing.assert_close(l_fast, l_ref, **tol)
-        torch.testing.assert_close(loss_fast, loss_ref, **tol)
-        assert g_fast.keys() == g_ref.keys()
-        for name in g_ref:
-            torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
-        torch.testing.assert_close(r_fast, r_ref, rtol=0, atol=0)
+    assert_steps_alike(ref, fast, ref_opts, fast_opts, steps, _batch, _step, dtype, tol)
     for (name, b_ref), (_, b_fast) in zip(ref.named_buffers(), fast.named_buffers()):
         torch.testing.assert_close(b_fast, b_ref, **tol, msg=lambda m, n=name: f"buffer {n}: {m}")
     for a_ref, a_fast in zip(ref.arch_parameters(), fast.arch_parameters()):

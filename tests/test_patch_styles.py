@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from test_patch import assert_steps_alike
 
 import fastnas
 from fastnas.patch import PatchWarning, accelerate, patch, unpatch
@@ -150,16 +151,7 @@ def _assert_train_alike(style, dtype, steps, monkeypatch, memory="save"):
         report = patch(fast, memory=memory)
     assert report.patched and not report.skipped
     calls = _spy(monkeypatch)
-    for step in range(steps):
-        x, y = _batch(step, dtype=dtype)
-        l_ref, loss_ref, g_ref, r_ref = _step(ref, ref_opts, x, y, step)
-        l_fast, loss_fast, g_fast, r_fast = _step(fast, fast_opts, x, y, step)
-        torch.testing.assert_close(l_fast, l_ref, **tol)
-        torch.testing.assert_close(loss_fast, loss_ref, **tol)
-        assert g_fast.keys() == g_ref.keys()
-        for name in g_ref:
-            torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
-        torch.testing.assert_close(r_fast, r_ref, rtol=0, atol=0)
+    assert_steps_alike(ref, fast, ref_opts, fast_opts, steps, _batch, _step, dtype, tol)
     for (name, p_ref), (_, p_fast) in zip(ref.named_parameters(), fast.named_parameters()):
         torch.testing.assert_close(p_fast, p_ref, **tol, msg=lambda m, n=name: f"parameter {n}: {m}")
     assert [n for n, _ in ref.named_buffers()] == [n for n, _ in fast.named_buffers()]
