@@ -1,9 +1,12 @@
 """Build of fastnas and its extension fastnas._C.
 
-The CPU kernels are always built. The CUDA kernels are built whenever nvcc and a
-CUDA build of torch are present, with or without a visible GPU; FASTNAS_CUDA=0
-skips them. Install with ``pip install --no-build-isolation -e .`` so the
-extension is compiled against the torch already in the environment.
+The CPU kernels are always built. The CUDA kernels need nvcc and a CUDA build of
+torch, and are built when a GPU is visible or when asked (FASTNAS_CUDA=1, as
+``make test`` does so that every change compiles them); FASTNAS_CUDA=0 skips
+them. A machine with nvcc but no GPU therefore gets a CPU build in a minute or
+two instead of waiting for nvcc. Install with
+``pip install --no-build-isolation -e .`` so the extension is compiled against
+the torch already in the environment.
 """
 
 import glob
@@ -18,14 +21,20 @@ ROOT = Path(__file__).resolve().parent
 # Object files live here across builds, so that ninja recompiles only the sources
 # (or headers) that changed; pip would otherwise build in a fresh folder each time.
 BUILD_TEMP = ROOT / "build" / "ext"
-# Default arch list when TORCH_CUDA_ARCH_LIST is unset and no GPU can be asked:
-# Ampere and Hopper, the GPUs DARTS searches run on today.
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+# Default arch list when TORCH_CUDA_ARCH_LIST is unset: Ampere and Hopper, the
+# GPUs DARTS searches run on today, with Hopper's PTX so that newer GPUs can
+# compile the kernels at load time.
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def _cuda_wanted():
-    """Return (build_cuda, reason) from the environment, never raising."""
-    if os.environ.get("FASTNAS_CUDA", "1") == "0":
+    """Return (build_cuda, reason) from the environment, never raising.
+
+    FASTNAS_CUDA: "0" never, "1" whenever the toolchain allows, unset or
+    "auto" only when a GPU is visible.
+    """
+    asked = os.environ.get("FASTNAS_CUDA", "auto").strip().lower()
+    if asked in ("0", "off", "no", "false"):
         return False, "FASTNAS_CUDA=0"
     try:
         import torch
@@ -36,7 +45,16 @@ def _cuda_wanted():
         return False, "torch is a CPU-only build"
     if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
         return False, "nvcc not found (set CUDA_HOME)"
+    if asked not in ("1", "on", "yes", "true") and not _gpu_visible(torch):
+        return False, "no GPU is visible (FASTNAS_CUDA=1 builds them anyway)"
     return True, ""
+
+
+def _gpu_visible(torch) -> bool:
+    try:
+        return torch.cuda.is_available()
+    except Exception:  # a broken driver is no GPU to build for
+        return False
 
 
 def _torch_wheel_cuda_includes():

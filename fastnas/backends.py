@@ -85,7 +85,10 @@ def _machine_status() -> dict[str, str]:
     if C is None:
         status["cuda"] = c_err
     elif not C.build_info()["cuda"]:
-        status["cuda"] = "fastnas._C was built without CUDA kernels (no nvcc, CPU-only torch, or FASTNAS_CUDA=0)"
+        status["cuda"] = (
+            "fastnas._C was built without CUDA kernels (no GPU visible at build time and FASTNAS_CUDA=1 not set,"
+            " no nvcc, CPU-only torch, or FASTNAS_CUDA=0)"
+        )
     elif not torch.cuda.is_available():
         status["cuda"] = "no CUDA GPU is visible to torch"
     else:

@@ -1,9 +1,11 @@
 """The build and the backend registry: what is available, and how it is chosen."""
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,13 +20,44 @@ def test_cpu_kernels_are_built():
 
 
 @pytest.mark.skipif(
-    shutil.which("nvcc") is None or torch.version.cuda is None or os.environ.get("FASTNAS_CUDA") == "0",
-    reason="no nvcc or CPU-only torch: the CUDA kernels are not expected",
+    shutil.which("nvcc") is None or torch.version.cuda is None or os.environ.get("FASTNAS_CUDA") != "1",
+    reason="the CUDA kernels are compiled without a GPU only when asked (FASTNAS_CUDA=1, as make test does)",
 )
 def test_cuda_kernels_are_compiled_without_a_gpu():
     info = backends.extension().build_info()
     assert info["cuda"] is True
     assert info["torch_version"]
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("fastnas_setup", Path(__file__).parents[1] / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself runs only as __main__
+    return module
+
+
+@pytest.mark.parametrize("asked", [None, "auto", "0", "1"])
+def test_cuda_build_only_when_a_gpu_is_there_or_asked(monkeypatch, asked):
+    setup = _setup_module()
+    if asked is None:
+        monkeypatch.delenv("FASTNAS_CUDA", raising=False)
+    else:
+        monkeypatch.setenv("FASTNAS_CUDA", asked)
+    toolchain = shutil.which("nvcc") is not None and torch.version.cuda is not None
+    monkeypatch.setattr(setup, "_gpu_visible", lambda torch: False)
+    build, why = setup._cuda_wanted()
+    assert build == (asked == "1" and toolchain), why
+    if asked in (None, "auto") and toolchain:
+        assert "no GPU is visible" in why
+    monkeypatch.setattr(setup, "_gpu_visible", lambda torch: True)
+    build, why = setup._cuda_wanted()
+    assert build == (asked != "0" and toolchain), why
+
+
+def test_default_arch_list_embeds_ptx_for_the_newest():
+    archs = _setup_module().DEFAULT_CUDA_ARCHS.split(";")
+    newest = max(archs, key=lambda a: float(a.removesuffix("+PTX")))
+    assert newest.endswith("+PTX"), archs
 
 
 def test_triton_kernels_run_here():
