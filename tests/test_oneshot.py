@@ -23,6 +23,7 @@ from fastnas.search.rank_metrics import (
     kendall_tau,
     rank_report,
     sparse_kendall_tau,
+    sparse_kendall_tau_b,
     spearman_rho,
     top_k_overlap,
 )
@@ -335,7 +336,8 @@ def test_rank_metrics_hand_computed():
     # 90.01% and 90.04% share the 0.1% bin: the same tie as above.
     assert bin_values([0.9001, 0.9004, 0.912, 0.95], 0.001) == [900, 900, 912, 950]
     assert bin_values([0.3], 0.001) == [300]
-    assert sparse_kendall_tau([0.9001, 0.9004, 0.912, 0.95], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))
+    assert sparse_kendall_tau_b([0.9001, 0.9004, 0.912, 0.95], [1, 2, 3, 4]) == pytest.approx(5 / math.sqrt(30))
+    assert sparse_kendall_tau([0.9001, 0.9004, 0.912, 0.95], [1, 2, 3, 4]) == 1.0
     assert kendall_tau([0.9001, 0.9004, 0.912, 0.95], [2, 1, 3, 4]) == pytest.approx(4 / 6)
     assert top_k_overlap([5, 4, 3, 2, 1], [5, 1, 4, 3, 2], 2) == 0.5
     report = rank_report([0.5, 0.9, 0.7, 0.8], [0.1, 0.4, 0.3, 0.2], k=2)

@@ -5,8 +5,8 @@ with ``fastnas train``'s recipe on a short schedule (several at once, one per
 worker process) and scored by the supernet (its path, batch norms
 recalibrated, validation accuracy, as ``fastnas select`` scores). The report
 gives Kendall's tau, Yu et al.'s sparse Kendall tau (stand-alone accuracies
-binned at 0.1%), Spearman's rho, the top-k overlap and the stand-alone accuracy
-of the supernet's top 3.
+binned at 0.1%; the study's form and the tau-b form, ``rank_metrics``), Spearman's
+rho, the top-k overlap and the stand-alone accuracy of the supernet's top 3.
 
 Yu et al.'s heuristics are settings of the supernet training
 (``SearchConfig``): ``bn_affine``, ``bn_track``, ``path_dropout``,
@@ -416,7 +416,8 @@ def _plot(path, standalone, predicted, metrics, setting, config) -> None:
 
     title = (
         f"{config.method} on {config.space}/{config.dataset} ({setting.name}): tau {metrics['kendall_tau']:.3f}, "
-        f"sparse tau {metrics['sparse_kendall_tau']:.3f}, {len(standalone)} architectures"
+        f"sparse tau {metrics['sparse_kendall_tau']:.3f} (tau-b {metrics['sparse_kendall_tau_b']:.3f}), "
+        f"{len(standalone)} architectures"
     )
     save_scatter(
         standalone,
@@ -432,16 +433,16 @@ def _plot(path, standalone, predicted, metrics, setting, config) -> None:
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the settings' coefficients."""
     lines = [
-        "| setting | method | Kendall tau | sparse tau | Spearman rho | top-k overlap | supernet top-3 stand-alone (%) "
-        "| supernet training (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | method | Kendall tau | sparse tau | sparse tau-b | Spearman rho | top-k overlap "
+        "| supernet top-3 stand-alone (%) | supernet training (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         top3 = ", ".join(f"{100 * a:.1f}" for a in r["supernet_top3_standalone"])
         lines.append(
             f"| {r['setting']} | {r['method']} | {r['kendall_tau']:.3f} | {r['sparse_kendall_tau']:.3f} | "
-            f"{r['spearman_rho']:.3f} | {r['top_k_overlap']:.2f} (k={r['top_k']}) | {top3} | "
-            f"{r['supernet_time_s']:.0f} |"
+            f"{r['sparse_kendall_tau_b']:.3f} | {r['spearman_rho']:.3f} | {r['top_k_overlap']:.2f} (k={r['top_k']}) | "
+            f"{top3} | {r['supernet_time_s']:.0f} |"
         )
     return "\n".join(lines)
 

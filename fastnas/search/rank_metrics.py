@@ -1,5 +1,6 @@
 """How well one ranking agrees with another: Kendall's tau (tau-b, ties counted), Yu et al.'s
-sparse Kendall tau, Spearman's rho (average ranks for ties) and top-k overlap.
+sparse Kendall tau (in the study's form and as tau-b), Spearman's rho (average ranks for
+ties) and top-k overlap.
 
 Written out (O(n^2) pairs, exact) so that the definitions are visible; rankings of
 architectures hold tens to hundreds of entries. A ranking with every value tied
@@ -50,8 +51,36 @@ def bin_values(values: Sequence[float], threshold: float) -> list[int]:
 
 
 def sparse_kendall_tau(standalone: Sequence[float], predicted: Sequence[float], threshold=SPARSE_THRESHOLD) -> float:
-    """Kendall's tau-b after binning the stand-alone accuracies (fractions) at ``threshold``:
-    architectures whose stand-alone accuracies fall in one bin count as tied (Yu et al.)."""
+    """Yu et al.'s sparse Kendall tau as their code computes it (the default, so that the numbers
+    compare with the study's): tau-b between the stand-alone bins sorted ascending and the same
+    bins read in the supernet's order (architectures sorted by ``predicted``, ascending).
+
+    Source: kcyu2014/nas-landmarkreg, ``nasws/cnn/utils.py`` (``compute_sparse_kendalltau``, which
+    calls ``compute_sparse_rank_metric`` with ``sparse_rank_by_simple_bin``), used with a threshold
+    of 1e-3 by ``_save_ranking_results`` in ``nasws/cnn/policy/cnn_general_search_policies.py``.
+
+    Position k pairs the k-th smallest bin with the bin of the architecture the supernet ranks
+    k-th, so architectures in one bin are interchangeable: a supernet that orders the bins
+    correctly scores 1 whatever it does inside a bin, which is what the sparse tau is for.
+    Ties among the supernet's scores keep the order of the architectures as given (the study's
+    ``np.argsort`` leaves their order to its sort). ``sparse_kendall_tau_b`` is the per-architecture
+    form.
+    """
+    bins = bin_values(standalone, threshold)
+    _check(bins, predicted)
+    supernet_order = sorted(range(len(bins)), key=lambda i: predicted[i])
+    return kendall_tau(sorted(bins), [bins[i] for i in supernet_order])
+
+
+def sparse_kendall_tau_b(standalone: Sequence[float], predicted: Sequence[float], threshold=SPARSE_THRESHOLD) -> float:
+    """Kendall's tau-b between each architecture's stand-alone bin (width ``threshold``) and its
+    supernet score: architectures in one bin count as tied, as do equal scores.
+
+    It depends on no tie-breaking, but a supernet that orders the bins perfectly scores below 1
+    whenever a bin holds two architectures with different scores (the tie in x has no tie in y to
+    match); ``sparse_kendall_tau`` (the study's form) scores 1 there. Without ties in the bins or
+    in the scores both equal Kendall's tau.
+    """
     return kendall_tau(bin_values(standalone, threshold), predicted)
 
 
@@ -101,6 +130,7 @@ def rank_report(standalone: Sequence[float], predicted: Sequence[float], thresho
         "architectures": len(standalone),
         "kendall_tau": kendall_tau(standalone, predicted),
         "sparse_kendall_tau": sparse_kendall_tau(standalone, predicted, threshold),
+        "sparse_kendall_tau_b": sparse_kendall_tau_b(standalone, predicted, threshold),
         "sparse_threshold": threshold,
         "spearman_rho": spearman_rho(standalone, predicted),
         "top_k": min(k, len(standalone)),
