@@ -84,6 +84,33 @@ def _name_list(text: str) -> tuple:
     return names
 
 
+def _add_benchmark_options(p, what: str) -> None:
+    """--benchmark FILE and which of its accuracies to read (fastnas.spaces.nb201_benchmark)."""
+    from fastnas.spaces.nb201_benchmark import DATASETS, EPOCHS, SETS
+
+    p.add_argument(
+        "--benchmark", metavar="FILE", default=None,
+        help=f"a NAS-Bench-201 benchmark file (nb201 space; needs pip install nas-bench-201): {what}",
+    )  # fmt: skip
+    p.add_argument(
+        "--benchmark-dataset", choices=DATASETS, default="cifar10-valid", help="benchmark: dataset (cifar10-valid)"
+    )
+    p.add_argument("--benchmark-set", choices=SETS, default="valid", help="benchmark: valid (default) or test accuracy")
+    p.add_argument("--benchmark-epochs", type=int, choices=EPOCHS, default=200, help="benchmark: schedule (200)")
+
+
+def _benchmark_metric(args: argparse.Namespace) -> dict:
+    return {"dataset": args.benchmark_dataset, "set": args.benchmark_set, "epochs": args.benchmark_epochs}
+
+
+def _benchmark_accuracy(args: argparse.Namespace, genotype) -> tuple[str, float]:
+    """What the benchmark is and its accuracy of one NAS-Bench-201 cell."""
+    from fastnas.spaces.nb201_benchmark import BenchmarkMetric, NB201Benchmark
+
+    bench = NB201Benchmark(args.benchmark, BenchmarkMetric(**_benchmark_metric(args)))
+    return bench.describe(), bench.accuracy(genotype)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastnas._version import __version__
     from fastnas.nn.edge_plan import MEMORY_MODES
@@ -147,6 +174,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="A,B,...",
         help="scalable-darts: the activation factor (default: relu,relu6,elu,leaky_relu,swish; also hardswish)",
+    )
+    s.add_argument(
+        "--gdas-form",
+        choices=("sum", "one"),
+        default=None,
+        help="gdas: an edge's hard sample plus its other hard weights (sum: AutoDL's NAS-Bench-201 GDAS, the "
+        "nb201 default) or alone (one: AutoDL's NASNet-space GDAS, the darts default)",
+    )
+    s.add_argument(
+        "--arch-grad-clip",
+        type=float,
+        default=None,
+        help="clip the architecture's gradient to this norm (default: p-darts 5, pc-darts on imagenet 5, else none)",
+    )
+    s.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=None,
+        help="spos: label smoothing of the supernet's training loss (default 0.1)",
     )
     s.add_argument("--device", choices=("cpu", "cuda"), default=None, help="where to run (default: cpu)")
     s.add_argument("--amp", choices=AMP_DTYPES, default=None, help="mixed precision (fp16 uses loss scaling on CUDA)")
@@ -251,6 +297,11 @@ warmup_epochs=5, lr=0.05, weight_decay=0, epochs=10, init_channels=4,
 layers=2, train_portion=0.5), optionally named name:key=value,...;
 --compare alone runs Yu et al.'s heuristics one by one.
 
+With --benchmark FILE (the NAS-Bench-201 benchmark file, nb201 space) nothing
+is trained stand-alone: the accuracies are the benchmark's (default: cifar10-valid,
+validation accuracy after 200 epochs, mean over its trials; --benchmark-dataset,
+--benchmark-set, --benchmark-epochs pick another).
+
 Writes to --out: standalone.json (reused by later runs with the same
 architectures and recipe), supernet-<setting>/ (each search's folder),
 pairs-<setting>.json, scatter-<setting>.png, report.json and table.md.
@@ -285,6 +336,7 @@ def _add_select_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--out", metavar="DIR", default=None, help="output folder (default: RUN_DIR)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_benchmark_options(p, "the best architecture's accuracy there")
 
 
 def _add_rank_eval_parser(sub) -> None:
@@ -315,6 +367,7 @@ def _add_rank_eval_parser(sub) -> None:
     r.add_argument("--bn-batches", type=int, default=10, help="training batches of each recalibration (10)")
     r.add_argument("--threshold", type=float, default=0.001, help="bin width of the sparse Kendall tau (0.001)")
     r.add_argument("--top-k", type=_positive_int, default=5, help="k of the top-k overlap (5)")
+    _add_benchmark_options(r, "its accuracies instead of stand-alone training")
     r.add_argument(
         "--compare", nargs="*", metavar="SETTING", default=None, help="settings to compare (alone: Yu et al.'s)"
     )
@@ -373,6 +426,7 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/train-<name>)")
     t.add_argument("--resume", metavar="DIR", default=None, help="continue the training whose checkpoint is in DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
+    _add_benchmark_options(t, "its accuracy of the architecture beside this training's")
 
 
 LATENCY_DESCRIPTION = """\
@@ -381,7 +435,11 @@ uniformly, build each one's evaluation network (the network fastnas train
 trains on --dataset), measure its median inference latency on --device after
 a warm-up, fit a small multi-layer regressor from the architecture encoding to
 the latency on 80% of them and report its mean relative error on the other
-20%. Use the file with fastnas search --method la-darts --latency-model FILE.
+20%. Besides the discrete architectures it measures --relaxed-samples relaxed
+ones (softmax weights of random logits on every edge, as the search reads),
+each labelled with the latency of the genotype it derives, and reports the
+held-out error of both kinds. Use the file with fastnas search --method
+la-darts --latency-model FILE.
 
 On the CPU the measurement runs on --threads threads (default 1, as the digits
 search and training run); the model is only valid for the setting it measured.
@@ -402,6 +460,13 @@ def _add_latency_parser(sub) -> None:
     m.add_argument("--dataset", choices=tuple(DATASET_INPUTS), default="digits", help="whose network (digits)")
     m.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to measure (default: cpu)")
     m.add_argument("--samples", type=_positive_int, default=500, help="architectures to measure (default: 500)")
+    m.add_argument(
+        "--relaxed-samples",
+        type=int,
+        default=None,
+        help="relaxed architectures (random softmax weights on every edge) to measure as the genotype they "
+        "derive (default: as many as --samples)",
+    )
     m.add_argument("--batch-size", type=_positive_int, default=1, help="images per measured forward (default: 1)")
     m.add_argument("--repeats", type=_positive_int, default=REPEATS, help=f"timed runs per architecture ({REPEATS})")
     m.add_argument("--warmup", type=int, default=WARMUP, help=f"untimed runs first ({WARMUP})")
@@ -440,8 +505,8 @@ def _run_latency_model(args: argparse.Namespace) -> int:
     network = {k: getattr(args, k) for k in ("init_channels", "layers", "image_size") if getattr(args, k)}
     model = fit_latency_model(
         args.space, args.dataset, args.device, args.samples, args.batch_size, args.seed, network,
-        warmup=args.warmup, repeats=args.repeats, progress=not args.no_progress, clock=args.clock,
-        rounds=args.rounds,
+        relaxed_samples=args.relaxed_samples, warmup=args.warmup, repeats=args.repeats,
+        progress=not args.no_progress, clock=args.clock, rounds=args.rounds,
     )  # fmt: skip
     model.save(out)
     print(describe(model))
@@ -459,7 +524,8 @@ _CONFIG_OPTIONS = {
     "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
     "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
     "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
-    "latency_weight": "latency_weight", "activations": "activations",
+    "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
+    "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing",
 }  # fmt: skip
 
 
@@ -572,6 +638,12 @@ def _run_train(args: argparse.Namespace) -> int:
             )
         trainer = Trainer(config, out_dir=out, progress=progress)
     cfg = trainer.config
+    benchmark = None
+    if args.benchmark:
+        if cfg.space != "nb201":
+            raise TrainError(f"--benchmark reads NAS-Bench-201 cells; this is a {cfg.space} architecture")
+        # Looked up first: a missing file or cell ends the command before the training, not after.
+        benchmark = _benchmark_accuracy(args, cfg.genotype)
     threads = args.threads
     if threads is None and cfg.device == "cpu" and cfg.dataset == "digits":
         # As for the search: tiny convolutions gain little from threads and lose a lot on shared cores.
@@ -588,6 +660,8 @@ def _run_train(args: argparse.Namespace) -> int:
     result = trainer.run()
     if _is_main_process():
         print(format_report(result.report))
+        if benchmark is not None:
+            print(f"{benchmark[0]}: {100 * benchmark[1]:.2f}%")
         print(f"wrote {out}/report.json, log.jsonl, checkpoint.pt")
     return 0
 
@@ -606,6 +680,10 @@ def _run_select(args: argparse.Namespace) -> int:
     )  # fmt: skip
     settings.validate()
     supernet = load_supernet(args.run, args.device)
+    if args.benchmark and supernet.config.space != "nb201":
+        from fastnas.search import SearchError
+
+        raise SearchError(f"--benchmark reads NAS-Bench-201 cells; {args.run} searched {supernet.config.space}")
     threads = args.threads or (1 if supernet.config.dataset == "digits" and args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)
@@ -622,6 +700,9 @@ def _run_select(args: argparse.Namespace) -> int:
     best = result.best
     print(f"best: {best['description']}")
     print(f"supernet validation accuracy {100 * best['val_acc']:.2f}% ({result.evaluated} architectures scored)")
+    if args.benchmark:
+        what, accuracy = _benchmark_accuracy(args, best["architecture"])
+        print(f"{what}: {100 * accuracy:.2f}%")
     print(f"wrote {out}/" + ", ".join(result.files))
     if os.path.abspath(out) == os.path.abspath(args.run):
         command = _train_command(out, args.device, 1)
@@ -649,7 +730,7 @@ def _run_rank_eval(args: argparse.Namespace) -> int:
         method=args.method, space=args.space, dataset=args.dataset, data=args.data,
         architectures=args.architectures, standalone_epochs=args.standalone_epochs, standalone=standalone,
         supernet=supernet, workers=workers, device=args.device, seed=args.seed, bn_batches=args.bn_batches,
-        threshold=args.threshold, top_k=args.top_k,
+        threshold=args.threshold, top_k=args.top_k, benchmark=args.benchmark, benchmark_metric=_benchmark_metric(args),
     )  # fmt: skip
     compare = None
     if args.compare is not None:
@@ -657,16 +738,20 @@ def _run_rank_eval(args: argparse.Namespace) -> int:
     if args.device == "cpu":
         torch.set_num_threads(1)
     out = args.out or os.path.join("runs", f"rank-eval-{args.method}-{args.space}-{args.dataset}")
+    if args.benchmark:
+        truth = f"accuracies from the benchmark {args.benchmark}"
+    else:
+        truth = f"{settings.standalone_epochs} stand-alone epochs each ({workers} at once)"
     if not args.no_progress:
         print(
-            f"fastnas rank-eval: {settings.architectures} {args.space} architectures on {args.dataset}, "
-            f"{settings.standalone_epochs} stand-alone epochs each ({workers} at once), supernet {args.method}; "
-            f"writing to {out}",
+            f"fastnas rank-eval: {settings.architectures} {args.space} architectures, supernet {args.method} on "
+            f"{args.dataset}, {truth}; writing to {out}",
             flush=True,
         )
     report = rank_eval(settings, out, compare, progress=not args.no_progress)
     print(report["table"])
-    print(f"wrote {out}/report.json, standalone.json, pairs-*.json, scatter-*.png" + (", table.md" if compare else ""))
+    written = "report.json, " + ("" if args.benchmark else "standalone.json, ") + "pairs-*.json, scatter-*.png"
+    print(f"wrote {out}/{written}" + (", table.md" if compare else ""))
     return 0
 
 
@@ -716,8 +801,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from fastnas.data import DatasetError
     from fastnas.search import SearchError
+    from fastnas.spaces.nb201_benchmark import BenchmarkError
 
-    errors: tuple = (SearchError, DatasetError)
+    errors: tuple = (SearchError, DatasetError, BenchmarkError)
     run = {
         "search": _run_search, "select": _run_select, "rank-eval": _run_rank_eval, "latency-model": _run_latency_model,
     }.get(args.command, _run_search)  # fmt: skip

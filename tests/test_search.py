@@ -134,9 +134,13 @@ def test_auto_backend_matches_reference(method, fused_edge_calls):
     for (a_train, a_val), (r_train, r_val) in zip(losses(auto.history), losses(ref.history)):
         assert a_train == pytest.approx(r_train, rel=1e-5, abs=1e-6)
         assert a_val == pytest.approx(r_val, rel=1e-5, abs=1e-6)
+    # GDAS takes its architecture gradient after the weight step, at weights that differ by
+    # rounding: gradients of ~1e-9 (below float32's resolution of the row's 0.1 entries)
+    # differ, and Adam's first steps (lr * g / (|g| + 1e-8)) turn them into ~1e-6.
+    atol = 1e-5 if method == "gdas" else 1e-6
     for a, r in zip(auto_net.arch_parameters(), ref_net.arch_parameters()):
-        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
-    assert_state_close(auto_net.state_dict(), ref_net.state_dict())
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=atol)
+    assert_state_close(auto_net.state_dict(), ref_net.state_dict(), atol=atol)
     validate_genotype(auto.genotype)
     assert auto.genotype == ref.genotype
     record = auto.history[-1]

@@ -20,6 +20,11 @@ from fastnas.nn.operations import OPS, check_primitives
 from fastnas.ops import mixed_sum, partial_channel_mixed_sum
 from fastnas.ops.darts_edge import darts_edge
 
+#: How an edge computes a GDAS hard sample (``MixedOp``): "sum", the sampled candidate
+#: times its hard weight plus the other hard weights (AutoDL's NAS-Bench-201 GDAS), or
+#: "one", the sampled candidate times its hard weight alone (AutoDL's NASNet-space GDAS).
+HARD_FORMS = ("sum", "one")
+
 
 @contextlib.contextmanager
 def _frozen_batch_norm_stats(module: nn.Module):
@@ -103,8 +108,15 @@ class MixedOp(nn.Module):
     the last call did not run fused (None when it did).
 
     ``forward(x, weights, index=None)``: ``weights`` has one entry per candidate.
-    With an int ``index`` only that candidate is run, scaled by ``weights[index]``
-    (GDAS hard sampling). With a tuple ``index`` (a path of a single-path or
+    With an int ``index`` only that candidate is run (GDAS hard sampling), in the
+    form ``hard_form`` names (see ``HARD_FORMS``): "sum" (the default),
+    ``weights[index] * op_index(x) + sum_{k != index} weights[k]``, as AutoDL's
+    NAS-Bench-201 GDAS (``NAS201SearchCell.forward_gdas`` in
+    ``xautodl/models/cell_searchs/search_cells.py``): the other hard weights are 0
+    in value, but their straight-through gradient reaches every architecture
+    parameter of the edge; "one", ``weights[index] * op_index(x)`` alone, as
+    AutoDL's NASNet-space GDAS (``MixedOp.forward_gdas`` in the same file).
+    With a tuple ``index`` (a path of a single-path or
     one-shot supernet) the listed candidates run and are summed, unweighted:
     ``weights`` is not read, nothing else runs, and an empty tuple (or only
     ``none``) gives zeros. Such a subset runs fused when the fused edge can
@@ -129,6 +141,7 @@ class MixedOp(nn.Module):
         self.backend = backend
         self.memory = check_memory(memory)
         self.skip_drop_prob = 0.0
+        self.hard_form = "sum"
         self.ops = nn.ModuleList()
         for name in self.primitives:
             op = OPS[name](C, stride, affine)
@@ -262,7 +275,13 @@ class MixedOp(nn.Module):
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
-            return mixed_sum([self._candidate(index, x)], weights[index : index + 1], backend=self.backend)
+            out = mixed_sum([self._candidate(index, x)], weights[index : index + 1], backend=self.backend)
+            if self.hard_form == "sum" and len(weights) > 1:
+                # Exactly 0 in value ((0 - p) + p); the gradient of every other hard weight
+                # is the sum of the output's gradient, as in AutoDL's forward_gdas.
+                rest = torch.cat([weights[:index], weights[index + 1 :]]).sum()
+                out = out + rest.to(out.dtype)
+            return out
         outs = [self._candidate(k, x) for k in self._active]
         return mixed_sum(outs, self._active_weights(weights), backend=self.backend)
 
@@ -313,6 +332,8 @@ class PartialChannelMixedOp(MixedOp):
         super().__init__(C // groups, stride, primitives, affine, pool_bn, backend, memory)
         self.groups = groups
         self.channels = C
+        # A hard sample's other weights have no place in the shuffled concatenation.
+        self.hard_form = "one"
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the channels through the candidates, the bypass channels) of the edge input."""
@@ -323,13 +344,22 @@ class PartialChannelMixedOp(MixedOp):
         """``sum_k w_k op_k(x[:, :C/K])`` alone, for a node that does the rest (``Cell``)."""
         self._check_weights(weights)
         _no_path(index)
+        self._check_hard_form(index)
         part, _ = self.split(x)
         if self.memory == "checkpoint" and torch.is_grad_enabled():
             return self._checkpointed(self._edge, part, weights, index)
         return self._edge(part, weights, index)
 
+    def _check_hard_form(self, index) -> None:
+        if index is not None and self.hard_form != "one":
+            raise ValueError(
+                f"PartialChannelMixedOp: GDAS hard samples take the 'one' form with partial channels, "
+                f"got hard_form={self.hard_form!r}"
+            )
+
     def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         _no_path(index)
+        self._check_hard_form(index)
         part, bypass = self.split(x)
         if self._fusable(part, index) or self._recompute_unfused():
             # The fused edge, or its checkpointed fallback (see _edge).
@@ -342,6 +372,13 @@ class PartialChannelMixedOp(MixedOp):
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, " + super().extra_repr()
+
+
+def check_hard_form(form: str) -> str:
+    """``form`` if it is one of ``HARD_FORMS``; ValueError naming them otherwise."""
+    if form not in HARD_FORMS:
+        raise ValueError(f"GDAS hard-sample form must be one of {HARD_FORMS}, got {form!r}")
+    return form
 
 
 def _no_path(index) -> None:

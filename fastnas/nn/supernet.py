@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastnas.nn.mixed_op import MixedOp
+from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, check_hard_form
 
 SAMPLING_MODES = ("softmax", "gumbel")
 
@@ -110,18 +110,32 @@ class SuperNet(nn.Module):
         arch = {id(p) for p in self.arch_parameters()}
         return [p for p in self.parameters() if id(p) not in arch]
 
-    def set_sampling(self, mode: str = "softmax", tau: float = 1.0) -> None:
+    def set_sampling(self, mode: str = "softmax", tau: float = 1.0, hard_form: str | None = None) -> None:
         """Choose how edge weights come from the alphas.
 
         "softmax": every candidate, weighted by softmax(alpha) (DARTS).
         "gumbel": one hard Gumbel-softmax sample per edge and forward pass,
         temperature ``tau``; only the sampled candidate runs, forward and
         backward, and the alphas get the straight-through gradient (GDAS).
+        ``hard_form`` ("sum" or "one", ``fastnas.nn.mixed_op.HARD_FORMS``; None
+        keeps each edge's) is how an edge computes its sample: "sum" adds the
+        other hard weights (0 in value), so that every candidate's weight gets
+        a gradient, as AutoDL's NAS-Bench-201 GDAS; "one" scales the sampled
+        candidate alone, as AutoDL's NASNet-space GDAS. Partial-channel edges
+        take "one" only.
         """
         if mode not in SAMPLING_MODES:
             raise ValueError(f"sampling mode must be one of {SAMPLING_MODES}, got {mode!r}")
         if not tau > 0:
             raise ValueError(f"tau must be positive, got {tau}")
+        if hard_form is not None:
+            check_hard_form(hard_form)
+            for m in self.modules():
+                if isinstance(m, PartialChannelMixedOp) and hard_form != "one":
+                    raise ValueError("partial-channel edges take GDAS hard samples in the 'one' form only")
+            for m in self.modules():
+                if isinstance(m, MixedOp):
+                    m.hard_form = hard_form
         self.sampling = mode
         self.tau = float(tau)
 

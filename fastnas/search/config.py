@@ -51,6 +51,9 @@ RESUME_FIELDS = (
     "max_skip_connect",
     "tau_max",
     "tau_min",
+    "gdas_form",
+    "arch_grad_clip",
+    "label_smoothing",
     "amend_coefficient",
     "latency_model_sha256",
     "latency_weight",
@@ -106,6 +109,12 @@ class SearchConfig:
     max_skip_connect: int | None = None
     tau_max: float = 10.0
     tau_min: float = 0.1
+    # GDAS: how an edge computes its hard sample ("sum" or "one"; None: the space's, see methods/gdas.py).
+    gdas_form: str | None = None
+    # Norm the architecture's gradient is clipped to before its step (None: not clipped; P-DARTS 5).
+    arch_grad_clip: float | None = None
+    # Label smoothing of the supernet's training loss (SPOS 0.1).
+    label_smoothing: float = 0.0
     amend_coefficient: float = AMEND_COEFFICIENT
     latency_model: str | None = None
     latency_model_sha256: str | None = None

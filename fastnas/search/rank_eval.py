@@ -19,6 +19,10 @@ reused by later runs with the same architectures and recipe), one search folder
 per setting (``supernet-<name>``), ``pairs-<name>.json`` (every architecture's
 stand-alone accuracy and supernet score), ``scatter-<name>.png``,
 ``report.json`` and, for a comparison, ``table.md``.
+
+With ``benchmark`` (a NAS-Bench-201 benchmark file, nb201 space only) nothing is trained
+stand-alone: each architecture's accuracy is the benchmark's
+(``fastnas.spaces.nb201_benchmark``), and no ``standalone.json`` is written.
 """
 
 from __future__ import annotations
@@ -132,6 +136,8 @@ class RankEvalSettings:
     bn_batches: int = 10
     threshold: float = SPARSE_THRESHOLD
     top_k: int = 5
+    benchmark: str | None = None  # a NAS-Bench-201 benchmark file: its accuracies instead of stand-alone training
+    benchmark_metric: dict = field(default_factory=dict)  # BenchmarkMetric fields (dataset, set, epochs)
 
     def validate(self) -> None:
         if self.architectures < 2:
@@ -140,6 +146,8 @@ class RankEvalSettings:
             raise SearchError("--standalone-epochs and --workers must be at least 1")
         if not self.threshold > 0:
             raise SearchError(f"--threshold must be positive, got {self.threshold}")
+        if self.benchmark is not None and self.space != "nb201":
+            raise SearchError(f"--benchmark reads NAS-Bench-201, whose cells are the nb201 space's, not {self.space}'s")
 
 
 def _search_config(settings: RankEvalSettings, setting: Setting):
@@ -289,6 +297,27 @@ def _write_standalone(path, settings, recipe, known, results) -> None:
     ckpt.atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
+def _benchmark_record(settings: RankEvalSettings) -> dict:
+    from fastnas.spaces.nb201_benchmark import BenchmarkMetric
+
+    return {"file": os.path.abspath(settings.benchmark), **BenchmarkMetric(**settings.benchmark_metric).to_dict()}
+
+
+def benchmark_standalone(settings: RankEvalSettings, encoding, archs: list) -> list[dict]:
+    """Every architecture's accuracy read from the NAS-Bench-201 benchmark file (nothing trained)."""
+    from fastnas.spaces.nb201_benchmark import BenchmarkMetric, NB201Benchmark
+
+    bench = NB201Benchmark(settings.benchmark, BenchmarkMetric(**settings.benchmark_metric))
+    results = []
+    for genes in archs:
+        arch = encoding.to_arch(genes)
+        results.append(
+            {"description": encoding.describe(genes), "architecture": encoding.to_json(genes), "genes": list(genes),
+             "benchmark_index": bench.index(arch), "benchmark_accuracy": bench.accuracy(arch)}
+        )  # fmt: skip
+    return results
+
+
 # --- supernets ----------------------------------------------------------------------------------
 
 
@@ -366,9 +395,13 @@ def rank_eval(settings: RankEvalSettings, out_dir: str, compare: list[Setting] |
         raise SearchError("the compared settings must share the space, the image size and the data fraction")
     encoding, archs = _sample_architectures(settings, base, info)
     start = time.perf_counter()
-    standalone = train_standalone(settings, encoding, archs, out_dir, progress)
+    if settings.benchmark is not None:
+        standalone = benchmark_standalone(settings, encoding, archs)
+        accuracies = [r["benchmark_accuracy"] for r in standalone]
+    else:
+        standalone = train_standalone(settings, encoding, archs, out_dir, progress)
+        accuracies = [r["test_accuracy"] for r in standalone]
     standalone_time = time.perf_counter() - start
-    accuracies = [r["test_accuracy"] for r in standalone]
     rows = []
     for setting, config in zip(compare, configs):
         t0 = time.perf_counter()
@@ -389,7 +422,10 @@ def rank_eval(settings: RankEvalSettings, out_dir: str, compare: list[Setting] |
             os.path.join(out_dir, f"pairs-{setting.name}.json"),
             json.dumps({"setting": setting.name, "overrides": setting.overrides, "pairs": pairs}, indent=1) + "\n",
         )
-        _plot(os.path.join(out_dir, f"scatter-{setting.name}.png"), accuracies, predicted, metrics, setting, config)
+        _plot(
+            os.path.join(out_dir, f"scatter-{setting.name}.png"), accuracies, predicted, metrics, setting, config,
+            _standalone_label(settings),
+        )  # fmt: skip
         rows.append(
             {"setting": setting.name, "overrides": setting.overrides, "method": config.method, **metrics,
              "supernet_time_s": train_time, "supernet_dir": run_dir}
@@ -398,7 +434,11 @@ def rank_eval(settings: RankEvalSettings, out_dir: str, compare: list[Setting] |
         "space": settings.space,
         "dataset": settings.dataset,
         "architectures": len(archs),
-        "standalone_recipe": _standalone_recipe(settings),
+        **(
+            {"benchmark": _benchmark_record(settings)}
+            if settings.benchmark is not None
+            else {"standalone_recipe": _standalone_recipe(settings)}
+        ),
         "standalone_time_s": standalone_time,
         "settings": rows,
         "time_s": time.perf_counter() - start,
@@ -411,7 +451,15 @@ def rank_eval(settings: RankEvalSettings, out_dir: str, compare: list[Setting] |
     return report
 
 
-def _plot(path, standalone, predicted, metrics, setting, config) -> None:
+def _standalone_label(settings: RankEvalSettings) -> str:
+    if settings.benchmark is None:
+        return "stand-alone test accuracy (%)"
+    from fastnas.spaces.nb201_benchmark import BenchmarkMetric
+
+    return f"NAS-Bench-201 {BenchmarkMetric(**settings.benchmark_metric).describe()} (%)"
+
+
+def _plot(path, standalone, predicted, metrics, setting, config, x_label) -> None:
     from fastnas.search.scatter import save_scatter
 
     title = (
@@ -424,7 +472,7 @@ def _plot(path, standalone, predicted, metrics, setting, config) -> None:
         predicted,
         path,
         title=title,
-        x_label="stand-alone test accuracy (%)",
+        x_label=x_label,
         y_label="supernet validation accuracy (%)",
         highlight=top_k(predicted, 3),
     )

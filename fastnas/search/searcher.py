@@ -30,6 +30,7 @@ from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_
 from fastnas.search.data import epoch_loader, split_indices
 from fastnas.search.distributed import DistributedContext, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
+from fastnas.search.plots import compact_labels, write_search_plots
 from fastnas.spaces import get_space
 
 GENOTYPE_NAME = "genotype.json"
@@ -321,6 +322,8 @@ class Searcher:
                 del record[key]
         if self.method.trains_architecture:
             record["arch_weights"] = {k: v.tolist() for k, v in net.arch_weights().items()}
+            if hasattr(net, "arch_weight_labels"):
+                record["arch_labels"] = compact_labels(net.arch_weight_labels())
             record["entropy"] = _entropy(net)
             record["genotype"] = self.space.to_json(self.space.genotype(net, self.config))
         self._print_epoch(record)
@@ -403,7 +406,8 @@ class Searcher:
 
     def bilevel_step(self, model, net, parts, train_arch, lr):
         """DARTS' step: the architecture's on a validation batch (while it trains), then the
-        weights' on a training batch. Tensors in, one tensor out, no host syncs, so
+        weights' on a training batch (the other way round for a method with
+        ``weights_first``, GDAS). Tensors in, one tensor out, no host syncs, so
         that ``GraphedStep`` can capture it.
 
         Returns ``step(xt, yt, xv, yv) -> [train loss, train correct, val loss,
@@ -417,11 +421,16 @@ class Searcher:
                 groups=self.method.arch_groups(net),
             )
 
+        weights_first = self.method.weights_first
+
         def step(xt, yt, xv, yv):
+            if weights_first:
+                loss, logits = self._weight_step(model, net, parts, xt, yt)
             if train_arch:
                 val_loss, val_logits = self._arch_step(net, parts, arch, xt, yt, xv, yv, lr)
                 val = [val_loss.float(), _correct_count(val_logits, yv)]
-            loss, logits = self._weight_step(model, net, parts, xt, yt)
+            if not weights_first:
+                loss, logits = self._weight_step(model, net, parts, xt, yt)
             train = [loss.float(), _correct_count(logits, yt)]
             if not train_arch:
                 val = [torch.zeros_like(train[0]), torch.zeros_like(train[0])]
@@ -561,6 +570,8 @@ class Searcher:
         ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state)
         with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
             f.write(json.dumps(record) + "\n")
+        # Pictures of the run so far (arch_weights.png, curves.png), so an interrupted one has them.
+        write_search_plots(self.out_dir, history)
         if "genotype" in record:
             ckpt.atomic_write_text(
                 os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"

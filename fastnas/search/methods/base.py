@@ -48,6 +48,9 @@ class SearchMethod:
     uses_validation_batches: ClassVar[bool] = True
     #: Samples architectures under a ``--constraint`` on parameters or FLOPs.
     supports_constraint: ClassVar[bool] = False
+    #: Each step updates the weights first, then the architecture (GDAS' loop); False:
+    #: the architecture first, as DARTS.
+    weights_first: ClassVar[bool] = False
     #: SearchConfig fields that only this method reads (e.g. ``amend_coefficient``): any other
     #: method refuses them when they differ from their defaults.
     own_options: ClassVar[tuple[str, ...]] = ()

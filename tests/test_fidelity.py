@@ -1,0 +1,162 @@
+"""The methods against their papers' original code: each test pins one detail that
+``fastnas`` takes from the authors' code or paper, named in the test."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from fastnas.nn import MixedOp
+from fastnas.search import SearchConfig, Searcher, SearchError
+from fastnas.spaces.nb201 import NB201SearchCell, NB201SearchNetwork, ResNetBasicBlock
+
+INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_dataset(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = torch.randint(0, INFO["num_classes"], (n,), generator=g)
+    return TensorDataset(x, y), INFO
+
+
+# --- GDAS (D-X-Y/AutoDL-Projects) -----------------------------------------------------------------
+
+
+def _autodl_hardwts(alphas, tau):
+    """``TinyNetworkGDAS.forward``'s sample (search_model_gdas.py), written out."""
+    gumbels = -torch.empty_like(alphas).exponential_().log()
+    probs = F.softmax((alphas.log_softmax(dim=1) + gumbels) / tau, dim=1)
+    index = probs.max(-1, keepdim=True)[1]
+    one_h = torch.zeros_like(probs).scatter_(-1, index, 1.0)
+    return one_h - probs.detach() + probs, index
+
+
+def _autodl_forward(net, x, hardwts, index, form):
+    """The NAS-Bench-201 GDAS network's forward, by hand, on ``net``'s modules: each edge
+    ``sum_j hardwts[j] * op_j(x) if j == argmax else hardwts[j]`` (``forward_gdas``, form
+    "sum"), or ``hardwts[a] * op_a(x)`` (``forward_gdas_v1``, form "one")."""
+    out = net.stem(x)
+    for cell in net.cells:
+        if isinstance(cell, ResNetBasicBlock):
+            out = cell(out)
+            continue
+        assert isinstance(cell, NB201SearchCell)
+        nodes, e = [out], 0
+        for i in range(1, cell.max_nodes):
+            inter = []
+            for j in range(i):
+                w, a = hardwts[e], index[e].item()
+                ops = cell.edges[e].ops
+                if form == "sum":
+                    inter.append(sum(w[k] * op(nodes[j]) if k == a else w[k] for k, op in enumerate(ops)))
+                else:
+                    inter.append(w[a] * ops[a](nodes[j]))
+                e += 1
+            nodes.append(sum(inter))
+        out = nodes[-1]
+    out = net.global_pooling(net.lastact(out))
+    return net.classifier(out.flatten(1))
+
+
+@pytest.mark.parametrize("form", ["sum", "one"])
+def test_gdas_architecture_gradient_is_autodl_forms(form):
+    """fastnas' GDAS gives the alphas AutoDL's gradient, to float64 rounding."""
+    torch.manual_seed(0)
+    net = NB201SearchNetwork(C=4, N=1, num_classes=3, backend="reference").double()
+    with torch.no_grad():
+        net.alphas.normal_()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 1])
+    tau = 2.0
+    grads = []
+    for seed in range(3):
+        net.set_sampling("gumbel", tau, hard_form=form)
+        torch.manual_seed(100 + seed)
+        net.alphas.grad = None
+        F.cross_entropy(net(x), y).backward()
+        ours = net.alphas.grad.clone()
+        torch.manual_seed(100 + seed)
+        hardwts, index = _autodl_hardwts(net.alphas, tau)
+        (theirs,) = torch.autograd.grad(F.cross_entropy(_autodl_forward(net, x, hardwts, index, form), y), net.alphas)
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+        grads.append(ours)
+    if form == "sum":
+        # Every alpha of an edge learns from each step, not only the sampled one's softmax row.
+        assert all((g != 0).all() for g in grads)
+
+
+def test_gdas_forms_differ_in_gradient_not_in_value():
+    torch.manual_seed(1)
+    net = NB201SearchNetwork(C=4, N=1, num_classes=3, backend="reference").double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    out, grad = {}, {}
+    for form in ("sum", "one"):
+        net.set_sampling("gumbel", 1.0, hard_form=form)
+        torch.manual_seed(5)
+        net.alphas.grad = None
+        logits = net(x)
+        logits.square().sum().backward()
+        out[form], grad[form] = logits.detach(), net.alphas.grad.clone()
+    torch.testing.assert_close(out["sum"], out["one"], rtol=0, atol=0)
+    assert not torch.allclose(grad["sum"], grad["one"])
+
+
+def test_gdas_form_defaults_follow_the_authors_code_per_space():
+    assert SearchConfig.create("gdas", space="nb201").gdas_form == "sum"
+    assert SearchConfig.create("gdas", space="darts").gdas_form == "one"
+    assert SearchConfig.create("gdas", space="nb201", gdas_form="one").gdas_form == "one"
+    with pytest.raises(SearchError, match="--gdas-form"):
+        SearchConfig.create("gdas", space="nb201", gdas_form="all")
+    with pytest.raises(SearchError, match="--gdas-form is for gdas"):
+        SearchConfig.create("darts", gdas_form="sum")
+    with pytest.raises(SearchError, match="--gdas-form one"):
+        SearchConfig.create("gdas", space="darts", partial_channels=2, gdas_form="sum")
+
+
+def _record_step_order(searcher, monkeypatch):
+    """Wrap the searcher's weight and architecture steps to log their order."""
+    order = []
+    weight_step, arch_step = searcher._weight_step, searcher._arch_step
+
+    def logged_weight(*args, **kwargs):
+        order.append("weights")
+        return weight_step(*args, **kwargs)
+
+    def logged_arch(*args, **kwargs):
+        order.append("arch")
+        return arch_step(*args, **kwargs)
+
+    monkeypatch.setattr(searcher, "_weight_step", logged_weight)
+    monkeypatch.setattr(searcher, "_arch_step", logged_arch)
+    return order
+
+
+@pytest.mark.parametrize("method,first", [("gdas", "weights"), ("darts", "arch")])
+def test_gdas_steps_the_weights_before_the_architecture(method, first, monkeypatch):
+    """AutoDL's GDAS search_func (exps/NAS-Bench-201-algos/GDAS.py) updates the weights,
+    then the architecture; DARTS the architecture first."""
+    space = dict(space="nb201", layers=1) if method == "gdas" else dict(layers=3)
+    cfg = SearchConfig.create(method, epochs=1, batch_size=8, init_channels=4, warmup_epochs=0, **space)
+    searcher = Searcher(cfg, dataset=tiny_dataset(), progress=False)
+    order = _record_step_order(searcher, monkeypatch)
+    searcher.run()
+    second = "arch" if first == "weights" else "weights"
+    assert order == [first, second] * 2
+
+
+def test_gdas_run_logs_its_form_and_temperature():
+    cfg = SearchConfig.create("gdas", space="nb201", epochs=2, batch_size=8, init_channels=4, layers=1)
+    searcher = Searcher(cfg, dataset=tiny_dataset(), progress=False)
+    result = searcher.run()
+    assert [r["gdas_form"] for r in result.history] == ["sum", "sum"]
+    assert [r["tau"] for r in result.history] == pytest.approx([10.0, 0.1])
+    assert all(m.hard_form == "sum" for m in searcher.net.modules() if isinstance(m, MixedOp))
