@@ -684,6 +684,10 @@ def _run_select(args: argparse.Namespace) -> int:
         from fastnas.search import SearchError
 
         raise SearchError(f"--benchmark reads NAS-Bench-201 cells; {args.run} searched {supernet.config.space}")
+    if args.benchmark:
+        from fastnas.spaces.nb201_benchmark import NB201Benchmark
+
+        NB201Benchmark.check(args.benchmark)  # a missing file or package ends the command before the selection
     threads = args.threads or (1 if supernet.config.dataset == "digits" and args.device == "cpu" else None)
     if threads:
         torch.set_num_threads(threads)

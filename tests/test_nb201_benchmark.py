@@ -292,3 +292,8 @@ def test_select_reports_the_best_cells_benchmark_accuracy(tmp_path):
     assert f"best: {best}" in stdout
     expected = 100 * expected_accuracy(77.0, "cifar100", "x-valid")
     assert f"NAS-Bench-201 (bench.pth), cifar100 valid accuracy after 200 epochs: {expected:.2f}%" in stdout
+    # A missing file ends the command before the selection.
+    other = str(tmp_path / "sel2")
+    code, _, err = run_cli(*select[:-1], other, "--benchmark", str(tmp_path / "missing.pth"))
+    assert code == 1 and "no NAS-Bench-201 benchmark file at" in err
+    assert not os.path.exists(os.path.join(other, "select-random.json"))

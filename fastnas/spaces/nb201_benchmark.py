@@ -126,15 +126,7 @@ class NB201Benchmark:
     def __init__(self, path: str, metric: BenchmarkMetric | None = None):
         self.path = str(path)
         self.metric = metric or BenchmarkMetric()
-        if not os.path.isfile(self.path):
-            raise BenchmarkError(f"no NAS-Bench-201 benchmark file at {self.path}")
-        try:
-            from nas_201_api import NASBench201API
-        except ImportError as exc:
-            raise BenchmarkError(
-                f"--benchmark reads the file with the nas-bench-201 package, which is not installed ({exc}); "
-                f"{PACKAGE_HINT}"
-            ) from None
+        NASBench201API = self.check(self.path)
         try:
             # The API loads the file itself (torch.load, weights only by default on torch >= 2.6); given
             # the dict instead it would deep-copy all of it.
@@ -142,6 +134,21 @@ class NB201Benchmark:
         except Exception as exc:
             reason = _reason(exc)
             raise BenchmarkError(f"{self.path} is not a readable NAS-Bench-201 benchmark file ({reason})") from None
+
+    @staticmethod
+    def check(path: str):
+        """Raise ``BenchmarkError`` unless ``path`` is a file and the package is installed (cheap: nothing
+        is read, so that a command can check before its work); returns the package's API class."""
+        if not os.path.isfile(path):
+            raise BenchmarkError(f"no NAS-Bench-201 benchmark file at {path}")
+        try:
+            from nas_201_api import NASBench201API
+        except ImportError as exc:
+            raise BenchmarkError(
+                f"--benchmark reads the file with the nas-bench-201 package, which is not installed ({exc}); "
+                f"{PACKAGE_HINT}"
+            ) from None
+        return NASBench201API
 
     def index(self, arch) -> int:
         """The cell's index in the benchmark; raises ``BenchmarkError`` if the file lacks it."""
