@@ -119,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="fastnas", description="Fused-kernel weight-sharing architecture search.")
     parser.add_argument("--version", action="version", version=f"fastnas {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{search,select,train,rank-eval,latency-model,bench-step,info}")
+    sub = parser.add_subparsers(
+        dest="command", metavar="{search,select,train,rank-eval,latency-model,plot,bench-step,info}"
+    )
 
     s = sub.add_parser(
         "search",
@@ -274,6 +276,14 @@ reset, then --bn-batches training batches). --strategy random scores
 0.1 and 25 crossovers). --constraint keeps only architectures whose
 stand-alone network (the one fastnas train builds) has at most
 --constraint-max parameters, FLOPs (multiply-adds per image) or milliseconds
+    plot = sub.add_parser(
+        "plot",
+        help="draw a search's curves.png and arch_weights.png again from its log.jsonl",
+        description="Draw curves.png (loss and accuracy per epoch) and arch_weights.png (every edge's "
+        "architecture weights per epoch) of a search's output folder again, from its log.jsonl; a search "
+        "writes them itself after every epoch.",
+    )
+    plot.add_argument("run", metavar="RUN_DIR", help="the output folder of fastnas search")
 of measured latency (and at least --constraint-min).
 
 Writes select-<strategy>.json (every candidate, ranked), genotype.json (the
@@ -527,6 +537,20 @@ _CONFIG_OPTIONS = {
     "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
     "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing",
 }  # fmt: skip
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    from fastnas.search import SearchError
+    from fastnas.search.plots import redraw
+
+    try:
+        written = redraw(args.run)
+    except (OSError, ValueError) as exc:
+        raise SearchError(f"cannot read the log of {args.run} ({exc})") from None
+    if not written:
+        raise SearchError(f"{args.run}/log.jsonl holds no epoch yet")
+    print("wrote " + ", ".join(os.path.join(args.run, name) for name in written))
+    return 0
 
 
 def _default_out(method: str, dataset: str) -> str:
@@ -825,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             print(
                 f"\nfastnas {args.command}: interrupted; the last completed epoch's checkpoint is kept, "
+        "plot": _run_plot,
                 "continue with --resume <output folder>",
                 file=sys.stderr,
             )

@@ -408,6 +408,18 @@ class SearchNetwork(SuperNet):
         weights = self.arch_weights()
         return {cell: float(entropy(weights[cell])) for cell in CELL_TYPES}
 
+    def arch_weight_labels(self) -> dict[str, dict]:
+        """What the rows and columns of each matrix of ``arch_weights`` are: per key, each
+        edge's title (source state -> node, named as in cells.png), its candidates, and the
+        edges into each node (``fastnas.search.plots`` draws a node's edges in one row)."""
+        states = ["c_{k-2}", "c_{k-1}"] + [str(i) for i in range(self.steps)]
+        edges = [(j, i) for i in range(self.steps) for j in range(2 + i)]
+        rows = [f"{states[j]} -> {i}" for j, i in edges]
+        groups = [[e for e, (_, i) in enumerate(edges) if i == node] for node in range(self.steps)]
+        return {
+            cell: {"rows": rows, "candidates": self._parse_candidates(cell), "groups": groups} for cell in CELL_TYPES
+        }
+
     def _parse_candidates(self, cell: str) -> list[list[str]]:
         """The candidate names the rows of ``_cell_weights`` belong to, per edge."""
         return self._candidates[cell]

@@ -151,6 +151,14 @@ class FactorizedSearchNetwork(SearchNetwork):
     def _parse_candidates(self, cell: str) -> list[list[str]]:
         return [list(self.operators) for _ in range(num_edges(self.steps))]
 
+    def arch_weight_labels(self) -> dict[str, dict]:
+        labels = super().arch_weight_labels()
+        for cell in CELL_TYPES:
+            labels[f"activations_{cell}"] = dict(
+                labels[cell], candidates=[list(self.activations) for _ in range(num_edges(self.steps))]
+            )
+        return labels
+
     def _cell_weights(self, cell: str) -> torch.Tensor:
         return self.arch_weights()[cell]
 
