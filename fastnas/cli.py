@@ -84,6 +84,13 @@ def _name_list(text: str) -> tuple:
     return names
 
 
+def _rate_list(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in _name_list(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def _add_benchmark_options(p, what: str) -> None:
     """--benchmark FILE and which of its accuracies to read (fastnas.spaces.nb201_benchmark)."""
     from fastnas.spaces.nb201_benchmark import DATASETS, EPOCHS, SETS
@@ -189,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="clip the architecture's gradient to this norm (default: p-darts 5, pc-darts on imagenet 5, else none)",
+    )
+    s.add_argument(
+        "--skip-drop",
+        type=_rate_list,
+        default=None,
+        metavar="P1,P2,P3",
+        help="p-darts: initial skip-connect dropout of each stage (default 0.1,0.4,0.7, the released code's "
+        "command; the paper's: 0.0,0.4,0.7 on cifar10, 0.1,0.2,0.3 on cifar100)",
     )
     s.add_argument(
         "--label-smoothing",
@@ -535,7 +550,7 @@ _CONFIG_OPTIONS = {
     "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
     "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
     "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
-    "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing",
+    "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing", "skip_drop": "skip_drop",
 }  # fmt: skip
 
 

@@ -160,3 +160,94 @@ def test_gdas_run_logs_its_form_and_temperature():
     assert [r["gdas_form"] for r in result.history] == ["sum", "sum"]
     assert [r["tau"] for r in result.history] == pytest.approx([10.0, 0.1])
     assert all(m.hard_form == "sum" for m in searcher.net.modules() if isinstance(m, MixedOp))
+
+
+# --- P-DARTS (chenxin061/pdarts) and PC-DARTS (yuhuixu1993/PC-DARTS): the architecture's clip -------
+
+
+def _arch_step_norms(monkeypatch):
+    """The norm of the architecture's gradient at each of Adam's steps."""
+    norms = []
+    step = torch.optim.Adam.step
+
+    def recorded(self, *args, **kwargs):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded)
+    return norms
+
+
+def _tiny(method, **overrides):
+    kw = dict(epochs=1, batch_size=8, init_channels=4, layers=3, warmup_epochs=0)
+    if method == "p-darts":
+        kw.update(epochs=3, stage_layers=(3, 3, 3))
+    kw.update(overrides)
+    return SearchConfig.create(method, dataset="digits", **kw)
+
+
+def test_pdarts_defaults_are_the_released_codes():
+    """train_search.py: clip_grad_norm_ of the alphas at --grad_clip 5; the README's
+    --dropout_rate 0.1 0.4 0.7 and --add_layers 6 12; on CIFAR-100 the same command."""
+    for dataset in ("digits", "cifar10", "cifar100"):
+        cfg = SearchConfig.create("p-darts", dataset=dataset)
+        assert cfg.arch_grad_clip == 5.0
+        assert cfg.skip_drop == (0.1, 0.4, 0.7)
+        assert cfg.stage_layers == (5, 11, 17) and cfg.stage_keep == (5, 3)
+    cfg = SearchConfig.create("p-darts", dataset="cifar10")
+    assert [s["skip_drop"] for s in cfg.stages()] == [0.1, 0.4, 0.7]
+    assert SearchConfig.create("p-darts", dataset="cifar100", skip_drop=(0.1, 0.2, 0.3)).skip_drop == (0.1, 0.2, 0.3)
+    with pytest.raises(SearchError, match="one rate per stage"):
+        SearchConfig.create("p-darts", skip_drop=(0.1, 0.4))
+
+
+def test_pdarts_skip_dropout_schedule_is_train_search_pys():
+    """p * (E - e - 1) / E while the architecture is frozen, then p * exp(-0.2 * (e - 10))."""
+    import math
+
+    from fastnas.search.methods import get_method
+
+    class Net:
+        skip_drop_prob = 0.0
+
+    cfg = SearchConfig.create("p-darts", dataset="cifar10")
+    stage = cfg.stages()[0]
+    assert (stage["epochs"], stage["warmup"], stage["skip_drop"]) == (25, 10, 0.1)
+    expected = [0.1 * (25 - e - 1) / 25 if e < 10 else 0.1 * math.exp(-(e - 10) * 0.2) for e in range(25)]
+    net = Net()
+    got = []
+    for e in range(25):
+        get_method("p-darts").on_epoch(net, cfg, stage, e)
+        got.append(net.skip_drop_prob)
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_pcdarts_clips_the_architecture_on_imagenet_only():
+    """train_search.py's Architect.step clips nothing; train_search_imagenet.py clips the alphas at 5."""
+    assert SearchConfig.create("pc-darts", dataset="cifar10").arch_grad_clip is None
+    imagenet = SearchConfig.create("pc-darts", dataset="imagenet")
+    assert imagenet.arch_grad_clip == 5.0
+    assert (imagenet.batch_size, imagenet.lr, imagenet.arch_lr, imagenet.partial_channels) == (1024, 0.5, 6e-3, 2)
+    assert imagenet.warmup_epochs == 35
+    assert SearchConfig.create("darts").arch_grad_clip is None
+
+
+@pytest.mark.parametrize("method", ["p-darts", "darts"])
+def test_architecture_gradient_is_clipped_where_set(method, monkeypatch):
+    norms = _arch_step_norms(monkeypatch)
+    clip = 1e-3
+    cfg = _tiny(method, arch_grad_clip=clip)
+    result = Searcher(cfg, dataset=tiny_dataset(), progress=False).run()
+    assert norms and max(norms) <= clip * (1 + 1e-5)
+    assert all(r["arch_grad_clip"] == clip for r in result.history)
+    norms.clear()
+    result = Searcher(_tiny("darts"), dataset=tiny_dataset(), progress=False).run()
+    assert max(norms) > clip and "arch_grad_clip" not in result.history[-1]
+
+
+def test_arch_grad_clip_is_refused_where_nothing_is_clipped():
+    with pytest.raises(SearchError, match="trains no architecture"):
+        SearchConfig.create("spos", arch_grad_clip=5.0)
+    with pytest.raises(SearchError, match="must be positive"):
+        SearchConfig.create("darts", arch_grad_clip=0.0)

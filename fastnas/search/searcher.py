@@ -466,6 +466,11 @@ class Searcher:
             a_opt.zero_grad(set_to_none=True)
             for p, g in zip(group, grads):
                 p.grad = g.to(p.dtype)
+            if cfg.arch_grad_clip is not None:
+                # P-DARTS' clip_grad_norm_ of the alphas (train_search.py); stays on the device, so capturable.
+                if scaler.is_enabled() and gradient is None:
+                    scaler.unscale_(a_opt)
+                nn.utils.clip_grad_norm_(group, cfg.arch_grad_clip)
             if scaler.is_enabled() and gradient is None:
                 scaler.step(a_opt)
                 scaler.update()

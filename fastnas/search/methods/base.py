@@ -76,6 +76,11 @@ class SearchMethod:
             raise SearchError(f"{self.name} does not search activations; --activations is for scalable-darts")
         if config.constraint and not self.supports_constraint:
             raise SearchError(f"{self.name} samples no architectures under a constraint; --constraint is for spos")
+        if config.arch_grad_clip is not None:
+            if not self.trains_architecture:
+                raise SearchError(f"{self.name} trains no architecture parameters; drop --arch-grad-clip")
+            if not config.arch_grad_clip > 0:
+                raise SearchError(f"--arch-grad-clip must be positive, got {config.arch_grad_clip}")
         if config.path_dropout and self.trains_architecture:
             raise SearchError(f"--path-dropout is for single-path and one-shot methods, not {self.name}")
         self._refuse_others_options(config)
@@ -136,8 +141,10 @@ class SearchMethod:
         return [net.arch_parameters()]
 
     def epoch_record(self, searcher, net: nn.Module) -> dict:
-        """Fields the method adds to the log record of an epoch, after it trained."""
-        return {}
+        """Fields the method adds to the log record of an epoch, after it trained (default: the
+        norm the architecture's gradient was clipped to, where it was)."""
+        clip = searcher.config.arch_grad_clip
+        return {} if clip is None else {"arch_grad_clip": clip}
 
     def on_epoch(self, net: nn.Module, config: SearchConfig, stage: dict, epoch: int) -> dict:
         """Set the network's schedules for ``epoch`` of ``stage``; return them for the log."""

@@ -81,6 +81,7 @@ class LADarts(SearchMethod):
         with torch.no_grad():
             relaxed = float(self._relaxed_latency(model, net))
         return {
+            **super().epoch_record(searcher, net),
             "predicted_latency_ms": model.predict_genotype(searcher.space.genotype(net, searcher.config)),
             "relaxed_predicted_latency_ms": relaxed,
         }

@@ -1,5 +1,26 @@
 """P-DARTS (Chen et al., 2019): three stages of deeper networks, candidates pruned between
-stages, dropout on the skip connections, at most ``max_skip_connect`` in the normal cell."""
+stages, dropout on the skip connections, at most ``max_skip_connect`` in the normal cell.
+
+Checked against the released code (chenxin061/pdarts, ``train_search.py`` and the
+search command of its README):
+
+* Stages: 5, 11, 17 cells (``--add_layers 6 --add_layers 12``; ``add_width`` 0,
+  the default), 25 epochs each, the architecture frozen for the first 10
+  (``eps_no_archs``), 8 -> 5 -> 3 candidates (``num_to_keep``), then 2 at most
+  skip-connects in the normal cell.
+* Skip dropout: the README's command passes ``--dropout_rate 0.1 0.4 0.7`` (and
+  says only "add --cifar100" for CIFAR-100, with the same rates); without them
+  ``train_search.py`` drops nothing (``[0.0, 0.0, 0.0]``). The paper's text, as
+  summaries of it quote it (its PDF was not at hand), gives 0.0, 0.4, 0.7 on
+  CIFAR-10 and 0.1, 0.2, 0.3 on CIFAR-100. The default here is the code's
+  command, (0.1, 0.4, 0.7) on every dataset; ``--skip-drop`` takes the paper's.
+  Within a stage the rate decays as ``p * (E - e - 1) / E`` during the frozen
+  epochs, then ``p * exp(-0.2 * (e - 10))``, as ``train_search.py``; only the
+  identity skip-connect is dropped (``Identity`` wrapped in ``nn.Dropout``).
+* The architecture's gradient is clipped to norm 5 before Adam's step
+  (``nn.utils.clip_grad_norm_(model.module.arch_parameters(), args.grad_clip)``):
+  ``arch_grad_clip``, logged with each epoch.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +33,10 @@ from fastnas.search.methods.base import SearchMethod
 
 # After the warm-up the skip dropout decays as exp(-0.2 * epochs since).
 SKIP_DROP_DECAY = 0.2
+# The initial skip dropout of each stage: the released code's search command (see above).
+SKIP_DROP = (0.1, 0.4, 0.7)
+# The paper's, per dataset, for --skip-drop.
+PAPER_SKIP_DROP = {"cifar10": (0.0, 0.4, 0.7), "cifar100": (0.1, 0.2, 0.3)}
 
 
 class PDarts(SearchMethod):
@@ -20,7 +45,7 @@ class PDarts(SearchMethod):
     # 25 epochs in each of three stages, architecture frozen for the first 10.
     defaults = dict(
         epochs=75, batch_size=96, lr=0.025, lr_min=0.0, arch_lr=6e-4, warmup_epochs=10, layers=5,
-        skip_drop=(0.0, 0.4, 0.7), max_skip_connect=2,
+        skip_drop=SKIP_DROP, max_skip_connect=2, arch_grad_clip=5.0,
     )  # fmt: skip
     digits_epochs = 3
     paper_epochs = 75
@@ -42,6 +67,12 @@ class PDarts(SearchMethod):
         super().validate(config)
         if len(config.stage_layers) != len(config.stage_keep) + 1:
             raise SearchError("p-darts needs one more stage in stage_layers than entries in stage_keep")
+        if config.skip_drop and len(config.skip_drop) != len(config.stage_layers):
+            raise SearchError(
+                f"--skip-drop needs one rate per stage ({len(config.stage_layers)}), got {len(config.skip_drop)}"
+            )
+        if any(not 0.0 <= p < 1.0 for p in config.skip_drop):
+            raise SearchError(f"--skip-drop rates must be in [0, 1), got {tuple(config.skip_drop)}")
         if config.epochs < len(config.stage_layers):
             raise SearchError(f"p-darts needs at least one epoch per stage: --epochs >= {len(config.stage_layers)}")
 
