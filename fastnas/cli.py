@@ -296,6 +296,13 @@ stand-alone network (the one fastnas train builds) has at most
         help="draw a search's curves.png and arch_weights.png again from its log.jsonl",
         description="Draw curves.png (loss and accuracy per epoch) and arch_weights.png (every edge's "
         "architecture weights per epoch) of a search's output folder again, from its log.jsonl; a search "
+    s.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write each epoch's losses, accuracies and architecture weights as TensorBoard event files to DIR "
+        "(needs the tensorboard package)",
+    )
         "writes them itself after every epoch.",
     )
     plot.add_argument("run", metavar="RUN_DIR", help="the output folder of fastnas search")
@@ -478,6 +485,12 @@ def _add_latency_parser(sub) -> None:
     m = sub.add_parser(
         "latency-model",
         help="measure sampled architectures and fit LA-DARTS' latency predictor",
+    t.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write each epoch's losses and accuracies as TensorBoard event files to DIR (needs tensorboard)",
+    )
         description=LATENCY_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -584,6 +597,7 @@ def _run_search(args: argparse.Namespace) -> int:
 
     options = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()}
     progress = not args.no_progress
+    "tensorboard": "tensorboard",
     if args.resume:
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise SearchError("--resume continues in its own folder; drop --out or give the same folder")
@@ -666,6 +680,7 @@ def _run_train(args: argparse.Namespace) -> int:
         searched = arch.search or {}
         dataset = args.dataset or searched.get("dataset") or "digits"
         if options["data"] is None and dataset == searched.get("dataset"):
+    "tensorboard": "tensorboard",
             options["data"] = searched.get("data")
         if options["device"] is None:
             options["device"] = "cpu"

@@ -132,6 +132,8 @@ class SearchConfig:
     # Single-path and one-shot supernets (spos, fairnas, oneshot; fastnas.search.methods.single_path).
     bn_affine: bool = False
     bn_track: bool = True
+    # Folder of TensorBoard event files (fastnas.search.scalars); how a run reports, so not a RESUME_FIELD.
+    tensorboard: str | None = None
     path_dropout: float = 0.0
     ghost_batch_size: int | None = None
     constraint: str | None = None
@@ -199,6 +201,12 @@ class SearchConfig:
             from fastnas.search.cuda_graph import check_search_supported
 
             check_search_supported(self)
+        if self.tensorboard is not None:
+            from fastnas.search.scalars import missing_reason
+
+            reason = missing_reason()
+            if reason:
+                raise SearchError(f"--tensorboard needs the tensorboard package ({reason})")
 
     @property
     def search_method(self):

@@ -31,6 +31,7 @@ from fastnas.search.data import epoch_loader, split_indices
 from fastnas.search.distributed import DistributedContext, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.plots import compact_labels, write_search_plots
+from fastnas.search.scalars import ScalarWriter
 from fastnas.spaces import get_space
 
 GENOTYPE_NAME = "genotype.json"
@@ -120,6 +121,7 @@ class Searcher:
         self.resources: dict = {}
         # Whether the step is captured as a CUDA graph, decided when the run starts.
         self.cuda_graph = False
+        self.scalars = ScalarWriter(config.tensorboard) if config.tensorboard else None
 
     @classmethod
     def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
@@ -158,6 +160,8 @@ class Searcher:
                 "--init-channels, or partial channels (--method pc-darts)"
             ) from None
         finally:
+            if self.scalars is not None:
+                self.scalars.close()
             self.dist.close()
 
     def _run(self) -> SearchResult:
@@ -554,6 +558,8 @@ class Searcher:
                     f"a parameter became inf or NaN in epoch {record['epoch']}; the last good checkpoint is kept. "
                     "Try a lower --lr or --amp bf16"
                 )
+        if self.scalars is not None and self.dist.is_main:
+            self.scalars.write(record)
         if self.out_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return

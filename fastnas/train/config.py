@@ -66,6 +66,8 @@ class TrainConfig:
     seed: int = 0
     world_size: int = 1
     latency_batch: int = 1
+    # Folder of TensorBoard event files (fastnas.search.scalars); not a RESUME_FIELD.
+    tensorboard: str | None = None
 
     @classmethod
     def create(cls, space: str = "darts", dataset: str = "digits", **overrides) -> TrainConfig:
@@ -99,6 +101,12 @@ class TrainConfig:
             raise TrainError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:
             raise TrainError(f"--batch-size must be at least 2 (batch norm needs two samples), got {self.batch_size}")
+        if self.tensorboard is not None:
+            from fastnas.search.scalars import missing_reason
+
+            reason = missing_reason()
+            if reason:
+                raise TrainError(f"--tensorboard needs the tensorboard package ({reason})")
         if not 0.0 <= self.drop_path_prob < 1.0:
             raise TrainError(f"--drop-path-prob must be in [0, 1), got {self.drop_path_prob}")
         if self.cutout < 0 or self.crop_padding < 0:

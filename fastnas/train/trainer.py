@@ -24,6 +24,7 @@ from fastnas.search import checkpoint as ckpt
 from fastnas.search.data import epoch_loader
 from fastnas.search.distributed import DistributedContext, setup
 from fastnas.search.errors import CheckpointError
+from fastnas.search.scalars import ScalarWriter
 from fastnas.search.searcher import seed_everything
 from fastnas.train import report as costs
 from fastnas.train.architecture import build_network, describe
@@ -75,6 +76,7 @@ class Trainer:
         self.resume_state = resume_state
         self.net: nn.Module | None = None
         self.dist = DistributedContext()
+        self.scalars = ScalarWriter(config.tensorboard, prefix="training") if config.tensorboard else None
 
     @classmethod
     def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Trainer:
@@ -112,6 +114,8 @@ class Trainer:
                 f"({str(exc).splitlines()[0]}); try a smaller --batch-size or --amp bf16"
             ) from None
         finally:
+            if self.scalars is not None:
+                self.scalars.close()
             self.dist.close()
 
     def _run(self) -> TrainResult:
@@ -346,6 +350,8 @@ class Trainer:
                     f"a parameter became inf or NaN in epoch {record['epoch']}; the last good checkpoint is kept. "
                     "Try a lower --lr or --amp bf16"
                 )
+        if self.scalars is not None and self.dist.is_main:
+            self.scalars.write(record)
         if self.out_dir is None or not self.dist.is_main:
             self.dist.barrier()
             return
