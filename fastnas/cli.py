@@ -269,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     s.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/<method>-<dataset>)")
+    s.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write each epoch's losses, accuracies and architecture weights as TensorBoard event files to DIR "
+        "(needs the tensorboard package)",
+    )
     s.add_argument("--resume", metavar="DIR", default=None, help="continue the search whose checkpoint is in DIR")
     s.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
 
@@ -276,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_parser(sub)
     _add_rank_eval_parser(sub)
     _add_latency_parser(sub)
+    plot = sub.add_parser(
+        "plot",
+        help="draw a search's curves.png and arch_weights.png again from its log.jsonl",
+        description="Draw curves.png (loss and accuracy per epoch) and arch_weights.png (every edge's "
+        "architecture weights per epoch) of a search's output folder again, from its log.jsonl; a search "
+        "writes them itself after every epoch.",
+    )
+    plot.add_argument("run", metavar="RUN_DIR", help="the output folder of fastnas search")
     sub.add_parser("bench-step", help="time one search step (see fastnas bench-step --help)", add_help=False)
     sub.add_parser("info", help="versions and available backends", add_help=False)
     return parser
@@ -291,21 +306,6 @@ reset, then --bn-batches training batches). --strategy random scores
 0.1 and 25 crossovers). --constraint keeps only architectures whose
 stand-alone network (the one fastnas train builds) has at most
 --constraint-max parameters, FLOPs (multiply-adds per image) or milliseconds
-    plot = sub.add_parser(
-        "plot",
-        help="draw a search's curves.png and arch_weights.png again from its log.jsonl",
-        description="Draw curves.png (loss and accuracy per epoch) and arch_weights.png (every edge's "
-        "architecture weights per epoch) of a search's output folder again, from its log.jsonl; a search "
-    s.add_argument(
-        "--tensorboard",
-        metavar="DIR",
-        default=None,
-        help="also write each epoch's losses, accuracies and architecture weights as TensorBoard event files to DIR "
-        "(needs the tensorboard package)",
-    )
-        "writes them itself after every epoch.",
-    )
-    plot.add_argument("run", metavar="RUN_DIR", help="the output folder of fastnas search")
 of measured latency (and at least --constraint-min).
 
 Writes select-<strategy>.json (every candidate, ranked), genotype.json (the
@@ -456,6 +456,12 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--latency-batch", type=_positive_int, default=None, help="batch of the latency measurement (1)")
     t.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     t.add_argument("--out", metavar="DIR", default=None, help="output folder (default: runs/train-<name>)")
+    t.add_argument(
+        "--tensorboard",
+        metavar="DIR",
+        default=None,
+        help="also write each epoch's losses and accuracies as TensorBoard event files to DIR (needs tensorboard)",
+    )
     t.add_argument("--resume", metavar="DIR", default=None, help="continue the training whose checkpoint is in DIR")
     t.add_argument("--no-progress", action="store_true", help="no progress bars or per-epoch lines")
     _add_benchmark_options(t, "its accuracy of the architecture beside this training's")
@@ -485,12 +491,6 @@ def _add_latency_parser(sub) -> None:
     m = sub.add_parser(
         "latency-model",
         help="measure sampled architectures and fit LA-DARTS' latency predictor",
-    t.add_argument(
-        "--tensorboard",
-        metavar="DIR",
-        default=None,
-        help="also write each epoch's losses and accuracies as TensorBoard event files to DIR (needs tensorboard)",
-    )
         description=LATENCY_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -552,21 +552,6 @@ def _run_latency_model(args: argparse.Namespace) -> int:
     return 0
 
 
-# CLI option -> SearchConfig field, for the options that describe the search.
-_CONFIG_OPTIONS = {
-    "space": "space", "data": "data", "fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size",
-    "lr": "lr", "arch_lr": "arch_lr", "warmup_epochs": "warmup_epochs", "layers": "layers",
-    "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
-    "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
-    "cuda_graph": "cuda_graph", "weight_decay": "weight_decay", "train_portion": "train_portion",
-    "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
-    "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
-    "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
-    "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
-    "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing", "skip_drop": "skip_drop",
-}  # fmt: skip
-
-
 def _run_plot(args: argparse.Namespace) -> int:
     from fastnas.search import SearchError
     from fastnas.search.plots import redraw
@@ -579,6 +564,22 @@ def _run_plot(args: argparse.Namespace) -> int:
         raise SearchError(f"{args.run}/log.jsonl holds no epoch yet")
     print("wrote " + ", ".join(os.path.join(args.run, name) for name in written))
     return 0
+
+
+# CLI option -> SearchConfig field, for the options that describe the search.
+_CONFIG_OPTIONS = {
+    "tensorboard": "tensorboard",
+    "space": "space", "data": "data", "fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size",
+    "lr": "lr", "arch_lr": "arch_lr", "warmup_epochs": "warmup_epochs", "layers": "layers",
+    "init_channels": "init_channels", "partial_channels": "partial_channels", "image_size": "image_size",
+    "device": "device", "amp": "amp", "backend": "backend", "memory": "memory", "workers": "workers", "seed": "seed",
+    "cuda_graph": "cuda_graph", "weight_decay": "weight_decay", "train_portion": "train_portion",
+    "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
+    "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
+    "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
+    "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
+    "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing", "skip_drop": "skip_drop",
+}  # fmt: skip
 
 
 def _default_out(method: str, dataset: str) -> str:
@@ -597,7 +598,6 @@ def _run_search(args: argparse.Namespace) -> int:
 
     options = {field: getattr(args, opt) for opt, field in _CONFIG_OPTIONS.items()}
     progress = not args.no_progress
-    "tensorboard": "tensorboard",
     if args.resume:
         if args.out and os.path.abspath(args.out) != os.path.abspath(args.resume):
             raise SearchError("--resume continues in its own folder; drop --out or give the same folder")
@@ -649,6 +649,7 @@ def _train_command(out: str, device: str, processes: int) -> str:
 
 # CLI option -> TrainConfig field, for the options that describe the training.
 _TRAIN_OPTIONS = {
+    "tensorboard": "tensorboard",
     "data": "data", "fraction": "fraction", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
     "weight_decay": "weight_decay", "init_channels": "init_channels", "layers": "layers", "auxiliary": "auxiliary",
     "auxiliary_weight": "auxiliary_weight", "drop_path_prob": "drop_path_prob", "cutout": "cutout",
@@ -680,7 +681,6 @@ def _run_train(args: argparse.Namespace) -> int:
         searched = arch.search or {}
         dataset = args.dataset or searched.get("dataset") or "digits"
         if options["data"] is None and dataset == searched.get("dataset"):
-    "tensorboard": "tensorboard",
             options["data"] = searched.get("data")
         if options["device"] is None:
             options["device"] = "cpu"
@@ -864,6 +864,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: tuple = (SearchError, DatasetError, BenchmarkError)
     run = {
         "search": _run_search, "select": _run_select, "rank-eval": _run_rank_eval, "latency-model": _run_latency_model,
+        "plot": _run_plot,
     }.get(args.command, _run_search)  # fmt: skip
     if args.command == "train":
         from fastnas.train import TrainError
@@ -879,7 +880,6 @@ def main(argv: list[str] | None = None) -> int:
         if _is_main_process():
             print(
                 f"\nfastnas {args.command}: interrupted; the last completed epoch's checkpoint is kept, "
-        "plot": _run_plot,
                 "continue with --resume <output folder>",
                 file=sys.stderr,
             )
