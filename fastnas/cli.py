@@ -317,7 +317,8 @@ Measure how well a supernet ranks architectures: N architectures of the space,
 drawn uniformly, are trained stand-alone with fastnas train's recipe on a short
 schedule (--workers at once, in worker processes) and scored by a supernet
 trained with --method; the report gives Kendall's tau, the sparse Kendall tau
-of Yu et al. (stand-alone accuracies binned at --threshold, 0.1%), Spearman's
+of Yu et al. (stand-alone accuracies binned at --threshold, 0.1%; "sparse tau"
+as the study's code computes it, "sparse tau-b" per architecture), Spearman's
 rho, the top-k overlap and the stand-alone accuracy of the supernet's top 3.
 
 The default runs SPOS on the NAS-Bench-201 space and the bundled digits, on the
