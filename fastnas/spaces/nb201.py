@@ -265,6 +265,13 @@ class NB201SearchNetwork(SuperNet):
         """Mean entropy (nats) of the candidate distribution of the edges."""
         return {"cell": float(entropy(self.arch_weights()["cell"]))}
 
+    def arch_weight_labels(self) -> dict[str, dict]:
+        """Each edge's title (source -> target node), candidates, and the edges into each node."""
+        edges = nb201_edges()
+        groups = [[e for e, (i, _) in enumerate(edges) if i == node] for node in range(1, NB201_NODES)]
+        rows = [f"{j} -> {i}" for i, j in edges]
+        return {"cell": {"rows": rows, "candidates": [list(self.primitives) for _ in edges], "groups": groups}}
+
     def genotype(self) -> NB201Arch:
         """The architecture of the strongest candidate per edge (``none`` included, as NAS-Bench-201)."""
         best = self.arch_weights()["cell"].argmax(dim=-1).tolist()
@@ -306,13 +313,6 @@ class NB201Space(SearchSpace):
     def search_layers(self, dataset: str) -> int:
         # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
         return 1 if dataset == "digits" else 5
-    def arch_weight_labels(self) -> dict[str, dict]:
-        """Each edge's title (source -> target node), candidates, and the edges into each node."""
-        edges = nb201_edges()
-        groups = [[e for e, (i, _) in enumerate(edges) if i == node] for node in range(1, NB201_NODES)]
-        rows = [f"{j} -> {i}" for i, j in edges]
-        return {"cell": {"rows": rows, "candidates": [list(self.primitives) for _ in edges], "groups": groups}}
-
 
     def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> NB201SearchNetwork:
         kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
