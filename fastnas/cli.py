@@ -300,7 +300,8 @@ SELECT_DESCRIPTION = """\
 Search over the supernet a spos, fairnas or oneshot search trained (RUN_DIR,
 its output folder). Every candidate is scored by the supernet running its path
 on the search's validation half, after batch-norm recalibration (statistics
-reset, then --bn-batches training batches). --strategy random scores
+reset, then estimated on --bn-images training images, SPOS' 20,000, or all of
+a smaller training half; or on --bn-batches batches). --strategy random scores
 --candidates random architectures; --strategy evolution is SPOS' (population
 50, 20 generations, the 10 best breed 25 mutations with per-gene probability
 0.1 and 25 crossovers). --constraint keeps only architectures whose
@@ -362,7 +363,19 @@ def _add_select_parser(sub) -> None:
     p.add_argument("--constraint", choices=("params", "flops", "latency"), default=None, help="what to limit")
     p.add_argument("--constraint-max", type=float, default=None, help="at most this many parameters, FLOPs or ms")
     p.add_argument("--constraint-min", type=float, default=None, help="at least this many")
-    p.add_argument("--bn-batches", type=int, default=10, help="training batches of the recalibration (10)")
+    p.add_argument(
+        "--bn-images",
+        type=_positive_int,
+        default=None,
+        help="training images of the recalibration (SPOS' 20000, capped by the training half)",
+    )
+    p.add_argument("--bn-batches", type=int, default=None, help="training batches of the recalibration instead")
+    p.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=None,
+        help="recalibrate with this batch-norm momentum (SPOS' code: 0.1) instead of a cumulative average",
+    )
     p.add_argument("--val-images", type=_positive_int, default=None, help="score on this many validation images")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default: cpu)")
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: 1 for digits)")
@@ -731,8 +744,10 @@ def _run_select(args: argparse.Namespace) -> int:
         generations=args.generations, parents=args.parents, mutations=args.mutations,
         mutation_prob=args.mutation_prob, crossovers=args.crossovers, constraint=args.constraint,
         constraint_min=args.constraint_min, constraint_max=args.constraint_max, bn_batches=args.bn_batches,
-        val_images=args.val_images, seed=args.seed,
+        val_images=args.val_images, seed=args.seed, bn_momentum=args.bn_momentum,
     )  # fmt: skip
+    if args.bn_images is not None:
+        settings.bn_images = args.bn_images
     settings.validate()
     supernet = load_supernet(args.run, args.device)
     if args.benchmark and supernet.config.space != "nb201":

@@ -251,3 +251,85 @@ def test_arch_grad_clip_is_refused_where_nothing_is_clipped():
         SearchConfig.create("spos", arch_grad_clip=5.0)
     with pytest.raises(SearchError, match="must be positive"):
         SearchConfig.create("darts", arch_grad_clip=0.0)
+
+
+# --- SPOS (megvii-model/SinglePathOneShot) ---------------------------------------------------------
+
+
+def test_spos_defaults_are_the_released_codes():
+    """src/Supernet/train.py: CrossEntropyLabelSmooth(1000, 0.1); LambdaLR(1 - step / total_iters)."""
+    from fastnas.search.methods import get_method
+
+    cfg = SearchConfig.create("spos", dataset="cifar10", space="nb201")
+    assert cfg.label_smoothing == 0.1 and cfg.lr_min == 0.0
+    assert get_method("spos").lr_schedule == "linear"
+    # Only SPOS' code smooths its labels and decays linearly.
+    assert SearchConfig.create("fairnas", space="nb201").label_smoothing == 0.0
+    assert get_method("fairnas").lr_schedule == get_method("oneshot").lr_schedule == "cosine"
+
+
+def test_spos_learning_rate_falls_linearly_to_zero(monkeypatch):
+    losses = []
+    cross_entropy = F.cross_entropy
+
+    def recorded(*args, **kwargs):
+        losses.append(kwargs.get("label_smoothing", 0.0))
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", recorded)
+    cfg = SearchConfig.create("spos", space="nb201", epochs=4, batch_size=8, init_channels=4, layers=1, lr=0.2)
+    result = Searcher(cfg, dataset=tiny_dataset(), progress=False).run()
+    assert [r["lr"] for r in result.history] == pytest.approx([0.2, 0.15, 0.1, 0.05])
+    # The training steps' loss is smoothed by 0.1.
+    assert losses and 0.1 in losses
+
+
+def test_spos_label_smoothing_is_crossentropylabelsmooth():
+    """SPOS' CrossEntropyLabelSmooth (src/Supernet/utils.py), written out, is F.cross_entropy's."""
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 4, 2, 2, 1, 3])
+    targets = (1 - 0.1) * F.one_hot(y, 5).double() + 0.1 / 5
+    theirs = (-targets * logits.log_softmax(1)).mean(0).sum()
+    torch.testing.assert_close(F.cross_entropy(logits, y, label_smoothing=0.1), theirs)
+
+
+def _spos_supernet(tmp_path, n=48):
+    from fastnas.search.selection import load_supernet
+
+    data = tiny_dataset(n)
+    cfg = SearchConfig.create("spos", space="nb201", epochs=1, batch_size=8, init_channels=4, layers=1)
+    out = str(tmp_path / "spos")
+    Searcher(cfg, out_dir=out, dataset=data, progress=False).run()
+    return load_supernet(out, dataset=data)
+
+
+def test_spos_recalibration_uses_20000_images_capped_by_the_training_half(tmp_path):
+    from fastnas.search.selection import SPOS_BN_IMAGES, SelectSettings
+
+    assert SPOS_BN_IMAGES == 20_000 and SelectSettings().bn_images == 20_000 and SelectSettings().bn_batches is None
+    supernet = _spos_supernet(tmp_path)
+    images = lambda scorer: sum(len(x) for x in scorer.recalibration)  # noqa: E731
+    assert images(supernet.scorer()) == len(supernet.train_idx) < SPOS_BN_IMAGES
+    assert images(supernet.scorer(bn_images=20)) == 20
+    assert images(supernet.scorer(bn_batches=2, batch_size=8)) == 16
+    with pytest.raises(SearchError, match="--bn-momentum"):
+        SelectSettings(bn_momentum=0.0).validate()
+
+
+def test_recalibration_with_spos_codes_momentum_is_an_exponential_average():
+    """tester.py resets the statistics and runs batches through BatchNorm2d's momentum 0.1."""
+    from fastnas.search.selection import recalibrate_batch_norm
+
+    torch.manual_seed(0)
+    net = NB201SearchNetwork(C=4, N=1, num_classes=4)
+    net.set_path([(3,), (1,), (2,), (0,), (4,), (3,)])
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(4)]
+    means = []
+    hook = net.stem[0].register_forward_hook(lambda m, i, o: means.append(o.mean((0, 2, 3))))
+    recalibrate_batch_norm(net, batches, momentum=0.1)
+    hook.remove()
+    expected = torch.zeros_like(means[0])
+    for m in means:
+        expected = 0.9 * expected + 0.1 * m
+    torch.testing.assert_close(net.stem[1].running_mean, expected, rtol=1e-5, atol=1e-6)
+    assert net.stem[1].momentum == 0.1

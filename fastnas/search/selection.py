@@ -2,8 +2,20 @@
 
 Each candidate is scored on the search's validation half by the supernet
 running its path, after batch-norm recalibration: the running statistics are
-reset and re-estimated (a cumulative average) on the same N batches of the
-training half for every candidate, as SPOS recalibrates before it evaluates.
+reset and re-estimated on the same images of the training half for every
+candidate, as SPOS recalibrates before it evaluates. SPOS (Guo et al., 2020)
+recomputes them on 20,000 training images (``SPOS_BN_IMAGES``, the default,
+capped by the training half's size, so that the bundled digits use all of
+theirs); its released code (megvii-model/SinglePathOneShot,
+``src/Search/tester.py`` ``get_cand_err`` with ``search.py``'s
+``--max-train-iters 200 --train-batch-size 128``) runs 200 batches of 128, the
+next ones of a shuffled loader for each candidate, through batch norms that keep
+PyTorch's momentum of 0.1 after resetting them. Here the estimate is a
+cumulative average by default (the statistics of exactly those images, which
+the paper's "recomputed on 20,000 images" describes; momentum 0.1 would weigh
+the last few batches most), and every candidate sees the same images, so that
+their scores differ by their paths alone; ``bn_momentum=0.1`` (``fastnas select
+--bn-momentum 0.1 --bn-images 25600``) gives the code's estimate.
 A supernet whose batch norms keep no running statistics (``bn_track`` off)
 normalises every batch by itself and needs none.
 
@@ -36,6 +48,8 @@ from fastnas.search import checkpoint as ckpt
 from fastnas.search.errors import SearchError
 
 STRATEGIES = ("random", "evolution")
+# Training images SPOS recomputes the batch-norm statistics on before it scores an architecture.
+SPOS_BN_IMAGES = 20_000
 CONSTRAINT_KINDS = ("params", "flops", "latency")
 
 
@@ -164,9 +178,10 @@ def _batch_norms(net: nn.Module) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def recalibrate_batch_norm(net: nn.Module, batches) -> None:
+def recalibrate_batch_norm(net: nn.Module, batches, momentum: float | None = None) -> None:
     """Reset every batch norm's running statistics, then estimate them afresh on ``batches``
-    (a cumulative average over them, in training mode, nothing learned)."""
+    (in training mode, nothing learned): a cumulative average over them (``momentum``
+    None), or an exponential one with that momentum (SPOS' code: PyTorch's 0.1)."""
     from fastnas.nn.mixed_op import MixedOp
 
     norms = _batch_norms(net)
@@ -179,7 +194,7 @@ def recalibrate_batch_norm(net: nn.Module, batches) -> None:
     try:
         for m in norms:
             m.reset_running_stats()
-            m.momentum = None
+            m.momentum = momentum
         # The fused edge updates with the momentum its plan read; the modules honour None.
         for m in edges:
             m.memory = "sum"
@@ -215,16 +230,17 @@ def evaluate_path(net: nn.Module, batches) -> tuple[float, float]:
 class SupernetScorer:
     """Scores architectures with a trained supernet: its path, recalibrated batch norms, validation accuracy."""
 
-    def __init__(self, net: nn.Module, recalibration_batches, validation_batches):
+    def __init__(self, net: nn.Module, recalibration_batches, validation_batches, bn_momentum: float | None = None):
         self.net = net
         self.encoding = net.encoding()
         self.recalibration = list(recalibration_batches)
         self.validation = list(validation_batches)
+        self.bn_momentum = bn_momentum
         self.evaluated = 0
 
     def __call__(self, genes) -> dict:
         self.net.set_path(self.encoding.to_path(genes))
-        recalibrate_batch_norm(self.net, self.recalibration)
+        recalibrate_batch_norm(self.net, self.recalibration, self.bn_momentum)
         acc, loss = evaluate_path(self.net, self.validation)
         self.evaluated += 1
         return {"val_acc": acc, "val_loss": loss}
@@ -247,14 +263,17 @@ class TrainedSupernet:
     epochs_done: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
-    def batches(self, indices, batch_size: int, count: int | None, seed: int, labels: bool):
-        """The first ``count`` batches (all of them with None) of ``indices`` in a seeded order, on the device.
+    def batches(self, indices, batch_size: int, count: int | None, seed: int, labels: bool, images: int | None = None):
+        """The first ``count`` batches (all of them with None) of ``indices`` in a seeded order, on the device;
+        with ``images``, of the first that many images of that order only.
 
         Every image counts: a last batch too small to normalise joins the one before.
         """
         from torch.utils.data import DataLoader, Subset
 
         order = torch.randperm(len(indices), generator=torch.Generator().manual_seed(seed)).tolist()
+        if images is not None:
+            order = order[:images]
         loader = DataLoader(Subset(self.train_set, [indices[i] for i in order]), batch_size=batch_size)
         out = []
         for x, y in loader:
@@ -268,13 +287,23 @@ class TrainedSupernet:
             raise SearchError(f"the {len(indices)}-image split is too small for batch norm")
         return [(x.to(self.device), y.to(self.device)) if labels else x.to(self.device) for x, y in out]
 
-    def scorer(self, bn_batches: int = 10, val_images: int | None = None, batch_size: int | None = None):
+    def scorer(
+        self,
+        bn_batches: int | None = None,
+        val_images: int | None = None,
+        batch_size: int | None = None,
+        bn_images: int = SPOS_BN_IMAGES,
+        bn_momentum: float | None = None,
+    ):
+        """A ``SupernetScorer`` whose recalibration runs ``bn_batches`` training batches, or (None)
+        the first ``bn_images`` images of the training half (all of them in a smaller half)."""
         cfg = self.config
         batch_size = batch_size or cfg.batch_size
-        recal = self.batches(self.train_idx, batch_size, bn_batches, cfg.seed + 11, labels=False)
+        images = None if bn_batches is not None else bn_images
+        recal = self.batches(self.train_idx, batch_size, bn_batches, cfg.seed + 11, labels=False, images=images)
         val_idx = self.val_idx if val_images is None else self.val_idx[:val_images]
         val = self.batches(val_idx, batch_size, None, cfg.seed + 12, labels=True)
-        return SupernetScorer(self.net, recal, val)
+        return SupernetScorer(self.net, recal, val, bn_momentum)
 
 
 def load_supernet(run_dir: str, device: str = "cpu", dataset=None) -> TrainedSupernet:
@@ -337,7 +366,9 @@ class SelectSettings:
     constraint: str | None = None
     constraint_min: float | None = None
     constraint_max: float | None = None
-    bn_batches: int = 10
+    bn_batches: int | None = None
+    bn_images: int = SPOS_BN_IMAGES
+    bn_momentum: float | None = None
     val_images: int | None = None
     seed: int = 0
 
@@ -347,8 +378,12 @@ class SelectSettings:
         for name in ("candidates", "population", "generations", "parents"):
             if getattr(self, name) < 1:
                 raise SearchError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.mutations < 0 or self.crossovers < 0 or self.bn_batches < 0:
+        if self.mutations < 0 or self.crossovers < 0 or (self.bn_batches or 0) < 0:
             raise SearchError("--mutations, --crossovers and --bn-batches must not be negative")
+        if self.bn_images < 2:
+            raise SearchError(f"--bn-images must be at least 2 (batch norm needs two images), got {self.bn_images}")
+        if self.bn_momentum is not None and not 0.0 < self.bn_momentum <= 1.0:
+            raise SearchError(f"--bn-momentum must be in (0, 1], got {self.bn_momentum}")
         if not 0.0 <= self.mutation_prob <= 1.0:
             raise SearchError(f"--mutation-prob must be in [0, 1], got {self.mutation_prob}")
         if self.constraint is not None:
@@ -468,7 +503,9 @@ def select(
     if settings.constraint is not None:
         constraint = Constraint(settings.constraint, settings.constraint_min, settings.constraint_max)
         costs = ArchitectureCosts(encoding, supernet.config.dataset, supernet.info, device)
-    scorer = supernet.scorer(settings.bn_batches, settings.val_images)
+    scorer = supernet.scorer(
+        settings.bn_batches, settings.val_images, bn_images=settings.bn_images, bn_momentum=settings.bn_momentum
+    )
     total = (
         min(settings.candidates, encoding.size())
         if settings.strategy == "random"

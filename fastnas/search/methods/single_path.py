@@ -140,6 +140,9 @@ class SinglePathMethod(SearchMethod):
     )
     #: No weight decay on batch-norm parameters and biases (SPOS' parameter groups).
     decay_1d = False
+    #: How the weights' learning rate falls from ``lr`` to ``lr_min`` over a stage's epochs:
+    #: "cosine" (DARTS'), or "linear" (SPOS' ``LambdaLR(1 - step / total_iters)``, here per epoch).
+    lr_schedule = "cosine"
 
     def validate(self, config) -> None:
         super().validate(config)
@@ -164,8 +167,17 @@ class SinglePathMethod(SearchMethod):
             weight_decay=cfg.weight_decay,
         )
         parts["w_opt"] = w_opt
-        parts["sched"] = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
+        parts["sched"] = self.lr_scheduler(w_opt, cfg, stage["epochs"])
         return parts
+
+    def lr_scheduler(self, w_opt, cfg, epochs: int):
+        """The per-epoch schedule of the weights' learning rate (``lr_schedule``)."""
+        if self.lr_schedule == "linear":
+            lr, lr_min = cfg.lr, cfg.lr_min
+            return torch.optim.lr_scheduler.LambdaLR(
+                w_opt, lambda e: (lr_min + (lr - lr_min) * max(0.0, 1.0 - e / epochs)) / lr if lr else 1.0
+            )
+        return torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=epochs, eta_min=cfg.lr_min)
 
     def on_epoch(self, net: nn.Module, config, stage: dict, epoch: int) -> dict:
         # Rises linearly from 0 over the stage; the last epoch runs at (E - 1) / E of the setting.
@@ -200,7 +212,7 @@ class SinglePathMethod(SearchMethod):
                 with sync:
                     with searcher._autocast():
                         logits = model(x)
-                        loss = F.cross_entropy(logits, y)
+                        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
                     scaler.scale(loss * weight).backward()
                 loss_sum = loss_sum + loss.detach().float() * len(y)
                 correct_sum = correct_sum + (logits.detach().argmax(1) == y).sum().float()
