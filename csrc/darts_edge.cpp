@@ -7,6 +7,8 @@
 // at the boundary, and the building blocks are called through operator handles
 // looked up once.
 #include "darts_edge.h"
+
+#include "checks.h"
 #include "fastnas_math.h"
 
 #include <ATen/Dispatch.h>
@@ -108,8 +110,8 @@ const char* param_role(const Spec& s, int64_t i, int64_t& conv) {
 void check_edge(const char* op, const Spec& s, const Tensor& x, const Tensor& weights, TensorList params,
                 const Buffers& buffers) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be (N, C, H, W), got shape ", x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-                   ": the fused edge computes float32 and float64 inputs, not ", x.scalar_type());
+  TORCH_CHECK_TYPE(supported_dtype(x.scalar_type()), op,
+                   ": the fused edge computes float32, float64, float16 and bfloat16 inputs, not ", x.scalar_type());
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK_VALUE(x.size(0) >= 1 && C >= 1 && H >= 1 && W >= 1, op, ": x has an empty dimension, shape ", x.sizes());
   TORCH_CHECK_VALUE(weights.dim() == 1 && weights.size(0) == s.K, op, ": weights must have shape (", s.K,

@@ -146,10 +146,13 @@ def _opcheck_case(stride):
     return op.plan.spec, x, w, params, [list(b) for b in _bound(op).buffers()]
 
 
+@pytest.mark.parametrize("dtype", (torch.float64, torch.bfloat16))
 @pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("stride", (1, 2))
-def test_opcheck(stride, memory):
+def test_opcheck(stride, memory, dtype):
     spec, x, w, params, bufs = _opcheck_case(stride)
+    x = x.detach().to(dtype).requires_grad_(True)
+    params = [p.detach().to(dtype).requires_grad_(True) for p in params]
     args = (x, w, params, *bufs, list(spec.encoded), spec.eps, spec.momentum, memory)
     torch.library.opcheck(torch.ops.fastnas.darts_edge.default, args)
     out = torch.ops.fastnas.darts_edge(*args)
@@ -232,7 +235,7 @@ def _bad_calls():
     yield "spec activation", raw(enc=enc[:8] + [3, 1, 9]), ValueError, "activation code 9"
     yield "skip on stride 2", raw(enc=[2, *enc[1:]]), ValueError, "identity skip needs stride 1"
     yield "x not 4-D", raw(x=x[0]), ValueError, r"x must be \(N, C, H, W\)"
-    yield "x float16", raw(x=x.half(), params=[p.half() for p in params]), TypeError, "float32 and float64"
+    yield "x int", raw(x=x.int(), params=[p.int() for p in params]), TypeError, "float16 and bfloat16 inputs, not Int"
     yield "weights length", raw(w=torch.ones(4)), ValueError, r"weights must have shape \(3,\)"
     yield "param count", raw(params=params[:3]), ValueError, "expected 4 parameter tensors"
     yield "param shape", raw(params=[params[0], torch.randn(C, C, 3, 3), *params[2:]]), ValueError, "params\\[1\\]"
@@ -276,9 +279,16 @@ def test_unsupported_reason_holds_for_the_op():
     params = [torch.randn(2, 1, 15, 15), torch.randn(2, 2, 1, 1), torch.randn(2, 1, 15, 15), torch.randn(2, 2, 1, 1)]
     out = darts_edge(torch.randn(2, 2, 5, 5), torch.ones(2), params, spec, backend="cpu")
     assert torch.isfinite(out).all()
-    assert edge_ops.unsupported_reason(spec, torch.float16, "cpu") is not None
-    with pytest.raises(TypeError, match="float32 and float64"):
-        darts_edge(torch.randn(2, 2, 5, 5).half(), torch.ones(2), [p.half() for p in params], spec, backend="cpu")
+    for half in (torch.float16, torch.bfloat16):
+        assert edge_ops.unsupported_reason(spec, half, "cpu") is None
+        out = darts_edge(
+            torch.randn(2, 2, 5, 5).to(half), torch.ones(2), [p.to(half) for p in params], spec, backend="cpu"
+        )
+        assert out.dtype == half and torch.isfinite(out).all()
+        assert "Python composite" in edge_ops.unsupported_reason(spec, half, "triton")
+    assert edge_ops.unsupported_reason(spec, torch.int32, "cpu") is not None
+    with pytest.raises(TypeError, match="float16 and bfloat16 inputs, not"):
+        darts_edge(torch.randn(2, 2, 5, 5).int(), torch.ones(2), [p.int() for p in params], spec, backend="cpu")
 
 
 def test_backend_table_lists_the_cpp_edge():

@@ -181,11 +181,25 @@ def test_kernel_larger_than_the_depthwise_kernels_take_falls_back():
 
 
 @pytest.mark.skipif(not CPU, reason="needs the cpu kernels")
+def test_bfloat16_runs_fused_and_under_autocast_too():
+    op = MixedOp(4, 1, DARTS_PRIMITIVES, backend="cpu")
+    x = torch.randn(2, 4, 6, 6, generator=_gen(6))
+    w = torch.softmax(torch.randn(8, generator=_gen(7)), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = op(x, w)
+    assert op.fused_reason is None and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in op.parameters())
+    op = op.to(torch.bfloat16)
+    assert op(x.to(torch.bfloat16), w).dtype == torch.bfloat16 and op.fused_reason is None
+
+
+@pytest.mark.skipif("triton" not in backends.available_backends(), reason="needs the Triton kernels")
 def test_dtype_the_fused_edge_does_not_compute_falls_back():
-    op = MixedOp(4, 1, DARTS_PRIMITIVES, backend="cpu").to(torch.bfloat16)
+    op = MixedOp(4, 1, DARTS_PRIMITIVES, backend="triton").to(torch.bfloat16)
     x = torch.randn(2, 4, 6, 6, generator=_gen(6)).to(torch.bfloat16)
     op(x, torch.softmax(torch.randn(8, generator=_gen(7)), 0).to(torch.bfloat16))
-    assert "float32 and float64" in op.fused_reason
+    assert "computes float32 and float64 inputs, not torch.bfloat16" in op.fused_reason
 
 
 @pytest.mark.skipif(not CPU, reason="needs the cpu kernels")

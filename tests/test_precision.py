@@ -159,7 +159,11 @@ def _edge_grads(edge, dtype, backend, memory, x, w, g):
 @pytest.mark.parametrize("edges", list(EDGE_SETS))
 def test_every_fused_edge_at_32x32_is_within_twice_eager(edges, memory):
     torch.manual_seed(0)
-    kw = {} if EDGE_SETS[edges] is None else {"edge_primitives": {c: [EDGE_SETS[edges]] * 14 for c in ("normal", "reduce")}}
+    kw = (
+        {}
+        if EDGE_SETS[edges] is None
+        else {"edge_primitives": {c: [EDGE_SETS[edges]] * 14 for c in ("normal", "reduce")}}
+    )
     net = SearchNetwork(C=8, num_classes=10, layers=5, in_channels=3, **kw)
     x, y = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     base = copy.deepcopy(net)
@@ -182,8 +186,58 @@ def test_every_fused_edge_at_32x32_is_within_twice_eager(edges, memory):
                 acc[0] += float(((value - oracle[quantity]) ** 2).sum())
                 acc[1] += float((oracle[quantity] ** 2).sum())
     for quantity in ("input grad", "arch grads", "weight grads"):
-        e_eager, e_fused = ((squared[(run, quantity)][0] / squared[(run, quantity)][1]) ** 0.5 for run in ("eager", "fused"))
+        e_eager, e_fused = (
+            (squared[(run, quantity)][0] / squared[(run, quantity)][1]) ** 0.5 for run in ("eager", "fused")
+        )
         assert e_fused <= 2 * max(e_eager, FLOOR), (
             f"{edges} {memory}: the edges' {quantity} error {e_fused:.3g} against the float64 oracle is more "
             f"than twice eager float32's {e_eager:.3g}"
         )
+
+
+# --- mixed precision: the fused edge under autocast ------------------------------------------------
+
+
+def _autocast_step(base, x, y, backend, memory, amp):
+    """Logits and gradients of one step of float32 ``base`` under autocast to ``amp``, in float64."""
+    net = copy.deepcopy(base).float()
+    _set(net, backend, memory)
+    net.train()
+    with torch.autocast("cpu", dtype=amp):
+        logits = net(x.float())
+        loss = F.cross_entropy(logits.float(), y)
+    weights, arch = net.weight_parameters(), net.arch_parameters()
+    grads = torch.autograd.grad(loss, weights + arch, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, weights + arch)]
+    flat = [torch.cat([g.double().flatten() for g in part]) for part in (grads[: len(weights)], grads[len(weights) :])]
+    fused = [m.fused_reason is None for m in net.modules() if isinstance(m, MixedOp)]
+    return {"logits": logits.detach().double(), "weight grads": flat[0], "arch grads": flat[1]}, fused
+
+
+@pytest.mark.parametrize("amp", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_fused_network_under_autocast_is_within_twice_eager_autocast(amp):
+    """``--amp``: every DARTS edge runs fused in autocast's dtype (accumulating in float32), and its
+    error against the float64 oracle is at most twice that of the eager network under the same autocast."""
+    squared = {}
+    for seed, trained_steps in STATES:
+        base, x, y = _state(None, trained_steps, seed)
+        oracle, _ = _step(base, x, y, torch.float64, "reference", "save")
+        runs = {}
+        runs["eager"], eager_fused = _autocast_step(base, x, y, "reference", "save", amp)
+        assert not any(eager_fused)
+        for memory in MEMORY:
+            runs[memory], fused_edges = _autocast_step(base, x, y, "cpu", memory, amp)
+            assert all(fused_edges), f"every edge of the {memory} run must run the fused edge under autocast"
+        for run, values in runs.items():
+            for name, value in values.items():
+                acc = squared.setdefault((run, name), [0.0, 0.0])
+                acc[0] += float(((value - oracle[name]) ** 2).sum())
+                acc[1] += float((oracle[name] ** 2).sum())
+    for memory in MEMORY:
+        for name in ("logits", "weight grads", "arch grads"):
+            e_eager = (squared[("eager", name)][0] / squared[("eager", name)][1]) ** 0.5
+            e_fused = (squared[(memory, name)][0] / squared[(memory, name)][1]) ** 0.5
+            assert e_fused <= 2 * e_eager, (
+                f"{amp} {memory}: {name} error {e_fused:.3g} against the float64 oracle, "
+                f"more than twice eager autocast's {e_eager:.3g}"
+            )

@@ -10,12 +10,12 @@ ops of other code that ``fastnas.patch`` accelerates.
 
 ``EdgePlan.fused_reason(x, ...)`` is the one fuse-or-not policy: None when this
 call can run fused, else why not (eval mode, a memory mode without the fused edge,
-autocast, no fused kernels for the device, a limit of the kernels). An edge that
-cannot run fused falls back to its candidate modules; it never fails. Where the
-fused edge takes only some of the candidates, ``EdgePlan.part`` plans those, when
-they include a convolution; ``fastnas.patch`` runs that part fused and the others
-(pools without a batch norm, identity + dropout, full convolutions, ...) as modules
-beside it.
+a dtype the kernels lack (under autocast, autocast's), no fused kernels for the
+device, a limit of the kernels). An edge that cannot run fused falls back to its
+candidate modules; it never fails. Where the fused edge takes only some of the
+candidates, ``EdgePlan.part`` plans those, when they include a convolution;
+``fastnas.patch`` runs that part fused and the others (pools without a batch
+norm, identity + dropout, full convolutions, ...) as modules beside it.
 
 Candidate kinds (``kind`` strings, as reports show them):
 
@@ -60,6 +60,7 @@ import torch.nn as nn
 
 from fastnas import backends
 from fastnas.nn.operations import activation_name
+from fastnas.ops._common import autocast_dtype
 from fastnas.ops.darts_edge import FUSED_ACTIVATIONS, EdgeSpec, unsupported_reason
 from fastnas.ops.darts_edge import MEMORY_MODES as FUSED_MEMORY_MODES
 
@@ -493,12 +494,11 @@ class EdgePlan:
             return "eval mode or one sampled candidate (the fused edge computes the whole training-mode edge)"
         if x.dim() != 4:
             return f"a {x.dim()}-D input"
-        if _autocast_on(x.device.type):
-            return "autocast is on"
         name = backends.resolve("darts_edge", x.device, backend)
         if name == "reference":
             return f"no fused kernels serve {x.device.type} tensors here"
-        why = unsupported_reason(self.spec, x.dtype, name)
+        # Under autocast the edge runs in autocast's dtype, as its convolutions would.
+        why = unsupported_reason(self.spec, autocast_dtype(x) or x.dtype, name)
         if why is None and self.spec.reduce_index is not None and (x.shape[2] % 2 or x.shape[3] % 2):
             why = f"a factorized reduce needs an even height and width, got {tuple(x.shape[2:])}"
         return why
@@ -641,10 +641,3 @@ def _with_fusion(plan: EdgePlan, candidates, fused: list[_Fused]) -> EdgePlan:
         plan.kinds, plan.active, plan.stride, spec=spec, params=tuple(params), norms=tuple(norms),
         channels=plan.channels, track=track,
     )  # fmt: skip
-
-
-def _autocast_on(device_type: str) -> bool:
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:  # torch without the device argument
-        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()

@@ -33,6 +33,26 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is enabled for ``device_type`` ("cpu", "cuda") in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch without the device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a convolution of ``x`` in, or None where it leaves ``x`` as it is
+    (autocast off, or a float64 or non-float ``x``, which autocast never casts)."""
+    device_type = x.device.type
+    if not autocast_on(device_type) or not x.is_floating_point() or x.dtype == torch.float64:
+        return None
+    try:
+        return torch.get_autocast_dtype(device_type)
+    except AttributeError:  # torch before get_autocast_dtype
+        return torch.get_autocast_gpu_dtype() if device_type == "cuda" else torch.get_autocast_cpu_dtype()
+
+
 # --- the checks -------------------------------------------------------------------------
 
 

@@ -57,6 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from fastnas import backends
+from fastnas.ops._common import autocast_dtype
 from fastnas.ops.activations import ACTIVATIONS
 from fastnas.ops.darts_sum import darts_sum, darts_sum_backward, pool_batch_norm_stats
 from fastnas.ops.multi_depthwise import (
@@ -72,8 +73,11 @@ from fastnas.ops.stacked_batch_norm import (
 )
 
 MEMORY_MODES = ("save", "recompute")
-# The dtypes the fused edge computes; the rest run the candidate modules.
-DTYPES = (torch.float32, torch.float64)
+# The dtypes the fused edge computes (float16 and bfloat16 accumulating in float32, on the
+# C++ op); the rest run the candidate modules.
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+DTYPE_NAMES = "float32, float64, float16 and bfloat16"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 # The activations the depthwise prologue applies before the convolution candidates.
 FUSED_ACTIVATIONS = ACTIVATIONS
 
@@ -205,7 +209,9 @@ def unsupported_reason(spec: EdgeSpec, dtype: torch.dtype, backend: str) -> str 
     ``dtype`` inputs, or None when they can. The one place that knows the limits
     of the building blocks the edge is made of."""
     if dtype not in DTYPES:
-        return f"the fused edge computes float32 and float64 inputs, not {dtype}"
+        return f"the fused edge computes {DTYPE_NAMES} inputs, not {dtype}"
+    if dtype in HALF_DTYPES and backend not in _CPP_BACKENDS:
+        return f"the {backend} edge (the Python composite) computes float32 and float64 inputs, not {dtype}"
     unknown = sorted(set(spec.activations) - set(FUSED_ACTIVATIONS))
     if unknown:
         return f"a {unknown[0]} activation; the fused edge's depthwise prologue computes {', '.join(FUSED_ACTIVATIONS)}"
@@ -462,9 +468,7 @@ def _check(op: str, x, weights, params, spec: EdgeSpec, buffers, memory: str) ->
     check_edge): for the composite path and for the fake implementation."""
     torch._check_value(memory in MEMORY_MODES, lambda: f"{op}: memory must be one of {MEMORY_MODES}, got {memory!r}")
     torch._check_value(x.dim() == 4, lambda: f"{op}: x must be (N, C, H, W), got shape {tuple(x.shape)}")
-    torch._check_type(
-        x.dtype in DTYPES, lambda: f"{op}: the fused edge computes float32 and float64 inputs, not {x.dtype}"
-    )
+    torch._check_type(x.dtype in DTYPES, lambda: f"{op}: the fused edge computes {DTYPE_NAMES} inputs, not {x.dtype}")
     N, C, H, W = x.shape
     torch._check_value(
         weights.dim() == 1 and weights.shape[0] == spec.K,
@@ -541,6 +545,15 @@ def darts_edge(
     their arguments; elsewhere (``triton``, ``reference``) the edge runs as the
     Python composite of the same building blocks.
     """
+    cast = autocast_dtype(x)
+    if cast is not None:
+        # Autocast would run the candidates' convolutions in its dtype: so does the edge, on
+        # cast copies of x and the convolution weights (their gradients flow back through the
+        # casts), while the running statistics stay in their own dtype, updated in place.
+        with torch.autocast(x.device.type, enabled=False):
+            return darts_edge(
+                x.to(cast), weights, [p.to(cast) for p in params], spec, buffers, memory=memory, backend=backend
+            )
     name = backends.resolve("darts_edge", x.device, backend)
     if name in _CPP_BACKENDS:
         if buffers is None:
