@@ -11,9 +11,24 @@ candidate that every ghost batch dropped has no gradient, and SGD leaves it
 alone. Batch norms use batch statistics in training and evaluation alike
 (``bn_track`` off), as the paper evaluates its one-shot model.
 
-The paper's text was not at hand when this was written; the schedule, r^(1/k),
-ghost batches and L2 on active paths follow its published description, the
-defaults (ghost batch 32, r = 0.1) are this project's choice.
+What is and is not checked against the paper (Bender et al., "Understanding and
+Simplifying One-Shot Architecture Search", ICML 2018, PMLR 80:550-559): only its
+abstract (in the project's seed list) and the opening of its text (introduction) could
+be read here; its method section (Sec. 3, the one-shot model's training) was not
+found in the reference stores searched (pages, docs, code). So each of these is
+this project's reading of the paper's published description, unconfirmed
+against its text:
+
+* the drop probability per candidate, ``r ** (1 / k)`` for a node of k incoming
+  candidates, so that all k go with probability r;
+* the schedule: the rate rises linearly from 0 over training (here ``t / T`` at
+  epoch t of T, applied to the per-candidate probability);
+* a node that lost every input keeps one (FractalNet's local rule); the paper's
+  rule for this case is not confirmed;
+* ghost batch normalisation and L2 only on the parts that ran, as above;
+* the values: r = 0.1 and ghost batches of 32 (16 on the digits) are this
+  project's defaults, not numbers taken from the paper; ``--path-dropout`` and
+  ``--ghost-batch-size`` set others.
 """
 
 from __future__ import annotations
