@@ -252,6 +252,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--ghost-batch-size", type=_positive_int, default=None, help="oneshot: images per ghost batch")
     s.add_argument(
+        "--global-dropout",
+        type=float,
+        default=None,
+        help="nb201, single-path methods: dropout of the pooled features before the classifier (Yu et al.)",
+    )
+    s.add_argument(
+        "--layer-path-dropout",
+        type=float,
+        default=None,
+        help="nb201, single-path methods: r; the output of cell l of L (reductions counted) is dropped per image "
+        "with probability r (l + 1) / L (Yu et al.'s path dropout, not ramped over epochs)",
+    )
+    s.add_argument(
+        "--ops-on-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nb201, single-path methods: a node's edges from nodes 2, ... run the candidates of its edge from "
+        "node 1 (Yu et al.'s op_on_node; default: off, every edge its own)",
+    )
+    s.add_argument(
+        "--ofa-kernel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="nb201, single-path methods: nor_conv_1x1 is the centre of nor_conv_3x3's kernel times a learned "
+        "factor, with one batch norm (OFA's kernel transformation, as Yu et al.; default: off)",
+    )
+    s.add_argument(
         "--constraint",
         choices=("params", "flops"),
         default=None,
@@ -329,7 +356,10 @@ setting is base (the run's own options) or key=value,... of fastnas search's
 settings (e.g. bn_track=false, bn_affine=true, method=fairnas, path_dropout=0.2,
 warmup_epochs=5, lr=0.05, weight_decay=0, epochs=10, init_channels=4,
 layers=2, train_portion=0.5), optionally named name:key=value,...;
---compare alone runs Yu et al.'s heuristics one by one.
+--compare alone runs Yu et al.'s heuristics one by one, those that apply to
+--space and change the base run (also batch_size=128, layers=2, label
+smoothing 0.1, or 0 where the method smooths already; on nb201
+global_dropout=0.2, layer_path_dropout=0.2, ops_on_nodes=true, ofa_kernel=true).
 
 With --benchmark FILE (the NAS-Bench-201 benchmark file, nb201 space) nothing
 is trained stand-alone: the accuracies are the benchmark's (default: cifar10-valid,
@@ -590,6 +620,8 @@ _CONFIG_OPTIONS = {
     "cuda_graph": "cuda_graph", "weight_decay": "weight_decay", "train_portion": "train_portion",
     "bn_affine": "bn_affine", "bn_track": "bn_track", "path_dropout": "path_dropout",
     "ghost_batch_size": "ghost_batch_size", "constraint": "constraint", "constraint_min": "constraint_min",
+    "global_dropout": "global_dropout", "layer_path_dropout": "layer_path_dropout", "ops_on_nodes": "ops_on_nodes",
+    "ofa_kernel": "ofa_kernel",
     "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
     "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
     "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing", "skip_drop": "skip_drop",
@@ -791,7 +823,7 @@ def _run_select(args: argparse.Namespace) -> int:
 def _run_rank_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from fastnas.search.rank_eval import HEURISTICS, RankEvalSettings, Setting, rank_eval
+    from fastnas.search.rank_eval import RankEvalSettings, Setting, heuristics, rank_eval
 
     standalone = {}
     if args.standalone_channels:
@@ -808,7 +840,7 @@ def _run_rank_eval(args: argparse.Namespace) -> int:
     )  # fmt: skip
     compare = None
     if args.compare is not None:
-        compare = [Setting.parse(text) for text in (args.compare or HEURISTICS)]
+        compare = [Setting.parse(text) for text in (args.compare or heuristics(settings))]
     if args.device == "cpu":
         torch.set_num_threads(1)
     out = args.out or os.path.join("runs", f"rank-eval-{args.method}-{args.space}-{args.dataset}")

@@ -64,6 +64,10 @@ RESUME_FIELDS = (
     "bn_track",
     "path_dropout",
     "ghost_batch_size",
+    "global_dropout",
+    "layer_path_dropout",
+    "ops_on_nodes",
+    "ofa_kernel",
     "constraint",
     "constraint_min",
     "constraint_max",
@@ -136,6 +140,11 @@ class SearchConfig:
     tensorboard: str | None = None
     path_dropout: float = 0.0
     ghost_batch_size: int | None = None
+    # Yu et al.'s supernet heuristics, the nb201 supernet's (fastnas.spaces.nb201_heuristics).
+    global_dropout: float = 0.0
+    layer_path_dropout: float = 0.0
+    ops_on_nodes: bool = False
+    ofa_kernel: bool = False
     constraint: str | None = None
     constraint_min: float | None = None
     constraint_max: float | None = None
@@ -193,6 +202,7 @@ class SearchConfig:
         if not 0.0 < self.train_portion < 1.0:
             raise SearchError(f"--train-portion must be between 0 and 1, got {self.train_portion}")
         self.search_method.validate(self)
+        get_space(self.space).validate_search(self)
         if self.epochs < 1:
             raise SearchError(f"--epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 2:

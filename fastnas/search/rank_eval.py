@@ -11,8 +11,12 @@ rho, the top-k overlap and the stand-alone accuracy of the supernet's top 3.
 Yu et al.'s heuristics are settings of the supernet training
 (``SearchConfig``): ``bn_affine``, ``bn_track``, ``path_dropout``,
 ``method=fairnas`` (fair sampling), ``warmup_epochs``, ``lr``, ``weight_decay``,
-``epochs``, ``layers``, ``init_channels``, ``train_portion``. ``compare`` trains
-one supernet per setting and ranks the same stand-alone results with each.
+``epochs``, ``layers``, ``init_channels``, ``train_portion``, ``batch_size``,
+``label_smoothing`` and, on the nb201 supernet, ``global_dropout``,
+``layer_path_dropout``, ``ops_on_nodes`` and ``ofa_kernel``
+(``fastnas.spaces.nb201_heuristics``, which says why dynamic channels are not
+among them). ``compare`` trains one supernet per setting and ranks the same
+stand-alone results with each; ``heuristics(space)`` is the default list.
 
 Outputs in the output folder: ``standalone.json`` (every stand-alone result,
 reused by later runs with the same architectures and recipe), one search folder
@@ -60,7 +64,40 @@ HEURISTICS = (
     "epochs=10",
     "init_channels=4",
     "train_portion=0.5",
+    "batch_size=128",
+    "layers=2",
+    "label_smoothing=0.1",
+    # The nb201 supernet's (fastnas.spaces.nb201_heuristics); other spaces leave them out.
+    "global_dropout=0.2",
+    "layer_path_dropout=0.2",
+    "ops_on_nodes=true",
+    "ofa_kernel=true",
 )
+
+
+# A heuristic the base run has already (SPOS smooths its labels by 0.1) is compared by its opposite.
+OPPOSITES = {"label_smoothing=0.1": "label_smoothing=0"}
+
+
+def heuristics(settings: RankEvalSettings) -> tuple[str, ...]:
+    """``HEURISTICS`` as they apply to the runs of ``settings``: less the settings its space
+    refuses (another space's supernet options, ``SearchSpace.supernet_options``; a depth
+    it fixes), and each one that the base run has already replaced by its opposite
+    (``OPPOSITES``) or left out."""
+    base = _search_config(settings, Setting(BASE)).to_dict()
+    kept = []
+    for text in HEURISTICS:
+        for option in (text, OPPOSITES.get(text)):
+            if option is None:
+                break
+            try:
+                config = _search_config(settings, Setting.parse(option))
+            except SearchError:
+                break
+            if option == BASE or config.to_dict() != base:
+                kept.append(option)
+                break
+    return tuple(kept)
 
 
 @dataclass

@@ -11,11 +11,14 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastnas.nn.mixed_op import MixedOp
 from fastnas.nn.operations import ReLUConvBN, check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
+from fastnas.spaces.darts_eval import drop_path
 from fastnas.spaces.encoding import Encoding
+from fastnas.spaces.nb201_heuristics import SUPERNET_OPTIONS, layer_drop_probability, share_kernels, share_node_ops
 from fastnas.spaces.space import SearchSpace
 
 NB201_PRIMITIVES = ["none", "skip_connect", "nor_conv_1x1", "nor_conv_3x3", "avg_pool_3x3"]
@@ -144,7 +147,10 @@ class ResNetBasicBlock(nn.Module):
 
 
 class NB201SearchCell(nn.Module):
-    """A NAS-Bench-201 search cell: a mixed op on each of the 6 edges, node sums."""
+    """A NAS-Bench-201 search cell: a mixed op on each of the 6 edges, node sums.
+
+    ``ops_on_nodes`` and ``ofa_kernel``: Yu et al.'s heuristics (``fastnas.spaces.nb201_heuristics``).
+    """
 
     def __init__(
         self,
@@ -153,6 +159,8 @@ class NB201SearchCell(nn.Module):
         backend: str | None = None,
         max_nodes: int = NB201_NODES,
         affine: bool = False,
+        ops_on_nodes: bool = False,
+        ofa_kernel: bool = False,
     ):
         super().__init__()
         self.max_nodes = max_nodes
@@ -160,6 +168,11 @@ class NB201SearchCell(nn.Module):
         self.edges = nn.ModuleList(
             MixedOp(C, 1, primitives, affine=affine, pool_bn=False, backend=backend) for _ in nb201_edges(max_nodes)
         )
+        if ops_on_nodes:
+            share_node_ops(self.edges, nb201_edges(max_nodes))
+        if ofa_kernel:
+            for edge in {id(e): e for e in self.edges}.values():
+                share_kernels(edge)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: Sequence[int] | None = None) -> torch.Tensor:
         nodes = [x]
@@ -185,6 +198,8 @@ class NB201SearchNetwork(SuperNet):
         backend: fastnas backend of the fused ops.
         in_channels: channels of the input images.
         affine: affine batch norms inside the candidates (False in search).
+        global_dropout, layer_path_dropout, ops_on_nodes, ofa_kernel: Yu et al.'s
+            supernet heuristics (``fastnas.spaces.nb201_heuristics``); off by default.
 
     All cells share one architecture parameter ``alphas`` (6 x candidates), and
     one path entry per edge (``set_path``).
@@ -199,10 +214,16 @@ class NB201SearchNetwork(SuperNet):
         backend: str | None = None,
         in_channels: int = 3,
         affine: bool = False,
+        global_dropout: float = 0.0,
+        layer_path_dropout: float = 0.0,
+        ops_on_nodes: bool = False,
+        ofa_kernel: bool = False,
     ):
         super().__init__()
         self.primitives = check_primitives(primitives)
         self.backend = backend
+        self.global_dropout = float(global_dropout)
+        self.layer_path_dropout = float(layer_path_dropout)
         self.config = dict(
             C=C,
             N=N,
@@ -211,6 +232,10 @@ class NB201SearchNetwork(SuperNet):
             backend=backend,
             in_channels=in_channels,
             affine=affine,
+            global_dropout=self.global_dropout,
+            layer_path_dropout=self.layer_path_dropout,
+            ops_on_nodes=ops_on_nodes,
+            ofa_kernel=ofa_kernel,
         )
         self.stem = nn.Sequential(nn.Conv2d(in_channels, C, 3, padding=1, bias=False), nn.BatchNorm2d(C))
         self.cells = nn.ModuleList()
@@ -220,7 +245,16 @@ class NB201SearchNetwork(SuperNet):
             if stage > 0:
                 self.cells.append(ResNetBasicBlock(C_prev, C_curr, 2))
             for _ in range(N):
-                self.cells.append(NB201SearchCell(C_curr, self.primitives, backend, affine=affine))
+                self.cells.append(
+                    NB201SearchCell(
+                        C_curr,
+                        self.primitives,
+                        backend,
+                        affine=affine,
+                        ops_on_nodes=ops_on_nodes,
+                        ofa_kernel=ofa_kernel,
+                    )
+                )
             C_prev = C_curr
         self.lastact = nn.Sequential(nn.BatchNorm2d(C_prev), nn.ReLU(inplace=False))
         self.global_pooling = nn.AdaptiveAvgPool2d(1)
@@ -235,10 +269,22 @@ class NB201SearchNetwork(SuperNet):
         """Logits of shape (N, num_classes)."""
         weights, indices = self._edge_weights(self.alphas)
         out = self.stem(x)
-        for cell in self.cells:
-            out = cell(out, weights, indices) if isinstance(cell, NB201SearchCell) else cell(out)
-        out = self.global_pooling(self.lastact(out))
-        return self.classifier(out.flatten(1))
+        for layer, cell in enumerate(self.cells):
+            if isinstance(cell, NB201SearchCell):
+                out = cell(out, weights, indices)
+                if self.layer_path_dropout > 0 and self.training:
+                    out = drop_path(out, self.layer_drop_probability(layer))
+            else:
+                out = cell(out)
+        out = self.global_pooling(self.lastact(out)).flatten(1)
+        if self.global_dropout > 0:
+            out = F.dropout(out, self.global_dropout, self.training)
+        return self.classifier(out)
+
+    def layer_drop_probability(self, layer: int) -> float:
+        """The probability that ``layer_path_dropout`` drops an image's output of cell ``layer``
+        (an index into ``cells``, residual reductions counted)."""
+        return layer_drop_probability(self.layer_path_dropout, layer, len(self.cells))
 
     def choice_candidates(self) -> list[list[str]]:
         """The candidates of each of the 6 edges (shared by all cells)."""
@@ -303,6 +349,7 @@ class NB201Space(SearchSpace):
     name = "nb201"
     title = "NAS-Bench-201"
     architecture_noun = "a NAS-Bench-201 architecture"
+    supernet_options = SUPERNET_OPTIONS
 
     @property
     def train_defaults(self) -> dict[str, dict]:
@@ -310,15 +357,34 @@ class NB201Space(SearchSpace):
 
         return TRAIN_DEFAULTS
 
+    def validate_search(self, config) -> None:
+        from fastnas.search.errors import SearchError
+        from fastnas.spaces.nb201_heuristics import OFA_PAIR
+
+        super().validate_search(config)
+        for name in ("global_dropout", "layer_path_dropout"):
+            if not 0.0 <= getattr(config, name) < 1.0:
+                raise SearchError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+        used = [name for name in self.supernet_options if getattr(config, name)]
+        if used and config.search_method.trains_architecture:
+            options = ", ".join("--" + name.replace("_", "-") for name in used)
+            raise SearchError(
+                f"{options}: settings of single-path supernet training (spos, fairnas, oneshot), not {config.method}"
+            )
+        primitives = config.primitives or NB201_PRIMITIVES
+        if config.ofa_kernel and not set(OFA_PAIR) <= set(primitives):
+            raise SearchError(f"--ofa-kernel shares the kernels of {' and '.join(OFA_PAIR)}; the candidates lack one")
+
     def search_layers(self, dataset: str) -> int:
         # NAS-Bench-201 counts cells per stage (N = 5), not cells in all.
         return 1 if dataset == "digits" else 5
 
     def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None) -> NB201SearchNetwork:
         kwargs = {} if config.primitives is None else {"primitives": list(config.primitives)}
+        heuristics = {name: getattr(config, name) for name in self.supernet_options}
         return NB201SearchNetwork(
             C=config.init_channels, N=layers, num_classes=num_classes, backend=config.backend,
-            in_channels=in_channels, affine=config.bn_affine, **kwargs,
+            in_channels=in_channels, affine=config.bn_affine, **heuristics, **kwargs,
         )  # fmt: skip
 
     def to_json(self, genotype) -> dict:

@@ -288,6 +288,13 @@ class ShuffleNetSpace(SearchSpace):
     def search_layers(self, dataset: str) -> int:
         return NUM_LAYERS
 
+    def validate_search(self, config) -> None:
+        from fastnas.search.errors import SearchError
+
+        super().validate_search(config)
+        if config.layers != NUM_LAYERS:
+            raise SearchError(f"the ShuffleNet space has {NUM_LAYERS} layers; drop --layers {config.layers}")
+
     def build_supernet(self, config, num_classes, in_channels, layers, edge_primitives=None):
         if layers != NUM_LAYERS:
             raise ValueError(f"the ShuffleNet space has {NUM_LAYERS} layers; drop --layers {layers}")

@@ -22,6 +22,9 @@ class SearchSpace:
     architecture_noun: ClassVar[str] = ""
     #: ``fastnas train`` settings from the space's papers, per dataset (TrainConfig fields).
     train_defaults: ClassVar[dict[str, dict]] = {}
+    #: SearchConfig fields that only this space's supernet reads: every other space
+    #: refuses them when they differ from their defaults.
+    supernet_options: ClassVar[tuple[str, ...]] = ()
 
     # --- the search -------------------------------------------------------------------
 
@@ -35,6 +38,23 @@ class SearchSpace:
     ) -> nn.Module:
         """The supernet ``config`` (a SearchConfig) searches, with ``layers`` cells."""
         raise NotImplementedError
+
+    def validate_search(self, config) -> None:
+        """Raise SearchError for a SearchConfig this space's supernet cannot run; by
+        default, for the ``supernet_options`` of other spaces."""
+        import dataclasses
+
+        from fastnas.search.errors import SearchError
+        from fastnas.spaces import REGISTRY
+
+        defaults = {f.name: f.default for f in dataclasses.fields(config)}
+        for other in REGISTRY.values():
+            for name in other.supernet_options:
+                if name not in self.supernet_options and getattr(config, name) != defaults[name]:
+                    option = "--" + name.replace("_", "-")
+                    raise SearchError(
+                        f"{option} is a setting of the {other.title} supernet, not of the {self.title} one"
+                    )
 
     def genotype(self, net: nn.Module, config):
         """The discrete architecture the supernet ``net`` holds now."""

@@ -22,7 +22,9 @@ the first epochs train every candidate at once, before any sampling),
 ``path_dropout`` (each candidate of a path dropped with a probability that
 rises linearly from 0 over the epochs; a node never loses all of its inputs),
 ``bn_affine`` and ``bn_track`` (batch norms of the candidates with affine
-parameters; running statistics or batch statistics).
+parameters; running statistics or batch statistics), ``label_smoothing`` (of the
+training loss, as Yu et al.'s ``CrossEntropyLabelSmooth``: ``F.cross_entropy``'s
+targets ``(1 - e) * onehot + e / classes``; the validation loss stays plain).
 """
 
 from __future__ import annotations
@@ -152,6 +154,8 @@ class SinglePathMethod(SearchMethod):
             raise SearchError(f"{self.name} has no edge weights; edge normalisation does not apply")
         if not 0.0 <= config.path_dropout < 1.0:
             raise SearchError(f"--path-dropout must be in [0, 1), got {config.path_dropout}")
+        if not 0.0 <= config.label_smoothing < 1.0:
+            raise SearchError(f"--label-smoothing must be in [0, 1), got {config.label_smoothing}")
 
     def make_optimizers(self, searcher, net: nn.Module, stage: dict) -> dict:
         parts = super().make_optimizers(searcher, net, stage)
