@@ -312,6 +312,11 @@ def test_spos_recalibration_uses_20000_images_capped_by_the_training_half(tmp_pa
     assert images(supernet.scorer()) == len(supernet.train_idx) < SPOS_BN_IMAGES
     assert images(supernet.scorer(bn_images=20)) == 20
     assert images(supernet.scorer(bn_batches=2, batch_size=8)) == 16
+    from fastnas.search.selection import select
+
+    result = select(supernet.run_dir, SelectSettings("random", candidates=2), progress=False, supernet=supernet)
+    assert result.settings["bn_images"] == SPOS_BN_IMAGES
+    assert result.settings["bn_images_used"] == len(supernet.train_idx)
     with pytest.raises(SearchError, match="--bn-momentum"):
         SelectSettings(bn_momentum=0.0).validate()
 

@@ -535,7 +535,9 @@ def select(
         r["architecture"] = encoding.to_json(tuple(r["genes"]))
         r["description"] = encoding.describe(tuple(r["genes"]))
     best = ranked[0]
-    result = SelectResult(ranked, best, asdict(settings), scorer.evaluated, elapsed)
+    # The images the recalibration actually ran on (bn_images is capped by the training half).
+    recalibration = {"bn_images_used": sum(len(x) for x in scorer.recalibration)}
+    result = SelectResult(ranked, best, {**asdict(settings), **recalibration}, scorer.evaluated, elapsed)
     out_dir = out_dir or run_dir
     if out_dir:
         result.files = write_selection(out_dir, supernet, result)
