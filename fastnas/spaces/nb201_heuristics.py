@@ -46,7 +46,9 @@ Label smoothing (the study's ``--label_smooth``, ``CrossEntropyLabelSmooth`` in
 ``operations/loss.py``: targets ``(1 - e) * onehot + e / classes``, the training
 loss only) is ``SearchConfig.label_smoothing``, which the single-path step
 (``fastnas.search.methods.single_path``) passes to ``F.cross_entropy``, the same
-loss.
+loss, in any space. SPOS smooths by 0.1 by default (its released code), so
+``rank-eval``'s default comparison (``fastnas.search.rank_eval.heuristics``)
+turns it off for SPOS and on for the others.
 
 Left out: dynamic channels (the study's ``--dynamic_conv_method``,
 ``DynamicConv2d`` / ``ChannelDropout`` in ``search_space/nasbench101/operations.py``).
