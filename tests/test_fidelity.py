@@ -268,6 +268,29 @@ def test_spos_defaults_are_the_released_codes():
     assert get_method("fairnas").lr_schedule == get_method("oneshot").lr_schedule == "cosine"
 
 
+def test_label_smoothing_is_refused_where_no_supernet_loss_reads_it():
+    with pytest.raises(SearchError, match="--label-smoothing is for single-path"):
+        SearchConfig.create("darts", label_smoothing=0.1)
+
+
+def test_spos_linear_schedule_resumes_from_a_cosine_checkpoint():
+    """A SPOS checkpoint from before the linear schedule holds a cosine state; it still loads."""
+    from fastnas.search.methods import get_method
+
+    cfg = SearchConfig.create("spos", space="nb201", epochs=4, lr=0.2)
+    w = [torch.nn.Parameter(torch.zeros(1))]
+    opt = torch.optim.SGD(w, 0.2)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
+    linear = get_method("spos").lr_scheduler(torch.optim.SGD(w, 0.2), cfg, 4)
+    linear.load_state_dict(cosine.state_dict())
+    lrs = []
+    for _ in range(4):
+        lrs.append(linear.optimizer.param_groups[0]["lr"])
+        linear.optimizer.step()
+        linear.step()
+    assert lrs == pytest.approx([0.2, 0.15, 0.1, 0.05])
+
+
 def test_spos_learning_rate_falls_linearly_to_zero(monkeypatch):
     losses = []
     cross_entropy = F.cross_entropy

@@ -81,6 +81,8 @@ class SearchMethod:
                 raise SearchError(f"{self.name} trains no architecture parameters; drop --arch-grad-clip")
             if not config.arch_grad_clip > 0:
                 raise SearchError(f"--arch-grad-clip must be positive, got {config.arch_grad_clip}")
+        if config.label_smoothing and self.trains_architecture:
+            raise SearchError(f"--label-smoothing is for single-path and one-shot methods, not {self.name}")
         if config.path_dropout and self.trains_architecture:
             raise SearchError(f"--path-dropout is for single-path and one-shot methods, not {self.name}")
         self._refuse_others_options(config)

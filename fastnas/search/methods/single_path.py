@@ -176,11 +176,10 @@ class SinglePathMethod(SearchMethod):
 
     def lr_scheduler(self, w_opt, cfg, epochs: int):
         """The per-epoch schedule of the weights' learning rate (``lr_schedule``)."""
-        if self.lr_schedule == "linear":
-            lr, lr_min = cfg.lr, cfg.lr_min
-            return torch.optim.lr_scheduler.LambdaLR(
-                w_opt, lambda e: (lr_min + (lr - lr_min) * max(0.0, 1.0 - e / epochs)) / lr if lr else 1.0
-            )
+        if self.lr_schedule == "linear" and cfg.lr > 0:
+            # LinearLR rather than a LambdaLR: a checkpoint's cosine state loads into it too.
+            end = min(1.0, max(0.0, cfg.lr_min / cfg.lr))
+            return torch.optim.lr_scheduler.LinearLR(w_opt, start_factor=1.0, end_factor=end, total_iters=epochs)
         return torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=epochs, eta_min=cfg.lr_min)
 
     def on_epoch(self, net: nn.Module, config, stage: dict, epoch: int) -> dict:
