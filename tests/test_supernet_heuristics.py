@@ -263,3 +263,25 @@ def test_a_search_with_every_knob_trains_saves_and_reloads(tmp_path):
     cell = trained.net.cells[0]
     assert cell.edges[5] is cell.edges[4] and isinstance(cell.edges[0].ops[2], ElasticReLUConvBN)
     assert trained.net.global_dropout == 0.2 and trained.net.layer_path_dropout == 0.2
+
+
+def test_resume_with_the_random_knobs_is_exact(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 4, (64,), generator=g)
+    )
+    kw = dict(epochs=2, global_dropout=0.2, layer_path_dropout=0.3, ops_on_nodes=True, ofa_kernel=True)
+    full = Searcher(config(**kw), out_dir=str(tmp_path / "a"), dataset=(data, INFO), progress=False).run()
+    first = Searcher(config(**kw), out_dir=str(tmp_path / "b"), dataset=(data, INFO), progress=False)
+    save = first._save
+
+    def save_then_stop(net, parts, stage, stage_epoch, *rest):
+        save(net, parts, stage, stage_epoch, *rest)
+        if stage_epoch == 1:
+            raise KeyboardInterrupt
+
+    first._save = save_then_stop
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    resumed = Searcher.resume(str(tmp_path / "b"), dataset=(data, INFO), progress=False).run()
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
