@@ -208,6 +208,10 @@ def test_multi_depthwise_activations(target, poison_empty, mode, stride):
     check_multi_depthwise(target, DARTS, mode, (2, 3, 7, 9), stride, torch.float64, seed=12, activations="hardswish")
     check_multi_depthwise(target, [(3, 1), (5, 2)], mode, (2, 3, 7, 9), stride, torch.float32, seed=13,
                           activations=["leaky_relu", "leaky_relu"])  # fmt: skip
+    # Activations interleaved: a shared x visits the candidates grouped by activation, and the
+    # input gradient adds each activation's share through its own derivative.
+    check_multi_depthwise(target, DARTS, mode, (2, 3, 7, 9), stride, torch.float32, seed=14,
+                          activations=["swish", "relu", "swish", "relu"])  # fmt: skip
 
 
 def test_multi_depthwise_large_plane(target, poison_empty):

@@ -1,9 +1,10 @@
 // multi_depthwise on CUDA: J depthwise convolutions of act(x) (or of
 // act((x - mean) * rstd) per candidate), stacked as (J, C, N, Ho, Wo), and
 // their backward. act is ReLU unless `activations` names another one
-// (fastnas_math.h); the kernels apply one activation per launch, and a call
-// whose candidates have several is run as one call per activation (one read of
-// the input per distinct activation, where the CPU kernel reads it once).
+// (fastnas_math.h). Each candidate carries its activation: one launch per
+// direction serves a call whose candidates have several, a tile of a shared x
+// loading its activation once per distinct activation (candidates visited
+// grouped by activation), with no host work beyond the launch's arguments.
 //
 // Every kernel works on tiles held in shared memory. A block owns one group (a
 // channel c with all J candidates for a shared x, or one (j, c) pair) and a
@@ -85,28 +86,48 @@ struct Candidates {
   const acc_t* w[kMaxCandidates];  // (C, k, k) in acc_t
   int k[kMaxCandidates], d[kMaxCandidates], pad[kMaxCandidates], kind[kMaxCandidates];
   int tap_offset[kMaxCandidates];  // candidate j's taps in a group's row of weight gradients
+  int act[kMaxCandidates];         // candidate j's activation code
+  // A shared x visits its candidates in this order: those of one activation in a
+  // row, the activations in order of first appearance, so that a tile's
+  // activation is loaded once per activation.
+  int order[kMaxCandidates];
   int J;
 };
 
 struct Dims {
   int N, C, H, W, Ho, Wo, stride, P;
   bool shared, bn;
-  int act = math::kRelu;  // the activation code of every candidate of the launch
 };
 
 // The activation a candidate convolves: act(pre), pre = x or (x - mean) * rstd.
 template <typename acc_t>
-__device__ __forceinline__ acc_t prologue_activation(const Dims& dm, acc_t xv, acc_t mean, acc_t rstd) {
-  if (dm.act == math::kRelu) return math::depthwise_activation(xv, dm.bn, mean, rstd);
-  return math::activation_forward(dm.act, dm.bn ? (xv - mean) * rstd : xv);
+__device__ __forceinline__ acc_t prologue_activation(int act, bool bn, acc_t xv, acc_t mean, acc_t rstd) {
+  if (act == math::kRelu) return math::depthwise_activation(xv, bn, mean, rstd);
+  return math::activation_forward(act, bn ? (xv - mean) * rstd : xv);
 }
 
 // The input gradient from grad, the gradient with respect to the activation at x.
 template <typename acc_t>
-__device__ __forceinline__ acc_t prologue_grad(const Dims& dm, acc_t xv, acc_t mean, acc_t rstd, acc_t grad) {
-  if (dm.act == math::kRelu)
-    return math::depthwise_grad_passes(math::depthwise_activation(xv, dm.bn, mean, rstd), grad);
-  return math::activation_derivative(dm.act, dm.bn ? (xv - mean) * rstd : xv) * grad;
+__device__ __forceinline__ acc_t prologue_grad(int act, bool bn, acc_t xv, acc_t mean, acc_t rstd, acc_t grad) {
+  if (act == math::kRelu) return math::depthwise_grad_passes(math::depthwise_activation(xv, bn, mean, rstd), grad);
+  return math::activation_derivative(act, bn ? (xv - mean) * rstd : xv) * grad;
+}
+
+// The candidates block `group` computes, from j0 to j1 in the visiting order
+// (a shared x: every candidate; per-candidate x: the group's own).
+struct GroupCandidates {
+  int j0, j1;
+  bool shared;
+  template <typename acc_t>
+  __device__ __forceinline__ int at(const Candidates<acc_t>& cd, int q) const {
+    return shared ? cd.order[q] : q;
+  }
+};
+
+__device__ __forceinline__ GroupCandidates candidates_of(const Dims& dm, int J, int64_t group) {
+  if (dm.shared) return {0, J, true};
+  const int j = static_cast<int>(group / dm.C);
+  return {j, j + 1, false};
 }
 
 // Offset of the input plane (group, n): shared x (N, C, H, W) or per-candidate x (J, C, N, H, W).
@@ -171,7 +192,7 @@ __device__ __forceinline__ Strip my_strip(const Tile& t, const TileCoord& tc) {
 // r0 * stride - P, columns from c0 * stride - P), zero outside the plane.
 template <typename scalar_t, typename acc_t>
 __device__ void load_activation(acc_t* region, const Tile& t, const TileCoord& tc, const scalar_t* __restrict__ x,
-                                const Dims& dm, int64_t group, acc_t mean, acc_t rstd) {
+                                const Dims& dm, int64_t group, int act, acc_t mean, acc_t rstd) {
   const int ih0 = tc.r0 * dm.stride - dm.P, iw0 = tc.c0 * dm.stride - dm.P;
   const int per_plane = t.rows * t.cols;
   const int total = tc.planes * per_plane;
@@ -183,7 +204,7 @@ __device__ void load_activation(acc_t* region, const Tile& t, const TileCoord& t
     if (ih >= 0 && ih < dm.H && iw >= 0 && iw < dm.W) {
       const acc_t xv =
           static_cast<acc_t>(x[plane_offset(dm, group, tc.n0 + pb) + static_cast<int64_t>(ih) * dm.W + iw]);
-      v = prologue_activation(dm, xv, mean, rstd);
+      v = prologue_activation(act, dm.bn, xv, mean, rstd);
     }
     region[(pb * t.rows + r) * t.pitch + cc] = v;
   }
@@ -373,11 +394,15 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t group = blockIdx.x / items;
   const TileCoord tc = tile_coord(t, blockIdx.x % items, dm.Ho, dm.Wo, dm.N);
   const int c = static_cast<int>(dm.shared ? group : group % dm.C);
-  const int j0 = dm.shared ? 0 : static_cast<int>(group / dm.C), j1 = dm.shared ? cd.J : j0 + 1;
-  load_activation(region, t, tc, x, dm, group, dm.bn ? mean[group] : acc_t(0), dm.bn ? rstd[group] : acc_t(1));
+  const GroupCandidates gc = candidates_of(dm, cd.J, group);
+  const acc_t m = dm.bn ? mean[group] : acc_t(0), r = dm.bn ? rstd[group] : acc_t(1);
   const Strip st = my_strip(t, tc);
-  for (int j = j0; j < j1; ++j) {
-    __syncthreads();  // the region is loaded; the previous candidate's weights are read
+  for (int q = gc.j0; q < gc.j1; ++q) {
+    const int j = gc.at(cd, q);
+    __syncthreads();  // the previous candidate's region and weights are read
+    // The tile's activation, once per activation: the candidates of one come in a row.
+    if (q == gc.j0 || cd.act[j] != cd.act[gc.at(cd, q - 1)])
+      load_activation(region, t, tc, x, dm, group, cd.act[j], m, r);
     load_weights(wsm, cd, j, c, false);
     __syncthreads();
     if (!st.valid) continue;
@@ -410,14 +435,31 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t group = blockIdx.x / items;
   const TileCoord tc = tile_coord(t, blockIdx.x % items, dm.H, dm.W, dm.N);
   const int c = static_cast<int>(dm.shared ? group : group % dm.C);
-  const int j0 = dm.shared ? 0 : static_cast<int>(group / dm.C), j1 = dm.shared ? cd.J : j0 + 1;
+  const GroupCandidates gc = candidates_of(dm, cd.J, group);
   const int s = dm.stride;
   // Output origin of the gradient region: the halo of the largest padding.
   const int gr0 = s == 1 ? tc.r0 - dm.P : floor_half(tc.r0 - dm.P);
   const int gc0 = s == 1 ? tc.c0 - dm.P : floor_half(tc.c0 - dm.P);
   const Strip st = my_strip(t, tc);
-  acc_t acc[kRows] = {};
-  for (int j = j0; j < j1; ++j) {
+  const acc_t m = dm.bn ? mean[group] : acc_t(0), r = dm.bn ? rstd[group] : acc_t(1);
+  const int64_t base = st.valid ? plane_offset(dm, group, tc.n0 + st.pb) + tc.c0 + st.col : 0;
+  // acc: the gradient with respect to the current activation's output; each
+  // activation's share goes through its derivative into sum.
+  acc_t acc[kRows] = {}, sum[kRows] = {};
+  const auto fold = [&](int act) {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      const int row = st.rg * kRows + i;
+      if (row < tc.th) {
+        const acc_t xv = static_cast<acc_t>(x[base + static_cast<int64_t>(tc.r0 + row) * dm.W]);
+        sum[i] += prologue_grad(act, dm.bn, xv, m, r, acc[i]);
+      }
+      acc[i] = acc_t(0);
+    }
+  };
+  for (int q = gc.j0; q < gc.j1; ++q) {
+    const int j = gc.at(cd, q);
+    if (st.valid && q > gc.j0 && cd.act[j] != cd.act[gc.at(cd, q - 1)]) fold(cd.act[gc.at(cd, q - 1)]);
     __syncthreads();  // the previous candidate's region and weights are read
     load_weights(wsm, cd, j, c, s == 1);
     load_grad(region, t, tc, grad, dm, j, c, gr0, gc0);
@@ -439,14 +481,12 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   if (!st.valid) return;
-  const acc_t m = dm.bn ? mean[group] : acc_t(0), r = dm.bn ? rstd[group] : acc_t(1);
-  const int64_t base = plane_offset(dm, group, tc.n0 + st.pb) + tc.c0 + st.col;
+  fold(cd.act[gc.at(cd, gc.j1 - 1)]);
 #pragma unroll
   for (int i = 0; i < kRows; ++i) {
     const int row = st.rg * kRows + i;
     if (row >= tc.th) break;
-    const int64_t off = base + static_cast<int64_t>(tc.r0 + row) * dm.W;
-    grad_pre[off] = static_cast<scalar_t>(prologue_grad(dm, static_cast<acc_t>(x[off]), m, r, acc[i]));
+    grad_pre[base + static_cast<int64_t>(tc.r0 + row) * dm.W] = static_cast<scalar_t>(sum[i]);
   }
 }
 
@@ -482,7 +522,7 @@ __device__ __forceinline__ void for_each_strip(const WeightGradArgs<scalar_t, ac
   for (int64_t item = first; item < last; ++item) {
     const TileCoord tc = tile_coord(t, item, dm.Ho, dm.Wo, dm.N);
     __syncthreads();  // the previous tile is read
-    load_activation(region, t, tc, a.x, dm, group, m, r);
+    load_activation(region, t, tc, a.x, dm, group, a.cd.act[j], m, r);
     __syncthreads();
     const Strip st = my_strip(t, tc);
     if (!st.valid) continue;
@@ -559,8 +599,8 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<sc
   acc_t* scratch = region + a.t.region();
   const int64_t group = blockIdx.x / a.chunks;
   const int c = static_cast<int>(a.dm.shared ? group : group % a.dm.C);
-  const int j0 = a.dm.shared ? 0 : static_cast<int>(group / a.dm.C), j1 = a.dm.shared ? a.cd.J : j0 + 1;
-  for (int j = j0; j < j1; ++j) {
+  const GroupCandidates gc = candidates_of(a.dm, a.cd.J, group);
+  for (int j = gc.j0; j < gc.j1; ++j) {
     const int kind = a.cd.kind[j];
     if constexpr (kUnrolled<acc_t>) {
 #define FASTNAS_DW_CALL(K, D, S) weight_grad_unrolled<K, D, S>(a, region, scratch, group, j, c)
@@ -608,48 +648,6 @@ std::vector<int64_t> activation_codes(const char* op, at::IntArrayRef activation
   return codes;
 }
 
-// The candidates of each distinct activation, in order of first appearance; one
-// group when every candidate has the same.
-std::vector<std::vector<int64_t>> activation_groups(const std::vector<int64_t>& codes) {
-  std::vector<int64_t> seen;
-  std::vector<std::vector<int64_t>> groups;
-  for (int64_t j = 0; j < static_cast<int64_t>(codes.size()); ++j) {
-    const auto it = std::find(seen.begin(), seen.end(), codes[j]);
-    if (it == seen.end()) {
-      seen.push_back(codes[j]);
-      groups.push_back({j});
-    } else {
-      groups[it - seen.begin()].push_back(j);
-    }
-  }
-  return groups;
-}
-
-// The arguments of one activation's candidates (the subset `index` of the call's).
-struct Subset {
-  at::Tensor index;  // on x's device
-  std::vector<at::Tensor> weights;
-  std::vector<int64_t> dilations, codes;
-  std::optional<at::Tensor> mean, rstd;
-};
-
-Subset subset_of(const std::vector<int64_t>& idx, const std::vector<int64_t>& codes, const at::Tensor& x,
-                 at::TensorList weights, at::IntArrayRef dilations, const std::optional<at::Tensor>& mean,
-                 const std::optional<at::Tensor>& rstd) {
-  Subset sub;
-  sub.index = at::tensor(idx, at::kLong).to(x.device());
-  for (const int64_t j : idx) {
-    sub.weights.push_back(weights[j]);
-    sub.dilations.push_back(dilations[j]);
-    sub.codes.push_back(codes[j]);
-  }
-  if (mean.has_value()) {
-    sub.mean = mean->index_select(0, sub.index);
-    sub.rstd = rstd->index_select(0, sub.index);
-  }
-  return sub;
-}
-
 // Blocks of a launch: one dimension of at most 2^31 - 1.
 int64_t grid_size(const char* op, int64_t blocks) {
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), op, ": ", blocks, " blocks; too many for one launch");
@@ -671,12 +669,23 @@ Dims dims_of(const DepthwiseShape& s, const std::vector<DepthwiseCandidate>& can
           bn};
 }
 
+// The launch's candidates: weights, geometry, activation, and the order a shared
+// x visits them in (grouped by activation, in order of first appearance).
 template <typename acc_t>
-Candidates<acc_t> candidate_table(const std::vector<at::Tensor>& ws, const std::vector<DepthwiseCandidate>& cands) {
+Candidates<acc_t> candidate_table(const std::vector<at::Tensor>& ws, const std::vector<DepthwiseCandidate>& cands,
+                                  const std::vector<int64_t>& codes) {
   Candidates<acc_t> cd{};
   const std::vector<int64_t> offsets = tap_offsets(cands);
   cd.J = static_cast<int>(cands.size());
+  int q = 0;
+  for (int j = 0; j < cd.J; ++j) {
+    const bool first = std::find(codes.begin(), codes.begin() + j, codes[j]) == codes.begin() + j;
+    for (int i = j; first && i < cd.J; ++i) {
+      if (codes[i] == codes[j]) cd.order[q++] = i;
+    }
+  }
   for (size_t j = 0; j < cands.size(); ++j) {
+    cd.act[j] = static_cast<int>(codes[j]);
     cd.w[j] = ws[j].data_ptr<acc_t>();
     cd.k[j] = static_cast<int>(cands[j].k);
     cd.d[j] = static_cast<int>(cands[j].d);
@@ -757,24 +766,13 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
   const DeviceGuard guard(x_in.device());
   at::Tensor out = at::empty({s.J, s.C, s.N, s.Ho, s.Wo}, x_in.options());
   if (out.numel() == 0) return out;
-  const auto groups = activation_groups(codes);
-  if (groups.size() > 1) {
-    for (const auto& idx : groups) {
-      const Subset sub = subset_of(idx, codes, x_in, weights, dilations, mean, rstd);
-      const at::Tensor x_sub = s.shared ? x_in : x_in.index_select(0, sub.index);
-      out.index_copy_(0, sub.index,
-                      multi_depthwise(x_sub, sub.weights, sub.dilations, stride, sub.mean, sub.rstd, sub.codes));
-    }
-    return out;
-  }
   const at::Tensor x = x_in.contiguous();
   const auto dtype = x.scalar_type();
   const auto ws = for_accumulation_all(weights, dtype);
   const bool bn = mean.has_value();
   const at::Tensor mean_acc = bn ? for_accumulation(*mean, dtype) : at::Tensor();
   const at::Tensor rstd_acc = bn ? for_accumulation(*rstd, dtype) : at::Tensor();
-  Dims dm = dims_of(s, cands, bn);
-  dm.act = static_cast<int>(codes.empty() ? math::kRelu : codes[0]);
+  const Dims dm = dims_of(s, cands, bn);
   const int w_taps = max_taps(cands);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_cuda", [&] {
@@ -782,7 +780,7 @@ at::Tensor multi_depthwise(const at::Tensor& x_in, at::TensorList weights, at::I
     const Tile t = plan_tiles(Region::kActivation, s.Ho, s.Wo, s.N, dm.stride, dm.P, w_taps, sizeof(acc_t));
     const int64_t smem = (w_taps + t.region()) * sizeof(acc_t);
     launch(forward_kernel<scalar_t>, grid_size(kForward, s.groups() * t.items()), smem, x.data_ptr<scalar_t>(),
-           candidate_table<acc_t>(ws, cands), bn ? mean_acc.data_ptr<acc_t>() : nullptr,
+           candidate_table<acc_t>(ws, cands, codes), bn ? mean_acc.data_ptr<acc_t>() : nullptr,
            bn ? rstd_acc.data_ptr<acc_t>() : nullptr, dm, t, w_taps, out.data_ptr<scalar_t>());
   });
   return out;
@@ -799,24 +797,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
   check_cuda_limits(kBackward, s, cands);
   const std::vector<int64_t> codes = activation_codes(kBackward, activations, s.J);
   const DeviceGuard guard(x_in.device());
-  const auto groups = activation_groups(codes);
-  if (groups.size() > 1) {
-    // One call per activation: a shared x sums their input gradients, in this order.
-    at::Tensor grad_pre = !input_need_grad ? at::empty({0}, x_in.options())
-                          : s.shared       ? at::zeros(x_in.sizes(), x_in.options())
-                                           : empty_contiguous(x_in.sizes(), x_in.options());
-    std::vector<at::Tensor> grad_ws(s.J);
-    for (const auto& idx : groups) {
-      const Subset sub = subset_of(idx, codes, x_in, weights, dilations, mean, rstd);
-      const at::Tensor x_sub = s.shared ? x_in : x_in.index_select(0, sub.index);
-      auto [gp, gw] = multi_depthwise_backward(grad_out_in.index_select(0, sub.index), x_sub, sub.weights,
-                                               sub.dilations, stride, sub.mean, sub.rstd, input_need_grad, sub.codes);
-      if (input_need_grad && s.shared) grad_pre.add_(gp);
-      if (input_need_grad && !s.shared) grad_pre.index_copy_(0, sub.index, gp);
-      for (size_t i = 0; i < idx.size(); ++i) grad_ws[idx[i]] = gw[i];
-    }
-    return {grad_pre, grad_ws};
-  }
   const auto dtype = x_in.scalar_type();
   const auto acc_dtype = accumulate_dtype(dtype);
   at::Tensor grad_pre =
@@ -830,13 +810,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
     const bool bn = mean.has_value();
     const at::Tensor mean_acc = bn ? for_accumulation(*mean, dtype) : at::Tensor();
     const at::Tensor rstd_acc = bn ? for_accumulation(*rstd, dtype) : at::Tensor();
-    Dims dm = dims_of(s, cands, bn);
-    dm.act = static_cast<int>(codes.empty() ? math::kRelu : codes[0]);
+    const Dims dm = dims_of(s, cands, bn);
     const int w_taps = max_taps(cands);
 
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "multi_depthwise_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const auto cd = candidate_table<acc_t>(ws, cands);
+      const auto cd = candidate_table<acc_t>(ws, cands, codes);
       const acc_t* mp = bn ? mean_acc.data_ptr<acc_t>() : nullptr;
       const acc_t* rp = bn ? rstd_acc.data_ptr<acc_t>() : nullptr;
       if (input_need_grad) {
