@@ -1,5 +1,6 @@
 """LA-DARTS: the latency predictor (encoding, fit, file) and the latency-aware search."""
 
+import math
 import os
 import random
 
@@ -10,15 +11,22 @@ from test_search import _interrupt_at, _strip_times, assert_state_close, losses,
 from fastnas.cli import main
 from fastnas.search import Searcher, SearchError
 from fastnas.search.latency import (
+    DERIVE_TEMPERATURE,
+    RELAXED_SCALES,
     LatencyModel,
     LatencyModelError,
     LatencyRegressor,
+    derive_genotype,
+    describe,
     encode_genotype,
     encode_weights,
     fit_latency_model,
     random_genotype,
+    random_relaxed_weights,
+    relative_error,
+    soft_derive,
 )
-from fastnas.spaces import DARTS_PRIMITIVES, validate_genotype
+from fastnas.spaces import DARTS_PRIMITIVES, SearchNetwork, validate_genotype
 
 # Milliseconds per edge of each candidate in the synthetic model below.
 COST = {"none": 0.0, "max_pool_3x3": 0.5, "avg_pool_3x3": 0.5, "skip_connect": 0.2, "sep_conv_3x3": 3.0,
@@ -81,17 +89,80 @@ def test_fit_measures_fits_saves_and_loads(tmp_path):
     model = fit_latency_model(
         samples=8, network=dict(init_channels=4, layers=2), warmup=0, repeats=1, rounds=1, iterations=50
     )
-    assert model.data["encodings"].shape == (8, 2 * 14 * 8) and model.data["latency_ms"].shape == (8,)
+    # As many relaxed architectures as discrete ones: softmax weights on every edge.
+    assert model.data["encodings"].shape == (16, 2 * 14 * 8) and model.data["latency_ms"].shape == (16,)
+    relaxed = model.data["relaxed"]
+    assert relaxed.tolist() == [False] * 8 + [True] * 8 and model.relaxed_samples == 8
+    rows = model.data["encodings"].view(16, 2, 14, 8)
+    assert (rows[relaxed] > 0).all() and torch.equal(rows[~relaxed][..., 0].sum((-1, -2)), torch.full((8,), 12.0))
     assert (model.data["latency_ms"] > 0).all() and model.heldout_relative_error >= 0
+    # The held-out error of each kind, on held-out architectures of that kind.
+    assert set(model.heldout_errors) == {"discrete", "relaxed"}
+    assert all(math.isfinite(e) and e >= 0 for e in model.heldout_errors.values())
+    assert model.regressor.derive_temperature == DERIVE_TEMPERATURE
     assert model.network == {"init_channels": 4, "layers": 2, "image_size": 8} and model.threads == 1
     path = str(tmp_path / "m.pt")
     model.save(path)
     state = torch.load(path, weights_only=True)  # plain data, nothing to execute
     assert state["format"] == "fastnas-latency-model"
+    assert state["heldout_errors"] == model.heldout_errors and state["relaxed_samples"] == 8
     loaded = LatencyModel.load(path)
     enc = model.data["encodings"]
     torch.testing.assert_close(loaded.predict(enc), model.predict(enc))
     assert loaded.heldout_relative_error == model.heldout_relative_error
+    assert loaded.heldout_errors == model.heldout_errors and loaded.regressor.derive_temperature == DERIVE_TEMPERATURE
+    assert "discrete" in describe(loaded) and "relaxed" in describe(loaded)
+
+
+def test_relaxed_architectures_derive_as_the_search_does():
+    g = torch.Generator().manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=2)
+    for scale in RELAXED_SCALES:
+        weights = random_relaxed_weights(g, 8, 4, scale)
+        with torch.no_grad():
+            for cell in ("normal", "reduce"):
+                getattr(net, f"alphas_{cell}").copy_(weights[cell].log())
+        assert derive_genotype(weights, DARTS_PRIMITIVES) == net.genotype()
+        derived = encode_genotype(net.genotype(), DARTS_PRIMITIVES, 4)
+        # The regressor's soft derivation leaves a discrete encoding as it is...
+        torch.testing.assert_close(soft_derive(derived, 4, 8, 0, DERIVE_TEMPERATURE), derived, atol=1e-6, rtol=0)
+    # ... and gives the derived genotype's encoding once the weights are decided.
+    rng = random.Random(0)
+    for _ in range(5):
+        genotype = random_genotype(rng, DARTS_PRIMITIVES)
+        enc = encode_genotype(genotype, DARTS_PRIMITIVES, 4).view(2, 14, 8)
+        weights = 0.9 * enc + 0.1 * torch.softmax(torch.randn(2, 14, 8, generator=g), -1)
+        derived = derive_genotype(dict(normal=weights[0], reduce=weights[1]), DARTS_PRIMITIVES)
+        assert torch.equal(encode_genotype(derived, DARTS_PRIMITIVES, 4), enc.flatten())
+        soft = soft_derive(weights.flatten(), 4, 8, 0, DERIVE_TEMPERATURE)
+        torch.testing.assert_close(soft, enc.flatten(), atol=0.02, rtol=0)
+
+
+def test_relaxed_training_predicts_the_derived_latency():
+    """On a synthetic latency (the COST of the derived genotype) the fit on both kinds
+    predicts held-out relaxed architectures well, with a gradient for the search."""
+    from fastnas.search.latency import fit_regressor
+
+    rng, g = random.Random(1), torch.Generator().manual_seed(1)
+    x, y = [], []
+    for i in range(300):
+        if i < 150:
+            genotype = random_genotype(rng, DARTS_PRIMITIVES)
+            x.append(encode_genotype(genotype, DARTS_PRIMITIVES, 4))
+        else:
+            weights = random_relaxed_weights(g, 8, 4, RELAXED_SCALES[i % len(RELAXED_SCALES)])
+            genotype = derive_genotype(weights, DARTS_PRIMITIVES)
+            x.append(encode_weights(weights))
+        y.append(expected_ms(genotype))
+    relaxed = torch.arange(300) >= 150
+    kw = dict(iterations=800, strata=relaxed)
+    regressor, _, held = fit_regressor(torch.stack(x), torch.tensor(y), 8, **kw, derive_temperature=0.01, none_index=0)
+    held_relaxed = held[relaxed[held]]
+    assert len(held_relaxed) == 30
+    assert relative_error(regressor, torch.stack(x)[held_relaxed], torch.tensor(y)[held_relaxed]) < 0.1
+    alphas = torch.randn(2, 14, 8).mul(0.03).requires_grad_()
+    regressor(torch.softmax(alphas, -1).flatten()).backward()
+    assert torch.isfinite(alphas.grad).all() and alphas.grad.abs().sum() > 0
 
 
 def test_the_fit_learns_a_smooth_latency():
@@ -193,8 +264,10 @@ def test_latency_model_command(tmp_path, capsys):
             "--repeats", "1", "--rounds", "1", "--no-progress", "--out", out]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    assert "5 architectures, held-out mean relative error" in printed and out in printed
+    assert "5 architectures and 5 relaxed ones, held-out mean relative error" in printed and out in printed
+    assert "(discrete " in printed and ", relaxed " in printed
     model = LatencyModel.load(out)
     assert model.samples == 5 and model.network["init_channels"] == 4 and model.threads == 1
+    assert model.relaxed_samples == 5 and set(model.heldout_errors) == {"discrete", "relaxed"}
     assert main([*args[:-2], "--clock", "cpu", "--threads", "2", "--out", out]) == 1
     assert "--clock cpu" in capsys.readouterr().err

@@ -2,18 +2,29 @@
 
 An architecture of the DARTS space is encoded as one row per edge of each cell
 over the candidate operations: the one-hot of its operation for the two edges
-a node keeps, the one-hot of ``none`` for the others. A small multi-layer
-regressor (``LatencyRegressor``) maps that encoding to the measured inference
+a node keeps, the one-hot of ``none`` for the others. A small regressor
+(``LatencyRegressor``, linear in operation counts) maps that encoding to the measured inference
 latency of the architecture's evaluation network. During the search the same
 regressor reads the relaxed architecture, the softmax of the architecture
 parameters in the same rows (``encode_weights``), so the predicted latency is a
 differentiable function of the architecture.
 
-``fit_latency_model`` samples architectures uniformly from the space, builds
-each one's evaluation network (``fastnas.train.build_network``, the network
-``fastnas train`` trains on that dataset), measures its median latency on the
-device after a warm-up, fits the regressor on most of them and reports its mean
-relative error on the rest. The file it writes loads with
+A relaxed architecture is not a network: what the search will turn it into is
+the genotype it derives (each node's two strongest edges, each with its best
+candidate other than ``none``). The regressor is therefore trained on both
+kinds of encoding, each labelled with the latency of the network it stands
+for: discrete architectures drawn uniformly, and relaxed ones (softmax of random
+logits at several scales, ``random_relaxed_weights``) labelled with the
+measured latency of the genotype they derive. It reads an encoding through a
+soft version of that derivation (``soft_derive``: a sharp softmax in place of
+each argmax and of each node's top two), which leaves a discrete encoding as it
+is and keeps the prediction differentiable.
+
+``fit_latency_model`` samples architectures of both kinds, builds each one's
+evaluation network (``fastnas.train.build_network``, the network ``fastnas
+train`` trains on that dataset), measures its median latency on the device
+after a warm-up, fits the regressor on most of each kind and reports its mean
+relative error on the rest of each kind. The file it writes loads with
 ``torch.load(weights_only=True)``; ``LatencyModel.load`` checks it and raises a
 one-line ``LatencyModelError`` for a missing, corrupt or foreign file.
 """
@@ -41,13 +52,24 @@ SPACES = ("darts",)
 # (classes, image channels) of each dataset's evaluation network; ImageNet folders
 # vary in classes, so the ImageNet classifier is measured at ImageNet's 1000.
 DATASET_INPUTS = {"digits": (10, 3), "cifar10": (10, 3), "cifar100": (100, 3), "imagenet": (1000, 3)}
-HIDDEN = (128, 128)
+# No hidden layer: on the digits network's 400 measured architectures (200 of each kind)
+# a linear map of the derived operation counts held out 6% error, a 2x128 MLP 9-10%;
+# latency is close to a sum over the operations run, and the MLP overfits.
+HIDDEN = ()
 HELDOUT_FRACTION = 0.2
 # What the measurement of one architecture repeats: a short warm-up, then the median
 # of a few runs; a model is fitted on hundreds of them, so each must be quick.
 WARMUP = 3
 REPEATS = 10
 ROUNDS = 3
+# Standard deviations of the random architecture logits of the relaxed samples: from
+# nearly uniform edges whose derived operation hangs on small differences (a search's
+# early epochs) to nearly one-hot ones (its late epochs).
+RELAXED_SCALES = (0.03, 0.1, 0.3, 1.0, 3.0)
+# Temperature, in log-weight units, of the regressor's soft derivation: differences of
+# a few hundredths between two candidates decide which one the derived genotype keeps.
+DERIVE_TEMPERATURE = 0.01
+KINDS = ("discrete", "relaxed")
 
 
 class LatencyModelError(SearchError):
@@ -88,6 +110,24 @@ def encode_weights(weights: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([weights["normal"].flatten(), weights["reduce"].flatten()])
 
 
+def random_relaxed_weights(generator: torch.Generator, candidates: int, steps: int, scale: float) -> dict:
+    """Softmaxed random logits (normal, N(0, scale^2)) over every candidate of every edge, per cell."""
+    return {
+        cell: torch.softmax(scale * torch.randn(edge_count(steps), candidates, generator=generator), dim=-1)
+        for cell in ("normal", "reduce")
+    }
+
+
+def derive_genotype(weights: dict[str, torch.Tensor], candidates: Sequence[str], steps: int = 4):
+    """The genotype a search derives from relaxed ``weights`` (DARTS' rule, ``parse_cell``)."""
+    from fastnas.spaces.darts import Genotype, parse_cell
+
+    per_edge = [list(candidates)] * edge_count(steps)
+    cells = {cell: parse_cell(weights[cell].tolist(), per_edge, steps) for cell in ("normal", "reduce")}
+    concat = list(range(2, 2 + steps))
+    return Genotype(normal=cells["normal"], normal_concat=concat, reduce=cells["reduce"], reduce_concat=concat)
+
+
 def random_genotype(rng: random.Random, candidates: Sequence[str], steps: int = 4):
     """A genotype drawn uniformly: each node takes two distinct inputs, each edge an operation other than none."""
     from fastnas.spaces.darts import Genotype
@@ -112,8 +152,47 @@ def edge_groups(steps: int) -> torch.Tensor:
     return torch.tensor([0 if j < 2 else 1 for node in range(steps) for j in range(2 + node)])
 
 
+def soft_derive(
+    encoding: torch.Tensor, steps: int, candidates: int, none_index: int | None, temperature: float
+) -> torch.Tensor:
+    """The derived genotype's encoding, softened: (..., 2 * edges * K) -> the same shape.
+
+    DARTS derives a genotype by keeping each node's two strongest incoming edges
+    (an edge's strength: its best weight outside ``none``) with their best
+    candidate. Here each argmax is a softmax of the log-weights at
+    ``temperature``, and an edge is kept in the measure ``sigmoid((s - m) / T)``,
+    ``s`` its log-strength and ``m`` midway between the node's second and third
+    strongest; the rest of its row goes to ``none``. A discrete encoding (one-hot
+    rows, ``none`` on the edges left out) comes back unchanged up to ``exp(-1/T)``.
+    """
+    lead = encoding.shape[:-1]
+    w = encoding.reshape(*lead, 2, edge_count(steps), candidates)
+    log_w = w.clamp_min(1e-12).log()
+    if none_index is not None:
+        not_none = torch.ones(candidates, dtype=torch.bool, device=w.device)
+        not_none[none_index] = False
+        log_w = log_w.masked_fill(~not_none, float("-inf"))
+    choice = torch.softmax(log_w / temperature, dim=-1)
+    strength = log_w.amax(-1)
+    keep, start = [], 0
+    for node in range(steps):
+        s = strength[..., start : start + 2 + node]
+        if node == 0:  # two inputs: both kept
+            keep.append(torch.ones_like(s))
+        else:
+            second, third = s.topk(3, dim=-1).values.unbind(-1)[1:]
+            keep.append(torch.sigmoid((s - ((second + third) / 2).unsqueeze(-1)) / temperature))
+        start += 2 + node
+    keep = torch.cat(keep, dim=-1).unsqueeze(-1)
+    derived = keep * choice
+    if none_index is not None:
+        derived = derived.masked_fill(~not_none, 0.0) + (1.0 - keep) * (~not_none).to(derived.dtype)
+    return derived.flatten(-3)
+
+
 class LatencyRegressor(nn.Module):
-    """A multi-layer perceptron from an architecture encoding to latency in milliseconds.
+    """A regressor from an architecture encoding to latency in milliseconds: linear in the
+    operation counts below, or a multi-layer perceptron of them with ``hidden`` layers.
 
     It reads the encoding ((2 * edges * K,), ``encode_genotype`` or
     ``encode_weights``) through a fixed first layer that counts each operation
@@ -125,11 +204,25 @@ class LatencyRegressor(nn.Module):
     predicted latency of a relaxed architecture stays differentiable. It
     predicts in units of ``scale`` (the mean measured latency), so the same
     initialisation and learning rate serve any device.
+
+    With ``derive_temperature`` it counts the operations of the derived
+    architecture (``soft_derive``; ``none_index``: the column of ``none``, if a
+    candidate) rather than the encoding's own weights: the latency of a relaxed
+    architecture is that of the genotype it derives.
     """
 
-    def __init__(self, steps: int, candidates: int, hidden: Sequence[int] = HIDDEN, scale: float = 1.0):
+    def __init__(
+        self,
+        steps: int,
+        candidates: int,
+        hidden: Sequence[int] = HIDDEN,
+        scale: float = 1.0,
+        derive_temperature: float | None = None,
+        none_index: int | None = None,
+    ):
         super().__init__()
         self.steps, self.candidates = steps, candidates
+        self.derive_temperature, self.none_index = derive_temperature, none_index
         groups = edge_groups(steps)
         self.register_buffer("pool", torch.stack([(groups == g).float() for g in (0, 1)]))  # (2, edges)
         layers, width = [], 4 * candidates
@@ -142,6 +235,8 @@ class LatencyRegressor(nn.Module):
 
     def features(self, encoding: torch.Tensor) -> torch.Tensor:
         """(..., 4K): operation counts per cell and kind of edge."""
+        if self.derive_temperature is not None:
+            encoding = soft_derive(encoding, self.steps, self.candidates, self.none_index, self.derive_temperature)
         lead = encoding.shape[:-1]
         cells = encoding.reshape(*lead, 2, self.pool.shape[1], self.candidates)
         return torch.einsum("ge,...cek->...cgk", self.pool.to(cells.dtype), cells).flatten(-3)
@@ -167,7 +262,11 @@ class LatencyModel:
     clock: str
     heldout_relative_error: float
     samples: int
-    data: dict = field(default_factory=dict)  # the measurements: encodings, latency_ms
+    data: dict = field(default_factory=dict)  # the measurements: encodings, latency_ms, relaxed
+    # Held-out mean relative error per kind of encoding ("discrete", "relaxed"), and the
+    # relaxed architectures measured (0 in models fitted on discrete ones only).
+    heldout_errors: dict = field(default_factory=dict)
+    relaxed_samples: int = 0
 
     def predict(self, encoding: torch.Tensor) -> torch.Tensor:
         return self.regressor(encoding.to(self.regressor.scale.device, torch.float32))
@@ -201,7 +300,10 @@ class LatencyModel:
             "threads": self.threads,
             "clock": self.clock,
             "heldout_relative_error": self.heldout_relative_error,
+            "heldout_errors": {k: float(v) for k, v in self.heldout_errors.items()},
             "samples": self.samples,
+            "relaxed_samples": self.relaxed_samples,
+            "derive_temperature": self.regressor.derive_temperature,
             "hidden": [m.out_features for m in self.regressor.mlp if isinstance(m, nn.Linear)][:-1],
             "regressor": {k: v.detach().cpu() for k, v in self.regressor.state_dict().items()},
             "data": {k: v.cpu() for k, v in self.data.items()},
@@ -231,7 +333,15 @@ class LatencyModel:
             )
         try:
             steps, candidates = int(state["steps"]), list(state["candidates"])
-            regressor = LatencyRegressor(steps, len(candidates), list(state["hidden"]))
+            # Models fitted before the relaxed training count the encoding's own weights.
+            temperature = state.get("derive_temperature")
+            regressor = LatencyRegressor(
+                steps,
+                len(candidates),
+                list(state["hidden"]),
+                derive_temperature=None if temperature is None else float(temperature),
+                none_index=candidates.index("none") if "none" in candidates else None,
+            )
             regressor.load_state_dict(state["regressor"])
             model = cls(
                 regressor=regressor.to(device).eval(),
@@ -247,6 +357,8 @@ class LatencyModel:
                 heldout_relative_error=float(state["heldout_relative_error"]),
                 samples=int(state["samples"]),
                 data=dict(state.get("data", {})),
+                heldout_errors={str(k): float(v) for k, v in dict(state.get("heldout_errors", {})).items()},
+                relaxed_samples=int(state.get("relaxed_samples", 0)),
             )
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
             raise LatencyModelError(
@@ -278,23 +390,36 @@ def fit_regressor(
     hidden: Sequence[int] = HIDDEN,
     heldout_fraction: float = HELDOUT_FRACTION,
     iterations: int = 3000,
+    strata: torch.Tensor | None = None,
+    derive_temperature: float | None = None,
+    none_index: int | None = None,
 ) -> tuple[LatencyRegressor, float, torch.Tensor]:
     """Fit a regressor on all but a held-out ``heldout_fraction`` of the measurements.
 
-    Minimises the mean squared relative error, full batch, Adam. Returns the
-    regressor, its mean relative error ``|pred - y| / y`` on the held-out
-    architectures, and their indices.
+    Minimises the mean squared relative error, full batch, Adam. ``strata``
+    ((n,) integer labels, e.g. discrete / relaxed) holds out that fraction of
+    each stratum; ``derive_temperature`` and ``none_index`` go to the
+    ``LatencyRegressor``. Returns the regressor, its mean relative error
+    ``|pred - y| / y`` on the held-out architectures, and their indices.
     """
     n = len(latency_ms)
     if n < 5:
         raise LatencyModelError(f"{n} measured architectures are too few to fit and check a latency model; use >= 5")
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(n, generator=g)
-    held = max(1, int(round(n * heldout_fraction)))
-    test, train = order[:held], order[held:]
+    strata = torch.zeros(n, dtype=torch.long) if strata is None else torch.as_tensor(strata).long()
+    test, train = [], []
+    for label in strata.unique().tolist():
+        members = torch.nonzero(strata == label).flatten()
+        members = members[torch.randperm(len(members), generator=g)]
+        held = max(1, int(round(len(members) * heldout_fraction)))
+        test.append(members[:held])
+        train.append(members[held:])
+    test, train = torch.cat(test), torch.cat(train)
     x, y = encodings.float(), latency_ms.float()
     torch.manual_seed(seed)
-    regressor = LatencyRegressor(steps, candidates, hidden, scale=float(y[train].mean()))
+    regressor = LatencyRegressor(
+        steps, candidates, hidden, float(y[train].mean()), derive_temperature=derive_temperature, none_index=none_index
+    )
     opt = torch.optim.Adam(regressor.parameters(), lr=3e-3, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations)
     with torch.enable_grad():
@@ -305,9 +430,16 @@ def fit_regressor(
             opt.step()
             sched.step()
     regressor.eval()
+    return regressor, relative_error(regressor, x[test], y[test]), test
+
+
+def relative_error(regressor: LatencyRegressor, encodings: torch.Tensor, latency_ms: torch.Tensor) -> float:
+    """Mean ``|predicted - measured| / measured`` over the rows given (NaN for none)."""
+    if len(latency_ms) == 0:
+        return float("nan")
     with torch.no_grad():
-        error = float(((regressor(x[test]) - y[test]).abs() / y[test]).mean())
-    return regressor, error, test
+        y = latency_ms.float()
+        return float(((regressor(encodings.float()) - y).abs() / y).mean())
 
 
 def measure_architectures(
@@ -378,8 +510,15 @@ def fit_latency_model(
     iterations: int = 3000,
     clock: str = "wall",
     rounds: int = ROUNDS,
+    relaxed_samples: int | None = None,
 ) -> LatencyModel:
-    """Sample ``samples`` architectures, measure them on ``device``, fit and check the regressor."""
+    """Measure architectures of both kinds on ``device``, fit and check the regressor.
+
+    ``samples`` discrete architectures drawn uniformly and ``relaxed_samples``
+    (default: as many) relaxed ones, softmaxes of random logits at the scales
+    ``RELAXED_SCALES`` in turn, each measured as the genotype it derives. The
+    model's ``heldout_errors`` give the held-out error of each kind.
+    """
     from fastnas.spaces.darts import DARTS_PRIMITIVES
 
     if space not in SPACES:
@@ -387,13 +526,22 @@ def fit_latency_model(
     if dataset not in DATASET_INPUTS:
         raise LatencyModelError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASET_INPUTS)}")
     candidates = list(candidates or DARTS_PRIMITIVES)
+    relaxed_samples = samples if relaxed_samples is None else relaxed_samples
+    if relaxed_samples < 0:
+        raise LatencyModelError(f"--relaxed-samples must be >= 0, got {relaxed_samples}")
     rng = random.Random(seed)
     genotypes = [random_genotype(rng, candidates, steps) for _ in range(samples)]
+    encodings = [encode_genotype(g, candidates, steps) for g in genotypes]
+    generator = torch.Generator().manual_seed(seed)
+    for i in range(relaxed_samples):
+        weights = random_relaxed_weights(generator, len(candidates), steps, RELAXED_SCALES[i % len(RELAXED_SCALES)])
+        genotypes.append(derive_genotype(weights, candidates, steps))
+        encodings.append(encode_weights(weights))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=samples * rounds, desc="measuring", unit="arch", dynamic_ncols=True)
+        bar = tqdm(total=len(genotypes) * rounds, desc="measuring", unit="arch", dynamic_ncols=True)
     try:
         latencies, settings = measure_architectures(
             genotypes,
@@ -411,11 +559,20 @@ def fit_latency_model(
     finally:
         if bar is not None:
             bar.close()
-    encodings = torch.stack([encode_genotype(g, candidates, steps) for g in genotypes])
+    encodings = torch.stack(encodings)
+    relaxed = torch.arange(len(genotypes)) >= samples
     y = torch.tensor(latencies, dtype=torch.float64)
     if not torch.isfinite(y).all() or (y <= 0).any():
         raise LatencyModelError("a measured latency is not a positive number; measure again")
-    regressor, error, _ = fit_regressor(encodings, y, len(candidates), steps, seed, iterations=iterations)
+    regressor, error, test = fit_regressor(
+        encodings, y, len(candidates), steps, seed, iterations=iterations, strata=relaxed,
+        derive_temperature=DERIVE_TEMPERATURE, none_index=candidates.index("none") if "none" in candidates else None,
+    )  # fmt: skip
+    errors = {}
+    for kind, member in zip(KINDS, (~relaxed, relaxed)):
+        rows = test[member[test]]
+        if len(rows):
+            errors[kind] = relative_error(regressor, encodings[rows], y[rows])
     device = torch.device(device)
     return LatencyModel(
         regressor=regressor,
@@ -430,19 +587,25 @@ def fit_latency_model(
         clock=clock,
         heldout_relative_error=error,
         samples=samples,
-        data={"encodings": encodings, "latency_ms": y},
+        data={"encodings": encodings, "latency_ms": y, "relaxed": relaxed},
+        heldout_errors=errors,
+        relaxed_samples=relaxed_samples,
     )
 
 
 def describe(model: LatencyModel) -> str:
     net = model.network
+    relaxed = f" and {model.relaxed_samples} relaxed ones" if model.relaxed_samples else ""
+    per_kind = ", ".join(
+        f"{kind} {100 * model.heldout_errors[kind]:.1f}%" for kind in KINDS if kind in model.heldout_errors
+    )
     threads = f", {model.threads} CPU thread{'s' if model.threads > 1 else ''}" if model.threads else ""
     clock = ", CPU-time clock" if model.clock == "cpu" else ""
     return (
         f"latency model of the {model.space} space's {model.dataset} network (C={net.get('init_channels')}, "
         f"{net.get('layers')} cells, {net.get('image_size')}x{net.get('image_size')}, batch {model.batch_size}) on "
-        f"{model.device}{threads}{clock}: {model.samples} architectures, held-out mean relative error "
-        f"{100 * model.heldout_relative_error:.1f}%"
+        f"{model.device}{threads}{clock}: {model.samples} architectures{relaxed}, held-out mean relative error "
+        f"{100 * model.heldout_relative_error:.1f}%" + (f" ({per_kind})" if per_kind else "")
     )
 
 
@@ -451,9 +614,13 @@ __all__ = [
     "LatencyModelError",
     "LatencyRegressor",
     "encode_genotype",
+    "derive_genotype",
     "encode_weights",
     "file_digest",
     "fit_latency_model",
     "fit_regressor",
     "random_genotype",
+    "random_relaxed_weights",
+    "relative_error",
+    "soft_derive",
 ]
