@@ -20,7 +20,11 @@ EXIT_INTERRUPTED = 130
 SEARCH_DESCRIPTION = """\
 Run a DARTS-family architecture search and write, to the output folder,
 genotype.json (the found cells), cells.png (a picture of them), log.jsonl (one
-JSON line per epoch) and checkpoint.pt (written atomically after every epoch).
+JSON line per epoch) and checkpoint.pt (written atomically after every epoch),
+and, redrawn after every epoch, arch_weights.png (every edge's architecture
+weights over the epochs) and curves.png (loss and accuracy); fastnas plot
+RUN_DIR draws these two again. --tensorboard DIR also writes the epochs'
+scalars as TensorBoard event files.
 
 On --dataset digits (the default, bundled, nothing to download) the network
 and the run are small: the 8x8 images, 8 initial channels, 5 cells, 3 epochs,
@@ -676,12 +680,12 @@ def _run_search(args: argparse.Namespace) -> int:
         )
     result = searcher.run()
     if _is_main_process() and not cfg.search_method.trains_architecture:
-        print(f"wrote {out}/checkpoint.pt (the trained supernet) and log.jsonl")
+        print(f"wrote {out}/checkpoint.pt (the trained supernet), log.jsonl and curves.png")
         print(f"search it: fastnas select {shlex.quote(out)}")
         return 0
     if _is_main_process():
         print(f"genotype: {result.genotype}")
-        print(f"wrote {out}/genotype.json, cells.png, log.jsonl, checkpoint.pt")
+        print(f"wrote {out}/genotype.json, cells.png, arch_weights.png, curves.png, log.jsonl, checkpoint.pt")
         print(f"train it from scratch: {_train_command(out, cfg.device, searcher.dist.world_size)}")
     return 0
 
