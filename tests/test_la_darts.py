@@ -155,7 +155,7 @@ def test_relaxed_training_predicts_the_derived_latency():
             x.append(encode_weights(weights))
         y.append(expected_ms(genotype))
     relaxed = torch.arange(300) >= 150
-    kw = dict(iterations=800, strata=relaxed)
+    kw = dict(iterations=400, strata=relaxed)
     regressor, _, held = fit_regressor(torch.stack(x), torch.tensor(y), 8, **kw, derive_temperature=0.01, none_index=0)
     held_relaxed = held[relaxed[held]]
     assert len(held_relaxed) == 30
