@@ -97,6 +97,8 @@ class Section:
     legend: list[tuple[str, tuple[int, int, int], int]] = field(default_factory=list)
     panel_size: tuple[int, int] = PANEL_SIZE
     subtitle: str = ""
+    axis_left: int = AXIS_LEFT  # room for the tick labels left of each plotting area
+    x_label: str = ""  # under each panel's tick labels
 
     @property
     def panels(self) -> list[Panel]:
@@ -234,7 +236,7 @@ def curve_figure(history: Sequence[dict]) -> list[Section]:
             legend[line.name] = (line.name, line.colour, 2)
         rows.append([Panel("architecture entropy (nats)", lines, None, x_range, "nats")])
     subtitle = "per epoch; search val: the architecture step's validation batches; val: the validation half, eval mode"
-    return [Section("search curves", rows, list(legend.values()), CURVE_PANEL_SIZE, subtitle)]
+    return [Section("search curves", rows, list(legend.values()), CURVE_PANEL_SIZE, subtitle, 72, "epoch")]
 
 
 def _number(value) -> float:
@@ -257,7 +259,9 @@ def _nice_ticks(lo: float, hi: float, count: int = 4) -> list[float]:
             step *= m
             break
     first = math.ceil(lo / step - 1e-9) * step
-    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+    ticks = [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+    # A range just around one round number would get a single tick: take finer ones.
+    return ticks if len(ticks) >= 2 or count > 16 else _nice_ticks(lo, hi, 2 * count)
 
 
 def _fmt(value: float, step: float) -> str:
@@ -279,9 +283,10 @@ def _y_range(panel: Panel) -> tuple[float, float]:
     return (min(0.0, lo) if lo >= 0 and lo < pad else lo - pad, hi + pad)
 
 
-def _draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[float, float], size: tuple[int, int], panel: Panel) -> None:
+def _draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[float, float], section: Section, panel: Panel) -> None:
     font, title_font = _font(FONT_SIZE), _font(FONT_SIZE + 1)
-    x0, y0 = origin[0] + AXIS_LEFT, origin[1] + PANEL_TITLE
+    size = section.panel_size
+    x0, y0 = origin[0] + section.axis_left, origin[1] + PANEL_TITLE
     w, h = size
     draw.text((x0 + w / 2, origin[1] + PANEL_TITLE / 2), panel.title, fill="black", font=title_font, anchor="mm")
     (xl, xh), (yl, yh) = panel.x_range, _y_range(panel)
@@ -302,8 +307,8 @@ def _draw_panel(draw: ImageDraw.ImageDraw, origin: tuple[float, float], size: tu
         px, _ = to_px(t, yl)
         draw.line([(px, y0 + h), (px, y0 + h + 3)], fill=_AXIS)
         draw.text((px, y0 + h + 5), _fmt(t, 1.0), fill=_AXIS, font=font, anchor="mt")
-    if w > 300:
-        draw.text((x0 + w, y0 + h + 5), "epoch", fill=_AXIS, font=font, anchor="rt")
+    if section.x_label:
+        draw.text((x0 + w / 2, y0 + h + AXIS_BOTTOM + 2), section.x_label, fill=_AXIS, font=font, anchor="mt")
     draw.rectangle([x0, y0, x0 + w, y0 + h], outline=_AXIS)
     # Thin lines first, so that a thick one (skip_connect) stays on top.
     for line in sorted(panel.lines, key=lambda line: line.width):
@@ -342,7 +347,8 @@ def render(sections: Sequence[Section]) -> Image.Image:
     """Draw ``sections`` one under the other: title, legend, then the panels row by row."""
     font, title_font = _font(FONT_SIZE), _font(TITLE_SIZE)
     line_h = _text_size(font, "Mg")[1] + 8
-    cell_sizes = [(s.panel_size[0] + AXIS_LEFT + PANEL_GAP, s.panel_size[1] + PANEL_TITLE + AXIS_BOTTOM + PANEL_GAP)
+    cell_sizes = [(s.panel_size[0] + s.axis_left + PANEL_GAP,
+                   s.panel_size[1] + PANEL_TITLE + AXIS_BOTTOM + (line_h if s.x_label else 0) + PANEL_GAP)
                   for s in sections]  # fmt: skip
     widths = [max(len(row) for row in s.rows) * cw for s, (cw, _) in zip(sections, cell_sizes)]
     width = int(max(widths, default=200) + 2 * MARGIN)
@@ -369,7 +375,7 @@ def render(sections: Sequence[Section]) -> Image.Image:
         py = ly + 6
         for row in section.rows:
             for i, panel in enumerate(row):
-                _draw_panel(draw, (MARGIN + i * cw, py), section.panel_size, panel)
+                _draw_panel(draw, (MARGIN + i * cw, py), section, panel)
             py += ch
         y += height
     return img
