@@ -42,9 +42,10 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-def synthetic_model() -> LatencyModel:
-    """A linear regressor whose latency is BASE_MS plus the COST of every operation."""
-    regressor = LatencyRegressor(4, 8, hidden=())
+def synthetic_model(derive_temperature=None) -> LatencyModel:
+    """A linear regressor whose latency is BASE_MS plus the COST of every operation (of the
+    derived architecture, with ``derive_temperature``)."""
+    regressor = LatencyRegressor(4, 8, hidden=(), derive_temperature=derive_temperature, none_index=0)
     with torch.no_grad():
         regressor.mlp[0].weight.copy_(torch.tensor([COST[c] for c in DARTS_PRIMITIVES]).repeat(4)[None])
         regressor.mlp[0].bias.fill_(BASE_MS)
@@ -212,7 +213,10 @@ def test_latency_model_files_fail_clearly(tmp_path, model_file, capsys):
 # --- the search ------------------------------------------------------------------------------
 
 
-def test_latency_term_steers_the_architecture(model_file):
+@pytest.mark.parametrize("derive_temperature", [None, DERIVE_TEMPERATURE])
+def test_latency_term_steers_the_architecture(tmp_path, derive_temperature):
+    model_file = str(tmp_path / "latency.pt")
+    synthetic_model(derive_temperature).save(model_file)
     kw = dict(latency_model=model_file, epochs=2, arch_lr=0.05)
     free, free_net = run(tiny_config("la-darts", latency_weight=0.0, **kw))
     steered, steered_net = run(tiny_config("la-darts", latency_weight=1.0, **kw))
