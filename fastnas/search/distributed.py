@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -50,6 +53,23 @@ class DistributedContext:
             values = summed.to(values.device)
         return values
 
+    def check_same(self, what: str, value: str) -> None:
+        """Raise SearchError on every rank unless all ranks hold the same ``value`` (a short
+        string, such as a hash); ``what`` names it in the message."""
+        if not self.enabled:
+            return
+        seen = [None] * self.world_size
+        dist.all_gather_object(seen, (socket.gethostname(), value))
+        odd = [r for r, (_host, v) in enumerate(seen) if v != seen[0][1]]
+        if odd:
+            from fastnas.search.errors import SearchError
+
+            where = ", ".join(f"rank {r} on {seen[r][0]}" for r in odd)
+            raise SearchError(
+                f"{what} differs between the processes: {where} against rank 0 on {seen[0][0]}; "
+                "every node needs the same data at --data (and the same --fraction and --seed)"
+            )
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -81,3 +101,29 @@ def setup(device: str) -> DistributedContext:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         ctx.initialized_here = True
     return ctx
+
+
+def data_fingerprint(dataset, *index_lists) -> str:
+    """A hash of what a search reads: the images (an image folder's files by class folder and
+    name, in-memory images by their bytes), the labels and ``index_lists`` (the split).
+
+    Every rank loads the data and draws the split itself; on several nodes a different copy
+    of the data, or another fraction of it, would otherwise go unnoticed.
+    """
+    h = hashlib.sha256(str(len(dataset)).encode())
+    for idx in index_lists:
+        h.update(b"|" + np.asarray(idx, dtype=np.int64).tobytes())
+    samples = getattr(dataset, "samples", None)
+    if samples is not None:
+        # The folder's own path may differ between nodes; what it holds may not.
+        names = (f"{os.path.basename(os.path.dirname(p))}/{os.path.basename(p)}:{y}" for p, y in samples)
+        h.update("\n".join(names).encode())
+        return h.hexdigest()
+    tensors = list(getattr(dataset, "tensors", ())) + [getattr(dataset, "images", None)]
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()

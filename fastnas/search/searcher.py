@@ -28,7 +28,7 @@ from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
 from fastnas.search.data import epoch_loader, split_indices
-from fastnas.search.distributed import DistributedContext, setup
+from fastnas.search.distributed import DistributedContext, data_fingerprint, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.plots import compact_labels, write_search_plots
 from fastnas.search.scalars import ScalarWriter
@@ -195,6 +195,9 @@ class Searcher:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         self.train_idx, self.val_idx = split_indices(len(train_set), cfg.train_portion, cfg.seed)
+        if dist.enabled:
+            # Each rank (on several nodes, each node) loads the data and draws the split itself.
+            dist.check_same("the search data", data_fingerprint(train_set, self.train_idx, self.val_idx))
         self.train_set, self.info = train_set, info
 
         stages = cfg.stages()
