@@ -869,6 +869,17 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _reports_errors() -> bool:
+    """Whether this process prints why the command stopped: the first process of each node
+    under torchrun, so that every node's console says it, and on one node rank 0 alone."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _rank_note() -> str:
+    """Names the rank, as " (rank N)", on every process but rank 0's."""
+    return "" if _is_main_process() else f" (rank {os.environ['RANK']})"
+
+
 def _bench_step(argv: list[str]) -> int:
     try:
         from fastnas.bench import add_bench_step_args, run_bench_step
@@ -925,13 +936,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except errors as exc:
-        if _is_main_process():
-            print(f"fastnas {args.command}: error: {exc}", file=sys.stderr)
+        if _reports_errors():
+            print(f"fastnas {args.command}: error{_rank_note()}: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        if _is_main_process():
+        if _reports_errors():
             print(
-                f"\nfastnas {args.command}: interrupted; the last completed epoch's checkpoint is kept, "
+                f"\nfastnas {args.command}: interrupted{_rank_note()}; the last completed epoch's checkpoint is kept, "
                 "continue with --resume <output folder>",
                 file=sys.stderr,
             )

@@ -267,3 +267,20 @@ def test_every_rank_reads_the_same_subset_split_and_order(tmp_path):
     assert all(len(o) >= 2 and o[0] != o[-1] for o in orders.values())
     # Both ranks refuse a value they disagree on, each naming rank 1.
     assert all("rank 1 on" in s["refused"] for s in seen)
+
+
+def test_a_node_without_the_checkpoint_says_so_on_its_console(tmp_path, monkeypatch, capsys):
+    from fastnas.cli import EXIT_ERROR, main
+
+    # The first process of a second node, as torchrun describes it.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["search", "--resume", str(tmp_path / "run"), "--no-progress"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "error (rank 1): no checkpoint at" in err and "copy rank 0's folder to the same path on every node" in err
+    # Its other processes stay silent, as rank 0's do on one node.
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert main(["search", "--resume", str(tmp_path / "run"), "--no-progress"]) == EXIT_ERROR
+    assert capsys.readouterr().err == ""

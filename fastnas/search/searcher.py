@@ -130,7 +130,16 @@ class Searcher:
         ``overrides`` may change how the search runs (device, workers, backend)
         but not what it computes; a conflicting setting raises CheckpointError.
         """
-        state = ckpt.load_checkpoint(out_dir)
+        try:
+            state = ckpt.load_checkpoint(out_dir)
+        except CheckpointError as exc:
+            missing = not (os.path.isfile(out_dir) or os.path.isfile(os.path.join(out_dir, ckpt.CHECKPOINT_NAME)))
+            if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise CheckpointError(
+                    f"{exc}; under torchrun every process reads the checkpoint: on several nodes give --resume "
+                    "a folder they share, or copy rank 0's folder to the same path on every node"
+                ) from None
+            raise
         try:
             config = SearchConfig.from_dict(state["config"])
         except (KeyError, TypeError) as exc:
