@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None, help="weight learning rate")
     s.add_argument("--arch-lr", type=float, default=None, help="architecture learning rate")
     s.add_argument(
+        "--lr-warmup-epochs",
+        type=int,
+        default=None,
+        help="epochs of a linear warm-up of --lr before its cosine schedule (PC-DARTS on ImageNet: 5)",
+    )
+    s.add_argument(
         "--warmup-epochs",
         type=int,
         default=None,
@@ -291,7 +297,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--constraint-min", type=float, default=None, help="lower end of the --constraint range")
     s.add_argument("--constraint-max", type=float, default=None, help="upper end of the --constraint range")
-    s.add_argument("--workers", type=int, default=None, help="data-loader worker processes (default: 0)")
+    s.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="data-loader worker processes per process (default: 0 for digits and CIFAR, held in memory; "
+        "for an image folder the cores less one, at most 12)",
+    )
+    s.add_argument(
+        "--decode",
+        choices=("cpu", "cuda", "dali"),
+        default=None,
+        help="who decodes an image folder's JPEGs: cpu (Pillow in the workers; default), cuda "
+        "(torchvision.io.decode_jpeg on the GPU) or dali (NVIDIA DALI, if installed)",
+    )
     s.add_argument(
         "--threads",
         type=_positive_int,
@@ -629,6 +648,7 @@ _CONFIG_OPTIONS = {
     "constraint_max": "constraint_max", "amend_coefficient": "amend_coefficient", "latency_model": "latency_model",
     "latency_weight": "latency_weight", "activations": "activations", "gdas_form": "gdas_form",
     "arch_grad_clip": "arch_grad_clip", "label_smoothing": "label_smoothing", "skip_drop": "skip_drop",
+    "lr_warmup_epochs": "lr_warmup_epochs", "decode": "decode",
 }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ normalised value of a black pixel is ``-mean / std``.
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 from collections.abc import Sequence
@@ -80,11 +81,24 @@ class FloatImageDataset(Dataset):
 class ImageFolderDataset(Dataset):
     """Files decoded with Pillow on access: shorter side resized to ``image_size / 0.875``, centre crop.
 
+    Indexed by ``(i, key)`` instead of ``i`` (the search's samplers do so, see
+    ``takes_sample_keys``), an image gets a random resized crop and horizontal flip chosen by
+    ``key`` (``fastnas.data.pipeline.random_crop_box``), resized to ``image_size``: the same
+    augmentation for the same key, in any worker.
+
     With ``transform`` set, the decoded image (uint8 CHW tensor, whole) goes
     through it instead of the resize and crop, before normalisation: training
     augmentation that works on pixels, such as random resized crops and colour
     jitter. It must return ``image_size`` x ``image_size``.
+
+    ``encoded()`` gives a view for decoding on the GPU (``fastnas.data.pipeline``): items are
+    ``(file bytes, crop box, label, path)``, the crop chosen from the file's header alone.
+
+    A file that cannot be decoded raises DatasetError naming it: a search stops rather than
+    train on a silently smaller set.
     """
+
+    takes_sample_keys = True
 
     def __init__(self, samples: list[tuple[Path, int]], image_size: int, mean, std, transform=None):
         self.samples = samples
@@ -93,20 +107,46 @@ class ImageFolderDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
         self.transform = transform
+        self.is_encoded = False
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def encoded(self) -> ImageFolderDataset:
+        """The same images, each read as its encoded bytes and a crop box (GPU decoding)."""
+        view = copy.copy(self)
+        view.is_encoded = True
+        return view
+
+    def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
+        from fastnas.data.pipeline import centre_crop_box, random_crop_box
+
+        i, key = item if isinstance(item, tuple) else (item, None)
         path, label = self.samples[i]
         try:
             with Image.open(path) as im:
+                box = random_crop_box(*im.size, key) if key is not None else None
+                if self.is_encoded:
+                    box = box or centre_crop_box(*im.size)
+                    if im.format == "JPEG":
+                        data = torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
+                    else:
+                        data = torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+                    return data, (*box[:4], int(box[4])), label, str(path)
                 im = im.convert("RGB")
                 if self.transform is not None:
                     whole = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1)
                     x = self.transform(whole).float().div_(255.0)
+                    return (x - self.mean) / self.std, label
+                if box is not None:
+                    left, top, w, h, flip = box
+                    size = (self.image_size, self.image_size)
+                    im = im.resize(size, Image.BILINEAR, box=(left, top, left + w, top + h))
+                    if flip:
+                        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+                    x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
                     return (x - self.mean) / self.std, label
                 w, h = im.size
                 short = max(self.image_size, round(self.image_size / 0.875))

@@ -31,6 +31,7 @@ RESUME_FIELDS = (
     "batch_size",
     "lr",
     "lr_min",
+    "lr_warmup_epochs",
     "momentum",
     "weight_decay",
     "arch_lr",
@@ -93,6 +94,9 @@ class SearchConfig:
     batch_size: int = 64
     lr: float = 0.025
     lr_min: float = 0.001
+    # Epochs of a linear learning-rate warm-up (lr * (e + 1) / n) before the cosine schedule
+    # takes over (PC-DARTS on ImageNet, methods/pc_darts.py).
+    lr_warmup_epochs: int = 0
     momentum: float = 0.9
     weight_decay: float = 3e-4
     arch_lr: float = 3e-4
@@ -130,7 +134,12 @@ class SearchConfig:
     cuda_graph: bool | None = None
     backend: str | None = None
     device: str = "cpu"
-    workers: int = 0
+    # Data-loader worker processes per rank; None: fastnas.search.data.default_workers (0 for
+    # data held in memory, most of the cores for an image folder).
+    workers: int | None = None
+    # Who decodes an image folder's JPEGs (fastnas.data.pipeline.DECODERS): cpu (Pillow, in the
+    # workers), cuda (torchvision.io.decode_jpeg on the GPU) or dali (NVIDIA DALI).
+    decode: str = "cpu"
     world_size: int = 1
     primitives: tuple | None = None
     # Single-path and one-shot supernets (spos, fairnas, oneshot; fastnas.search.methods.single_path).
@@ -201,6 +210,16 @@ class SearchConfig:
                 )
         if not 0.0 < self.train_portion < 1.0:
             raise SearchError(f"--train-portion must be between 0 and 1, got {self.train_portion}")
+        if not 0 <= self.lr_warmup_epochs <= self.epochs:
+            raise SearchError(f"--lr-warmup-epochs must be between 0 and --epochs, got {self.lr_warmup_epochs}")
+        if self.workers is not None and self.workers < 0:
+            raise SearchError(f"--workers must be 0 or more, got {self.workers}")
+        from fastnas.data.pipeline import check_decode
+
+        try:
+            check_decode(self.decode, self.dataset, self.device)
+        except ValueError as exc:
+            raise SearchError(str(exc)) from None
         self.search_method.validate(self)
         get_space(self.space).validate_search(self)
         if self.epochs < 1:

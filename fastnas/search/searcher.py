@@ -27,7 +27,7 @@ from fastnas.search import cuda_graph
 from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
-from fastnas.search.data import epoch_loader, split_indices
+from fastnas.search.data import SearchLoader, default_workers, search_split
 from fastnas.search.distributed import DistributedContext, data_fingerprint, setup
 from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.plots import compact_labels, write_search_plots
@@ -67,6 +67,21 @@ def _entropy(net: nn.Module) -> dict:
         if w.dim() == 2:
             out[name] = float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean())
     return out
+
+
+class _WarmupCosine:
+    """The learning-rate factor of PC-DARTS' ImageNet schedule (train_search_imagenet.py):
+    ``(e + 1) / warmup`` for the first ``warmup`` epochs, then the cosine from 1 to
+    ``floor`` over all ``epochs``, which the warm-up overrode. A class, so LambdaLR's state
+    holds it as plain numbers."""
+
+    def __init__(self, warmup: int, epochs: int, floor: float):
+        self.warmup, self.epochs, self.floor = warmup, epochs, floor
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return (epoch + 1) / self.warmup
+        return self.floor + (1 - self.floor) * (1 + math.cos(math.pi * epoch / self.epochs)) / 2
 
 
 def _memory_mib(device: torch.device) -> float:
@@ -122,6 +137,9 @@ class Searcher:
         # Whether the step is captured as a CUDA graph, decided when the run starts.
         self.cuda_graph = False
         self.scalars = ScalarWriter(config.tensorboard) if config.tensorboard else None
+        # The run's data loaders (SearchLoader), kept across epochs so that their workers persist.
+        self._loaders: dict = {}
+        self._data_wait = 0.0
 
     @classmethod
     def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
@@ -203,7 +221,7 @@ class Searcher:
         if dist.device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        self.train_idx, self.val_idx = split_indices(len(train_set), cfg.train_portion, cfg.seed)
+        self.train_idx, self.val_idx = search_split(train_set, cfg)
         if dist.enabled:
             # Each rank (on several nodes, each node) loads the data and draws the split itself.
             dist.check_same("the search data", data_fingerprint(train_set, self.train_idx, self.val_idx))
@@ -273,6 +291,10 @@ class Searcher:
             capturable=self.cuda_graph,
         )
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(w_opt, T_max=stage["epochs"], eta_min=cfg.lr_min)
+        if cfg.lr_warmup_epochs:
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                w_opt, _WarmupCosine(cfg.lr_warmup_epochs, stage["epochs"], cfg.lr_min / cfg.lr if cfg.lr else 0.0)
+            )
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
         return {
             "w_opt": w_opt,
@@ -345,30 +367,36 @@ class Searcher:
         self._print_epoch(record)
         return record
 
-    def _epoch_loaders(self, global_epoch):
-        """This epoch's loaders of the weights' and the architecture's halves of the split."""
+    def _loader(self, idx, salt: int, augment: bool) -> SearchLoader:
+        """A half of the split for this rank, built once per run (its workers persist)."""
         cfg, dist = self.config, self.dist
-        per_rank = cfg.batch_size // dist.world_size
-        loaders = [
-            epoch_loader(
-                self.train_set,
-                idx,
-                per_rank,
-                cfg.seed + salt,
-                global_epoch,
-                dist.rank,
-                dist.world_size,
-                cfg.workers,
-                dist.device.type == "cuda",
+        key = (salt, augment)
+        if key not in self._loaders:
+            workers = cfg.workers if cfg.workers is not None else default_workers(cfg.dataset, dist.world_size)
+            self._loaders[key] = SearchLoader(
+                self.train_set, idx, cfg.batch_size // dist.world_size, cfg.seed + salt, dist.rank, dist.world_size,
+                workers, dist.device.type == "cuda", augment, cfg.decode, dist.device,
             )  # fmt: skip
-            for salt, idx in ((0, self.train_idx), (1, self.val_idx))[: 2 if self.method.uses_validation_batches else 1]
-        ]
+        return self._loaders[key]
+
+    def _epoch_loaders(self, global_epoch):
+        """This epoch's batches of the weights' and the architecture's halves of the split, as
+        ``(steps, iterators)``: one pass over the weights' half, the architecture's half cycling
+        where it is shorter (PC-DARTS' ImageNet subsets, 10% and 2.5%), as DARTS' and PC-DARTS'
+        code draw it, so that an epoch is one pass over the weights' half."""
+        halves = ((0, self.train_idx), (1, self.val_idx))[: 2 if self.method.uses_validation_batches else 1]
+        loaders = [self._loader(idx, salt, augment=True) for salt, idx in halves]
         if min(len(loader) for loader in loaders) == 0:
             raise SearchError(
-                f"the {len(self.train_idx)}-image search split is smaller than one batch of {per_rank}; "
-                "use a smaller --batch-size"
+                f"the search split's halves ({len(self.train_idx)} and {len(self.val_idx)} images) "
+                f"must each hold a batch of {loaders[0].batch_size}; use a smaller --batch-size"
             )
-        return loaders
+        iterators = [loaders[0].batches(global_epoch)]
+        if len(loaders) > 1:
+            arch = loaders[1]
+            iterators.append(arch.cycle(global_epoch) if len(arch) < len(loaders[0]) else arch.batches(global_epoch))
+        # The weights' half sets the epoch's length: the architecture's is as long or cycles.
+        return len(loaders[0]), iterators
 
     def _step_runner(self, model, net, parts, train_arch, lr):
         """``run(xt, yt, xv, yv) -> tensor [train loss, train correct, val loss, val correct]``:
@@ -381,13 +409,23 @@ class Searcher:
         return lambda *batch: step(*(None if t is None else t.to(device, non_blocking=True) for t in batch))
 
     def _train_steps(self, run_step, loaders, net, train_arch, global_epoch):
-        """Run every step of the epoch; returns (per-rank totals, seconds, images)."""
+        """Run every step of the epoch; returns (per-rank totals, seconds, images). ``loaders``:
+        ``(steps, iterators)`` of ``_epoch_loaders``. Sets ``_data_wait``, the seconds spent
+        waiting for batches."""
+        steps, iterators = loaders
         totals = torch.zeros(6, dtype=torch.float64)  # train loss, correct, n; arch-val loss, correct, n
-        bar = self._progress(min(len(loader) for loader in loaders), global_epoch)
+        bar = self._progress(steps, global_epoch)
         start = time.perf_counter()
         images = 0
+        self._data_wait = 0.0
         net.train()
-        for step, batches in enumerate(zip(*loaders)):
+        batch_iter = zip(*iterators)
+        for step in range(steps):
+            waited = time.perf_counter()
+            batches = next(batch_iter, None)
+            self._data_wait += time.perf_counter() - waited
+            if batches is None:
+                break
             # Methods that take no validation batches get only the training half's.
             (xt, yt), (xv, yv) = batches[0], batches[1] if len(batches) > 1 else (None, None)
             loss, correct, val_loss, val_correct = run_step(xt, yt, xv, yv).tolist()
@@ -405,7 +443,8 @@ class Searcher:
         if self.dist.is_main and self.progress:
             print(
                 f"epoch {record['epoch']}: train loss {record['train_loss']:.4f} acc {record['train_acc']:.3f} | "
-                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} | {record['images_per_s']:.0f} img/s",
+                f"val loss {record['val_loss']:.4f} acc {record['val_acc']:.3f} | {record['images_per_s']:.0f} img/s, "
+                f"{self._data_wait / max(record['time_s'], 1e-9):.0%} of it waiting for data",
                 flush=True,
             )
 
@@ -526,21 +565,12 @@ class Searcher:
     @torch.no_grad()
     def _evaluate(self, net, global_epoch) -> tuple[float, float]:
         """Loss and accuracy on the architecture's half, batch norm in eval mode (as DARTS' infer)."""
-        cfg, dist = self.config, self.dist
-        loader = epoch_loader(
-            self.train_set,
-            self.val_idx,
-            cfg.batch_size // dist.world_size,
-            cfg.seed + 2,
-            global_epoch,
-            dist.rank,
-            dist.world_size,
-            cfg.workers,
-            dist.device.type == "cuda",
-        )
+        dist = self.dist
+        # Not augmented: an image folder's evaluation crop (resize and centre crop).
+        loader = self._loader(self.val_idx, 2, augment=False)
         net.eval()
         totals = torch.zeros(3, dtype=torch.float64)
-        for x, y in loader:
+        for x, y in loader.batches(global_epoch):
             x, y = x.to(dist.device), y.to(dist.device)
             with self._autocast():
                 logits = net(x)

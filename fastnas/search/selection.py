@@ -309,7 +309,7 @@ class TrainedSupernet:
 def load_supernet(run_dir: str, device: str = "cpu", dataset=None) -> TrainedSupernet:
     """The trained supernet of the single-path or one-shot search in ``run_dir``; SearchError otherwise."""
     from fastnas.search.config import SearchConfig
-    from fastnas.search.data import split_indices
+    from fastnas.search.data import search_split
     from fastnas.search.searcher import build_network
 
     if not os.path.isdir(run_dir):
@@ -343,7 +343,7 @@ def load_supernet(run_dir: str, device: str = "cpu", dataset=None) -> TrainedSup
         ) from None
     dev = torch.device(device)
     net.to(dev)
-    train_idx, val_idx = split_indices(len(train_set), config.train_portion, config.seed)
+    train_idx, val_idx = search_split(train_set, config)
     info = {k: _info(info, k) for k in ("num_classes", "in_channels", "image_size")}
     return TrainedSupernet(run_dir, config, net, train_set, info, train_idx, val_idx, int(state["stage_epoch"]), dev)
 
