@@ -141,12 +141,12 @@ class SearchConfig:
     # workers), cuda (torchvision.io.decode_jpeg on the GPU) or dali (NVIDIA DALI).
     decode: str = "cpu"
     world_size: int = 1
+    # Folder of TensorBoard event files (fastnas.search.scalars); how a run reports, so not a RESUME_FIELD.
+    tensorboard: str | None = None
     primitives: tuple | None = None
     # Single-path and one-shot supernets (spos, fairnas, oneshot; fastnas.search.methods.single_path).
     bn_affine: bool = False
     bn_track: bool = True
-    # Folder of TensorBoard event files (fastnas.search.scalars); how a run reports, so not a RESUME_FIELD.
-    tensorboard: str | None = None
     path_dropout: float = 0.0
     ghost_batch_size: int | None = None
     # Yu et al.'s supernet heuristics, the nb201 supernet's (fastnas.spaces.nb201_heuristics).
@@ -220,6 +220,12 @@ class SearchConfig:
             check_decode(self.decode, self.dataset, self.device)
         except ValueError as exc:
             raise SearchError(str(exc)) from None
+        if self.tensorboard is not None:
+            from fastnas.search.scalars import missing_reason
+
+            reason = missing_reason()
+            if reason:
+                raise SearchError(f"--tensorboard needs the tensorboard package ({reason})")
         self.search_method.validate(self)
         get_space(self.space).validate_search(self)
         if self.epochs < 1:
@@ -230,12 +236,6 @@ class SearchConfig:
             from fastnas.search.cuda_graph import check_search_supported
 
             check_search_supported(self)
-        if self.tensorboard is not None:
-            from fastnas.search.scalars import missing_reason
-
-            reason = missing_reason()
-            if reason:
-                raise SearchError(f"--tensorboard needs the tensorboard package ({reason})")
 
     @property
     def search_method(self):
