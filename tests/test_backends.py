@@ -55,9 +55,12 @@ def test_cuda_build_only_when_a_gpu_is_there_or_asked(monkeypatch, asked):
 
 
 def test_default_arch_list_embeds_ptx_for_the_newest():
-    archs = _setup_module().DEFAULT_CUDA_ARCHS.split(";")
+    default = _setup_module().DEFAULT_CUDA_ARCHS
+    archs = default.split(";")
     newest = max(archs, key=lambda a: float(a.removesuffix("+PTX")))
     assert newest.endswith("+PTX"), archs
+    cmake = (Path(__file__).parents[1] / "CMakeLists.txt").read_text()
+    assert f'set(ENV{{TORCH_CUDA_ARCH_LIST}} "{default}")' in cmake, "CMakeLists.txt's default arch list differs"
 
 
 def test_triton_kernels_run_here():
