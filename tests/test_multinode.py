@@ -284,3 +284,31 @@ def test_a_node_without_the_checkpoint_says_so_on_its_console(tmp_path, monkeypa
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert main(["search", "--resume", str(tmp_path / "run"), "--no-progress"]) == EXIT_ERROR
     assert capsys.readouterr().err == ""
+
+
+def test_data_fingerprint_names_what_every_rank_must_share(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from fastnas.data import load_dataset
+    from fastnas.search.data import split_indices
+    from fastnas.search.distributed import data_fingerprint
+
+    def fingerprint(root, fraction=0.6, seed=0):
+        train_set = load_dataset("imagenet", root=str(root), image_size=8, fraction=fraction, seed=seed)[0]
+        return data_fingerprint(train_set, *split_indices(len(train_set), 0.5, seed))
+
+    for node in ("a", "b"):
+        _image_folder(tmp_path / node)
+    # The same images at another path (another node's mount) are the same data.
+    assert fingerprint(tmp_path / "a") == fingerprint(tmp_path / "b")
+    assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "a", fraction=0.5)
+    assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "a", seed=1)
+    (tmp_path / "b" / "train" / "class1" / "img0.png").rename(tmp_path / "b" / "train" / "class1" / "img99.png")
+    assert fingerprint(tmp_path / "a", fraction=1.0) != fingerprint(tmp_path / "b", fraction=1.0)
+
+    x, y = torch.rand(6, 1, 2, 2), torch.arange(6) % 2
+    same = data_fingerprint(TensorDataset(x, y), [0, 1, 2], [3, 4, 5])
+    assert same == data_fingerprint(TensorDataset(x.clone(), y.clone()), [0, 1, 2], [3, 4, 5])
+    assert same != data_fingerprint(TensorDataset(x, y), [0, 1, 3], [2, 4, 5])
+    x[5, 0, 1, 1] += 1
+    assert same != data_fingerprint(TensorDataset(x, y), [0, 1, 2], [3, 4, 5])
