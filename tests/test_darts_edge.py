@@ -269,3 +269,36 @@ def _cuda_steps(memory, partial):
         torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5, msg=lambda m, s=step: f"step {s}: {m}")
     for (name, a), b in zip(ref.state_dict().items(), fused.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=2e-3, atol=2e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _saved_shapes(net, x):
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(x).sum()
+    return shapes
+
+
+@pytest.mark.parametrize("memory", ["save", "recompute"])
+def test_imagenet_stem_follows_the_memory_mode(memory):
+    """Under recompute the stem keeps only its input (its 1/2- and 1/4-size tensors are recomputed
+    in backward, as the cells' preprocessing is); under save it keeps them. Gradients are the same."""
+    backend = "cpu" if "cpu" in BACKENDS else "reference"
+    torch.manual_seed(0)
+    net = SearchNetwork(C=4, num_classes=3, layers=2, stem="imagenet", backend=backend, memory=memory).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    half_size = [s for s in _saved_shapes(net, x) if len(s) == 4 and s[-1] == 16]
+    assert (not half_size) == (memory == "recompute"), half_size
+    grads = torch.autograd.grad(net(x).square().sum(), list(net.parameters()), allow_unused=True)
+    ref = copy.deepcopy(net)
+    for m in ref.modules():
+        if hasattr(m, "memory"):
+            m.memory = "save"
+    ref_grads = torch.autograd.grad(ref(x).square().sum(), list(ref.parameters()), allow_unused=True)
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)

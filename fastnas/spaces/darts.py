@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from fastnas.nn.cell import Cell, normalize_edge_weights, num_edges
 from fastnas.nn.edge_plan import check_memory
+from fastnas.nn.mixed_op import checkpoint_module
 from fastnas.nn.operations import check_primitives
 from fastnas.nn.supernet import SuperNet, entropy
 from fastnas.spaces.encoding import Encoding
@@ -385,14 +386,22 @@ class SearchNetwork(SuperNet):
         betas = {cell: None for cell in CELL_TYPES}
         if self.edge_normalization and self.path is None:
             betas = {cell: normalize_edge_weights(getattr(self, f"betas_{cell}"), self.steps) for cell in CELL_TYPES}
-        s0 = self.stem0(x)
-        s1 = s0 if self.stem1 is None else self.stem1(s0)
+        s0 = self._stem(self.stem0, x)
+        s1 = s0 if self.stem1 is None else self._stem(self.stem1, s0)
         for cell in self.cells:
             kind = "reduce" if cell.reduction else "normal"
             w, indices = weights[kind]
             s0, s1 = s1, cell(s0, s1, w, betas[kind], indices)
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
+
+    def _stem(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A stem part, recomputed in backward under ``memory="recompute"`` as the cells'
+        preprocessing is (at 224x224 the ImageNet stem's 112x112 and 56x56 tensors
+        would otherwise be most of what a step keeps)."""
+        if self.training and torch.is_grad_enabled() and self.cells[0].edges[0].memory == "recompute":
+            return checkpoint_module(module, module, x, preserve_rng_state=False)  # no randomness inside
+        return module(x)
 
     def arch_weights(self) -> dict[str, torch.Tensor]:
         """Softmaxed alphas ("normal", "reduce") and per-node softmaxed betas, detached on the CPU."""
