@@ -706,13 +706,20 @@ def _run_search(args: argparse.Namespace) -> int:
     if _is_main_process():
         print(f"genotype: {result.genotype}")
         print(f"wrote {out}/genotype.json, cells.png, arch_weights.png, curves.png, log.jsonl, checkpoint.pt")
-        print(f"train it from scratch: {_train_command(out, cfg.device, searcher.dist.world_size)}")
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", searcher.dist.world_size))
+        print(f"train it from scratch: {_train_command(out, cfg.device, searcher.dist.world_size, per_node)}")
     return 0
 
 
-def _train_command(out: str, device: str, processes: int) -> str:
-    """The command that trains the architecture a search wrote to ``out``; it reads the rest from the folder."""
+def _train_command(out: str, device: str, processes: int, per_node: int | None = None) -> str:
+    """The command that trains the architecture a search wrote to ``out``; it reads the rest from the folder.
+    With ``per_node`` processes on each node, fewer than ``processes``, the search ran on several nodes."""
     launcher = "fastnas" if processes == 1 else f"torchrun --nproc_per_node {processes} -m fastnas"
+    if per_node and per_node < processes:
+        launcher = (
+            f"torchrun --nnodes {processes // per_node} --nproc_per_node {per_node} "
+            "--rdzv_backend c10d --rdzv_endpoint HOST:PORT -m fastnas"
+        )
     device_option = " --device cuda" if device.startswith("cuda") else ""
     return f"{launcher} train {shlex.quote(out)}{device_option}"
 

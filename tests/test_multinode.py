@@ -205,6 +205,7 @@ def test_two_nodes_stop_resume_and_equal_one_node(tmp_path):
     # The rendezvous may give rank 0 to the other node this time; its folder holds the run.
     main = [n for n in range(2) if "genotype:" in results[n][1]]
     assert len(main) == 1
+    assert "train it from scratch: torchrun --nnodes 2 --nproc_per_node 1 --rdzv_backend c10d" in results[main[0]][1]
     out = tmp_path / f"node{main[0]}"
     assert {"checkpoint.pt", "log.jsonl", "genotype.json", "cells.png"} <= set(os.listdir(out))
     state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
@@ -312,3 +313,13 @@ def test_data_fingerprint_names_what_every_rank_must_share(tmp_path):
     assert same != data_fingerprint(TensorDataset(x, y), [0, 1, 3], [2, 4, 5])
     x[5, 0, 1, 1] += 1
     assert same != data_fingerprint(TensorDataset(x, y), [0, 1, 2], [3, 4, 5])
+
+
+def test_the_train_command_a_search_prints_keeps_its_nodes():
+    from fastnas.cli import _train_command
+
+    assert _train_command("out", "cuda", 16, 8) == (
+        "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:PORT -m fastnas train out "
+        "--device cuda"
+    )
+    assert _train_command("out", "cuda", 2, 2) == "torchrun --nproc_per_node 2 -m fastnas train out --device cuda"
