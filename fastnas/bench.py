@@ -444,7 +444,7 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--channels", type=int, default=16, help="initial channels C")
     parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--num-classes", type=int, default=None, help="default 10 (1000 with --imagenet)")
     parser.add_argument("--no-count-ops", dest="count_ops", action="store_false", help="skip the op-counting step")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice; 1 with --host)"
@@ -461,6 +461,23 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         action="store_true",
         help="also time the step captured once as a CUDA graph and replayed (CUDA only); reports both",
     )
+    parser.add_argument(
+        "--partial-channels", type=int, default=None, help="K of PC-DARTS (default: the network's, 4 for pc-darts)"
+    )
+    parser.add_argument(
+        "--imagenet",
+        action="store_true",
+        help="ImageNet memory mode: one step at 224x224 (8 cells, C=16, 1000 classes, batch 4 unless given) of "
+        "PC-DARTS' K=2 network run eagerly and of fastnas's PC-DARTS and full DARTS space, each in a fresh "
+        "process; live memory per image and the projected largest batch",
+    )
+    parser.add_argument(
+        "--imagenet-memory", default="save,recompute", help="ImageNet mode: the memory modes of the fused rows"
+    )
+    parser.add_argument(
+        "--device-memory", type=float, default=80.0, help="ImageNet mode: device memory in GiB for the projection"
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0, help="ImageNet mode: seconds for each row")
     return parser
 
 
@@ -472,7 +489,9 @@ def _build_network(args, device):
         num_classes=args.num_classes,
         layers=args.layers,
         stem=getattr(args, "stem", "cifar"),
-        partial_channels=NETWORKS[args.network],
+        partial_channels=NETWORKS[args.network]
+        if getattr(args, "partial_channels", None) is None
+        else args.partial_channels,
         backend=None if args.backend == "auto" else args.backend,
         memory=args.memory,
     ).to(device)
@@ -554,6 +573,10 @@ def run_bench_step(args: argparse.Namespace) -> dict:
     this process has freed nothing large before, i.e. a fresh process per
     configuration (as benchmarks/bench_search_step.py runs it).
     """
+    if getattr(args, "imagenet", False):
+        from fastnas.bench_memory import imagenet_memory
+
+        return imagenet_memory(args)
     device = torch.device(args.device)
     host = getattr(args, "host", False)
     for name, default in (HOST_DEFAULTS if host else STEP_DEFAULTS).items():
@@ -570,8 +593,8 @@ def run_bench_step(args: argparse.Namespace) -> dict:
 
 # What a step measures by default, and in host-cost mode: a step whose arithmetic is
 # negligible, so that its time is the host's (Python, dispatch, autograd, launches).
-STEP_DEFAULTS = {"batch_size": 64, "image_size": 32}
-HOST_DEFAULTS = {"batch_size": 2, "image_size": 8, "threads": 1}
+STEP_DEFAULTS = {"batch_size": 64, "image_size": 32, "num_classes": 10}
+HOST_DEFAULTS = {"batch_size": 2, "image_size": 8, "threads": 1, "num_classes": 10}
 # The profiler regions of make_search_step: forward and backward of both halves, and
 # the optimisers (zero_grad, Adam, gradient clipping, SGD).
 STEP_REGIONS = ("fastnas.step.network", "fastnas.step.optimizer")

@@ -219,3 +219,35 @@ def test_bench_step_host_mode_tiny(capsys):
     assert result["threads"] == 1 and result["reps"] == 2
     assert result["host_ms_median"] > 0 and result["profiler_events"] > result["network_events"] > 0
     assert '"host_ms_median"' in capsys.readouterr().out
+
+
+def test_bench_step_imagenet_memory_mode_tiny(capsys):
+    """--imagenet: the PC-DARTS K=2 eager baseline and the fused rows, each in a fresh process, with the
+    memory per image and the projected batch (tiny shapes here; the mode's own defaults are 224x224)."""
+    from fastnas import bench_memory
+
+    parser = bench.add_bench_step_args(argparse.ArgumentParser())
+    args = parser.parse_args(
+        "--imagenet --imagenet-memory save --image-size 32 --batch-size 2 --channels 4 --layers 2 "
+        "--num-classes 5 --device cpu --device-memory 1".split()
+    )
+    result = bench.run_bench_step(args)
+    assert [(r["network"], r["partial_channels"], r["backend"]) for r in result["rows"]] == [
+        ("pc-darts", 2, "reference"), ("pc-darts", 2, "auto"), ("darts", None, "auto")
+    ]  # fmt: skip
+    for r in result["rows"]:
+        assert r["per_image_mib"] is not None, r.get("note")
+        assert r["per_image_mib"] == pytest.approx(r["peak_mib"] / 2)
+        assert r["largest_batch"] == bench_memory.projected_batch(1, r["per_image_mib"])
+    assert result["rows"][0]["vs_baseline"] == 1.0 and result["num_classes"] == 5
+    out = capsys.readouterr().out
+    assert "| PC-DARTS K=2, eager (baseline) |" in out and "largest batch in 1 GiB" in out
+
+
+def test_projected_batch():
+    from fastnas.bench_memory import projected_batch
+
+    assert projected_batch(80, 9.2) == 8904 and projected_batch(80, 0) == 0
+    with pytest.raises(ValueError, match="save and recompute"):
+        parser = bench.add_bench_step_args(argparse.ArgumentParser())
+        bench.run_bench_step(parser.parse_args("--imagenet --imagenet-memory checkpoint".split()))

@@ -1,0 +1,142 @@
+"""``fastnas bench-step --imagenet``: live memory per image of a search step at 224x224.
+
+Each configuration runs one training step (forward, backward and both optimisers,
+as ``fastnas bench-step``) in a fresh process, so that its peak is its own: on CUDA
+``max_memory_allocated`` above the allocations before the step, on the CPU the
+peak resident memory above what was resident before it, with glibc's mmap
+threshold fixed (``fastnas.bench.CPU_MEMORY_ENV``). Activation memory grows
+linearly with the batch, so the peak over the batch is the memory per image, and
+a device of ``--device-memory`` GiB fits that many bytes over it: the projected
+largest batch (parameters, gradients and optimiser state are a few MiB at C=16
+and are left in the per-image figure, which makes the projection conservative).
+
+The baseline is PC-DARTS' ImageNet search network (K=2) run eagerly, the network
+PC-DARTS searches ImageNet with; beside it the same network and the full DARTS
+space fused, in the memory modes asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from fastnas import bench
+
+# What the ImageNet mode measures unless told otherwise: the PC-DARTS ImageNet search
+# network's shape (8 cells, C=16, 1000 classes, 224x224, the three-convolution stem).
+# (Channels and layers are bench-step's own defaults, 16 and 8.)
+IMAGENET_DEFAULTS = {"batch_size": 4, "image_size": 224, "num_classes": 1000}
+
+
+@dataclass(frozen=True)
+class Config:
+    label: str
+    network: str
+    partial_channels: int | None
+    backend: str
+    memory: str
+
+
+def configs(backend: str, memories: Sequence[str]) -> list[Config]:
+    """The baseline (PC-DARTS K=2 eager), then each fused network in each memory mode."""
+    rows = [Config("PC-DARTS K=2, eager (baseline)", "pc-darts", 2, "reference", "save")]
+    for memory in memories:
+        rows.append(Config(f"fastnas PC-DARTS K=2, {memory}", "pc-darts", 2, backend, memory))
+    for memory in memories:
+        rows.append(Config(f"fastnas DARTS full space, {memory}", "darts", None, backend, memory))
+    return rows
+
+
+def projected_batch(device_memory_gib: float, per_image_mib: float) -> int:
+    """Images whose step memory fits in ``device_memory_gib``, at ``per_image_mib`` each."""
+    if not per_image_mib > 0:
+        return 0
+    return math.floor(device_memory_gib * 1024 / per_image_mib)
+
+
+def _child_args(args: argparse.Namespace, cfg: Config) -> list[str]:
+    pc = [] if cfg.partial_channels is None else ["--partial-channels", str(cfg.partial_channels)]
+    return [
+        sys.executable, "-m", "fastnas.bench", "--network", cfg.network, *pc, "--backend", cfg.backend,
+        "--memory", cfg.memory, "--stem", "imagenet", "--batch-size", str(args.batch_size),
+        "--image-size", str(args.image_size), "--channels", str(args.channels), "--layers", str(args.layers),
+        "--num-classes", str(args.num_classes), "--device", args.device, "--warmup", "0", "--reps", "1",
+        "--no-count-ops", "--seed", str(args.seed),
+        *(["--threads", str(args.threads)] if args.threads else []),
+    ]  # fmt: skip
+
+
+def imagenet_memory(args: argparse.Namespace) -> dict:
+    """Run every configuration in a fresh process; print the table and JSON; return the JSON."""
+    for name, default in IMAGENET_DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, default)
+    memories = [m for m in args.imagenet_memory.split(",") if m]
+    for m in memories:
+        if m not in ("save", "recompute"):
+            raise ValueError(f"--imagenet-memory takes save and recompute, got {m!r}")
+    env = bench.CPU_MEMORY_ENV if torch.device(args.device).type == "cpu" else None
+    rows, baseline = [], None
+    for cfg in configs(args.backend, memories):
+        result, why = bench.run_child(_child_args(args, cfg), timeout=args.timeout, env=env)
+        row = {**asdict(cfg), "peak_mib": None, "per_image_mib": None, "vs_baseline": None, "largest_batch": None}
+        if result is None:
+            row["note"] = why
+        else:
+            per_image = result["peak_memory_mib"] / args.batch_size
+            baseline = per_image if baseline is None else baseline
+            row.update(
+                peak_mib=result["peak_memory_mib"], per_image_mib=per_image, backend_used=result["backend_used"],
+                vs_baseline=per_image / baseline if baseline else None,
+                largest_batch=projected_batch(args.device_memory, per_image), step_ms=result["step_ms_median"],
+            )  # fmt: skip
+        rows.append(row)
+        print(_format_row(row), file=sys.stderr, flush=True)
+    out = {
+        "mode": "imagenet memory",
+        "device": bench.device_name(args.device),
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "channels": args.channels,
+        "layers": args.layers,
+        "num_classes": args.num_classes,
+        "device_memory_gib": args.device_memory,
+        "memory_kind": "max_memory_allocated above baseline"
+        if torch.device(args.device).type == "cuda"
+        else "peak RSS above baseline, MALLOC_MMAP_THRESHOLD_=65536, fresh process per row",
+        "rows": rows,
+        "torch": torch.__version__,
+        "commit": bench.git_commit(),
+    }
+    print(format_table(out))
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _format_row(row: dict) -> str:
+    if row["per_image_mib"] is None:
+        return f"{row['label']}: {row.get('note', 'no result')}"
+    return f"{row['label']}: {row['per_image_mib']:.1f} MiB per image"
+
+
+def format_table(out: dict) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        f"| network ({out['image_size']}x{out['image_size']}, batch {out['batch_size']}) | MiB per image "
+        f"| vs baseline | largest batch in {out['device_memory_gib']:g} GiB |",
+        "|---|---|---|---|",
+    ]
+    for r in out["rows"]:
+        if r["per_image_mib"] is None:
+            lines.append(f"| {r['label']} | {r.get('note', '')} | | |")
+        else:
+            lines.append(
+                f"| {r['label']} | {r['per_image_mib']:.1f} | {r['vs_baseline']:.3f} | {r['largest_batch']:,} |"
+            )
+    return "\n".join(lines)
