@@ -95,6 +95,9 @@ def test_per_class_subsets_are_the_same_files_for_a_seed(jpeg_root):
     # 80/20 within each class: 4 images of each for the weights, 1 for the architecture.
     assert sorted(a.labels[i] for i in train) == [0] * 4 + [1] * 4 + [2] * 4
     assert sorted(a.labels[i] for i in val) == [0, 1, 2]
+    tiny, _, _ = load_dataset("imagenet", root=jpeg_root, image_size=16, fraction=0.1, seed=0)
+    with pytest.raises(SearchError, match="--fraction"):
+        search_split(tiny, cfg)  # one image a class: nothing left for the architecture
     # Every rank draws the same order and takes its share; the shares cover the half.
     shards = [list(EpochShardSampler(train, seed=0, epoch=3, rank=r, world_size=3)) for r in range(3)]
     assert sorted(sum(shards, [])) == sorted(train)

@@ -48,8 +48,13 @@ def split_indices(n: int, train_portion: float, seed: int, labels=None) -> tuple
 def search_split(train_set, config) -> tuple[list[int], list[int]]:
     """The weights' and the architecture's halves of a search: per class on an image folder
     (PC-DARTS' ImageNet subsets), else a shuffled split of the whole set."""
+    from fastnas.search.errors import SearchError
+
     labels = getattr(train_set, "labels", None) if config.dataset == "imagenet" else None
-    return split_indices(len(train_set), config.train_portion, config.seed, labels)
+    try:
+        return split_indices(len(train_set), config.train_portion, config.seed, labels)
+    except ValueError as exc:
+        raise SearchError(f"{exc}; keep more images (--fraction) or another --train-portion") from None
 
 
 def default_workers(dataset: str, world_size: int = 1) -> int:
