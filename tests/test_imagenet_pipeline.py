@@ -252,3 +252,19 @@ def test_pc_darts_searches_a_jpeg_folder_and_resumes_exactly(jpeg_root, tmp_path
     resumed_state = resumed.net.state_dict()
     for k, v in full.net.state_dict().items():
         assert torch.equal(v, resumed_state[k]), k
+
+
+@pytest.mark.requires_cuda
+def test_cuda_decoding_matches_the_cpu_decoder_and_feeds_a_loader(jpeg_root):
+    ds, _, _ = load_dataset("imagenet", root=jpeg_root, image_size=16)
+    encoded = ds.encoded()
+    data, boxes, _labels, paths = collate_encoded([encoded[(i, sample_key(0, 0, 0, i))] for i in range(6)])
+    mean, std = ds.mean.flatten(), ds.std.flatten()
+    on_gpu = decode_batch(data, boxes, 16, mean, std, "cuda", paths=paths)
+    on_cpu = decode_batch(data, boxes, 16, mean, std, "cpu", paths=paths)
+    assert on_gpu.device.type == "cuda" and (on_gpu.cpu() - on_cpu).abs().mean() < 0.05
+    loader = SearchLoader(ds, range(12), 4, seed=0, workers=1, decode="cuda", device="cuda")
+    batches = list(loader.batches(0))
+    assert len(batches) == 3 and batches[0][0].shape == (4, 3, 16, 16) and batches[0][0].device.type == "cuda"
+    again = list(SearchLoader(ds, range(12), 4, seed=0, decode="cuda", device="cuda").batches(0))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
