@@ -1,14 +1,15 @@
 """``fastnas bench-step --imagenet``: live memory per image of a search step at 224x224.
 
 Each configuration runs one training step (forward, backward and both optimisers,
-as ``fastnas bench-step``) in a fresh process, so that its peak is its own: on CUDA
-``max_memory_allocated`` above the allocations before the step, on the CPU the
-peak resident memory above what was resident before it, with glibc's mmap
-threshold fixed (``fastnas.bench.CPU_MEMORY_ENV``). Activation memory grows
-linearly with the batch, so the peak over the batch is the memory per image, and
-a device of ``--device-memory`` GiB fits that many bytes over it: the projected
-largest batch (parameters, gradients and optimiser state are a few MiB at C=16
-and are left in the per-image figure, which makes the projection conservative).
+as ``fastnas bench-step``) in a fresh process, at two batch sizes B and 2B, so that
+each peak is its own: on CUDA ``max_memory_allocated`` above the allocations before
+the step, on the CPU the peak resident memory above what was resident before it,
+with glibc's mmap threshold fixed (``fastnas.bench.CPU_MEMORY_ENV``). A step's
+peak is a fixed part (gradients and optimiser state of the parameters, buffers)
+plus a part linear in the batch (the activations), so the difference of the two
+peaks over B is the memory per image and the rest the fixed part; a device of
+``--device-memory`` GiB then fits (device - fixed) / per-image images: the
+projected largest batch.
 
 The baseline is PC-DARTS' ImageNet search network (K=2) run eagerly, the network
 PC-DARTS searches ImageNet with; beside it the same network and the full DARTS
@@ -53,18 +54,18 @@ def configs(backend: str, memories: Sequence[str]) -> list[Config]:
     return rows
 
 
-def projected_batch(device_memory_gib: float, per_image_mib: float) -> int:
-    """Images whose step memory fits in ``device_memory_gib``, at ``per_image_mib`` each."""
+def projected_batch(device_memory_gib: float, per_image_mib: float, fixed_mib: float = 0.0) -> int:
+    """Images whose step fits in ``device_memory_gib``: ``fixed_mib`` plus ``per_image_mib`` each."""
     if not per_image_mib > 0:
         return 0
-    return math.floor(device_memory_gib * 1024 / per_image_mib)
+    return max(0, math.floor((device_memory_gib * 1024 - max(fixed_mib, 0.0)) / per_image_mib))
 
 
-def _child_args(args: argparse.Namespace, cfg: Config) -> list[str]:
+def _child_args(args: argparse.Namespace, cfg: Config, batch_size: int) -> list[str]:
     pc = [] if cfg.partial_channels is None else ["--partial-channels", str(cfg.partial_channels)]
     return [
         sys.executable, "-m", "fastnas.bench", "--network", cfg.network, *pc, "--backend", cfg.backend,
-        "--memory", cfg.memory, "--stem", "imagenet", "--batch-size", str(args.batch_size),
+        "--memory", cfg.memory, "--stem", "imagenet", "--batch-size", str(batch_size),
         "--image-size", str(args.image_size), "--channels", str(args.channels), "--layers", str(args.layers),
         "--num-classes", str(args.num_classes), "--device", args.device, "--warmup", "0", "--reps", "1",
         "--no-count-ops", "--seed", str(args.seed),
@@ -83,18 +84,27 @@ def imagenet_memory(args: argparse.Namespace) -> dict:
             raise ValueError(f"--imagenet-memory takes save and recompute, got {m!r}")
     env = bench.CPU_MEMORY_ENV if torch.device(args.device).type == "cpu" else None
     rows, baseline = [], None
+    b = args.batch_size
     for cfg in configs(args.backend, memories):
-        result, why = bench.run_child(_child_args(args, cfg), timeout=args.timeout, env=env)
         row = {**asdict(cfg), "peak_mib": None, "per_image_mib": None, "vs_baseline": None, "largest_batch": None}
-        if result is None:
-            row["note"] = why
-        else:
-            per_image = result["peak_memory_mib"] / args.batch_size
-            baseline = per_image if baseline is None else baseline
+        results = []
+        for batch in (b, 2 * b):
+            result, why = bench.run_child(_child_args(args, cfg, batch), timeout=args.timeout, env=env)
+            if result is None:
+                row["note"] = f"batch {batch}: {why}"
+                break
+            results.append(result)
+        if len(results) == 2:
+            small, large = (r["peak_memory_mib"] for r in results)
+            per_image = (large - small) / b
+            fixed = small - b * per_image
+            if baseline is None and per_image > 0:
+                baseline = per_image
             row.update(
-                peak_mib=result["peak_memory_mib"], per_image_mib=per_image, backend_used=result["backend_used"],
-                vs_baseline=per_image / baseline if baseline else None,
-                largest_batch=projected_batch(args.device_memory, per_image), step_ms=result["step_ms_median"],
+                peak_mib=small, peak_2b_mib=large, per_image_mib=per_image, fixed_mib=fixed,
+                backend_used=results[0]["backend_used"], vs_baseline=per_image / baseline if baseline else None,
+                largest_batch=projected_batch(args.device_memory, per_image, fixed),
+                step_ms=results[0]["step_ms_median"],
             )  # fmt: skip
         rows.append(row)
         print(_format_row(row), file=sys.stderr, flush=True)
@@ -127,16 +137,18 @@ def _format_row(row: dict) -> str:
 
 def format_table(out: dict) -> str:
     """The rows as a markdown table."""
+    b = out["batch_size"]
     lines = [
-        f"| network ({out['image_size']}x{out['image_size']}, batch {out['batch_size']}) | MiB per image "
-        f"| vs baseline | largest batch in {out['device_memory_gib']:g} GiB |",
-        "|---|---|---|---|",
+        f"| network ({out['image_size']}x{out['image_size']}, batches {b} and {2 * b}) | MiB per image "
+        f"| vs baseline | fixed MiB | largest batch in {out['device_memory_gib']:g} GiB |",
+        "|---|---|---|---|---|",
     ]
     for r in out["rows"]:
         if r["per_image_mib"] is None:
-            lines.append(f"| {r['label']} | {r.get('note', '')} | | |")
+            lines.append(f"| {r['label']} | {r.get('note', '')} | | | |")
         else:
+            vs = "" if r["vs_baseline"] is None else f"{r['vs_baseline']:.3f}"
             lines.append(
-                f"| {r['label']} | {r['per_image_mib']:.1f} | {r['vs_baseline']:.3f} | {r['largest_batch']:,} |"
+                f"| {r['label']} | {r['per_image_mib']:.1f} | {vs} | {r['fixed_mib']:.0f} | {r['largest_batch']:,} |"
             )
     return "\n".join(lines)

@@ -237,9 +237,11 @@ def test_bench_step_imagenet_memory_mode_tiny(capsys):
     ]  # fmt: skip
     for r in result["rows"]:
         assert r["per_image_mib"] is not None, r.get("note")
-        assert r["per_image_mib"] == pytest.approx(r["peak_mib"] / 2)
-        assert r["largest_batch"] == bench_memory.projected_batch(1, r["per_image_mib"])
-    assert result["rows"][0]["vs_baseline"] == 1.0 and result["num_classes"] == 5
+        # Batches 2 and 4: the difference over 2 per image, the rest fixed.
+        assert r["per_image_mib"] == pytest.approx((r["peak_2b_mib"] - r["peak_mib"]) / 2)
+        assert r["fixed_mib"] + 2 * r["per_image_mib"] == pytest.approx(r["peak_mib"])
+        assert r["largest_batch"] == bench_memory.projected_batch(1, r["per_image_mib"], r["fixed_mib"])
+    assert result["num_classes"] == 5
     out = capsys.readouterr().out
     assert "| PC-DARTS K=2, eager (baseline) |" in out and "largest batch in 1 GiB" in out
 
@@ -248,6 +250,7 @@ def test_projected_batch():
     from fastnas.bench_memory import projected_batch
 
     assert projected_batch(80, 9.2) == 8904 and projected_batch(80, 0) == 0
+    assert projected_batch(1, 10, fixed_mib=24) == 100 and projected_batch(1, 10, fixed_mib=2048) == 0
     with pytest.raises(ValueError, match="save and recompute"):
         parser = bench.add_bench_step_args(argparse.ArgumentParser())
         bench.run_bench_step(parser.parse_args("--imagenet --imagenet-memory checkpoint".split()))
