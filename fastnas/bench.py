@@ -478,6 +478,9 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--device-memory", type=float, default=80.0, help="ImageNet mode: device memory in GiB for the projection"
     )
     parser.add_argument("--timeout", type=float, default=1800.0, help="ImageNet mode: seconds for each row")
+    parser.add_argument(
+        "--out", default=None, help="ImageNet mode: also write <device>_imagenet_memory.md/.csv in this folder"
+    )
     return parser
 
 

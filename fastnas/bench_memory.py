@@ -24,6 +24,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -125,6 +126,19 @@ def imagenet_memory(args: argparse.Namespace) -> dict:
         "commit": bench.git_commit(),
     }
     print(format_table(out))
+    if getattr(args, "out", None):
+        stem = Path(args.out) / f"{torch.device(args.device).type}_imagenet_memory"
+        notes = [
+            f"`fastnas bench-step --imagenet` at batches {b} and {2 * b}, {args.image_size}x{args.image_size}, "
+            f"C={args.channels}, {args.layers} cells, {args.num_classes} classes; {out['memory_kind']}. Per image: "
+            "the difference of the two peaks over the batch; fixed: the rest; largest batch: (device - fixed) / "
+            f"per image in {args.device_memory:g} GiB.",
+        ]
+        columns = ["label", "per_image_mib", "vs_baseline", "fixed_mib", "largest_batch", "peak_mib", "peak_2b_mib",
+                   "step_ms", "backend_used", "note"]  # fmt: skip
+        md, _ = bench.write_results(rows, columns, stem, "Search-step memory per image at ImageNet size",
+                                    bench.environment(args.device), notes)  # fmt: skip
+        print(f"wrote {md}", file=sys.stderr)
     print(json.dumps(out), flush=True)
     return out
 

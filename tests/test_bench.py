@@ -221,7 +221,7 @@ def test_bench_step_host_mode_tiny(capsys):
     assert '"host_ms_median"' in capsys.readouterr().out
 
 
-def test_bench_step_imagenet_memory_mode_tiny(capsys):
+def test_bench_step_imagenet_memory_mode_tiny(capsys, tmp_path):
     """--imagenet: the PC-DARTS K=2 eager baseline and the fused rows, each in a fresh process, with the
     memory per image and the projected batch (tiny shapes here; the mode's own defaults are 224x224)."""
     from fastnas import bench_memory
@@ -229,7 +229,8 @@ def test_bench_step_imagenet_memory_mode_tiny(capsys):
     parser = bench.add_bench_step_args(argparse.ArgumentParser())
     args = parser.parse_args(
         "--imagenet --imagenet-memory save --image-size 32 --batch-size 2 --channels 4 --layers 2 "
-        "--num-classes 5 --device cpu --device-memory 1".split()
+        "--num-classes 5 --device cpu --device-memory 1 --out".split()
+        + [str(tmp_path)]
     )
     result = bench.run_bench_step(args)
     assert [(r["network"], r["partial_channels"], r["backend"]) for r in result["rows"]] == [
@@ -244,6 +245,7 @@ def test_bench_step_imagenet_memory_mode_tiny(capsys):
     assert result["num_classes"] == 5
     out = capsys.readouterr().out
     assert "| PC-DARTS K=2, eager (baseline) |" in out and "largest batch in 1 GiB" in out
+    assert "| fastnas DARTS full space, save |" in (tmp_path / "cpu_imagenet_memory.md").read_text()
 
 
 def test_projected_batch():
