@@ -38,6 +38,16 @@ def seeded(request):
 
 
 @pytest.fixture
+def one_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_thread")``): search
+    steps are thousands of tiny ops, and a second thread only adds waiting on a shared 2-core CPU."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
 def poison_empty():
     """Make torch.empty fill new tensors with NaN, so unwritten outputs show up."""
     old = torch.are_deterministic_algorithms_enabled()

@@ -11,13 +11,7 @@ from fastnas.search import SearchConfig, SearchError, build_network
 from fastnas.search.architect import AmendedArchGrad, first_order_arch_grads
 from fastnas.spaces import validate_genotype
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net_and_batches(backend="reference"):

@@ -21,9 +21,12 @@ from fastnas.spaces.darts import DARTS_PRIMITIVES
 edge_ops = importlib.import_module("fastnas.ops.darts_edge")
 EdgeSpec, darts_edge = edge_ops.EdgeSpec, edge_ops.darts_edge
 
-pytestmark = pytest.mark.skipif(
-    "cpu" not in edge_ops._CPP_BACKENDS, reason="fastnas._C has no C++ darts_edge (extension missing or older)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        "cpu" not in edge_ops._CPP_BACKENDS, reason="fastnas._C has no C++ darts_edge (extension missing or older)"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 MEMORY = ("save", "recompute")
 SUBSETS = [
@@ -39,14 +42,6 @@ SUBSETS = [
 def _bound(module):
     """The module's edge plan bound to its candidates: the current parameters and buffers."""
     return module.plan.bind(module.ops)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _edge(prims, C, stride, dtype):

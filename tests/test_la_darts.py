@@ -34,12 +34,7 @@ COST = {"none": 0.0, "max_pool_3x3": 0.5, "avg_pool_3x3": 0.5, "skip_connect": 0
 BASE_MS = 1.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def synthetic_model(derive_temperature=None) -> LatencyModel:

@@ -15,15 +15,7 @@ from fastnas.nn import (
 from fastnas.ops import channel_shuffle
 from fastnas.spaces.darts import DARTS_PRIMITIVES
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions gain nothing from threads, and on a busy machine
-    # OpenMP's spinning threads slow them down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _twin(make, **kwargs):

@@ -43,12 +43,7 @@ from fastnas.spaces.nb201 import NB201SearchNetwork
 INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_data(n=48, seed=0):

@@ -20,9 +20,13 @@ from fastnas.spaces.darts import DARTS_PRIMITIVES
 node_ops = importlib.import_module("fastnas.ops.partial_channel_node")
 NodeSpec, partial_channel_node = node_ops.NodeSpec, node_ops.partial_channel_node
 
-pytestmark = pytest.mark.skipif(
-    "cpu" not in node_ops._CPP_BACKENDS, reason="fastnas._C has no C++ partial_channel_node (missing or older build)"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        "cpu" not in node_ops._CPP_BACKENDS,
+        reason="fastnas._C has no C++ partial_channel_node (missing or older build)",
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 MEMORY = ("save", "recompute")
 
@@ -30,14 +34,6 @@ MEMORY = ("save", "recompute")
 def _bound(module):
     """The module's edge plan bound to its candidates: the current parameters and buffers."""
     return module.plan.bind(module.ops)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _node(strides, C, groups, dtype, prims=DARTS_PRIMITIVES, backend=None):

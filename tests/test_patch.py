@@ -24,14 +24,7 @@ TOL = dict(rtol=1e-4, atol=1e-5)
 TOL64 = dict(rtol=1e-7, atol=1e-9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: extra intra-op threads only add synchronisation, and on
-    # a loaded machine their spin-waits make the run many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _darts(C=4, layers=3, seed=0):

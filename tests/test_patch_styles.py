@@ -36,12 +36,7 @@ PART = "fused edge on 6 of 8 candidates"
 SUM = "fused sum"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _renamed(mixed, **options):

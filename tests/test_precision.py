@@ -20,18 +20,13 @@ from fastnas import backends
 from fastnas.nn import MixedOp
 from fastnas.spaces.darts import SearchNetwork
 
-pytestmark = pytest.mark.skipif("cpu" not in backends.available_backends(), reason="needs the cpu kernels")
+pytestmark = [
+    pytest.mark.skipif("cpu" not in backends.available_backends(), reason="needs the cpu kernels"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 # A floor for errors that are tiny in both: the rule compares rounding, not noise at 1e-12.
 FLOOR = 1e-9
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _state(partial_channels, trained_steps, seed):

@@ -12,13 +12,7 @@ from fastnas.spaces import DARTS_PRIMITIVES, genotype_from_dict, genotype_to_dic
 from fastnas.spaces.darts_eval import NetworkCIFAR
 from fastnas.spaces.darts_factorized import SCALABLE_ACTIVATIONS, factorized_candidates
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_candidate_names_carry_their_activation():

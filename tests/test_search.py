@@ -29,13 +29,7 @@ METHODS = ["darts", "darts-2nd", "pc-darts", "p-darts", "gdas"]
 INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Thousands of tiny ops per step: a second thread only adds waiting on a shared CPU.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dataset(n=32, seed=0):

@@ -8,7 +8,6 @@ import json
 import os
 
 import pytest
-import torch
 from PIL import Image
 from test_search import _interrupt_at, run, tiny_config, tiny_dataset
 
@@ -23,13 +22,7 @@ from fastnas.search.plots import (
 )
 from fastnas.spaces import DARTS_PRIMITIVES
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lines_of(section):

@@ -22,14 +22,7 @@ from fastnas.spaces import (
 TINY = dict(C=4, layers=3, num_classes=3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny convolutions gain nothing from threads, and on a busy machine
-    # OpenMP's spinning threads slow them down many times over.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(**kwargs):

@@ -18,12 +18,7 @@ INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 KNOBS = ("global_dropout", "layer_path_dropout", "ops_on_nodes", "ofa_kernel")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nb201(**kw):

@@ -17,12 +17,7 @@ NB201_ARCH = "|skip_connect~0|+|none~0|none~1|+|none~0|none~1|none~2|"
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def read_events(log_dir) -> dict[str, list[tuple[int, float]]]:

@@ -32,13 +32,7 @@ TINY = ["--epochs", "1", "--init-channels", "4", "--layers", "3", "--batch-size"
         "--no-progress"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions gain nothing from threads on a shared CPU; the command sets 1 for digits too.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
