@@ -392,24 +392,6 @@ Tensor gather_coef(const Spec& s, const Tensor& weights, at::ScalarType acc) {
   return coef;
 }
 
-// The weights' gradient from darts_sum's coefficient gradient: zeros(K), then
-// each coefficient's gradient added at its weight index, in order (as index_add_).
-Tensor scatter_coef(const Spec& s, const Tensor& grad_coef, at::ScalarType weights_dtype) {
-  const auto index = coef_index(s);
-  Tensor grad = at::zeros({s.K}, grad_coef.options());
-  if (!grad.is_cpu()) {
-    for (size_t k = 0; k < index.size(); ++k) grad.select(0, index[k]).add_(grad_coef.select(0, k));
-  } else {
-    AT_DISPATCH_FLOATING_TYPES(grad_coef.scalar_type(), "darts_edge_scatter_coef", [&] {
-      const Tensor g = grad_coef.contiguous();
-      const scalar_t* src = g.const_data_ptr<scalar_t>();
-      scalar_t* dst = grad.mutable_data_ptr<scalar_t>();
-      for (size_t k = 0; k < index.size(); ++k) dst[index[k]] += src[k];
-    });
-  }
-  return grad.scalar_type() == weights_dtype ? grad : grad.to(weights_dtype);
-}
-
 // A batch norm's statistics: rows of (mean, var).
 struct StatRow {
   const Tensor* mean;
@@ -426,13 +408,16 @@ void update_running_stats(const Buffers& b, const c10::SmallVector<StatRow, 16>&
     for (const Tensor& t : list) cpu = cpu && t.is_cpu();
   }
   if (!cpu) {
-    std::vector<Tensor> means, vars, new_mean, new_var;
+    // Views of the statistics' rows, and one launch for all the unbiased variances.
+    std::vector<Tensor> means, vars, new_mean, var_rows;
     for (size_t i = 0; i < rows.size(); ++i) {
       means.push_back(b.mean[i]);
       vars.push_back(b.var[i]);
       new_mean.push_back(rows[i].mean->select(0, rows[i].row).to(b.mean[i].scalar_type()));
-      new_var.push_back((rows[i].var->select(0, rows[i].row) * unbias).to(b.var[i].scalar_type()));
+      var_rows.push_back(rows[i].var->select(0, rows[i].row));
     }
+    std::vector<Tensor> new_var = at::_foreach_mul(var_rows, unbias);
+    for (size_t i = 0; i < rows.size(); ++i) new_var[i] = new_var[i].to(b.var[i].scalar_type());
     at::_foreach_mul_(means, 1 - momentum);
     at::_foreach_add_(means, new_mean, momentum);
     at::_foreach_mul_(vars, 1 - momentum);
@@ -476,6 +461,34 @@ void update_running_stats(const Buffers& b, const c10::SmallVector<StatRow, 16>&
 }
 
 }  // namespace
+
+Tensor scatter_coef(const Spec& s, const Tensor& grad_coef, at::ScalarType weights_dtype, bool generic) {
+  const auto index = coef_index(s);
+  const int64_t n = static_cast<int64_t>(index.size());
+  Tensor grad;
+  if (generic) {
+    // Each weight reads its own coefficient's gradient, or the zero appended after
+    // them (the 'none' candidate): one pad and one stack, whatever K is.
+    c10::SmallVector<int64_t, 16> from(s.K, n);
+    const bool present[3] = {s.has_max(), s.has_avg(), s.has_skip()};
+    for (int64_t k = 0; k < n; ++k) {
+      if (k < n - 3 || present[k - (n - 3)]) from[index[k]] = k;
+    }
+    const Tensor padded = at::constant_pad_nd(grad_coef, {0, 1});
+    std::vector<Tensor> rows;
+    for (const int64_t k : from) rows.push_back(padded.select(0, k));
+    grad = at::stack(rows);
+  } else {
+    grad = at::zeros({s.K}, grad_coef.options());
+    AT_DISPATCH_FLOATING_TYPES(grad_coef.scalar_type(), "darts_edge_scatter_coef", [&] {
+      const Tensor g = grad_coef.contiguous();
+      const scalar_t* src = g.const_data_ptr<scalar_t>();
+      scalar_t* dst = grad.mutable_data_ptr<scalar_t>();
+      for (int64_t k = 0; k < n; ++k) dst[index[k]] += src[k];
+    });
+  }
+  return grad.scalar_type() == weights_dtype ? grad : grad.to(weights_dtype);
+}
 
 EdgeOutputs edge_forward(const Spec& s, const Tensor& x_in, const Tensor& weights, TensorList params,
                          const Buffers& buffers, const Tensor& zs_out) {
@@ -577,7 +590,7 @@ EdgeGrads edge_backward(const Spec& s, const Tensor& grad_out, const Tensor& x_i
       gx.slice(2, k, sh.H, 2).slice(3, k, sh.W, 2).add_(ga * (xs > 0));
     }
   }
-  return {gx, scatter_coef(s, gcoef, weights.scalar_type()), std::move(grads)};
+  return {gx, scatter_coef(s, gcoef, weights.scalar_type(), !gcoef.is_cpu()), std::move(grads)};
 }
 
 // --- the ops ---------------------------------------------------------------------------

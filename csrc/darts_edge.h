@@ -75,6 +75,11 @@ void check_edge(const char* op, const Spec& s, const at::Tensor& x, const at::Te
 void check_saved(const char* op, const Spec& s, const at::Tensor& x, const at::Tensor& out_like, const Saved& saved,
                  const char* out_name = "grad_out");
 
+// The weights' gradient (K, in weights_dtype) from darts_sum's coefficient gradient
+// (one per coefficient, absent max/avg/skip ones zero). `generic`: the ATen ops any
+// device runs, two launches whatever K is (what a GPU runs); else the CPU's loop.
+at::Tensor scatter_coef(const Spec& s, const at::Tensor& grad_coef, at::ScalarType weights_dtype, bool generic);
+
 // Bumps the version counters of tensors that a kernel wrote through raw pointers.
 void bump_versions(std::initializer_list<at::TensorList> lists);
 

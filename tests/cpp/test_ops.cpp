@@ -6,6 +6,8 @@
 
 #include <cmath>
 #include <cstdio>
+
+#include "darts_edge.h"
 #include <string>
 #include <vector>
 
@@ -148,6 +150,32 @@ void test_partial_channel(bool pool) {
   }
 }
 
+// The weights' gradient of the fused edge: the ATen path a GPU runs (a pad and a
+// stack) gives the CPU loop's bits, with and without absent max/avg/skip terms.
+void test_scatter_coef() {
+  for (const bool all : {true, false}) {
+    fastnas::edge::Spec s;
+    s.K = 8;
+    s.ns = 2;
+    s.nd = 2;
+    s.sep_i = {4, 5};
+    s.dil_i = {6, 7};
+    s.max_index = 1;
+    s.avg_index = all ? 2 : -1;
+    s.skip_index = all ? 3 : -1;
+    // [dilated, separable ends, max, avg, skip]; absent terms have a zero gradient.
+    at::Tensor g = at::randn({s.nd + s.ns + 3}, at::kFloat);
+    if (!all) g.slice(0, s.nd + s.ns + 1).zero_();
+    const std::string tag = all ? " (all candidates)" : " (no avg, no skip)";
+    const at::Tensor cpu = fastnas::edge::scatter_coef(s, g, at::kFloat, false);
+    const at::Tensor generic = fastnas::edge::scatter_coef(s, g, at::kFloat, true);
+    expect(cpu.equal(generic), "scatter_coef: the generic path differs from the CPU loop" + tag);
+    expect(cpu[0].item<float>() == 0.0f, "scatter_coef: the none candidate's gradient is not zero" + tag);
+    expect(cpu[6].item<float>() == g[0].item<float>() && cpu[4].item<float>() == g[2].item<float>(),
+           "scatter_coef: a coefficient's gradient landed at the wrong weight" + tag);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -156,6 +184,7 @@ int main() {
     test_mixed_sum();
     test_partial_channel(false);
     test_partial_channel(true);
+    test_scatter_coef();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "FAIL: unexpected exception: %s\n", e.what());
     return 1;
