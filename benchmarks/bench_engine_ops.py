@@ -2,7 +2,8 @@
 """Benchmark of the memory engine's ops, each pass on its own: multi_depthwise (also
 against aten's depthwise convolutions, cuDNN on the GPU), stacked_batch_norm,
 pool_batch_norm_stats, darts_sum and partial_channel_node_sum, forward and
-backward, every fused backend against the eager reference in the same run.
+backward, every fused backend against the eager reference and ``torch.compile`` of
+it (fullgraph, static shapes, compiled before the timing) in the same run.
 
     python benchmarks/bench_engine_ops.py [--device cpu|cuda] [--quick] [--case TEXT]
         [--impls cuda,triton,eager,aten] [--batch N] [--dtype fp32|bf16] [--out DIR]
@@ -25,6 +26,7 @@ batch 32).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -207,13 +209,32 @@ def cases(device: str, dtype: torch.dtype, quick: bool, batch: int | None) -> li
     return out
 
 
+def compiled(fn):
+    """``torch.compile`` of a pass of the eager reference (fullgraph, static shapes), compiled by a
+    first call here, outside the timing."""
+    torch._dynamo.reset()
+    fn = torch.compile(fn, fullgraph=True, dynamic=False)
+    # A backward pass of the reference is torch.autograd.grad of its forward: traced into the
+    # graph where this torch can (trace_autograd_ops), else the pass reports why it cannot.
+    config = torch._dynamo.config
+    patch = config.patch(trace_autograd_ops=True) if hasattr(config, "trace_autograd_ops") else contextlib.nullcontext()
+    with patch:
+        fn()
+
+    def call():
+        with patch:
+            return fn()
+
+    return call
+
+
 def implementations(op: str, device: str, requested: str | None) -> list[str]:
     if requested:
         return [s.strip() for s in requested.split(",") if s.strip()]
     fused = [name for name in backends.runnable(op, device) if name != "reference"]
     if device == "cpu":
         fused = [name for name in fused if name != "triton"]  # the interpreter is not a contender
-    return ["eager", *fused, "aten"]
+    return ["eager", "compile", *fused, "aten"]
 
 
 def run(args) -> int:
@@ -244,7 +265,9 @@ def run(args) -> int:
                         continue
                 else:
                     try:
-                        fn = make("reference" if impl == "eager" else impl)
+                        fn = make("reference" if impl in ("eager", "compile") else impl)
+                        if impl == "compile":
+                            fn = compiled(fn)
                     except Exception as exc:
                         rows.append({"case": case.label, "dtype": args.dtype, "impl": impl, "pass": name,
                                      "note": f"failed: {type(exc).__name__}: {exc}"[:200]})  # fmt: skip
@@ -283,7 +306,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--quick", action="store_true", help="three depthwise sizes and one case per other op")
     parser.add_argument("--case", default=None, help="only cases whose label contains this text")
-    parser.add_argument("--impls", default=None, help="comma list of backends, 'eager', 'aten' (default: all here)")
+    parser.add_argument(
+        "--impls", default=None, help="comma list of backends, 'eager', 'compile', 'aten' (default: all here)"
+    )
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="fp32")
     parser.add_argument("--batch", type=int, default=None, help="batch size of every case (default: 64, 32 for 56x56)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))

@@ -256,3 +256,19 @@ def test_projected_batch():
     with pytest.raises(ValueError, match="save and recompute"):
         parser = bench.add_bench_step_args(argparse.ArgumentParser())
         bench.run_bench_step(parser.parse_args("--imagenet --imagenet-memory checkpoint".split()))
+
+
+def test_engine_ops_compile_column_matches_eager():
+    """bench_engine_ops' compile column: the compiled reference of a forward and of a backward pass
+    gives the eager reference's values (compiled before the timing)."""
+    spec = importlib.util.spec_from_file_location("bench_engine_ops", REPO / "benchmarks" / "bench_engine_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_engine_ops"] = module  # its dataclasses look the module up while built
+    spec.loader.exec_module(module)
+    case = module.batch_norm_case(2, 3, 2, 5, "cpu", torch.float32)
+    assert "compile" in module.implementations(case.op, "cpu", None)
+    for make in case.passes.values():
+        want = make("reference")()
+        got = module.compiled(make("reference"))()
+        for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
