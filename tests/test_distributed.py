@@ -18,11 +18,11 @@ SCRIPT = textwrap.dedent(
     from fastnas.search import SearchConfig, Searcher
 
     torch.set_num_threads(1)
-    method, out = sys.argv[1], sys.argv[2]
+    method, out, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 3, 8, 8, generator=g)
     y = torch.randint(0, 4, (64,), generator=g)
-    config = SearchConfig.create(method, dataset="digits", epochs=1, batch_size=16, init_channels=4, layers=3,
+    config = SearchConfig.create(method, dataset="digits", epochs=1, batch_size=16, init_channels=4, layers=layers,
                                  warmup_epochs=0)
     searcher = Searcher(config, dataset=(TensorDataset(x, y), {"num_classes": 4, "in_channels": 3}),
                         progress=False)
@@ -35,13 +35,17 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["darts-2nd", "gdas", "spos", "fairnas", "oneshot"])
-def test_two_gloo_processes_stay_identical(tmp_path, method):
+@pytest.mark.parametrize(
+    "method, layers",
+    # Two cells are both reduction cells: alphas_normal is never used, and DDP must be told.
+    [("darts-2nd", 3), ("gdas", 3), ("spos", 3), ("fairnas", 3), ("oneshot", 3), ("darts", 2)],
+)
+def test_two_gloo_processes_stay_identical(tmp_path, method, layers):
     script = tmp_path / "run_search.py"
     script.write_text(SCRIPT)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), method, str(tmp_path)]  # fmt: skip
+           str(script), method, str(tmp_path), str(layers)]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]

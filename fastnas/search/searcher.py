@@ -310,7 +310,9 @@ class Searcher:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DDP(net, device_ids=device_ids, find_unused_parameters=self.method.ddp_find_unused_parameters)
+        # A method that leaves parameters out of some steps, or a network with parameters no step uses.
+        unused = self.method.ddp_find_unused_parameters or getattr(net, "has_unused_parameters", lambda: False)()
+        return DDP(net, device_ids=device_ids, find_unused_parameters=unused)
 
     def _autocast(self):
         amp = self.config.amp

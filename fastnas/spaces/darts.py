@@ -395,6 +395,12 @@ class SearchNetwork(SuperNet):
         out = self.global_pooling(s1)
         return self.classifier(out.flatten(1))
 
+    def has_unused_parameters(self) -> bool:
+        """Whether a cell type is missing (fewer than 3 cells: no normal cell), so that its
+        architecture parameters never get a gradient (DistributedDataParallel must look for them)."""
+        kinds = {cell.reduction for cell in self.cells}
+        return kinds != {False, True}
+
     def _stem(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """A stem part, recomputed in backward under ``memory="recompute"`` as the cells'
         preprocessing is (at 224x224 the ImageNet stem's 112x112 and 56x56 tensors
