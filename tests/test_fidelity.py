@@ -4,23 +4,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from test_search import tiny_dataset
 
 from fastnas.nn import MixedOp
 from fastnas.search import SearchConfig, Searcher, SearchError
 from fastnas.spaces.nb201 import NB201SearchCell, NB201SearchNetwork, ResNetBasicBlock
 
-INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
-
-
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_dataset(n=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 8, 8, generator=g)
-    y = torch.randint(0, INFO["num_classes"], (n,), generator=g)
-    return TensorDataset(x, y), INFO
 
 
 # --- GDAS (D-X-Y/AutoDL-Projects) -----------------------------------------------------------------

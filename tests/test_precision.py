@@ -67,6 +67,22 @@ def _step(base, x, y, dtype, backend, memory):
     return {"logits": logits.detach().double(), "weight grads": flat[0], "arch grads": flat[1]}, fused
 
 
+def _pool(squared, runs, oracle):
+    """Adds each run's squared errors against ``oracle``, and the oracle's squared values, into
+    ``squared``: (run, quantity) -> [sum of squared errors, sum of squared oracle values]."""
+    for run, values in runs.items():
+        for name, value in values.items():
+            acc = squared.setdefault((run, name), [0.0, 0.0])
+            acc[0] += float(((value - oracle[name]) ** 2).sum())
+            acc[1] += float((oracle[name] ** 2).sum())
+
+
+def _error(squared, run, name):
+    """The global relative error of ``run``'s ``name`` pooled by ``_pool``."""
+    errors, values = squared[(run, name)]
+    return (errors / values) ** 0.5
+
+
 # (seed, training steps before the measured one)
 STATES = [(0, 0), (1, 3), (2, 0)]
 MEMORY = ("save", "recompute")
@@ -74,7 +90,7 @@ MEMORY = ("save", "recompute")
 
 @pytest.mark.parametrize("network, partial_channels", [("darts", None), ("pc-darts", 2)])
 def test_fused_network_error_is_at_most_twice_eager(network, partial_channels):
-    squared = {}  # (run, quantity) -> [sum of squared errors, sum of squared oracle values]
+    squared = {}
     for seed, trained_steps in STATES:
         base, x, y = _state(partial_channels, trained_steps, seed)
         oracle, _ = _step(base, x, y, torch.float64, "reference", "save")
@@ -84,15 +100,10 @@ def test_fused_network_error_is_at_most_twice_eager(network, partial_channels):
         for memory in MEMORY:
             runs[memory], fused_edges = _step(base, x, y, torch.float32, "cpu", memory)
             assert all(fused_edges), f"every edge of the {memory} run must run the fused edge"
-        for run, values in runs.items():
-            for name, value in values.items():
-                acc = squared.setdefault((run, name), [0.0, 0.0])
-                acc[0] += float(((value - oracle[name]) ** 2).sum())
-                acc[1] += float((oracle[name] ** 2).sum())
+        _pool(squared, runs, oracle)
     for memory in MEMORY:
         for name in ("logits", "weight grads", "arch grads"):
-            e_eager = (squared[("eager", name)][0] / squared[("eager", name)][1]) ** 0.5
-            e_fused = (squared[(memory, name)][0] / squared[(memory, name)][1]) ** 0.5
+            e_eager, e_fused = _error(squared, "eager", name), _error(squared, memory, name)
             assert e_fused <= 2 * max(e_eager, FLOOR), (
                 f"{network} {memory}: {name} error {e_fused:.3g} against the float64 oracle, "
                 f"more than twice eager float32's {e_eager:.3g}"
@@ -175,15 +186,9 @@ def test_every_fused_edge_at_32x32_is_within_twice_eager(edges, memory):
             "eager": _edge_grads(edge, torch.float32, "reference", "save", ex, ew, eg),
             "fused": _edge_grads(edge, torch.float32, "cpu", memory, ex, ew, eg),
         }
-        for run, values in runs.items():
-            for quantity, value in values.items():
-                acc = squared.setdefault((run, quantity), [0.0, 0.0])
-                acc[0] += float(((value - oracle[quantity]) ** 2).sum())
-                acc[1] += float((oracle[quantity] ** 2).sum())
+        _pool(squared, runs, oracle)
     for quantity in ("input grad", "arch grads", "weight grads"):
-        e_eager, e_fused = (
-            (squared[(run, quantity)][0] / squared[(run, quantity)][1]) ** 0.5 for run in ("eager", "fused")
-        )
+        e_eager, e_fused = _error(squared, "eager", quantity), _error(squared, "fused", quantity)
         assert e_fused <= 2 * max(e_eager, FLOOR), (
             f"{edges} {memory}: the edges' {quantity} error {e_fused:.3g} against the float64 oracle is more "
             f"than twice eager float32's {e_eager:.3g}"
@@ -223,15 +228,10 @@ def test_fused_network_under_autocast_is_within_twice_eager_autocast(amp):
         for memory in MEMORY:
             runs[memory], fused_edges = _autocast_step(base, x, y, "cpu", memory, amp)
             assert all(fused_edges), f"every edge of the {memory} run must run the fused edge under autocast"
-        for run, values in runs.items():
-            for name, value in values.items():
-                acc = squared.setdefault((run, name), [0.0, 0.0])
-                acc[0] += float(((value - oracle[name]) ** 2).sum())
-                acc[1] += float((oracle[name] ** 2).sum())
+        _pool(squared, runs, oracle)
     for memory in MEMORY:
         for name in ("logits", "weight grads", "arch grads"):
-            e_eager = (squared[("eager", name)][0] / squared[("eager", name)][1]) ** 0.5
-            e_fused = (squared[(memory, name)][0] / squared[(memory, name)][1]) ** 0.5
+            e_eager, e_fused = _error(squared, "eager", name), _error(squared, memory, name)
             assert e_fused <= 2 * e_eager, (
                 f"{amp} {memory}: {name} error {e_fused:.3g} against the float64 oracle, "
                 f"more than twice eager autocast's {e_eager:.3g}"
