@@ -1,0 +1,309 @@
+"""The replaced methods: what a patched mixed op or cell computes, and their binding
+to the instance (``PatchedMethod``), undone by ``unbind``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fastnas.nn.edge_plan import EdgePlan
+from fastnas.nn.mixed_op import checkpoint_module
+from fastnas.ops import channel_shuffle, mixed_sum, partial_channel_mixed_sum
+from fastnas.ops.darts_edge import darts_edge
+from fastnas.patch.recognise import Edge, Plan
+from fastnas.patch.report import GDAS_SUM, NB201_CELL, ONE, PC_DARTS
+
+STATE = "_fastnas_patch"
+BOUND = "_fastnas_bound"
+
+
+class PatchedMethod:
+    """A replaced method on the instance (``forward``, ``forward_darts``, ...).
+
+    A callable object rather than a closure, so ``copy.deepcopy`` and pickling of a
+    patched model rebind it to the copied module instead of the original one.
+    """
+
+    __slots__ = ("module", "name")
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module = module
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        return _call(self.module, self.name, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<fastnas patched {self.name} of {type(self.module).__name__}>"
+
+
+class Replicate:
+    """The instance ``_replicate_for_data_parallel`` of a patched module.
+
+    ``nn.DataParallel`` builds each replica from a shallow copy of the module's
+    ``__dict__``, which would leave the replica's methods running the original
+    module; this rebinds the copy to the replica.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self):
+        replica = type(self.module)._replicate_for_data_parallel(self.module)
+        replica.__dict__.pop(BOUND, None)  # the original's bound tensors; the replica binds its own
+        bind(replica)
+        return replica
+
+
+def bind(module: nn.Module) -> None:
+    for name, _ in module.__dict__[STATE].methods:
+        object.__setattr__(module, name, PatchedMethod(module, name))
+    object.__setattr__(module, "_replicate_for_data_parallel", Replicate(module))
+
+
+def unbind(module: nn.Module) -> None:
+    """Delete what ``bind`` and the replaced methods set on the instance, leaving its
+    ``__dict__`` as it was before patching."""
+    for name in list(module.__dict__):
+        if isinstance(module.__dict__[name], (PatchedMethod, Replicate)) or name in (STATE, BOUND):
+            del module.__dict__[name]
+
+
+def _call(module: nn.Module, name: str, args: tuple, kwargs: dict):
+    plan: Plan = module.__dict__[STATE]
+    what = dict(plan.methods).get(name)
+    out = None if what is None or kwargs else replacement(module, plan, what, args)
+    if out is None:
+        return getattr(type(module), name)(module, *args, **kwargs)
+    return out
+
+
+def replacement(module: nn.Module, plan: Plan, what: str, args: tuple):
+    """What the replaced method computes, or None for a call the fused ops cannot take
+    (decided before any candidate runs, so that the original then runs them once)."""
+    if len(args) != (3 if what in (GDAS_SUM, ONE) else 2):
+        return None
+    if plan.style == NB201_CELL:
+        return _cell(module, plan, what, *args)
+    if what == GDAS_SUM:
+        return _mixed_gdas(module, plan, *args)
+    if what == ONE:
+        return _mixed_one(module, plan, *args)
+    return _mixed(module, plan, *args)
+
+
+def _summable(outs: list[torch.Tensor]) -> bool:
+    o0 = outs[0]
+    return (
+        all(
+            isinstance(o, torch.Tensor) and o.shape == o0.shape and o.dtype == o0.dtype and o.device == o0.device
+            for o in outs
+        )
+        and o0.dtype.is_floating_point
+    )
+
+
+def _original_sum(ops, e: Edge, outs: list[torch.Tensor], x, weights):
+    """The original ``sum(w * op(x))`` from outputs already computed (zero ones run now)."""
+    done = dict(zip(e.plan.active, outs))
+    return sum(w * (done[k] if k in done else ops[k](x)) for k, w in zip(range(e.n), weights))
+
+
+def _takes_weights(weights, n: int) -> bool:
+    return isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.shape[0] == n
+
+
+def _mixed(module: nn.Module, plan: Plan, x, weights):
+    e = plan.edges[0]
+    ops = module._modules[plan.attr]
+    if len(ops) != e.n or not isinstance(x, torch.Tensor) or not _takes_weights(weights, e.n):
+        return None
+    if plan.memory == "checkpoint" and torch.is_grad_enabled():
+        return checkpoint_module(module, lambda x, weights: _mixed_sum(module, ops, plan, x, weights), x, weights)
+    return _mixed_sum(module, ops, plan, x, weights)
+
+
+def _mixed_sum(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: torch.Tensor):
+    if plan.style == PC_DARTS:
+        return _pc_forward(module, ops, plan, x, weights)
+    return _weighted_sum(module, plan, plan.edges[0], ops, x, weights)
+
+
+def _terms(module: nn.Module, plan: Plan, e: Edge, ops, x: torch.Tensor, weights: torch.Tensor):
+    """The edge's weighted sum as (terms, their weights, whether the terms are the
+    non-zero candidates' outputs): the whole fused edge, the fused part and the other
+    candidates' outputs, or every non-zero candidate's output. Candidates that run as
+    modules run in their original order."""
+    fused = _fused_edge(module, plan, e, e.plan, ops, ops, x, weights)
+    if fused is not None:
+        return [fused], weights.new_ones(1), False
+    part = e.plan.part
+    if part is not None:
+        index = e.plan.part_index
+        y = _fused_edge(module, plan, e, part, ops, [ops[i] for i in index], x, weights[list(index)])
+        if y is not None:
+            rest = e.plan.rest
+            outs = [ops[k](x) for k in rest]
+            return [y, *outs], torch.cat([weights.new_ones(1), weights[list(rest)]]), False
+    return [ops[k](x) for k in e.plan.active], weights[e.active_index], True
+
+
+def _weighted_sum(module: nn.Module, plan: Plan, e: Edge, ops, x: torch.Tensor, weights: torch.Tensor):
+    """``sum_k weights[k] * op_k(x)`` of one edge: the fused edge (or its fused part),
+    the fused sum over the candidates' outputs, else the original sum."""
+    terms, w, outputs = _terms(module, plan, e, ops, x, weights)
+    if not outputs and len(terms) == 1:
+        return terms[0]
+    if _summable(terms):
+        return mixed_sum(terms, w, backend=plan.backend)
+    if outputs:
+        return _original_sum(ops, e, terms, x, weights)
+    return sum(wk * t for wk, t in zip(w, terms))
+
+
+def _pc_forward(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: torch.Tensor):
+    e = plan.edges[0]
+    k = module.k
+    c = x.shape[1]
+    part, bypass = x[:, : c // k], x[:, c // k :]
+    outs, coef, outputs = _terms(module, plan, e, ops, part, weights)
+    o0 = outs[0]
+    # The original decides on pooling by comparing heights only; so does this.
+    pool = o0.dim() == 4 and o0.shape[2] != x.shape[2]
+    h, w = bypass.shape[2:]
+    fits = (
+        _summable(outs)
+        and o0.dim() == 4
+        and bypass.shape[1] > 0
+        and bypass.dtype == o0.dtype
+        and (o0.shape[1] + bypass.shape[1]) % k == 0
+        and (
+            (h % 2 == 0 and w % 2 == 0 and (h // 2, w // 2) == tuple(o0.shape[2:]))
+            if pool
+            else (h, w) == tuple(o0.shape[2:])
+        )
+    )
+    if fits:
+        return partial_channel_mixed_sum(outs, coef, bypass, k, pool, backend=plan.backend)
+    if outputs:
+        mixed = _original_sum(ops, e, outs, part, weights)
+    else:
+        mixed = sum(c * t for c, t in zip(coef, outs))
+    if mixed.shape[2] == x.shape[2]:
+        return channel_shuffle(torch.cat([mixed, bypass], dim=1), k)
+    return channel_shuffle(torch.cat([mixed, module.mp(bypass)], dim=1), k)
+
+
+def _fused_edge(module: nn.Module, plan: Plan, e: Edge, edge: EdgePlan, ops, candidates, x, weights):
+    """``candidates`` (the edge's list ``ops``, or its fused part) through
+    ``fastnas.ops.darts_edge``, or None where ``edge`` says they cannot run fused
+    (``fastnas.nn.edge_plan.EdgePlan.fused_reason``)."""
+    if edge.fused_reason(x, plan.backend, training=ops.training, memory=plan.memory) is not None:
+        return None
+    cache = module.__dict__.get(BOUND)
+    if not isinstance(cache, dict):
+        cache = {}
+        object.__setattr__(module, BOUND, cache)
+    key = (e.key, edge is e.plan)
+    bound = cache.get(key)
+    if bound is None or any(a is not b for a, b in zip(bound.candidates, candidates)):
+        bound = cache[key] = edge.bind(candidates)
+    return darts_edge(
+        x, weights, bound.parameters(), edge.spec, bound.buffers(), memory=plan.memory, backend=plan.backend
+    )
+
+
+def _pick(index, n: int) -> int | None:
+    """A sampled index given as an int or a one-element integer tensor, if in range."""
+    if isinstance(index, torch.Tensor) and index.numel() == 1 and not index.is_floating_point():
+        index = int(index.item())
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < n:
+        return None
+    return index
+
+
+def _gdas_sum(ops, e: Edge, x: torch.Tensor, weights: torch.Tensor, a: int):
+    """``weights[a] * op_a(x) + sum_{k != a} weights[k]`` in one pass over the output."""
+    y = ops[a](x)
+    rest = [k for k in range(e.n) if k != a]
+    if not rest or not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point:
+        return sum(weights[k] * y if k == a else weights[k] for k in range(e.n))
+    return torch.addcmul(weights[rest].sum().to(y.dtype), y, weights[a].to(y.dtype))
+
+
+def _mixed_gdas(module: nn.Module, plan: Plan, x, weights, index):
+    e = plan.edges[0]
+    ops = module._modules[plan.attr]
+    a = _pick(index, e.n)
+    if len(ops) != e.n or a is None or not isinstance(x, torch.Tensor) or not _takes_weights(weights, e.n):
+        return None
+    return _gdas_sum(ops, e, x, weights, a)
+
+
+def _mixed_one(module: nn.Module, plan: Plan, x, weights, index):
+    """What a GDAS method that runs one candidate computes; used only to recognise one."""
+    ops = module._modules[plan.attr]
+    return ops[index](x) * weights[index]
+
+
+def _cell(module: nn.Module, plan: Plan, what: str, inputs, weightss, index=None):
+    edges = module._modules.get(plan.attr)
+    rows = getattr(module, plan.index_attr, None)
+    if (
+        not isinstance(edges, nn.ModuleDict)
+        or not isinstance(rows, dict)
+        or not isinstance(inputs, torch.Tensor)
+        or not isinstance(weightss, torch.Tensor)
+        or weightss.dim() != 2
+    ):
+        return None
+    live = {}
+    for e in plan.edges:
+        ops = edges._modules.get(e.key)
+        row = rows.get(e.key)
+        if (
+            not isinstance(ops, nn.ModuleList)
+            or len(ops) != e.n
+            or isinstance(row, bool)
+            or not isinstance(row, int)
+            or not 0 <= row < weightss.shape[0]
+            or weightss.shape[1] != e.n
+        ):
+            return None
+        live[e.key] = (e, ops, row)
+    picks = None
+    if what == GDAS_SUM:
+        if not isinstance(index, torch.Tensor) or index.is_floating_point() or index.dim() < 1:
+            return None
+        if index.shape[0] != weightss.shape[0] or index[0].numel() != 1:
+            return None
+        picks = index.reshape(index.shape[0]).tolist()  # one host sync for every edge
+        if not all(0 <= picks[row] < e.n for e, _, row in live.values()):
+            return None
+    nodes = [inputs]
+    for i in range(1, plan.nodes):
+        total = None
+        for j in range(i):
+            e, ops, row = live[f"{i}<-{j}"]
+            if picks is not None:
+                out = _gdas_sum(ops, e, nodes[j], weightss[row], picks[row])
+            elif plan.memory == "checkpoint" and torch.is_grad_enabled():
+                fn = _CellEdge(module, plan, e, ops)
+                out = checkpoint_module(ops, fn, nodes[j], weightss[row])
+            else:
+                out = _weighted_sum(module, plan, e, ops, nodes[j], weightss[row])
+            total = out if total is None else total + out
+        nodes.append(total)
+    return nodes[-1]
+
+
+class _CellEdge:
+    __slots__ = ("module", "plan", "edge", "ops")
+
+    def __init__(self, module, plan, edge, ops):
+        self.module, self.plan, self.edge, self.ops = module, plan, edge, ops
+
+    def __call__(self, x, weights):
+        return _weighted_sum(self.module, self.plan, self.edge, self.ops, x, weights)
