@@ -6,12 +6,13 @@ Backends:
   cuda       CUDA C++ kernels of fastnas._C for CUDA tensors.
   triton     Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
 
-Each op declares its implementations once, when its module is imported:
-``register(op, "triton")`` for Python-side kernels, ``register_cpp(op)`` for the
-C++ ones, which reads from the dispatcher whether fastnas._C holds a CPU and a
-CUDA kernel for the op (so a stale build that lacks an op is never mistaken for
-one that has it). Whether a backend works on this machine is computed once
-(``refresh()`` recomputes it, for tests).
+Each op declares its implementations once, when its module is imported
+(``fastnas.ops._registry.register_op``): ``register(op, "triton")`` for
+Python-side kernels, ``register_cpp(op)`` for the C++ ones, which reads from the
+dispatcher whether fastnas._C holds a CPU and a CUDA kernel for the op (so a
+stale build that lacks an op is never mistaken for one that has it). Whether a
+backend works on this machine is computed once (``refresh()`` recomputes it,
+for tests).
 
 Choice, first match wins: the ``backend=`` argument of an op, the innermost
 ``use_backend(...)`` context, the FASTNAS_BACKEND variable, else automatic.
@@ -162,13 +163,14 @@ def _has_cpp_kernel(op: str, dispatch_key: str) -> bool:
         return False
 
 
+def cpp_backends(op: str) -> frozenset[str]:
+    """The backends ('cpu', 'cuda') whose C++ kernels implement ``op`` in this build."""
+    return frozenset(name for name in ("cpu", "cuda") if _has_cpp_kernel(op, name.upper()))
+
+
 def implementations(op: str) -> list[str]:
     """The backends that implement ``op`` in this build, whether or not they work on this machine."""
-    names = {"reference"} | _python_impls.get(op, set())
-    if _has_cpp_kernel(op, "CPU"):
-        names.add("cpu")
-    if _has_cpp_kernel(op, "CUDA"):
-        names.add("cuda")
+    names = {"reference"} | _python_impls.get(op, set()) | cpp_backends(op)
     return [name for name in BACKENDS if name in names]
 
 

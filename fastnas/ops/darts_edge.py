@@ -58,6 +58,7 @@ import torch
 
 from fastnas import backends
 from fastnas.ops._common import autocast_dtype
+from fastnas.ops._registry import register_op
 from fastnas.ops.activations import ACTIVATIONS
 from fastnas.ops.darts_sum import darts_sum, darts_sum_backward, pool_batch_norm_stats
 from fastnas.ops.multi_depthwise import (
@@ -597,21 +598,10 @@ def _fake_backward(grad_out, x, weights, params, zs, mid_mean, mid_rstd, mean, r
     return x.new_empty(x.shape), weights.new_empty(weights.shape), [p.new_empty(p.shape) for p in params]
 
 
-def _register_cpp() -> set[str]:
-    """The backends whose C++ kernels run the whole edge ('cpu', 'cuda')."""
-    if not backends.register_cpp("darts_edge", "darts_edge_backward"):
-        return set()
-    torch.library.register_fake("fastnas::darts_edge")(_fake_forward)
-    torch.library.register_fake("fastnas::darts_edge_backward")(_fake_backward)
-    return {
-        b for b in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key("fastnas::darts_edge", b.upper())
-    }
-
-
-_CPP_BACKENDS = _register_cpp()
-# Where the C++ op lacks a device's kernel (a build older than it), the Python
-# composite of the building blocks runs on that device's backend.
-backends.register("darts_edge", "cpu", "cuda", "triton")
+# The backends whose C++ kernels run the whole edge ('cpu', 'cuda'); the C++ op has its own
+# autograd. Where it lacks a device's kernel (a build older than it), the Python composite of
+# the building blocks runs on that device's backend.
+_CPP_BACKENDS = register_op("darts_edge", _fake_forward, fake_backward=_fake_backward, python=("cpu", "cuda", "triton"))
 
 
 __all__ = ["DTYPES", "EdgeSpec", "FUSED_ACTIVATIONS", "MEMORY_MODES", "darts_edge", "unsupported_reason"]

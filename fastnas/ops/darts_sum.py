@@ -50,6 +50,7 @@ from fastnas.ops._common import (
     check_value,
     is_int,
 )
+from fastnas.ops._registry import register_op
 
 
 def pooled_size(size: int, stride: int) -> int:
@@ -390,20 +391,6 @@ def _fake_backward(grad_out, x, z, mean, rstd, coef, stride, has_max, has_avg, h
     return grad_z, grad_x, coef.new_empty(coef.shape)
 
 
-def _register_cpp():
-    stats = backends.register_cpp("pool_batch_norm_stats")
-    if not (backends.register_cpp("darts_sum", "darts_sum_backward") and stats):
-        return
-    torch.library.register_fake("fastnas::pool_batch_norm_stats")(_fake_stats)
-    torch.library.register_fake("fastnas::darts_sum")(_fake_forward)
-    torch.library.register_fake("fastnas::darts_sum_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastnas::darts_sum",
-        _make_backward(torch.ops.fastnas.darts_sum_backward),
-        setup_context=_setup_context,
-    )
-
-
 @torch.library.custom_op("fastnas::pool_batch_norm_stats_triton", mutates_args=())
 def _stats_triton(x: torch.Tensor, stride: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastnas.kernels.darts_sum import pool_batch_norm_stats_forward
@@ -469,10 +456,13 @@ def _darts_sum_backward_triton(
     )
 
 
-_stats_triton.register_fake(_fake_stats)
-_darts_sum_triton.register_fake(_fake_forward)
-_darts_sum_backward_triton.register_fake(_fake_backward)
-_darts_sum_triton.register_autograd(_make_backward(_darts_sum_backward_triton), setup_context=_setup_context)
-_register_cpp()
-backends.register("pool_batch_norm_stats", "triton")
-backends.register("darts_sum", "triton")
+register_op("pool_batch_norm_stats", _fake_stats, triton=_stats_triton)
+register_op(
+    "darts_sum",
+    _fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+    triton=_darts_sum_triton,
+    triton_backward=_darts_sum_backward_triton,
+)

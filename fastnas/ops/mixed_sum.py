@@ -31,6 +31,7 @@ from fastnas.ops._common import (
     fill_grads,
     grad_flags,
 )
+from fastnas.ops._registry import register_op
 
 
 def mixed_sum_reference(xs: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -152,18 +153,6 @@ def _fake_backward(grad_out, xs, weights, xs_need_grad, weights_need_grad):
     return grad_xs, grad_w
 
 
-def _register_cpp():
-    if not backends.register_cpp("mixed_sum", "mixed_sum_backward"):
-        return
-    torch.library.register_fake("fastnas::mixed_sum")(_fake_forward)
-    torch.library.register_fake("fastnas::mixed_sum_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastnas::mixed_sum",
-        _make_backward(torch.ops.fastnas.mixed_sum_backward),
-        setup_context=_setup_context,
-    )
-
-
 # The Triton kernels take the K input pointers through a device-side table built
 # from data_ptr(), which Inductor cannot trace; so these are opaque custom ops
 # rather than torch.library.triton_op.
@@ -189,8 +178,12 @@ def _mixed_sum_triton_backward(
     )
 
 
-_mixed_sum_triton.register_fake(_fake_forward)
-_mixed_sum_triton_backward.register_fake(_fake_backward)
-_mixed_sum_triton.register_autograd(_make_backward(_mixed_sum_triton_backward), setup_context=_setup_context)
-_register_cpp()
-backends.register("mixed_sum", "triton")
+register_op(
+    "mixed_sum",
+    _fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+    triton=_mixed_sum_triton,
+    triton_backward=_mixed_sum_triton_backward,
+)

@@ -52,6 +52,7 @@ from fastnas.ops._common import (
     check_value,
     is_int,
 )
+from fastnas.ops._registry import register_op
 from fastnas.ops.activations import ACTIVATIONS, activation_code, apply_activation
 
 # The Triton kernels take the candidates' weights through a fixed number of
@@ -404,18 +405,6 @@ def _make_backward(backward_op):
     return backward
 
 
-def _register_cpp():
-    if not backends.register_cpp("multi_depthwise", "multi_depthwise_backward"):
-        return
-    torch.library.register_fake("fastnas::multi_depthwise")(_fake_forward)
-    torch.library.register_fake("fastnas::multi_depthwise_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastnas::multi_depthwise",
-        _make_backward(torch.ops.fastnas.multi_depthwise_backward),
-        setup_context=_setup_context,
-    )
-
-
 # Opaque custom ops around the Triton launches: the launch code picks constexpr
 # kernel sizes and dilations per candidate slot on the host.
 @torch.library.custom_op("fastnas::multi_depthwise_triton", mutates_args=())
@@ -458,20 +447,23 @@ def _multi_depthwise_backward_triton(
     )  # fmt: skip
 
 
-@_multi_depthwise_triton.register_fake
 def _fake_forward_triton(x, weights, dilations, stride, mean, rstd, activations=None):
     check_triton_candidates(len(weights))
     return _fake_forward(x, weights, dilations, stride, mean, rstd, activations or ())
 
 
-@_multi_depthwise_backward_triton.register_fake
 def _fake_backward_triton(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations=None):
     check_triton_candidates(len(weights))
     return _fake_backward(grad_out, x, weights, dilations, stride, mean, rstd, input_need_grad, activations or ())
 
 
-_multi_depthwise_triton.register_autograd(
-    _make_backward(_multi_depthwise_backward_triton), setup_context=_setup_context
+register_op(
+    "multi_depthwise",
+    _fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+    triton=_multi_depthwise_triton,
+    triton_backward=_multi_depthwise_backward_triton,
+    triton_fakes=(_fake_forward_triton, _fake_backward_triton),
 )
-_register_cpp()
-backends.register("multi_depthwise", "triton")

@@ -28,6 +28,7 @@ from fastnas.ops._common import (
     fill_grads,
     grad_flags,
 )
+from fastnas.ops._registry import register_op
 from fastnas.ops.mixed_sum import check_mixed_sum, check_weighted_sum_backward, mixed_sum_reference
 
 _OP = "partial_channel_mixed_sum"
@@ -192,18 +193,6 @@ def _fake_backward(
     return grad_xs, grad_w, grad_b
 
 
-def _register_cpp():
-    if not backends.register_cpp("partial_channel_mixed_sum", "partial_channel_mixed_sum_backward"):
-        return
-    torch.library.register_fake("fastnas::partial_channel_mixed_sum")(_fake_forward)
-    torch.library.register_fake("fastnas::partial_channel_mixed_sum_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastnas::partial_channel_mixed_sum",
-        _make_backward(torch.ops.fastnas.partial_channel_mixed_sum_backward),
-        setup_context=_setup_context,
-    )
-
-
 # Opaque custom ops, for the reason given in mixed_sum.py.
 @torch.library.custom_op("fastnas::partial_channel_mixed_sum_triton", mutates_args=())
 def _pc_triton(
@@ -243,8 +232,12 @@ def _pc_triton_backward(
     )
 
 
-_pc_triton.register_fake(_fake_forward)
-_pc_triton_backward.register_fake(_fake_backward)
-_pc_triton.register_autograd(_make_backward(_pc_triton_backward), setup_context=_setup_context)
-_register_cpp()
-backends.register("partial_channel_mixed_sum", "triton")
+register_op(
+    _OP,
+    _fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+    triton=_pc_triton,
+    triton_backward=_pc_triton_backward,
+)

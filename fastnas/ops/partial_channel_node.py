@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from fastnas import backends
+from fastnas.ops._registry import register_op
 from fastnas.ops.darts_edge import MEMORY_MODES, EdgeSpec, darts_edge
 from fastnas.ops.darts_edge import _check as _check_edge
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
@@ -211,16 +212,8 @@ def _fake_backward(
     )
 
 
-def _register_cpp() -> set[str]:
-    if not backends.register_cpp(_OP, _OP + "_backward"):
-        return set()
-    torch.library.register_fake("fastnas::partial_channel_node")(_fake_forward)
-    torch.library.register_fake("fastnas::partial_channel_node_backward")(_fake_backward)
-    return {b for b in ("cpu", "cuda") if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnas::{_OP}", b.upper())}
-
-
-_CPP_BACKENDS = _register_cpp()
-# The composite (one darts_edge per edge, then partial_channel_node_sum) runs elsewhere.
-backends.register(_OP, "cpu", "cuda", "triton")
+# The C++ op has its own autograd; the composite (one darts_edge per edge, then
+# partial_channel_node_sum) runs elsewhere.
+_CPP_BACKENDS = register_op(_OP, _fake_forward, fake_backward=_fake_backward, python=("cpu", "cuda", "triton"))
 
 __all__ = ["NodeSpec", "partial_channel_node"]

@@ -41,6 +41,7 @@ from fastnas.ops._common import (
     check_value,
     is_int,
 )
+from fastnas.ops._registry import register_op
 from fastnas.ops.partial_channel_mixed_sum import channel_shuffle
 
 _OP = "partial_channel_node_sum"
@@ -247,18 +248,6 @@ def _fake_backward(
     return grad_mixed, grad_bypass, grad_w
 
 
-def _register_cpp():
-    if not backends.register_cpp("partial_channel_node_sum", "partial_channel_node_sum_backward"):
-        return
-    torch.library.register_fake("fastnas::partial_channel_node_sum")(_fake_forward)
-    torch.library.register_fake("fastnas::partial_channel_node_sum_backward")(_fake_backward)
-    torch.library.register_autograd(
-        "fastnas::partial_channel_node_sum",
-        _make_backward(torch.ops.fastnas.partial_channel_node_sum_backward),
-        setup_context=_setup_context,
-    )
-
-
 # Opaque custom ops: the kernels take the inputs through a pointer table built
 # from data_ptr(), which Inductor cannot trace.
 @torch.library.custom_op("fastnas::partial_channel_node_sum_triton", mutates_args=())
@@ -300,8 +289,12 @@ def _node_triton_backward(
     )
 
 
-_node_triton.register_fake(_fake_forward)
-_node_triton_backward.register_fake(_fake_backward)
-_node_triton.register_autograd(_make_backward(_node_triton_backward), setup_context=_setup_context)
-_register_cpp()
-backends.register("partial_channel_node_sum", "triton")
+register_op(
+    "partial_channel_node_sum",
+    _fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    make_backward=_make_backward,
+    triton=_node_triton,
+    triton_backward=_node_triton_backward,
+)

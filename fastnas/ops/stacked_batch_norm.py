@@ -44,6 +44,7 @@ from fastnas.ops._common import (
     check_value,
     is_int,
 )
+from fastnas.ops._registry import register_op
 
 _STATS = "stacked_batch_norm_stats"
 _BACKWARD = "stacked_batch_norm_backward"
@@ -284,18 +285,6 @@ def _fake_backward(grad_yhat, z, mean, rstd):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
-def _register_cpp():
-    if backends.register_cpp("update_running_stats"):
-        torch.library.register_fake("fastnas::update_running_stats")(_update_running_stats_fake)
-    else:
-        _define_update_running_stats_without_cpp()
-    stats = backends.register_cpp("stacked_batch_norm_stats")
-    if not (backends.register_cpp("stacked_batch_norm_backward") and stats):
-        return
-    torch.library.register_fake("fastnas::stacked_batch_norm_stats")(_fake_stats)
-    torch.library.register_fake("fastnas::stacked_batch_norm_backward")(_fake_backward)
-
-
 def _define_update_running_stats_without_cpp():
     """Without fastnas._C, the same op, run by the reference."""
 
@@ -334,8 +323,7 @@ def _backward_triton(grad_yhat: torch.Tensor, z: torch.Tensor, mean: torch.Tenso
     return backward_kernel(grad_yhat.contiguous(), z.contiguous(), mean.contiguous(), rstd.contiguous())
 
 
-_stats_triton.register_fake(_fake_stats)
-_backward_triton.register_fake(_fake_backward)
-_register_cpp()
-backends.register("stacked_batch_norm_stats", "triton")
-backends.register("stacked_batch_norm_backward", "triton")
+register_op(_STATS, _fake_stats, triton=_stats_triton)
+register_op(_BACKWARD, _fake_backward, triton=_backward_triton)
+if not register_op(_UPDATE, _update_running_stats_fake):
+    _define_update_running_stats_without_cpp()
