@@ -6,7 +6,7 @@
 
 Two figures on the same machine and batch:
 
-* the pipeline alone: images per second of a search loader (``fastnas.search.data.SearchLoader``,
+* the pipeline alone: images per second of a search loader (``fastnas.run.data.SearchLoader``,
   keyed random resized crops and flips, as a search reads its halves) iterated without
   training, for each ``--workers`` setting, after a warm-up batch that starts the workers;
 * the search step's consumption: images per second of fused first-order search steps of
@@ -61,7 +61,7 @@ def write_folder(root: Path, classes: int, per_class: int, size: tuple[int, int]
 
 
 def time_pipeline(train_set, batch_size: int, workers: int, decode: str, device, batches: int) -> dict:
-    from fastnas.search.data import SearchLoader
+    from fastnas.run.data import SearchLoader
 
     loader = SearchLoader(
         train_set, range(len(train_set)), batch_size, seed=0, workers=workers,
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     from fastnas.data import load_dataset
     from fastnas.data.pipeline import check_decode
-    from fastnas.search.data import default_workers
+    from fastnas.run.data import default_workers
 
     check_decode(args.decode, "imagenet", args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -87,7 +87,7 @@ def build(args, network: str, config: str):
             network=network, channels=args.channels, num_classes=args.num_classes, layers=args.layers,
             stem="cifar", backend=backend, memory=memory,
         )  # fmt: skip
-        model = bench._build_network(step_args, "cpu")
+        model = bench.build_step_network(step_args, "cpu")
         if config == "save-kept-preprocess":
             from fastnas.nn.cell import Cell
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_scalable_step.py [--threads 1] [--channels 8] [--layers 5] [--batch-size 16]
         [--image-size 16] [--reps 5] [--device cpu]
 
-The factorised supernet (``fastnas.spaces.darts_factorized``: the DARTS candidates,
+The factorised supernet (``fastnas.spaces.darts.factorized``: the DARTS candidates,
 each convolution once per activation of Scalable-DARTS' default set) runs forward and
 backward on random data, first with ``backend="reference"`` (every candidate an eager
 module), then with the automatic backend (the fused edge, whose depthwise prologue
@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fastnas.spaces.darts_factorized import FactorizedSearchNetwork
+from fastnas.spaces.darts.factorized import FactorizedSearchNetwork
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_search import INFO, assert_state_close, losses, run, tiny_config, tiny_dataset  # noqa: F401
 
-from fastnas.search import SearchConfig, SearchError, build_network
+from fastnas.search import SearchConfig, SearchError, build_supernet
 from fastnas.search.architect import AmendedArchGrad, first_order_arch_grads
 from fastnas.spaces import validate_genotype
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _net_and_batches(backend="reference"):
     torch.manual_seed(0)
-    net = build_network(tiny_config("amended-darts", backend=backend), 4, 3, 3).double()
+    net = build_supernet(tiny_config("amended-darts", backend=backend), 4, 3, 3).double()
     g = torch.Generator().manual_seed(1)
     xt, xv = (torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     yt, yv = (torch.randint(0, 4, (6,), generator=g) for _ in range(2))

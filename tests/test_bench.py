@@ -224,7 +224,7 @@ def test_bench_step_host_mode_tiny(capsys):
 def test_bench_step_imagenet_memory_mode_tiny(capsys, tmp_path):
     """--imagenet: the PC-DARTS K=2 eager baseline and the fused rows, each in a fresh process, with the
     memory per image and the projected batch (tiny shapes here; the mode's own defaults are 224x224)."""
-    from fastnas import bench_memory
+    from fastnas.bench import memory as bench_memory
 
     parser = bench.add_bench_step_args(argparse.ArgumentParser())
     args = parser.parse_args(
@@ -249,7 +249,7 @@ def test_bench_step_imagenet_memory_mode_tiny(capsys, tmp_path):
 
 
 def test_projected_batch():
-    from fastnas.bench_memory import projected_batch
+    from fastnas.bench.memory import projected_batch
 
     assert projected_batch(80, 9.2) == 8904 and projected_batch(80, 0) == 0
     assert projected_batch(1, 10, fixed_mib=24) == 100 and projected_batch(1, 10, fixed_mib=2048) == 0

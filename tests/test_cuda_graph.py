@@ -23,8 +23,8 @@ from torch.utils.data import TensorDataset
 
 from fastnas import backends, bench
 from fastnas.cli import build_parser, main
-from fastnas.search import NonFiniteLossError, SearchConfig, Searcher, SearchError, build_network, cuda_graph
-from fastnas.search import checkpoint as ckpt
+from fastnas.run import checkpoint as ckpt
+from fastnas.search import NonFiniteLossError, SearchConfig, Searcher, SearchError, build_supernet, cuda_graph
 from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.cuda_graph import (
     CUDAGraphError,
@@ -404,7 +404,7 @@ def _assert_states_close(actual: dict, expected: dict, where: str, **tol):
 def _net_and_optimizers(method, backend, capturable):
     config = tiny_config(method, backend=backend)
     torch.manual_seed(0)
-    net = build_network(config, INFO["num_classes"], INFO["in_channels"], config.layers).cuda()
+    net = build_supernet(config, INFO["num_classes"], INFO["in_channels"], config.layers).cuda()
     w_opt = torch.optim.SGD(net.weight_parameters(), 0.025, momentum=0.9, weight_decay=3e-4)
     a_opt = torch.optim.Adam(net.arch_parameters(), lr=6e-4, betas=(0.5, 0.999), weight_decay=1e-3,
                              capturable=capturable)  # fmt: skip

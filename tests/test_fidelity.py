@@ -302,7 +302,7 @@ def test_spos_label_smoothing_is_crossentropylabelsmooth():
 
 
 def _spos_supernet(tmp_path, n=48):
-    from fastnas.search.selection import load_supernet
+    from fastnas.tools.selection import load_supernet
 
     data = tiny_dataset(n)
     cfg = SearchConfig.create("spos", space="nb201", epochs=1, batch_size=8, init_channels=4, layers=1)
@@ -312,7 +312,7 @@ def _spos_supernet(tmp_path, n=48):
 
 
 def test_spos_recalibration_uses_20000_images_capped_by_the_training_half(tmp_path):
-    from fastnas.search.selection import SPOS_BN_IMAGES, SelectSettings
+    from fastnas.tools.selection import SPOS_BN_IMAGES, SelectSettings
 
     assert SPOS_BN_IMAGES == 20_000 and SelectSettings().bn_images == 20_000 and SelectSettings().bn_batches is None
     supernet = _spos_supernet(tmp_path)
@@ -320,7 +320,7 @@ def test_spos_recalibration_uses_20000_images_capped_by_the_training_half(tmp_pa
     assert images(supernet.scorer()) == len(supernet.train_idx) < SPOS_BN_IMAGES
     assert images(supernet.scorer(bn_images=20)) == 20
     assert images(supernet.scorer(bn_batches=2, batch_size=8)) == 16
-    from fastnas.search.selection import select
+    from fastnas.tools.selection import select
 
     result = select(supernet.run_dir, SelectSettings("random", candidates=2), progress=False, supernet=supernet)
     assert result.settings["bn_images"] == SPOS_BN_IMAGES
@@ -331,7 +331,7 @@ def test_spos_recalibration_uses_20000_images_capped_by_the_training_half(tmp_pa
 
 def test_recalibration_with_spos_codes_momentum_is_an_exponential_average():
     """tester.py resets the statistics and runs batches through BatchNorm2d's momentum 0.1."""
-    from fastnas.search.selection import recalibrate_batch_norm
+    from fastnas.tools.selection import recalibrate_batch_norm
 
     torch.manual_seed(0)
     net = NB201SearchNetwork(C=4, N=1, num_classes=4)

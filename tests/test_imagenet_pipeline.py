@@ -12,8 +12,8 @@ from PIL import Image
 
 from fastnas.data import DatasetError, DatasetNotFoundError, load_dataset
 from fastnas.data.pipeline import check_decode, collate_encoded, decode_batch, random_crop_box, sample_key
+from fastnas.run.data import EpochShardSampler, SearchLoader, default_workers, search_split
 from fastnas.search import SearchConfig, SearchError
-from fastnas.search.data import EpochShardSampler, SearchLoader, default_workers, search_split
 
 CLASSES = ["n001", "n002", "n003"]
 

@@ -12,21 +12,19 @@ from fastnas.cli import main
 from fastnas.search import Searcher, SearchError
 from fastnas.search.latency import (
     DERIVE_TEMPERATURE,
-    RELAXED_SCALES,
     LatencyModel,
     LatencyModelError,
     LatencyRegressor,
     derive_genotype,
-    describe,
     encode_genotype,
     encode_weights,
-    fit_latency_model,
     random_genotype,
     random_relaxed_weights,
     relative_error,
     soft_derive,
 )
 from fastnas.spaces import DARTS_PRIMITIVES, SearchNetwork, validate_genotype
+from fastnas.tools.latency_fit import RELAXED_SCALES, describe, fit_latency_model
 
 # Milliseconds per edge of each candidate in the synthetic model below.
 COST = {"none": 0.0, "max_pool_3x3": 0.5, "avg_pool_3x3": 0.5, "skip_connect": 0.2, "sep_conv_3x3": 3.0,

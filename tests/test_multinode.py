@@ -57,8 +57,8 @@ SEE_SCRIPT = textwrap.dedent(
     import json, os, sys
     from fastnas.cli import main
     from fastnas.search import Searcher, SearchError
-    from fastnas.search import data
-    from fastnas.search.distributed import data_fingerprint
+    from fastnas.run import data
+    from fastnas.run.distributed import data_fingerprint
 
     out, argv = sys.argv[1], sys.argv[2:]
     shards = []
@@ -291,8 +291,8 @@ def test_data_fingerprint_names_what_every_rank_must_share(tmp_path):
     from torch.utils.data import TensorDataset
 
     from fastnas.data import load_dataset
-    from fastnas.search.data import split_indices
-    from fastnas.search.distributed import data_fingerprint
+    from fastnas.run.data import split_indices
+    from fastnas.run.distributed import data_fingerprint
 
     def fingerprint(root, fraction=0.6, seed=0):
         train_set = load_dataset("imagenet", root=str(root), image_size=8, fraction=fraction, seed=seed)[0]

@@ -14,7 +14,7 @@ import torch
 
 from fastnas.cli import main
 from fastnas.spaces.nb201 import NB201_PRIMITIVES, NB201Arch, NB201Encoding, nb201_edges
-from fastnas.spaces.nb201_benchmark import BenchmarkError, BenchmarkMetric, NB201Benchmark, benchmark_string
+from fastnas.spaces.nb201.benchmark import BenchmarkError, BenchmarkMetric, NB201Benchmark, benchmark_string
 
 api = pytest.importorskip("nas_201_api")
 
@@ -174,7 +174,7 @@ def test_reader_errors(bench_file, tmp_path, monkeypatch):
 def test_fastnas_imports_without_the_package():
     code = (
         "import sys; sys.modules['nas_201_api'] = None\n"
-        "import fastnas, fastnas.cli, fastnas.search.rank_eval, fastnas.spaces.nb201_benchmark\n"
+        "import fastnas, fastnas.cli, fastnas.tools.rank_eval, fastnas.spaces.nb201.benchmark\n"
         "fastnas.cli.build_parser()\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -187,7 +187,7 @@ def test_fastnas_imports_without_the_package():
 def _sampled_cells(architectures: int, seed: int = 0) -> list[str]:
     """The cells rank-eval draws with these settings (its own sampler)."""
     from fastnas.data import load_dataset
-    from fastnas.search.rank_eval import RankEvalSettings, Setting, _sample_architectures, _search_config
+    from fastnas.tools.rank_eval import RankEvalSettings, Setting, _sample_architectures, _search_config
 
     settings = RankEvalSettings(architectures=architectures, seed=seed)
     config = _search_config(settings, Setting("base"))

@@ -18,7 +18,10 @@ from fastnas.nn.mixed_op import MixedOp
 from fastnas.search import SearchConfig, Searcher, SearchError
 from fastnas.search.methods import get_method
 from fastnas.search.methods.single_path import drop_paths, fair_paths, full_path, zero_candidates
-from fastnas.search.rank_metrics import (
+from fastnas.search.sampling import ArchitectureSampler, Constraint
+from fastnas.spaces.darts import SearchNetwork
+from fastnas.spaces.nb201 import NB201SearchNetwork
+from fastnas.tools.rank_metrics import (
     bin_values,
     kendall_tau,
     rank_report,
@@ -27,9 +30,7 @@ from fastnas.search.rank_metrics import (
     spearman_rho,
     top_k_overlap,
 )
-from fastnas.search.selection import (
-    ArchitectureSampler,
-    Constraint,
+from fastnas.tools.selection import (
     SelectSettings,
     _Search,
     evolution_search,
@@ -37,8 +38,6 @@ from fastnas.search.selection import (
     random_search,
     recalibrate_batch_norm,
 )
-from fastnas.spaces.darts import SearchNetwork
-from fastnas.spaces.nb201 import NB201SearchNetwork
 
 INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 
@@ -533,7 +532,7 @@ def test_darts_space_spos_search_and_select(tmp_path):
     out = str(tmp_path / "run")
     Searcher(cfg, out_dir=out, dataset=data, progress=False).run()
     supernet = load_supernet(out, dataset=data)
-    from fastnas.search.selection import select
+    from fastnas.tools.selection import select
 
     result = select(out, SelectSettings("random", candidates=3, bn_batches=1), progress=False, supernet=supernet)
     assert len(result.ranked) == 3 and set(result.files) == {"select-random.json", "genotype.json", "cells.png"}
@@ -556,7 +555,7 @@ def test_shufflenet_network_has_the_size_spos_reports():
 @pytest.mark.slow
 def test_rank_eval_trains_in_worker_processes(tmp_path):
     """The default path: stand-alone trainings in spawned worker processes."""
-    from fastnas.search.rank_eval import RankEvalSettings, rank_eval
+    from fastnas.tools.rank_eval import RankEvalSettings, rank_eval
 
     settings = RankEvalSettings(
         architectures=2, standalone_epochs=1, standalone={"init_channels": 4}, supernet={"epochs": 1}, workers=2,

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from fastnas.search.rank_metrics import kendall_tau, rank_report, sparse_kendall_tau, sparse_kendall_tau_b
+from fastnas.tools.rank_metrics import kendall_tau, rank_report, sparse_kendall_tau, sparse_kendall_tau_b
 
 
 def test_sparse_tau_forms_differ_on_tied_bins():

@@ -7,10 +7,10 @@ import torch
 from test_search import _interrupt_at, _strip_times, assert_state_close, losses, run, tiny_config, tiny_dataset
 
 from fastnas.nn.operations import OPS, split_activation, with_activation
-from fastnas.search import SearchConfig, Searcher, SearchError, build_network
+from fastnas.search import SearchConfig, Searcher, SearchError, build_supernet
 from fastnas.spaces import DARTS_PRIMITIVES, genotype_from_dict, genotype_to_dict, validate_genotype
-from fastnas.spaces.darts_eval import NetworkCIFAR
-from fastnas.spaces.darts_factorized import SCALABLE_ACTIVATIONS, factorized_candidates
+from fastnas.spaces.darts.eval_network import NetworkCIFAR
+from fastnas.spaces.darts.factorized import SCALABLE_ACTIVATIONS, factorized_candidates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,7 +30,7 @@ def test_candidate_names_carry_their_activation():
 
 
 def test_pair_weights_are_products_of_the_factors():
-    net = build_network(tiny_config("scalable-darts"), 4, 3, 3)
+    net = build_supernet(tiny_config("scalable-darts"), 4, 3, 3)
     with torch.no_grad():
         for p in net.arch_parameters():
             p.normal_()
@@ -47,7 +47,7 @@ def test_pair_weights_are_products_of_the_factors():
 
 
 def test_genotype_records_each_edges_activation_and_networks_build_it(tmp_path):
-    net = build_network(tiny_config("scalable-darts"), 4, 3, 3)
+    net = build_supernet(tiny_config("scalable-darts"), 4, 3, 3)
     with torch.no_grad():
         net.alphas_normal.zero_()
         net.alphas_normal[:, DARTS_PRIMITIVES.index("sep_conv_3x3")] = 2.0

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
+from fastnas.run import checkpoint as ckpt
+from fastnas.run.data import EpochShardSampler, split_indices
 from fastnas.search import (
     CheckpointError,
     NonFiniteLossError,
@@ -17,12 +19,10 @@ from fastnas.search import (
     SearchConfig,
     Searcher,
     SearchError,
-    build_network,
+    build_supernet,
     prune_candidates,
 )
-from fastnas.search import checkpoint as ckpt
 from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
-from fastnas.search.data import EpochShardSampler, split_indices
 from fastnas.spaces import NB201Arch, validate_genotype
 
 METHODS = ["darts", "darts-2nd", "pc-darts", "p-darts", "gdas"]
@@ -160,7 +160,7 @@ def test_pdarts_stages_prune_candidates_and_cap_skips():
 
 
 def test_prune_candidates_keeps_the_strongest():
-    net = build_network(tiny_config("darts"), 4, 3, 3)
+    net = build_supernet(tiny_config("darts"), 4, 3, 3)
     with torch.no_grad():
         net.alphas_normal.zero_()
         net.alphas_normal[:, 4] = 5.0  # sep_conv_3x3
@@ -189,7 +189,7 @@ def test_gdas_on_nb201_space():
 def _tiny_net_and_batches():
     torch.manual_seed(0)
     # The eager reference: the exact gradient below differentiates twice.
-    net = build_network(tiny_config("darts", backend="reference"), 4, 3, 3).double()
+    net = build_supernet(tiny_config("darts", backend="reference"), 4, 3, 3).double()
     g = torch.Generator().manual_seed(1)
     xt, xv = (torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
     yt, yv = (torch.randint(0, 4, (6,), generator=g) for _ in range(2))

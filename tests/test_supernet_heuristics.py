@@ -1,4 +1,4 @@
-"""Yu et al.'s supernet-training heuristics (fastnas.spaces.nb201_heuristics): each one changes the
+"""Yu et al.'s supernet-training heuristics (fastnas.spaces.nb201.heuristics): each one changes the
 nb201 supernet's training as the study's code defines it, and rank-eval's default list runs them."""
 
 import copy
@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from fastnas.search import SearchConfig, Searcher, SearchError
-from fastnas.search.rank_eval import RankEvalSettings, Setting, _search_config, heuristics
-from fastnas.search.searcher import build_network
-from fastnas.search.selection import load_supernet
+from fastnas.search.searcher import build_supernet
 from fastnas.spaces.nb201 import NB201SearchCell, NB201SearchNetwork, nb201_edges
-from fastnas.spaces.nb201_heuristics import ElasticKernel, ElasticReLUConvBN, node_op_sources
+from fastnas.spaces.nb201.heuristics import ElasticKernel, ElasticReLUConvBN, node_op_sources
+from fastnas.tools.rank_eval import RankEvalSettings, Setting, _search_config, heuristics
+from fastnas.tools.selection import load_supernet
 
 INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 KNOBS = ("global_dropout", "layer_path_dropout", "ops_on_nodes", "ofa_kernel")
@@ -32,7 +32,7 @@ def config(method="spos", **kw):
 
 def supernet(cfg):
     torch.manual_seed(0)
-    return build_network(cfg, 4, 3, cfg.stages()[0]["layers"])
+    return build_supernet(cfg, 4, 3, cfg.stages()[0]["layers"])
 
 
 def count(net):

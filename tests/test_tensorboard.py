@@ -8,8 +8,8 @@ from test_search import _interrupt_at, run, tiny_config, tiny_dataset
 from torch.utils.data import TensorDataset
 
 from fastnas.cli import main
+from fastnas.run import scalars as scalars_module
 from fastnas.search import SearchConfig, Searcher, SearchError
-from fastnas.search import scalars as scalars_module
 from fastnas.spaces import DARTS_PRIMITIVES, genotype_to_dict
 from fastnas.train import TrainConfig, Trainer, TrainError
 

@@ -15,11 +15,12 @@ from genotypes import DARTS_V2
 from torch.utils.flop_counter import FlopCounterMode
 
 from fastnas.cli import main
+from fastnas.nn.operations import drop_path
 from fastnas.spaces import NB201Arch, genotype_to_dict
 from fastnas.spaces.darts import Genotype
-from fastnas.spaces.darts_eval import EvalCell, NetworkCIFAR, NetworkImageNet, drop_path
-from fastnas.spaces.nb201_eval import NB201Network
-from fastnas.train import TrainConfig, Trainer, build_network
+from fastnas.spaces.darts.eval_network import EvalCell, NetworkCIFAR, NetworkImageNet
+from fastnas.spaces.nb201.eval_network import NB201Network
+from fastnas.train import TrainConfig, Trainer, build_eval_network
 from fastnas.train.augment import Cutout, cutout_at, tensor_augmentation
 from fastnas.train.report import count_flops, count_parameters
 from fastnas.train.trainer import classification_loss
@@ -102,7 +103,7 @@ def test_network_outputs_and_auxiliary_head():
 
 
 def test_nodes_that_reach_no_output_are_found():
-    from fastnas.spaces.darts_eval import unused_states
+    from fastnas.spaces.darts.eval_network import unused_states
 
     assert unused_states(DARTS_V2.normal, DARTS_V2.normal_concat) == set()
     # Node 1 (state 3) is not joined into the output and no later node takes it; node 0 (state 2) feeds node 3.
@@ -224,7 +225,7 @@ def test_train_end_to_end_through_the_cli(tmp_path, genotype_file, capsys):
     assert report["space"] == "darts" and report["genotype"] == genotype_to_dict(DARTS_V2)
     assert report["latency_ms"] > 0 and report["latency_batch_size"] == 1 and report["latency_device"] == "cpu"
     config = TrainConfig.create("darts", "digits", genotype=report["genotype"], init_channels=4, layers=3)
-    net = build_network(config, 10, 3).eval()
+    net = build_eval_network(config, 10, 3).eval()
     assert report["parameters"] == sum(p.numel() for p in net.parameters())
     with FlopCounterMode(display=False) as counter:
         net(torch.randn(1, 3, 8, 8))

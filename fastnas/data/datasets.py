@@ -359,6 +359,12 @@ def _load_image_folder(root, image_size: int | None, fraction: float | None, see
     return train, test, info
 
 
+def info_field(info, key: str):
+    """A field of a dataset's info (``num_classes``, ``in_channels``, ``image_size``): a dict,
+    as ``load_dataset`` gives, or an object with attributes."""
+    return info[key] if isinstance(info, dict) else getattr(info, key)
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,

@@ -60,6 +60,19 @@ def activation_name(m: nn.Module) -> str | None:
     return None
 
 
+def drop_path(x: torch.Tensor, drop_prob: float) -> torch.Tensor:
+    """Zero whole samples of ``x`` with probability ``drop_prob``, scaling the rest by 1 / (1 - drop_prob).
+
+    One Bernoulli draw per sample (DARTS ``utils.drop_path``), from the global
+    generator of ``x``'s device, so a run's random state captures it.
+    """
+    if drop_prob <= 0.0:
+        return x
+    keep = 1.0 - drop_prob
+    mask = torch.empty(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device).bernoulli_(keep)
+    return x / keep * mask
+
+
 class ReLUConvBN(nn.Module):
     """ReLU, convolution, batch norm (DARTS preprocessing; NAS-Bench-201 ``nor_conv``)."""
 

@@ -7,15 +7,15 @@ and the single-path and one-shot supernets of SPOS, FairNAS and Bender et al.
 
 ``Searcher.resume(out_dir)`` continues an interrupted search exactly where its
 last checkpoint left it. A single-path search ends with a trained supernet;
-``fastnas.search.selection.select`` searches over it and
-``fastnas.search.rank_eval.rank_eval`` measures how well it ranks architectures.
+``fastnas.tools.selection.select`` searches over it and
+``fastnas.tools.rank_eval.rank_eval`` measures how well it ranks architectures.
 """
 
+from fastnas.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.config import DATASETS, SPACES, SearchConfig
-from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.methods import METHODS
 from fastnas.search.methods.p_darts import prune_candidates
-from fastnas.search.searcher import Searcher, SearchResult, build_network, search
+from fastnas.search.searcher import Searcher, SearchResult, build_supernet, search
 
 __all__ = [
     "DATASETS",
@@ -28,7 +28,7 @@ __all__ = [
     "SearchError",
     "SearchResult",
     "Searcher",
-    "build_network",
+    "build_supernet",
     "prune_candidates",
     "search",
 ]

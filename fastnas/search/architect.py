@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fastnas.search.distributed import DistributedContext
+from fastnas.run.distributed import DistributedContext
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

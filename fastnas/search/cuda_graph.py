@@ -58,7 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 
 WARMUP_STEPS = 3
 

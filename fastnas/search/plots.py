@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from fastnas.run.loop import LOG_NAME
 from fastnas.spaces.plot import _font, _text_size
 
 ARCH_WEIGHTS_NAME = "arch_weights.png"
 CURVES_NAME = "curves.png"
-LOG_NAME = "log.jsonl"
 
 FONT_SIZE = 12
 TITLE_SIZE = 15
@@ -383,7 +383,7 @@ def render(sections: Sequence[Section]) -> Image.Image:
 
 def save_figure(sections: Sequence[Section], path: str) -> None:
     """Render ``sections`` into a PNG at ``path``, atomically (an interrupted write keeps the old one)."""
-    from fastnas.search.checkpoint import atomic_write
+    from fastnas.run.checkpoint import atomic_write
 
     image = render(sections)
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))

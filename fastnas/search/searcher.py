@@ -8,34 +8,31 @@ logs, mixed precision and distribution are the same for all of them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import random
 import resource
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastnas.search import checkpoint as ckpt
+from fastnas.data import info_field
+from fastnas.errors import SearchError
+from fastnas.run import checkpoint as ckpt
+from fastnas.run.data import SearchLoader, default_workers, search_split
+from fastnas.run.distributed import data_fingerprint
+from fastnas.run.loop import Run, correct, ratio
 from fastnas.search import cuda_graph
 from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
 from fastnas.search.cuda_graph import GraphedStep, check_runtime_supported, set_capturable
-from fastnas.search.data import SearchLoader, default_workers, search_split
-from fastnas.search.distributed import DistributedContext, data_fingerprint, setup
-from fastnas.search.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, SearchError
 from fastnas.search.plots import compact_labels, write_search_plots
-from fastnas.search.scalars import ScalarWriter
 from fastnas.spaces import get_space
 
 GENOTYPE_NAME = "genotype.json"
-LOG_NAME = "log.jsonl"
 PLOT_NAME = "cells.png"
 
 
@@ -49,7 +46,7 @@ class SearchResult:
     out_dir: str | None = None
 
 
-def build_network(
+def build_supernet(
     config: SearchConfig, num_classes: int, in_channels: int, layers: int, edge_primitives: dict | None = None
 ) -> nn.Module:
     """The supernet ``config`` searches, with ``layers`` cells and optional per-edge candidates."""
@@ -91,14 +88,7 @@ def _memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-class Searcher:
+class Searcher(Run):
     """Runs one search described by a ``SearchConfig``.
 
     Args:
@@ -114,92 +104,30 @@ class Searcher:
     After ``run()``, ``self.net`` is the last stage's supernet.
     """
 
-    def __init__(
-        self,
-        config: SearchConfig,
-        out_dir: str | None = None,
-        dataset=None,
-        progress: bool = True,
-        resume_state: dict | None = None,
-    ):
-        config.validate()
-        self.config = config
+    kind = "search"
+    what = "search"
+    config_class = SearchConfig
+    resume_fields = RESUME_FIELDS
+    scalar_prefix = "search"
+    error = SearchError
+    oom_hint = (
+        "try a smaller --batch-size, --amp bf16, fewer --layers or --init-channels, "
+        "or partial channels (--method pc-darts)"
+    )
+
+    def __init__(self, config: SearchConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
         self.method = config.search_method
         self.space = get_space(config.space)
-        self.out_dir = out_dir
-        self.dataset = dataset
-        self.progress = progress
-        self.resume_state = resume_state
-        self.net: nn.Module | None = None
-        self.dist = DistributedContext()
         # Objects a method builds once per run and reuses (LA-DARTS' latency predictor).
         self.resources: dict = {}
-        # Whether the step is captured as a CUDA graph, decided when the run starts.
-        self.cuda_graph = False
-        self.scalars = ScalarWriter(config.tensorboard) if config.tensorboard else None
         # The run's data loaders (SearchLoader), kept across epochs so that their workers persist.
         self._loaders: dict = {}
         self._data_wait = 0.0
 
-    @classmethod
-    def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Searcher:
-        """Continue the search whose checkpoint is in ``out_dir``.
-
-        ``overrides`` may change how the search runs (device, workers, backend)
-        but not what it computes; a conflicting setting raises CheckpointError.
-        """
-        try:
-            state = ckpt.load_checkpoint(out_dir)
-        except CheckpointError as exc:
-            missing = not (os.path.isfile(out_dir) or os.path.isfile(os.path.join(out_dir, ckpt.CHECKPOINT_NAME)))
-            if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                raise CheckpointError(
-                    f"{exc}; under torchrun every process reads the checkpoint: on several nodes give --resume "
-                    "a folder they share, or copy rank 0's folder to the same path on every node"
-                ) from None
-            raise
-        try:
-            config = SearchConfig.from_dict(state["config"])
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint in {out_dir} has no valid search settings ({exc})") from None
-        for key, value in (overrides or {}).items():
-            if value is None:
-                continue
-            if key in RESUME_FIELDS and getattr(config, key) != value:
-                raise CheckpointError(
-                    f"the checkpoint in {out_dir} was made with {key}={getattr(config, key)!r}, "
-                    f"but {key}={value!r} was asked for; drop that option to resume, or start a new search"
-                )
-            setattr(config, key, value)
-        return cls(config, out_dir=out_dir, resume_state=state, **kwargs)
-
-    # --- the run ----------------------------------------------------------------------
-
-    def run(self) -> SearchResult:
-        """Search, checkpointing every epoch; returns the final genotype and the log."""
-        self.dist = setup(self.config.device)
-        try:
-            return self._run()
-        except _cuda_oom_errors() as exc:
-            raise OutOfMemoryError(
-                f"the {self.dist.device} device ran out of memory at batch size {self.config.batch_size} "
-                f"({str(exc).splitlines()[0]}); try a smaller --batch-size, --amp bf16, fewer --layers or "
-                "--init-channels, or partial channels (--method pc-darts)"
-            ) from None
-        finally:
-            if self.scalars is not None:
-                self.scalars.close()
-            self.dist.close()
-
     def _run(self) -> SearchResult:
         cfg, dist = self.config, self.dist
-        if cfg.world_size != dist.world_size:
-            if self.resume_state is not None:
-                raise CheckpointError(
-                    f"the checkpoint was made by {cfg.world_size} processes but {dist.world_size} are running; "
-                    "resume with the same --nproc_per_node"
-                )
-            cfg.world_size = dist.world_size
+        self._check_processes()
         self.cuda_graph, why_not = cuda_graph.decide(cfg, dist.device, dist.world_size)
         if self.cuda_graph:
             check_runtime_supported(dist.device, dist.world_size)
@@ -212,15 +140,8 @@ class Searcher:
                 backends.resolve("darts_edge", dist.device, cfg.backend)
             except (RuntimeError, ValueError) as exc:
                 raise SearchError(f"--backend {cfg.backend}: {exc}") from None
-        if cfg.batch_size % dist.world_size:
-            raise SearchError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
         train_set, info = self._load_data()
-        if self.out_dir is not None and dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-        seed_everything(cfg.seed)
-        if dist.device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        self._begin()
         self.train_idx, self.val_idx = search_split(train_set, cfg)
         if dist.enabled:
             # Each rank (on several nodes, each node) loads the data and draws the split itself.
@@ -233,15 +154,15 @@ class Searcher:
         edge_primitives = state["edge_primitives"] if state else None
         first_stage = state["stage"] if state else 0
         stage_genotypes = list(state.get("stage_genotypes", [])) if state else []
-        if state is not None and self.out_dir is not None and dist.is_main:
+        if state is not None:
             # The log may hold epochs after the checkpoint (an interrupted epoch never
             # reaches it, but a crash between the two writes could); rewrite it.
             self._rewrite_log(history)
 
         for s in range(first_stage, len(stages)):
             stage = stages[s]
-            net = build_network(
-                cfg, _info(info, "num_classes"), _info(info, "in_channels"), stage["layers"], edge_primitives
+            net = build_supernet(
+                cfg, info_field(info, "num_classes"), info_field(info, "in_channels"), stage["layers"], edge_primitives
             )
             net.to(dist.device)
             self.net = net
@@ -305,22 +226,8 @@ class Searcher:
         }
 
     def _wrap(self, net: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
-            return net
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        # A method that leaves parameters out of some steps, or a network with parameters no step uses.
-        unused = self.method.ddp_find_unused_parameters or getattr(net, "has_unused_parameters", lambda: False)()
-        return DDP(net, device_ids=device_ids, find_unused_parameters=unused)
-
-    def _autocast(self):
-        amp = self.config.amp
-        if amp is None:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        # Cached casts would outlive the captured region they were made in.
-        return torch.autocast(self.dist.device.type, dtype=dtype, cache_enabled=not self.cuda_graph)
+        # A method that leaves parameters out of some steps.
+        return super()._wrap(net, find_unused=self.method.ddp_find_unused_parameters)
 
     # --- one epoch --------------------------------------------------------------------
 
@@ -346,10 +253,10 @@ class Searcher:
             "layers": stage["layers"],
             "lr": lr,
             "arch_trained": train_arch,
-            "train_loss": _ratio(totals[0], totals[2]),
-            "train_acc": _ratio(totals[1], totals[2]),
-            "search_val_loss": _ratio(totals[3], totals[5]),
-            "search_val_acc": _ratio(totals[4], totals[5]),
+            "train_loss": ratio(totals[0], totals[2]),
+            "train_acc": ratio(totals[1], totals[2]),
+            "search_val_loss": ratio(totals[3], totals[5]),
+            "search_val_acc": ratio(totals[4], totals[5]),
             "val_loss": val[0],
             "val_acc": val[1],
             "time_s": elapsed,
@@ -416,7 +323,7 @@ class Searcher:
         waiting for batches."""
         steps, iterators = loaders
         totals = torch.zeros(6, dtype=torch.float64)  # train loss, correct, n; arch-val loss, correct, n
-        bar = self._progress(steps, global_epoch)
+        bar = self._progress(steps, global_epoch, sum(st["epochs"] for st in self.config.stages()))
         start = time.perf_counter()
         images = 0
         self._data_wait = 0.0
@@ -430,11 +337,11 @@ class Searcher:
                 break
             # Methods that take no validation batches get only the training half's.
             (xt, yt), (xv, yv) = batches[0], batches[1] if len(batches) > 1 else (None, None)
-            loss, correct, val_loss, val_correct = run_step(xt, yt, xv, yv).tolist()
+            loss, right, val_loss, val_right = run_step(xt, yt, xv, yv).tolist()
             loss = self._check_finite(loss, global_epoch, step)
-            totals[:3] += torch.tensor([loss * len(yt), correct, len(yt)], dtype=torch.float64)
+            totals[:3] += torch.tensor([loss * len(yt), right, len(yt)], dtype=torch.float64)
             if train_arch and yv is not None:
-                totals[3:] += torch.tensor([val_loss * len(yv), val_correct, len(yv)], dtype=torch.float64)
+                totals[3:] += torch.tensor([val_loss * len(yv), val_right, len(yv)], dtype=torch.float64)
             images += len(yt) * self.dist.world_size
             self._advance(bar, start, images, loss)
         if bar is not None:
@@ -550,20 +457,6 @@ class Searcher:
         parts["a_opt"].zero_grad(set_to_none=True)
         return loss.detach(), logits.detach()
 
-    def _check_finite(self, loss: torch.Tensor, global_epoch: int, step: int) -> float:
-        value = float(loss)
-        bad = not math.isfinite(value)
-        if self.dist.enabled:
-            # Every rank must stop together, or the others wait forever in a collective.
-            bad = bool(self.dist.all_reduce_sum(torch.tensor([float(bad)], device=self.dist.device)).item())
-        if bad:
-            where = f"epoch {global_epoch + 1}, step {step + 1}"
-            raise NonFiniteLossError(
-                f"the training loss became {value} at {where}; stopped, the last good checkpoint is kept. "
-                "Try a lower --lr, --amp bf16 instead of fp16, or another --seed"
-            )
-        return value
-
     @torch.no_grad()
     def _evaluate(self, net, global_epoch) -> tuple[float, float]:
         """Loss and accuracy on the architecture's half, batch norm in eval mode (as DARTS' infer)."""
@@ -577,83 +470,34 @@ class Searcher:
             with self._autocast():
                 logits = net(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            totals += torch.tensor([float(loss), _correct(logits, y), len(y)], dtype=torch.float64)
+            totals += torch.tensor([float(loss), correct(logits, y), len(y)], dtype=torch.float64)
         net.train()
         totals = dist.all_reduce_sum(totals)
-        return _ratio(totals[0], totals[2]), _ratio(totals[1], totals[2])
-
-    def _progress(self, steps, global_epoch):
-        if not (self.progress and self.dist.is_main):
-            return None
-        from tqdm import tqdm
-
-        total_epochs = sum(st["epochs"] for st in self.config.stages())
-        return tqdm(
-            total=steps, desc=f"epoch {global_epoch + 1}/{total_epochs}", unit="step", leave=False, dynamic_ncols=True
-        )
+        return ratio(totals[0], totals[2]), ratio(totals[1], totals[2])
 
     # --- checkpoints and outputs ----------------------------------------------------
 
     def _save(self, net, parts, stage, stage_epoch, edge_primitives, history, stage_genotypes, record) -> None:
-        # Ranks hold the same parameters, so all of them stop here together.
-        for p in net.parameters():
-            if not torch.isfinite(p).all():
-                raise NonFiniteLossError(
-                    f"a parameter became inf or NaN in epoch {record['epoch']}; the last good checkpoint is kept. "
-                    "Try a lower --lr or --amp bf16"
-                )
-        if self.scalars is not None and self.dist.is_main:
-            self.scalars.write(record)
-        if self.out_dir is None or not self.dist.is_main:
-            self.dist.barrier()
-            return
-        state = {
-            "config": self.config.to_dict(),
+        position = {
             "stage": stage,
             "stage_epoch": stage_epoch,
             "edge_primitives": edge_primitives,
             "stage_genotypes": stage_genotypes,
-            "history": history,
-            "model": net.state_dict(),
-            "w_opt": parts["w_opt"].state_dict(),
-            "a_opt": parts["a_opt"].state_dict(),
-            "sched": parts["sched"].state_dict(),
-            "w_scaler": parts["w_scaler"].state_dict(),
-            "a_scaler": parts["a_scaler"].state_dict(),
-            "rng": ckpt.capture_rng_state(),
         }
-        ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state)
-        with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        super()._save(net, {**position, **{k: p.state_dict() for k, p in parts.items()}}, history, record)
+
+    def _write_epoch_outputs(self, history: list, record: dict) -> None:
         # Pictures of the run so far (arch_weights.png, curves.png), so an interrupted one has them.
         write_search_plots(self.out_dir, history)
         if "genotype" in record:
             ckpt.atomic_write_text(
                 os.path.join(self.out_dir, GENOTYPE_NAME), json.dumps(record["genotype"], indent=2) + "\n"
             )
-        self.dist.barrier()
 
-    def _load_state(self, state, net, parts) -> int:
-        try:
-            net.load_state_dict(state["model"])
-            for key in ("w_opt", "a_opt", "sched", "w_scaler", "a_scaler"):
-                if state.get(key):
-                    parts[key].load_state_dict(state[key])
-            # The checkpoint may come from a run with or without --cuda-graph.
-            set_capturable(parts["a_opt"], self.cuda_graph)
-            stage_epoch = int(state["stage_epoch"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"the checkpoint does not fit this search network ({str(exc).splitlines()[0]}); "
-                "it was made by another version or settings; start a new search"
-            ) from None
-        # Last, so building the network above did not consume the restored state.
-        ckpt.restore_rng_state(state["rng"])
-        return stage_epoch
-
-    def _rewrite_log(self, history) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in history)
-        ckpt.atomic_write_text(os.path.join(self.out_dir, LOG_NAME), text)
+    def _position(self, state: dict, parts: dict) -> int:
+        # The checkpoint may come from a run with or without --cuda-graph.
+        set_capturable(parts["a_opt"], self.cuda_graph)
+        return int(state["stage_epoch"])
 
     def _write_outputs(self, result: SearchResult) -> None:
         ckpt.atomic_write_text(
@@ -676,29 +520,10 @@ class _GraphedRunner:
         return self.graphed(*batch)
 
 
-def _info(info, key: str):
-    """A field of a dataset's info, a dict or an object with attributes."""
-    return info[key] if isinstance(info, dict) else getattr(info, key)
-
-
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == y).sum())
-
 
 def _correct_count(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``_correct`` left on the device, as a float tensor."""
+    """``fastnas.run.loop.correct`` left on the device, as a float tensor."""
     return (logits.argmax(dim=1) == y).sum().float()
-
-
-def _ratio(a, b) -> float:
-    return float(a / b) if float(b) > 0 else float("nan")
-
-
-def _cuda_oom_errors() -> tuple:
-    errors = [torch.cuda.OutOfMemoryError]
-    if hasattr(torch, "OutOfMemoryError"):
-        errors.append(torch.OutOfMemoryError)
-    return tuple(dict.fromkeys(errors))
 
 
 def search(config: SearchConfig, out_dir: str | None = None, **kwargs) -> SearchResult:

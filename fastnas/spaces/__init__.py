@@ -16,9 +16,9 @@ from fastnas.spaces.darts import (
     plot_genotype,
     validate_genotype,
 )
-from fastnas.spaces.darts_eval import AuxiliaryHeadCIFAR, AuxiliaryHeadImageNet, NetworkCIFAR, NetworkImageNet
+from fastnas.spaces.darts.eval_network import AuxiliaryHeadCIFAR, AuxiliaryHeadImageNet, NetworkCIFAR, NetworkImageNet
 from fastnas.spaces.nb201 import NB201_PRIMITIVES, NB201Arch, NB201SearchNetwork, NB201Space, plot_nb201
-from fastnas.spaces.nb201_eval import NB201Network
+from fastnas.spaces.nb201.eval_network import NB201Network
 from fastnas.spaces.shufflenet import ShuffleNetSpace
 from fastnas.spaces.space import SearchSpace
 

@@ -289,7 +289,7 @@ class ShuffleNetSpace(SearchSpace):
         return NUM_LAYERS
 
     def validate_search(self, config) -> None:
-        from fastnas.search.errors import SearchError
+        from fastnas.errors import SearchError
 
         super().validate_search(config)
         if config.layers != NUM_LAYERS:
@@ -321,7 +321,7 @@ class ShuffleNetSpace(SearchSpace):
     def plot(self, genotype, path) -> None:
         raise NotImplementedError("a ShuffleNet architecture is a list of blocks; it has no cell to draw")
 
-    def build_network(self, genotype, config, num_classes, in_channels):
+    def build_eval_network(self, genotype, config, num_classes, in_channels):
         return ShuffleNetNetwork(genotype, config.init_channels, num_classes, in_channels, _stem_stride(config.dataset))
 
     def check_train_config(self, config) -> str | None:

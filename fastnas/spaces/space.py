@@ -44,7 +44,7 @@ class SearchSpace:
         default, for the ``supernet_options`` of other spaces."""
         import dataclasses
 
-        from fastnas.search.errors import SearchError
+        from fastnas.errors import SearchError
         from fastnas.spaces import REGISTRY
 
         defaults = {f.name: f.default for f in dataclasses.fields(config)}
@@ -85,7 +85,7 @@ class SearchSpace:
 
     # --- training what a search found ---------------------------------------------------
 
-    def build_network(self, genotype, config, num_classes: int, in_channels: int) -> nn.Module:
+    def build_eval_network(self, genotype, config, num_classes: int, in_channels: int) -> nn.Module:
         """The evaluation network of ``genotype`` for ``config`` (a TrainConfig):
         ``forward(x) -> (logits, auxiliary logits or None)``."""
         raise NotImplementedError

@@ -9,9 +9,9 @@
 last checkpoint left it.
 """
 
-from fastnas.train.architecture import Architecture, build_network, load_architecture
+from fastnas.errors import TrainError
+from fastnas.train.architecture import Architecture, build_eval_network, load_architecture
 from fastnas.train.config import DATASETS, SPACES, TrainConfig
-from fastnas.train.errors import TrainError
 from fastnas.train.trainer import Trainer, TrainResult, train
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "TrainError",
     "TrainResult",
     "Trainer",
-    "build_network",
+    "build_eval_network",
     "load_architecture",
     "train",
 ]

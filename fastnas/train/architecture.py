@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from fastnas.errors import TrainError
 from fastnas.spaces import REGISTRY, get_space
-from fastnas.train.errors import TrainError
 
 GENOTYPE_NAME = "genotype.json"
 
@@ -66,7 +66,7 @@ def _from_run_folder(folder: str, space: str | None) -> Architecture:
 
 def _search_settings(folder: str) -> dict | None:
     """The settings of the search whose checkpoint is in ``folder``, or None if it has none."""
-    from fastnas.search import checkpoint as ckpt
+    from fastnas.run import checkpoint as ckpt
 
     if not os.path.exists(os.path.join(folder, ckpt.CHECKPOINT_NAME)):
         return None
@@ -128,7 +128,7 @@ def describe(space: str, genotype: dict) -> str:
     return found.describe(found.from_json(genotype))
 
 
-def build_network(config, num_classes: int, in_channels: int) -> nn.Module:
+def build_eval_network(config, num_classes: int, in_channels: int) -> nn.Module:
     """The evaluation network of ``config.genotype``: ``forward(x) -> (logits, auxiliary logits or None)``."""
     space = get_space(config.space)
-    return space.build_network(space.from_json(config.genotype), config, num_classes, in_channels)
+    return space.build_eval_network(space.from_json(config.genotype), config, num_classes, in_channels)

@@ -3,14 +3,12 @@
 The loop is DARTS' ``train.py``: SGD with momentum, the auxiliary loss
 weighted in, gradients clipped, drop-path rising linearly over the epochs, the
 test set evaluated after every epoch. Checkpoints, logs, mixed precision and
-distribution work as in ``fastnas.search``.
+distribution are ``fastnas.run``'s, shared with the search.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -20,19 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
-from fastnas.search import checkpoint as ckpt
-from fastnas.search.data import epoch_loader
-from fastnas.search.distributed import DistributedContext, setup
-from fastnas.search.errors import CheckpointError
-from fastnas.search.scalars import ScalarWriter
-from fastnas.search.searcher import seed_everything
+from fastnas.errors import TrainError
+from fastnas.run import checkpoint as ckpt
+from fastnas.run.data import epoch_loader
+from fastnas.run.loop import Run, correct, ratio
 from fastnas.train import report as costs
-from fastnas.train.architecture import build_network, describe
+from fastnas.train.architecture import build_eval_network, describe
 from fastnas.train.config import RESUME_FIELDS, TrainConfig
-from fastnas.train.errors import TrainError
 
 CHECKPOINT_KIND = "train"
-LOG_NAME = "log.jsonl"
 REPORT_NAME = "report.json"
 
 
@@ -45,7 +39,7 @@ class TrainResult:
     out_dir: str | None = None
 
 
-class Trainer:
+class Trainer(Run):
     """Trains the architecture a ``TrainConfig`` describes, from scratch.
 
     Args:
@@ -60,107 +54,37 @@ class Trainer:
     After ``run()``, ``self.net`` is the trained network.
     """
 
-    def __init__(
-        self,
-        config: TrainConfig,
-        out_dir: str | None = None,
-        dataset=None,
-        progress: bool = True,
-        resume_state: dict | None = None,
-    ):
-        config.validate()
-        self.config = config
-        self.out_dir = out_dir
-        self.dataset = dataset
-        self.progress = progress
-        self.resume_state = resume_state
-        self.net: nn.Module | None = None
-        self.dist = DistributedContext()
-        self.scalars = ScalarWriter(config.tensorboard, prefix="training") if config.tensorboard else None
-
-    @classmethod
-    def resume(cls, out_dir: str, overrides: dict | None = None, **kwargs) -> Trainer:
-        """Continue the training whose checkpoint is in ``out_dir``.
-
-        ``overrides`` may change how the training runs (device, workers) but not
-        what it computes; a conflicting setting raises CheckpointError.
-        """
-        state = ckpt.load_checkpoint(out_dir, kind=CHECKPOINT_KIND)
-        try:
-            config = TrainConfig.from_dict(state["config"])
-        except (KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint in {out_dir} has no valid training settings ({exc})") from None
-        for key, value in (overrides or {}).items():
-            if value is None:
-                continue
-            if key in RESUME_FIELDS and getattr(config, key) != value:
-                raise CheckpointError(
-                    f"the checkpoint in {out_dir} was made with {key}={getattr(config, key)!r}, "
-                    f"but {key}={value!r} was asked for; drop that option to resume, or start a new training"
-                )
-            setattr(config, key, value)
-        return cls(config, out_dir=out_dir, resume_state=state, **kwargs)
-
-    # --- the run ----------------------------------------------------------------------
-
-    def run(self) -> TrainResult:
-        """Train, checkpointing every epoch; returns the report and the log."""
-        self.dist = setup(self.config.device)
-        try:
-            return self._run()
-        except _cuda_oom_errors() as exc:
-            raise TrainError(
-                f"the {self.dist.device} device ran out of memory at batch size {self.config.batch_size} "
-                f"({str(exc).splitlines()[0]}); try a smaller --batch-size or --amp bf16"
-            ) from None
-        finally:
-            if self.scalars is not None:
-                self.scalars.close()
-            self.dist.close()
+    kind = CHECKPOINT_KIND
+    what = "training"
+    config_class = TrainConfig
+    resume_fields = RESUME_FIELDS
+    scalar_prefix = "training"
+    error = TrainError
 
     def _run(self) -> TrainResult:
         cfg, dist = self.config, self.dist
-        self._check_world_size()
-        if cfg.batch_size % dist.world_size:
-            raise TrainError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+        self._check_processes()
         train_set, test_set, info = self._load_data()
-        if self.out_dir is not None and dist.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-        seed_everything(cfg.seed)
-        if dist.device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
+        self._begin()
 
-        net = build_network(cfg, info["num_classes"], info["in_channels"]).to(dist.device)
+        net = build_eval_network(cfg, info["num_classes"], info["in_channels"]).to(dist.device)
         self.net = net
         parts = self._make_optimizer(net)
         state = self.resume_state
         history = list(state["history"]) if state else []
         start_epoch = self._load_state(state, net, parts) if state else 0
-        if state is not None and self.out_dir is not None and dist.is_main:
-            # The log may hold epochs after the checkpoint; rewrite it from the checkpoint's.
+        if state is not None:
             self._rewrite_log(history)
         model = self._wrap(net)
         for epoch in range(start_epoch, cfg.epochs):
             record = self._epoch(model, net, parts, train_set, test_set, epoch)
             history.append(record)
-            self._save(net, parts, epoch + 1, history, record)
+            self._save(net, {"epoch": epoch + 1, **{k: p.state_dict() for k, p in parts.items()}}, history, record)
 
         report = self._report(net, info, history, len(test_set))
         if self.out_dir is not None and dist.is_main:
             ckpt.atomic_write_text(os.path.join(self.out_dir, REPORT_NAME), json.dumps(report, indent=2) + "\n")
         return TrainResult(report, history, self.out_dir)
-
-    def _check_world_size(self) -> None:
-        cfg, dist = self.config, self.dist
-        if cfg.world_size == dist.world_size:
-            return
-        if self.resume_state is not None:
-            raise CheckpointError(
-                f"the checkpoint was made by {cfg.world_size} processes but {dist.world_size} are running; "
-                "resume with the same --nproc_per_node"
-            )
-        cfg.world_size = dist.world_size
 
     def _load_data(self):
         cfg = self.config
@@ -194,21 +118,6 @@ class Trainer:
         use_scaler = cfg.amp == "fp16" and self.dist.device.type == "cuda"
         return {"opt": opt, "sched": sched, "scaler": torch.amp.GradScaler("cuda", enabled=use_scaler)}
 
-    def _wrap(self, net: nn.Module) -> nn.Module:
-        if not self.dist.enabled:
-            return net
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        device_ids = [self.dist.device.index] if self.dist.device.type == "cuda" else None
-        return DDP(net, device_ids=device_ids, find_unused_parameters=net.has_unused_parameters())
-
-    def _autocast(self):
-        amp = self.config.amp
-        if amp is None:
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-        return torch.autocast(self.dist.device.type, dtype=dtype)
-
     # --- one epoch --------------------------------------------------------------------
 
     def drop_path_prob(self, epoch: int) -> float:
@@ -241,14 +150,14 @@ class Trainer:
             )
         lr = parts["opt"].param_groups[0]["lr"]
         totals = torch.zeros(3, dtype=torch.float64)  # loss, correct, images
-        bar = self._progress(len(loader), epoch)
+        bar = self._progress(len(loader), epoch, cfg.epochs)
         start = time.perf_counter()
         net.train()
         for step, (x, y) in enumerate(loader):
             x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
             loss, logits = self._step(model, net, parts, x, y)
             value = self._check_finite(loss, epoch, step)
-            totals += torch.tensor([value * len(y), _correct(logits, y), len(y)], dtype=torch.float64)
+            totals += torch.tensor([value * len(y), correct(logits, y), len(y)], dtype=torch.float64)
             if bar is not None:
                 bar.set_postfix(loss=f"{value:.3f}", refresh=False)
                 bar.update(1)
@@ -264,8 +173,8 @@ class Trainer:
             "epoch": epoch + 1,
             "lr": lr,
             "drop_path_prob": net.drop_path_prob,
-            "train_loss": _ratio(totals[0], totals[2]),
-            "train_acc": _ratio(totals[1], totals[2]),
+            "train_loss": ratio(totals[0], totals[2]),
+            "train_acc": ratio(totals[1], totals[2]),
             "test_loss": test_loss,
             "test_acc": test_acc,
             "time_s": elapsed,
@@ -294,19 +203,6 @@ class Trainer:
         scaler.update()
         return loss.detach(), logits.detach()
 
-    def _check_finite(self, loss: torch.Tensor, epoch: int, step: int) -> float:
-        value = float(loss)
-        bad = not math.isfinite(value)
-        if self.dist.enabled:
-            # Every rank must stop together, or the others wait forever in a collective.
-            bad = bool(self.dist.all_reduce_sum(torch.tensor([float(bad)], device=self.dist.device)).item())
-        if bad:
-            raise TrainError(
-                f"the training loss became {value} at epoch {epoch + 1}, step {step + 1}; stopped, the last good "
-                "checkpoint is kept. Try a lower --lr, --amp bf16 instead of fp16, or another --seed"
-            )
-        return value
-
     @torch.no_grad()
     def evaluate(self, net: nn.Module, test_set) -> tuple[float, float]:
         """Loss and accuracy on every test image once, batch norm in eval mode."""
@@ -327,68 +223,10 @@ class Trainer:
             with self._autocast():
                 logits, _ = net(x)
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            totals += torch.tensor([float(loss), _correct(logits, y), len(y)], dtype=torch.float64)
+            totals += torch.tensor([float(loss), correct(logits, y), len(y)], dtype=torch.float64)
         net.train()
         totals = dist.all_reduce_sum(totals)
-        return _ratio(totals[0], totals[2]), _ratio(totals[1], totals[2])
-
-    def _progress(self, steps: int, epoch: int):
-        if not (self.progress and self.dist.is_main):
-            return None
-        from tqdm import tqdm
-
-        return tqdm(
-            total=steps, desc=f"epoch {epoch + 1}/{self.config.epochs}", unit="step", leave=False, dynamic_ncols=True
-        )
-
-    # --- checkpoints and outputs ----------------------------------------------------
-
-    def _save(self, net, parts, epoch: int, history: list, record: dict) -> None:
-        for p in net.parameters():
-            if not torch.isfinite(p).all():
-                raise TrainError(
-                    f"a parameter became inf or NaN in epoch {record['epoch']}; the last good checkpoint is kept. "
-                    "Try a lower --lr or --amp bf16"
-                )
-        if self.scalars is not None and self.dist.is_main:
-            self.scalars.write(record)
-        if self.out_dir is None or not self.dist.is_main:
-            self.dist.barrier()
-            return
-        state = {
-            "config": self.config.to_dict(),
-            "epoch": epoch,
-            "history": history,
-            "model": net.state_dict(),
-            "opt": parts["opt"].state_dict(),
-            "sched": parts["sched"].state_dict(),
-            "scaler": parts["scaler"].state_dict(),
-            "rng": ckpt.capture_rng_state(),
-        }
-        ckpt.save_checkpoint(os.path.join(self.out_dir, ckpt.CHECKPOINT_NAME), state, kind=CHECKPOINT_KIND)
-        with open(os.path.join(self.out_dir, LOG_NAME), "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.dist.barrier()
-
-    def _load_state(self, state, net, parts) -> int:
-        try:
-            net.load_state_dict(state["model"])
-            for key in ("opt", "sched", "scaler"):
-                if state.get(key):
-                    parts[key].load_state_dict(state[key])
-            epoch = int(state["epoch"])
-        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
-            raise CheckpointError(
-                f"the checkpoint does not fit this network ({str(exc).splitlines()[0]}); "
-                "it was made by another version or settings; start a new training"
-            ) from None
-        # Last, so building the network above did not consume the restored state.
-        ckpt.restore_rng_state(state["rng"])
-        return epoch
-
-    def _rewrite_log(self, history: list) -> None:
-        text = "".join(json.dumps(r) + "\n" for r in history)
-        ckpt.atomic_write_text(os.path.join(self.out_dir, LOG_NAME), text)
+        return ratio(totals[0], totals[2]), ratio(totals[1], totals[2])
 
     def _report(self, net: nn.Module, info: dict, history: list, test_images: int) -> dict:
         """Accuracy of the last epoch, parameters, FLOPs and latency (latency on the first rank only)."""
@@ -438,21 +276,6 @@ def classification_loss(
     if logits_aux is not None:
         loss = loss + auxiliary_weight * F.cross_entropy(logits_aux, targets, label_smoothing=label_smoothing)
     return loss
-
-
-def _correct(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return float((logits.argmax(dim=1) == y).sum())
-
-
-def _ratio(a, b) -> float:
-    return float(a / b) if float(b) > 0 else float("nan")
-
-
-def _cuda_oom_errors() -> tuple:
-    errors = [torch.cuda.OutOfMemoryError]
-    if hasattr(torch, "OutOfMemoryError"):
-        errors.append(torch.OutOfMemoryError)
-    return tuple(dict.fromkeys(errors))
 
 
 def train(config: TrainConfig, out_dir: str | None = None, **kwargs) -> TrainResult:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.amended_darts import AmendedDarts
 from fastnas.search.methods.base import SearchMethod
 from fastnas.search.methods.darts import Darts, DartsSecondOrder

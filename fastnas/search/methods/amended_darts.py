@@ -3,11 +3,8 @@ whose error from the true gradient stays bounded."""
 
 from __future__ import annotations
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
-
-# The paper's amending coefficient.
-AMEND_COEFFICIENT = 0.1
 
 
 class AmendedDarts(SearchMethod):

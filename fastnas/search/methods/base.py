@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn as nn
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 
 if TYPE_CHECKING:
     from fastnas.search.config import SearchConfig

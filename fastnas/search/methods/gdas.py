@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
 
 # The authors' hard-sample form of each space (see the module docstring).

@@ -8,11 +8,9 @@ import os
 import torch
 import torch.nn as nn
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
 
-# lambda per millisecond of predicted latency.
-LATENCY_WEIGHT = 0.01
 # The resources key of the loaded predictor (Searcher.resources).
 _MODEL = "latency_model"
 

@@ -33,7 +33,7 @@ against its text:
 
 from __future__ import annotations
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.single_path import PathContext, SinglePathMethod, active_candidates
 
 

@@ -28,7 +28,7 @@ import math
 
 import torch.nn as nn
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
 
 # After the warm-up the skip dropout decays as exp(-0.2 * epochs since).

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
 
 
@@ -19,13 +19,13 @@ class ScalableDarts(SearchMethod):
     cuda_graph_unsupported = "Scalable-DARTS' two architecture steps per step have not been verified under capture"
 
     def configure(self, values: dict, given: dict) -> None:
-        from fastnas.spaces.darts_factorized import SCALABLE_ACTIVATIONS
+        from fastnas.spaces.darts.factorized import SCALABLE_ACTIVATIONS
 
         if values.get("activations") is None:
             values["activations"] = SCALABLE_ACTIVATIONS
 
     def validate(self, config) -> None:
-        from fastnas.spaces.darts_factorized import check_activations
+        from fastnas.spaces.darts.factorized import check_activations
 
         super().validate(config)
         try:

@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastnas.search.errors import SearchError
+from fastnas.errors import SearchError
 from fastnas.search.methods.base import SearchMethod
 
 Path = tuple[tuple[int, ...], ...]
@@ -120,7 +120,7 @@ class PathContext:
 
 def searcher_sampler(searcher, encoding):
     """The architecture sampler of a search: uniform, or uniform under its constraint."""
-    from fastnas.search.selection import ArchitectureSampler
+    from fastnas.search.sampling import ArchitectureSampler
 
     return ArchitectureSampler.for_search(searcher.config, encoding, searcher.info)
 

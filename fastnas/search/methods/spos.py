@@ -18,7 +18,7 @@ iterations), as here, and further:
   0.1)``, whose targets ``(1 - 0.1) * onehot + 0.1 / classes`` are
   ``F.cross_entropy``'s ``label_smoothing``); the validation loss stays plain;
 * before an architecture is scored, batch-norm statistics recomputed on 20,000
-  training images: ``fastnas select`` (``fastnas.search.selection``, ``SPOS_BN_IMAGES``).
+  training images: ``fastnas select`` (``fastnas.tools.selection``, ``SPOS_BN_IMAGES``).
 """
 
 from __future__ import annotations

@@ -19,9 +19,8 @@ their scores differ by their paths alone; ``bn_momentum=0.1`` (``fastnas select
 A supernet whose batch norms keep no running statistics (``bn_track`` off)
 normalises every batch by itself and needs none.
 
-Constraints (``Constraint``) are measured on the network ``fastnas train``
-would train, for the search's dataset: its parameters, its FLOPs (multiply-adds
-per image, as the NAS papers count them) or its median inference latency.
+Constraints (``fastnas.search.sampling.Constraint``) are measured on the
+network ``fastnas train`` would train, for the search's dataset.
 
 The evolution is SPOS' (megvii-model/SinglePathOneShot ``src/Search/search.py``):
 a population of 50 random architectures that meet the constraint; for 20
@@ -44,130 +43,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastnas.search import checkpoint as ckpt
-from fastnas.search.errors import SearchError
+from fastnas.data import info_field
+from fastnas.errors import SearchError
+from fastnas.run import checkpoint as ckpt
+from fastnas.search.sampling import ArchitectureCosts, Constraint
 
 STRATEGIES = ("random", "evolution")
 # Training images SPOS recomputes the batch-norm statistics on before it scores an architecture.
 SPOS_BN_IMAGES = 20_000
-CONSTRAINT_KINDS = ("params", "flops", "latency")
-
-
-# --- costs and constraints ------------------------------------------------------------------
-
-
-class ArchitectureCosts:
-    """Parameters, FLOPs (multiply-adds per image) and latency of architectures' stand-alone networks.
-
-    The network is the one ``fastnas train`` builds for ``dataset`` (its defaults,
-    at the image size the search ran); each architecture is measured once.
-    """
-
-    def __init__(self, encoding, dataset: str, info, device: str = "cpu"):
-        self.encoding = encoding
-        self.dataset = dataset
-        self.info = {k: _info(info, k) for k in ("num_classes", "in_channels", "image_size")}
-        self.device = device
-        self._cache: dict[tuple, float] = {}
-
-    def network(self, genes) -> nn.Module:
-        from fastnas.train import TrainConfig, build_network
-
-        config = TrainConfig.create(
-            self.encoding.space,
-            self.dataset,
-            genotype=self.encoding.to_json(genes),
-            image_size=self.info["image_size"],
-            # Costs are the network's that infers: no auxiliary head (nor its image-size limits).
-            auxiliary=False,
-        )
-        return build_network(config, self.info["num_classes"], self.info["in_channels"]).to(self.device)
-
-    def __call__(self, genes, kind: str) -> float:
-        key = (tuple(genes), kind)
-        if key not in self._cache:
-            self._cache[key] = self._measure(genes, kind)
-        return self._cache[key]
-
-    def _measure(self, genes, kind: str) -> float:
-        from fastnas.train import report
-
-        net = self.network(genes)
-        size, channels = self.info["image_size"], self.info["in_channels"]
-        if kind == "params":
-            return float(report.count_parameters(net)[0])
-        if kind == "flops":
-            return float(report.count_flops(net, channels, size, self.device) // 2)
-        if kind == "latency":
-            import contextlib
-
-            measured = report.measure_latency(net, 1, channels, size, self.device, contextlib.nullcontext)
-            return float(measured["latency_ms"])
-        raise SearchError(f"unknown constraint {kind!r}; choose one of {', '.join(CONSTRAINT_KINDS)}")
-
-
-@dataclass
-class Constraint:
-    """``low <= cost(kind) <= high`` (either bound may be None)."""
-
-    kind: str
-    low: float | None = None
-    high: float | None = None
-
-    def __post_init__(self):
-        if self.kind not in CONSTRAINT_KINDS:
-            raise SearchError(f"unknown constraint {self.kind!r}; choose one of {', '.join(CONSTRAINT_KINDS)}")
-        if self.low is None and self.high is None:
-            raise SearchError(f"a constraint on {self.kind} needs a maximum or a minimum")
-        if self.low is not None and self.high is not None and self.low > self.high:
-            raise SearchError(f"the {self.kind} constraint's minimum {self.low} is above its maximum {self.high}")
-
-    def holds(self, value: float) -> bool:
-        return (self.low is None or value >= self.low) and (self.high is None or value <= self.high)
-
-
-# Costs outlive a step: one table per (space, candidates, dataset, image size, classes, channels).
-_COSTS: dict[tuple, ArchitectureCosts] = {}
-
-
-def costs_for(encoding, dataset: str, info, device: str = "cpu") -> ArchitectureCosts:
-    key = (encoding.space, tuple(encoding.cardinalities), repr(vars(encoding).get("primitives")), dataset, device)
-    key += tuple(_info(info, k) for k in ("num_classes", "in_channels", "image_size"))
-    if key not in _COSTS:
-        _COSTS[key] = ArchitectureCosts(encoding, dataset, info, device)
-    return _COSTS[key]
-
-
-class ArchitectureSampler:
-    """Architectures drawn uniformly, or uniformly under a constraint the SPOS way: a bin of the
-    allowed range drawn uniformly (``bins`` equal bins when it has both ends), then architectures
-    until one falls in it; after ``tries`` misses, an unconstrained one."""
-
-    def __init__(self, encoding, costs=None, constraint: Constraint | None = None, bins: int = 7, tries: int = 500):
-        self.encoding, self.costs, self.constraint = encoding, costs, constraint
-        self.bins, self.tries = bins, tries
-
-    @classmethod
-    def for_search(cls, config, encoding, info) -> ArchitectureSampler:
-        if not config.constraint:
-            return cls(encoding)
-        constraint = Constraint(config.constraint, config.constraint_min, config.constraint_max)
-        return cls(encoding, costs_for(encoding, config.dataset, info), constraint)
-
-    def sample(self, rng: random.Random):
-        if self.constraint is None:
-            return self.encoding.sample(rng)
-        c = self.constraint
-        target = c
-        if c.low is not None and c.high is not None and self.bins > 1:
-            width = (c.high - c.low) / self.bins
-            b = rng.randrange(self.bins)
-            target = Constraint(c.kind, c.low + b * width, c.low + (b + 1) * width)
-        for _ in range(self.tries):
-            genes = self.encoding.sample(rng)
-            if target.holds(self.costs(genes, c.kind)):
-                return genes
-        return self.encoding.sample(rng)
 
 
 # --- scoring ----------------------------------------------------------------------------------
@@ -308,9 +191,9 @@ class TrainedSupernet:
 
 def load_supernet(run_dir: str, device: str = "cpu", dataset=None) -> TrainedSupernet:
     """The trained supernet of the single-path or one-shot search in ``run_dir``; SearchError otherwise."""
+    from fastnas.run.data import search_split
     from fastnas.search.config import SearchConfig
-    from fastnas.search.data import search_split
-    from fastnas.search.searcher import build_network
+    from fastnas.search.searcher import build_supernet
 
     if not os.path.isdir(run_dir):
         raise SearchError(f"{run_dir} is not a folder; give the output folder of a spos, fairnas or oneshot search")
@@ -334,7 +217,7 @@ def load_supernet(run_dir: str, device: str = "cpu", dataset=None) -> TrainedSup
     else:
         train_set, info = dataset
     stage = config.stages()[-1]
-    net = build_network(config, _info(info, "num_classes"), _info(info, "in_channels"), stage["layers"])
+    net = build_supernet(config, info_field(info, "num_classes"), info_field(info, "in_channels"), stage["layers"])
     try:
         net.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as exc:
@@ -344,7 +227,7 @@ def load_supernet(run_dir: str, device: str = "cpu", dataset=None) -> TrainedSup
     dev = torch.device(device)
     net.to(dev)
     train_idx, val_idx = search_split(train_set, config)
-    info = {k: _info(info, k) for k in ("num_classes", "in_channels", "image_size")}
+    info = {k: info_field(info, k) for k in ("num_classes", "in_channels", "image_size")}
     return TrainedSupernet(run_dir, config, net, train_set, info, train_idx, val_idx, int(state["stage_epoch"]), dev)
 
 
@@ -577,7 +460,3 @@ def write_selection(out_dir: str, supernet: TrainedSupernet, result: SelectResul
     except NotImplementedError:
         pass  # a space without pictures (ShuffleNet's list of blocks)
     return files
-
-
-def _info(info, key: str):
-    return info[key] if isinstance(info, dict) else getattr(info, key)

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 
 from fastnas.nn.operations import OPS, check_primitives
-from fastnas.spaces.nb201 import NB201_NODES, NB201Arch, ResNetBasicBlock
+from fastnas.spaces.nb201.blocks import ResNetBasicBlock
+from fastnas.spaces.nb201.genotype import NB201_NODES, NB201Arch
 
 
 def check_eval_arch(arch: NB201Arch) -> None:

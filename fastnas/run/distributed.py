@@ -62,7 +62,7 @@ class DistributedContext:
         dist.all_gather_object(seen, (socket.gethostname(), value))
         odd = [r for r, (_host, v) in enumerate(seen) if v != seen[0][1]]
         if odd:
-            from fastnas.search.errors import SearchError
+            from fastnas.errors import SearchError
 
             where = ", ".join(f"rank {r} on {seen[r][0]}" for r in odd)
             raise SearchError(
@@ -89,7 +89,7 @@ def setup(device: str) -> DistributedContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            from fastnas.search.errors import SearchError
+            from fastnas.errors import SearchError
 
             raise SearchError("--device cuda was requested but torch sees no CUDA GPU; use --device cpu")
         dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())

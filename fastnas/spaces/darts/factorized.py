@@ -28,7 +28,8 @@ from fastnas.nn.cell import num_edges
 from fastnas.nn.operations import CONV_PRIMITIVES, with_activation
 from fastnas.nn.supernet import entropy
 from fastnas.ops.activations import ACTIVATIONS
-from fastnas.spaces.darts import CELL_TYPES, DARTS_PRIMITIVES, Genotype, SearchNetwork
+from fastnas.spaces.darts.genotype import CELL_TYPES, DARTS_PRIMITIVES, Genotype
+from fastnas.spaces.darts.supernet import SearchNetwork
 
 # Scalable-DARTS' activation factor: ReLU and the activations the paper pairs with it.
 SCALABLE_ACTIVATIONS = ("relu", "relu6", "elu", "leaky_relu", "swish")

@@ -48,7 +48,7 @@ def split_indices(n: int, train_portion: float, seed: int, labels=None) -> tuple
 def search_split(train_set, config) -> tuple[list[int], list[int]]:
     """The weights' and the architecture's halves of a search: per class on an image folder
     (PC-DARTS' ImageNet subsets), else a shuffled split of the whole set."""
-    from fastnas.search.errors import SearchError
+    from fastnas.errors import SearchError
 
     labels = getattr(train_set, "labels", None) if config.dataset == "imagenet" else None
     try:

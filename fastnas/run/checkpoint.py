@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import torch
 
-from fastnas.search.errors import CheckpointError
+from fastnas.errors import CheckpointError
 
 FORMAT = "fastnas-search-checkpoint"  # the format tag of search checkpoints
 VERSION = 1

@@ -37,7 +37,7 @@ defines what each one is; here are those that change the nb201 supernet
   zeroing whole images with probability ``rate * (l + 1) / L``, ``l`` the cell's
   index and ``L`` the number of cells and residual reductions (3N + 2), and
   scaling the kept ones by 1 / (1 - p) (``layer_drop_probability``; the drop is
-  ``fastnas.spaces.darts_eval.drop_path``). It does not ramp over epochs, unlike
+  ``fastnas.nn.operations.drop_path``). It does not ramp over epochs, unlike
   fastnas's ``path_dropout``, which drops candidates of a path. The study's
   forward applies it in evaluation too; here it applies in training only, so
   that ``select`` and ``rank-eval`` score architectures without random drops.
@@ -47,7 +47,7 @@ Label smoothing (the study's ``--label_smooth``, ``CrossEntropyLabelSmooth`` in
 loss only) is ``SearchConfig.label_smoothing``, which the single-path step
 (``fastnas.search.methods.single_path``) passes to ``F.cross_entropy``, the same
 loss, in any space. SPOS smooths by 0.1 by default (its released code), so
-``rank-eval``'s default comparison (``fastnas.search.rank_eval.heuristics``)
+``rank-eval``'s default comparison (``fastnas.tools.rank_eval.heuristics``)
 turns it off for SPOS and on for the others.
 
 Left out: dynamic channels (the study's ``--dynamic_conv_method``,

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from fastnas.spaces.nb201 import NB201_PRIMITIVES, NB201Arch
+from fastnas.spaces.nb201.genotype import NB201_PRIMITIVES, NB201Arch
 
 PACKAGE_HINT = "pip install nas-bench-201"
 DATASETS = ("cifar10-valid", "cifar10", "cifar100", "ImageNet16-120")

@@ -4,7 +4,7 @@ Each configuration runs one training step (forward, backward and both optimisers
 as ``fastnas bench-step``) in a fresh process, at two batch sizes B and 2B, so that
 each peak is its own: on CUDA ``max_memory_allocated`` above the allocations before
 the step, on the CPU the peak resident memory above what was resident before it,
-with glibc's mmap threshold fixed (``fastnas.bench.CPU_MEMORY_ENV``). A step's
+with glibc's mmap threshold fixed (``fastnas.bench.measure.CPU_MEMORY_ENV``). A step's
 peak is a fixed part (gradients and optimiser state of the parameters, buffers)
 plus a part linear in the batch (the activations), so the difference of the two
 peaks over B is the memory per image and the rest the fixed part; a device of
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from fastnas import bench
+from fastnas.bench import measure as bench
 
 # What the ImageNet mode measures unless told otherwise: the PC-DARTS ImageNet search
 # network's shape (8 cells, C=16, 1000 classes, 224x224, the three-convolution stem).

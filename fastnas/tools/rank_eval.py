@@ -14,7 +14,7 @@ Yu et al.'s heuristics are settings of the supernet training
 ``epochs``, ``layers``, ``init_channels``, ``train_portion``, ``batch_size``,
 ``label_smoothing`` and, on the nb201 supernet, ``global_dropout``,
 ``layer_path_dropout``, ``ops_on_nodes`` and ``ofa_kernel``
-(``fastnas.spaces.nb201_heuristics``, which says why dynamic channels are not
+(``fastnas.spaces.nb201.heuristics``, which says why dynamic channels are not
 among them). ``compare`` trains one supernet per setting and ranks the same
 stand-alone results with each; ``heuristics(space)`` is the default list.
 
@@ -26,7 +26,7 @@ stand-alone accuracy and supernet score), ``scatter-<name>.png``,
 
 With ``benchmark`` (a NAS-Bench-201 benchmark file, nb201 space only) nothing is trained
 stand-alone: each architecture's accuracy is the benchmark's
-(``fastnas.spaces.nb201_benchmark``), and no ``standalone.json`` is written.
+(``fastnas.spaces.nb201.benchmark``), and no ``standalone.json`` is written.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from fastnas.search import checkpoint as ckpt
-from fastnas.search.errors import SearchError
-from fastnas.search.rank_metrics import SPARSE_THRESHOLD, rank_report, top_k
+from fastnas.errors import SearchError
+from fastnas.run import checkpoint as ckpt
 from fastnas.search.searcher import Searcher
+from fastnas.tools.rank_metrics import SPARSE_THRESHOLD, rank_report, top_k
 
 STANDALONE_NAME = "standalone.json"
 REPORT_NAME = "report.json"
@@ -67,7 +67,7 @@ HEURISTICS = (
     "batch_size=128",
     "layers=2",
     "label_smoothing=0.1",
-    # The nb201 supernet's (fastnas.spaces.nb201_heuristics); other spaces leave them out.
+    # The nb201 supernet's (fastnas.spaces.nb201.heuristics); other spaces leave them out.
     "global_dropout=0.2",
     "layer_path_dropout=0.2",
     "ops_on_nodes=true",
@@ -205,9 +205,9 @@ def _search_config(settings: RankEvalSettings, setting: Setting):
 
 
 def _sample_architectures(settings: RankEvalSettings, config, info) -> tuple[object, list]:
-    from fastnas.search.searcher import build_network
+    from fastnas.search.searcher import build_supernet
 
-    net = build_network(config, info["num_classes"], info["in_channels"], config.stages()[-1]["layers"])
+    net = build_supernet(config, info["num_classes"], info["in_channels"], config.stages()[-1]["layers"])
     encoding = net.encoding()
     count = min(settings.architectures, encoding.size())
     rng = random.Random(settings.seed)
@@ -335,14 +335,14 @@ def _write_standalone(path, settings, recipe, known, results) -> None:
 
 
 def _benchmark_record(settings: RankEvalSettings) -> dict:
-    from fastnas.spaces.nb201_benchmark import BenchmarkMetric
+    from fastnas.spaces.nb201.benchmark import BenchmarkMetric
 
     return {"file": os.path.abspath(settings.benchmark), **BenchmarkMetric(**settings.benchmark_metric).to_dict()}
 
 
 def benchmark_standalone(settings: RankEvalSettings, encoding, archs: list) -> list[dict]:
     """Every architecture's accuracy read from the NAS-Bench-201 benchmark file (nothing trained)."""
-    from fastnas.spaces.nb201_benchmark import BenchmarkMetric, NB201Benchmark
+    from fastnas.spaces.nb201.benchmark import BenchmarkMetric, NB201Benchmark
 
     bench = NB201Benchmark(settings.benchmark, BenchmarkMetric(**settings.benchmark_metric))
     results = []
@@ -385,7 +385,7 @@ class _EpochBarSearcher(Searcher):
 
     bar = None
 
-    def _progress(self, steps, global_epoch):
+    def _progress(self, steps: int, epoch: int, epochs: int):
         return None
 
     def _print_epoch(self, record: dict) -> None:
@@ -395,7 +395,7 @@ class _EpochBarSearcher(Searcher):
 
 
 def score_architectures(run_dir: str, archs: list, settings: RankEvalSettings, dataset, progress: bool, label: str):
-    from fastnas.search.selection import load_supernet
+    from fastnas.tools.selection import load_supernet
 
     supernet = load_supernet(run_dir, settings.device, dataset=dataset)
     scorer = supernet.scorer(settings.bn_batches)
@@ -491,13 +491,13 @@ def rank_eval(settings: RankEvalSettings, out_dir: str, compare: list[Setting] |
 def _standalone_label(settings: RankEvalSettings) -> str:
     if settings.benchmark is None:
         return "stand-alone test accuracy (%)"
-    from fastnas.spaces.nb201_benchmark import BenchmarkMetric
+    from fastnas.spaces.nb201.benchmark import BenchmarkMetric
 
     return f"NAS-Bench-201 {BenchmarkMetric(**settings.benchmark_metric).describe()} (%)"
 
 
 def _plot(path, standalone, predicted, metrics, setting, config, x_label) -> None:
-    from fastnas.search.scatter import save_scatter
+    from fastnas.tools.scatter import save_scatter
 
     title = (
         f"{config.method} on {config.space}/{config.dataset} ({setting.name}): tau {metrics['kendall_tau']:.3f}, "
