@@ -29,6 +29,9 @@ pytestmark = [
 ]
 
 MEMORY = ("save", "recompute")
+# Scalable-DARTS' pairs: a convolution with ReLU and with another activation, on one edge.
+SCALABLE = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_3x3_swish", "dil_conv_3x3",
+            "dil_conv_3x3_elu"]  # fmt: skip
 SUBSETS = [
     DARTS_PRIMITIVES,
     ["none", "sep_conv_3x3", "skip_connect"],
@@ -36,6 +39,7 @@ SUBSETS = [
     ["dil_conv_5x5", "sep_conv_7x7", "none"],
     ["skip_connect", "dil_conv_3x3"],
     ["none", "skip_connect"],
+    SCALABLE,
 ]
 
 
@@ -74,6 +78,8 @@ def test_bit_identical_to_the_composite(subset, stride, memory, dtype):
     if stride == 2 and prims == ["skip_connect", "dil_conv_3x3"]:
         prims = ["skip_connect", "dil_conv_3x3", "max_pool_3x3"]
     op = _edge(prims, 6, stride, dtype)
+    if prims is SCALABLE:
+        assert op.plan.spec.activations == ("relu", "swish", "relu", "elu")
     gen = torch.Generator().manual_seed(subset)
     x = torch.randn(3, 6, 10, 10, generator=gen, dtype=dtype)
     w = torch.softmax(torch.randn(len(prims), generator=gen, dtype=dtype), 0)

@@ -18,6 +18,7 @@ from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum_refere
 from fastnas.spaces.darts import DARTS_PRIMITIVES
 
 node_ops = importlib.import_module("fastnas.ops.partial_channel_node")
+edge_ops = importlib.import_module("fastnas.ops.darts_edge")
 NodeSpec, partial_channel_node = node_ops.NodeSpec, node_ops.partial_channel_node
 
 pytestmark = [
@@ -29,6 +30,9 @@ pytestmark = [
 ]
 
 MEMORY = ("save", "recompute")
+# Scalable-DARTS' pairs: a convolution with ReLU and with another activation, on one edge.
+SCALABLE = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3", "sep_conv_3x3_swish", "dil_conv_3x3",
+            "dil_conv_3x3_elu"]  # fmt: skip
 
 
 def _bound(module):
@@ -73,14 +77,21 @@ def _step(edges, groups, states, weights, beta, memory, path, grad_seed=1):
 @pytest.mark.parametrize("dtype", (torch.float64, torch.float32))
 @pytest.mark.parametrize("memory", MEMORY)
 @pytest.mark.parametrize("strides", ([2, 2, 1, 1], [1, 1, 1]))
-def test_bit_identical_to_the_composite(strides, memory, dtype, monkeypatch):
-    edges = _node(strides, 8, 2, dtype)
-    states, weights, beta = _inputs(strides, 8, 8, dtype)
+@pytest.mark.parametrize("prims", ("darts", "scalable"))
+@pytest.mark.parametrize("edge", ("cpp", "composite"))
+def test_bit_identical_to_the_composite(edge, prims, strides, memory, dtype, monkeypatch):
+    """The composite runs one darts_edge per edge, then partial_channel_node_sum, on the ``cpu``
+    building blocks; each edge is the C++ edge op or, all Python, ``DartsEdgeFunction``."""
+    prims = SCALABLE if prims == "scalable" else DARTS_PRIMITIVES
+    edges = _node(strides, 8, 2, dtype, prims)
+    states, weights, beta = _inputs(strides, 8, len(prims), dtype)
     composite, cpp = copy.deepcopy(edges), copy.deepcopy(edges)
     for step in range(2):
         got = _step(cpp, 2, states, weights, beta, memory, "cpp", step)
         with monkeypatch.context() as m:
-            m.setattr(node_ops, "_CPP_BACKENDS", set())  # one darts_edge per edge, then partial_channel_node_sum
+            m.setattr(node_ops, "_CPP_BACKENDS", set())
+            if edge == "composite":
+                m.setattr(edge_ops, "_CPP_BACKENDS", set())
             want = _step(composite, 2, states, weights, beta, memory, "composite", step)
         for i, (a, b) in enumerate(zip(want, got)):
             assert torch.equal(a, b), f"step {step}, tensor {i}: max diff {(a - b).abs().max().item()}"

@@ -42,7 +42,12 @@ Two implementations of the same arithmetic, op for op, bit-identical:
   are registered for the CPU (csrc/cpu/darts_edge.cpp) and CUDA
   (csrc/cuda/darts_edge.cu), on those devices' kernels of the building blocks.
 - ``DartsEdgeFunction``, the Python composite, for the backends whose building
-  blocks have no C++ kernels (``triton``, ``reference``).
+  blocks have no C++ kernels (``triton``, ``reference``). It must stay: the C++ op
+  calls its building blocks through the dispatcher, which holds only their C++
+  kernels, while the Triton kernels exist only as Python custom ops
+  (``fastnas::*_triton``) and the reference only as eager PyTorch, out of the C++
+  op's reach. tests/test_darts_edge_op.py keeps the two identical: the composite on
+  the ``cpu`` building blocks against the C++ op, bit for bit.
 
 The eager oracle is the module path of ``fastnas.nn.MixedOp`` with the
 ``reference`` backend; tests compare outputs, every gradient and the running

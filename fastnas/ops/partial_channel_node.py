@@ -10,7 +10,11 @@ forward; ``memory`` says what each edge keeps for backward, as for ``darts_edge`
 
 The eager oracle is the modules' path: one ``darts_edge`` per edge, then
 ``partial_channel_node_sum`` (the composite below, which the ``triton`` and
-``reference`` backends run).
+``reference`` backends run). The composite must stay beside the C++ op: that op
+reaches its building blocks through the dispatcher, which holds only their C++
+kernels, while the Triton kernels exist only as Python custom ops and the reference
+only as eager PyTorch. tests/test_partial_channel_node.py keeps the two identical:
+the composite on the ``cpu`` building blocks against the C++ op, bit for bit.
 
 Ops registered with torch.library:
   fastnas::partial_channel_node / _backward   C++ (csrc/partial_channel_node.cpp), one call per direction
