@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from fastnas.search.errors import SearchError
-from fastnas.search.methods import get_method
-from fastnas.search.methods.amended_darts import AMEND_COEFFICIENT
-from fastnas.search.methods.la_darts import LATENCY_WEIGHT
+from fastnas.cli.options import name_list, option, positive_int, rate_list, same_on_resume_fields, setting
+from fastnas.data.pipeline import DECODERS
+from fastnas.errors import SearchError
+from fastnas.nn.edge_plan import MEMORY_MODES
+from fastnas.nn.mixed_op import HARD_FORMS
+from fastnas.search.methods import METHODS, get_method
 from fastnas.spaces import SPACES, get_space
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
@@ -20,60 +22,8 @@ AMP_DTYPES = ("bf16", "fp16")
 # The methods' paper settings apply to CIFAR and ImageNet.
 DIGITS_DEFAULTS = dict(image_size=8, init_channels=8, layers=5, batch_size=64)
 
-# Fields a resumed run must share with its checkpoint, or it would be a different search.
-RESUME_FIELDS = (
-    "method",
-    "space",
-    "dataset",
-    "image_size",
-    "fraction",
-    "epochs",
-    "batch_size",
-    "lr",
-    "lr_min",
-    "lr_warmup_epochs",
-    "momentum",
-    "weight_decay",
-    "arch_lr",
-    "arch_betas",
-    "arch_weight_decay",
-    "grad_clip",
-    "train_portion",
-    "init_channels",
-    "layers",
-    "seed",
-    "unrolled",
-    "partial_channels",
-    "edge_normalization",
-    "warmup_epochs",
-    "stage_layers",
-    "stage_keep",
-    "skip_drop",
-    "max_skip_connect",
-    "tau_max",
-    "tau_min",
-    "gdas_form",
-    "arch_grad_clip",
-    "label_smoothing",
-    "amend_coefficient",
-    "latency_model_sha256",
-    "latency_weight",
-    "activations",
-    "amp",
-    "world_size",
-    "bn_affine",
-    "bn_track",
-    "path_dropout",
-    "ghost_batch_size",
-    "global_dropout",
-    "layer_path_dropout",
-    "ops_on_nodes",
-    "ofa_kernel",
-    "constraint",
-    "constraint_min",
-    "constraint_max",
-)
 CONSTRAINTS = ("params", "flops")
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -84,80 +34,199 @@ class SearchConfig:
     and ``warmup_epochs`` counts per stage.
     """
 
-    method: str = "darts"
-    space: str = "darts"
-    dataset: str = "digits"
-    data: str | None = None
-    image_size: int | None = None
-    fraction: float | None = None
-    epochs: int = 50
-    batch_size: int = 64
-    lr: float = 0.025
-    lr_min: float = 0.001
+    method: str = option("darts", "search method (default: {default})", same_on_resume=True, choices=METHODS)
+    space: str = option("darts", "search space (default: {default})", same_on_resume=True, choices=SPACES)
+    dataset: str = option("digits", "dataset (default: {default}, bundled)", same_on_resume=True, choices=DATASETS)
+    data: str | None = option(None, "folder of the cifar10/cifar100/imagenet files", metavar="PATH")
+    image_size: int | None = option(None, "side of the (square) input images", same_on_resume=True, type=positive_int)
+    fraction: float | None = option(None, "use this fraction of each training class", same_on_resume=True, type=float)
+    epochs: int = option(50, "epochs in all (P-DARTS: split over 3 stages)", same_on_resume=True, type=positive_int)
+    batch_size: int = option(64, "images per step over all processes", same_on_resume=True, type=positive_int)
+    lr: float = option(0.025, "weight learning rate", same_on_resume=True, type=float)
+    lr_min: float = setting(0.001, same_on_resume=True)
     # Epochs of a linear learning-rate warm-up (lr * (e + 1) / n) before the cosine schedule
     # takes over (PC-DARTS on ImageNet, methods/pc_darts.py).
-    lr_warmup_epochs: int = 0
-    momentum: float = 0.9
-    weight_decay: float = 3e-4
-    arch_lr: float = 3e-4
-    arch_betas: tuple = (0.5, 0.999)
-    arch_weight_decay: float = 1e-3
-    grad_clip: float = 5.0
-    train_portion: float = 0.5
-    init_channels: int = 16
-    layers: int = 8
-    seed: int = 0
-    unrolled: bool = False
-    partial_channels: int | None = None
-    edge_normalization: bool = False
-    warmup_epochs: int = 0
-    stage_layers: tuple = ()
-    stage_keep: tuple = ()
-    skip_drop: tuple = ()
-    max_skip_connect: int | None = None
-    tau_max: float = 10.0
-    tau_min: float = 0.1
+    lr_warmup_epochs: int = option(
+        0,
+        "epochs of a linear warm-up of --lr before its cosine schedule (PC-DARTS on ImageNet: 5)",
+        same_on_resume=True,
+        type=int,
+    )
+    momentum: float = setting(0.9, same_on_resume=True)
+    weight_decay: float = option(3e-4, "SGD weight decay of the weights", same_on_resume=True, type=float)
+    arch_lr: float = option(3e-4, "architecture learning rate", same_on_resume=True, type=float)
+    arch_betas: tuple = setting((0.5, 0.999), same_on_resume=True)
+    arch_weight_decay: float = setting(1e-3, same_on_resume=True)
+    grad_clip: float = setting(5.0, same_on_resume=True)
+    train_portion: float = option(0.5, "share of the training images the weights see", same_on_resume=True, type=float)
+    init_channels: int = option(16, "channels of the first cells", same_on_resume=True, type=positive_int)
+    layers: int = option(
+        8, "cells (P-DARTS: of the first stage; nb201: cells per stage)", same_on_resume=True, type=positive_int
+    )
+    seed: int = option(0, "random seed (default: {default})", same_on_resume=True, type=int)
+    unrolled: bool = setting(False, same_on_resume=True)
+    partial_channels: int | None = option(None, "PC-DARTS K", same_on_resume=True, type=positive_int)
+    edge_normalization: bool = setting(False, same_on_resume=True)
+    warmup_epochs: int = option(
+        0, "epochs before the architecture learns (PC-DARTS; P-DARTS per stage)", same_on_resume=True, type=int
+    )
+    stage_layers: tuple = setting((), same_on_resume=True)
+    stage_keep: tuple = setting((), same_on_resume=True)
+    skip_drop: tuple = option(
+        (),
+        "p-darts: initial skip-connect dropout of each stage (default 0.1,0.4,0.7, the released code's "
+        "command; the paper's: 0.0,0.4,0.7 on cifar10, 0.1,0.2,0.3 on cifar100)",
+        same_on_resume=True,
+        type=rate_list,
+        metavar="P1,P2,P3",
+    )
+    max_skip_connect: int | None = setting(None, same_on_resume=True)
+    tau_max: float = setting(10.0, same_on_resume=True)
+    tau_min: float = setting(0.1, same_on_resume=True)
     # GDAS: how an edge computes its hard sample ("sum" or "one"; None: the space's, see methods/gdas.py).
-    gdas_form: str | None = None
+    gdas_form: str | None = option(
+        None,
+        "an edge's hard sample plus its other hard weights (sum: AutoDL's NAS-Bench-201 GDAS, the "
+        "nb201 default) or alone (one: AutoDL's NASNet-space GDAS, the darts default)",
+        same_on_resume=True,
+        choices=HARD_FORMS,
+    )
     # Norm the architecture's gradient is clipped to before its step (None: not clipped; P-DARTS 5).
-    arch_grad_clip: float | None = None
+    arch_grad_clip: float | None = option(
+        None,
+        "clip the architecture's gradient to this norm (default: p-darts 5, pc-darts on imagenet 5, else none)",
+        same_on_resume=True,
+        type=float,
+    )
     # Label smoothing of the supernet's training loss (SPOS 0.1).
-    label_smoothing: float = 0.0
-    amend_coefficient: float = AMEND_COEFFICIENT
-    latency_model: str | None = None
-    latency_model_sha256: str | None = None
-    latency_weight: float = LATENCY_WEIGHT
-    activations: tuple | None = None
-    amp: str | None = None
-    memory: str = "save"
+    label_smoothing: float = option(
+        0.0,
+        "spos: label smoothing of the supernet's training loss (default 0.1)",
+        same_on_resume=True,
+        type=float,
+    )
+    # Amended-DARTS' amending coefficient: the paper's.
+    amend_coefficient: float = option(
+        0.1, "eta, the weight of the amending term (the paper's {default})", same_on_resume=True, type=float
+    )
+    latency_model: str | None = option(None, "the latency predictor (made by fastnas latency-model)", metavar="FILE")
+    latency_model_sha256: str | None = setting(None, same_on_resume=True)
+    # LA-DARTS' lambda, per millisecond of predicted latency.
+    latency_weight: float = option(
+        0.01,
+        "lambda, the weight of the predicted latency in milliseconds (default {default})",
+        same_on_resume=True,
+        type=float,
+    )
+    activations: tuple | None = option(
+        None,
+        "scalable-darts: the activation factor (default: relu,relu6,elu,leaky_relu,swish; also hardswish)",
+        same_on_resume=True,
+        type=name_list,
+        metavar="A,B,...",
+    )
+    amp: str | None = option(
+        None, "mixed precision (fp16 uses loss scaling on CUDA)", same_on_resume=True, choices=AMP_DTYPES
+    )
+    memory: str = option(
+        "save",
+        "what each edge keeps for backward: save (pre-BN tensors only; default), recompute "
+        "(nothing, recomputed inside the fused backward), checkpoint (eager modules under "
+        "torch.utils.checkpoint), sum (eager modules, only the weighted sum fused)",
+        choices=MEMORY_MODES,
+    )
     # None: capture the step as a CUDA graph wherever that works (on CUDA).
-    cuda_graph: bool | None = None
-    backend: str | None = None
-    device: str = "cpu"
-    # Data-loader worker processes per rank; None: fastnas.search.data.default_workers (0 for
+    cuda_graph: bool | None = option(
+        None,
+        "capture the search step once per epoch as a CUDA graph and replay it (default: on CUDA, "
+        "wherever capture works)",
+        type=bool,
+    )
+    backend: str | None = option(None, "fused-op backend: auto, reference, cpu, cuda, triton")
+    device: str = option("cpu", "where to run (default: {default})", choices=DEVICES)
+    # Data-loader worker processes per rank; None: fastnas.run.data.default_workers (0 for
     # data held in memory, most of the cores for an image folder).
-    workers: int | None = None
+    workers: int | None = option(
+        None,
+        "data-loader worker processes per process (default: 0 for digits and CIFAR, held in memory; "
+        "for an image folder the cores less one, at most 12)",
+        type=int,
+    )
     # Who decodes an image folder's JPEGs (fastnas.data.pipeline.DECODERS): cpu (Pillow, in the
     # workers), cuda (torchvision.io.decode_jpeg on the GPU) or dali (NVIDIA DALI).
-    decode: str = "cpu"
-    world_size: int = 1
-    # Folder of TensorBoard event files (fastnas.search.scalars); how a run reports, so not a RESUME_FIELD.
-    tensorboard: str | None = None
-    primitives: tuple | None = None
+    decode: str = option(
+        "cpu",
+        "who decodes an image folder's JPEGs: cpu (Pillow in the workers; default), cuda "
+        "(torchvision.io.decode_jpeg on the GPU) or dali (NVIDIA DALI, if installed)",
+        choices=DECODERS,
+    )
+    world_size: int = setting(1, same_on_resume=True)
+    # Folder of TensorBoard event files (fastnas.run.scalars); how a run reports, so a resumed run may change it.
+    tensorboard: str | None = option(
+        None,
+        "also write each epoch's losses, accuracies and architecture weights as TensorBoard event files to DIR "
+        "(needs the tensorboard package)",
+        metavar="DIR",
+    )
+    primitives: tuple | None = setting(None)
     # Single-path and one-shot supernets (spos, fairnas, oneshot; fastnas.search.methods.single_path).
-    bn_affine: bool = False
-    bn_track: bool = True
-    path_dropout: float = 0.0
-    ghost_batch_size: int | None = None
-    # Yu et al.'s supernet heuristics, the nb201 supernet's (fastnas.spaces.nb201_heuristics).
-    global_dropout: float = 0.0
-    layer_path_dropout: float = 0.0
-    ops_on_nodes: bool = False
-    ofa_kernel: bool = False
-    constraint: str | None = None
-    constraint_min: float | None = None
-    constraint_max: float | None = None
-    extra: dict = field(default_factory=dict)
+    bn_affine: bool = option(
+        False, "affine batch norms inside the candidates (default: off)", same_on_resume=True, type=bool
+    )
+    bn_track: bool = option(
+        True,
+        "batch norms keep running statistics (default: on; oneshot: off, batch statistics)",
+        same_on_resume=True,
+        type=bool,
+    )
+    path_dropout: float = option(
+        0.0,
+        "spos/fairnas: drop probability of each sampled candidate, rising linearly from 0; oneshot: r, "
+        "the end probability that all k inputs of a node go (each r^(1/k))",
+        same_on_resume=True,
+        type=float,
+    )
+    ghost_batch_size: int | None = option(
+        None, "oneshot: images per ghost batch", same_on_resume=True, type=positive_int
+    )
+    # Yu et al.'s supernet heuristics, the nb201 supernet's (fastnas.spaces.nb201.heuristics).
+    global_dropout: float = option(
+        0.0,
+        "nb201, single-path methods: dropout of the pooled features before the classifier (Yu et al.)",
+        same_on_resume=True,
+        type=float,
+    )
+    layer_path_dropout: float = option(
+        0.0,
+        "nb201, single-path methods: r; the output of cell l of L (reductions counted) is dropped per image "
+        "with probability r (l + 1) / L (Yu et al.'s path dropout, not ramped over epochs)",
+        same_on_resume=True,
+        type=float,
+    )
+    ops_on_nodes: bool = option(
+        False,
+        "nb201, single-path methods: a node's edges from nodes 2, ... run the candidates of its edge from "
+        "node 1 (Yu et al.'s op_on_node; default: off, every edge its own)",
+        same_on_resume=True,
+        type=bool,
+    )
+    ofa_kernel: bool = option(
+        False,
+        "nb201, single-path methods: nor_conv_1x1 is the centre of nor_conv_3x3's kernel times a learned "
+        "factor, with one batch norm (OFA's kernel transformation, as Yu et al.; default: off)",
+        same_on_resume=True,
+        type=bool,
+    )
+    constraint: str | None = option(
+        None,
+        "spos: sample only architectures whose stand-alone network's parameters or FLOPs "
+        "(multiply-adds per image) lie within --constraint-min/--constraint-max",
+        same_on_resume=True,
+        choices=CONSTRAINTS,
+    )
+    constraint_min: float | None = option(None, "lower end of the --constraint range", same_on_resume=True, type=float)
+    constraint_max: float | None = option(None, "upper end of the --constraint range", same_on_resume=True, type=float)
+    extra: dict = setting(default_factory=dict)
 
     @classmethod
     def create(cls, method: str = "darts", dataset: str = "digits", **overrides) -> SearchConfig:
@@ -221,7 +290,7 @@ class SearchConfig:
         except ValueError as exc:
             raise SearchError(str(exc)) from None
         if self.tensorboard is not None:
-            from fastnas.search.scalars import missing_reason
+            from fastnas.run.scalars import missing_reason
 
             reason = missing_reason()
             if reason:
@@ -263,3 +332,7 @@ class SearchConfig:
             if k in names:
                 kwargs[k] = tuple(v) if k in tuples and v is not None else v
         return cls(**kwargs)
+
+
+# Fields a resumed run must share with its checkpoint, or it would be a different search.
+RESUME_FIELDS = same_on_resume_fields(SearchConfig)

@@ -6,20 +6,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from fastnas.cli.options import option, positive_int, same_on_resume_fields, setting
+from fastnas.errors import TrainError
 from fastnas.spaces import SPACES, get_space
-from fastnas.train.errors import TrainError
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 AMP_DTYPES = ("bf16", "fp16")
 LR_SCHEDULES = ("cosine", "exponential", "linear")
 
-# Fields a resumed training must share with its checkpoint, or it would be a different training.
-RESUME_FIELDS = (
-    "space", "genotype", "dataset", "image_size", "fraction", "epochs", "batch_size", "lr", "lr_schedule", "lr_min",
-    "lr_gamma", "momentum", "nesterov", "weight_decay", "grad_clip", "init_channels", "layers", "auxiliary",
-    "auxiliary_weight", "drop_path_prob", "label_smoothing", "crop_padding", "flip", "cutout", "imagenet_augment",
-    "seed", "amp", "world_size",
-)  # fmt: skip
+DEVICES = ("cpu", "cuda")
 
 
 @dataclass
@@ -34,40 +29,55 @@ class TrainConfig:
     falls linearly from ``lr`` to 0 over the epochs.
     """
 
-    space: str = "darts"
-    genotype: dict | None = None
-    dataset: str = "digits"
-    data: str | None = None
-    image_size: int | None = None
-    fraction: float | None = None
-    epochs: int = 600
-    batch_size: int = 96
-    lr: float = 0.025
-    lr_schedule: str = "cosine"
-    lr_min: float = 0.0
-    lr_gamma: float = 0.97
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 3e-4
-    grad_clip: float | None = 5.0
-    init_channels: int = 36
-    layers: int = 20
-    auxiliary: bool = True
-    auxiliary_weight: float = 0.4
-    drop_path_prob: float = 0.2
-    label_smoothing: float = 0.0
-    crop_padding: int = 4
-    flip: bool = True
-    cutout: int = 16
-    imagenet_augment: bool = False
-    amp: str | None = None
-    device: str = "cpu"
-    workers: int = 0
-    seed: int = 0
-    world_size: int = 1
-    latency_batch: int = 1
-    # Folder of TensorBoard event files (fastnas.search.scalars); not a RESUME_FIELD.
-    tensorboard: str | None = None
+    space: str = option("darts", "the architecture's space (default: what it is)", same_on_resume=True, choices=SPACES)
+    genotype: dict | None = setting(None, same_on_resume=True)
+    dataset: str = option(
+        "digits", "dataset (default: the search's, else {default})", same_on_resume=True, choices=DATASETS
+    )
+    data: str | None = option(None, "folder of the cifar10/cifar100/imagenet files", metavar="PATH")
+    image_size: int | None = option(None, "side of the (square) input images", same_on_resume=True, type=positive_int)
+    fraction: float | None = option(None, "use this fraction of each training class", same_on_resume=True, type=float)
+    epochs: int = option(600, "training epochs", same_on_resume=True, type=positive_int)
+    batch_size: int = option(96, "images per step over all processes", same_on_resume=True, type=positive_int)
+    lr: float = option(0.025, "initial learning rate", same_on_resume=True, type=float)
+    lr_schedule: str = setting("cosine", same_on_resume=True)
+    lr_min: float = setting(0.0, same_on_resume=True)
+    lr_gamma: float = setting(0.97, same_on_resume=True)
+    momentum: float = setting(0.9, same_on_resume=True)
+    nesterov: bool = setting(False, same_on_resume=True)
+    weight_decay: float = option(3e-4, "SGD weight decay", same_on_resume=True, type=float)
+    grad_clip: float | None = setting(5.0, same_on_resume=True)
+    init_channels: int = option(36, "channels of the first cells (C)", same_on_resume=True, type=positive_int)
+    layers: int = option(20, "cells (nb201: cells per stage, N)", same_on_resume=True, type=positive_int)
+    auxiliary: bool = option(
+        True,
+        "the DARTS auxiliary head after the second reduction (needs 32x32 CIFAR or 224x224 ImageNet images)",
+        same_on_resume=True,
+        type=bool,
+    )
+    auxiliary_weight: float = option(0.4, "weight of the auxiliary loss ({default})", same_on_resume=True, type=float)
+    drop_path_prob: float = option(
+        0.2, "drop-path probability, reached linearly from 0", same_on_resume=True, type=float
+    )
+    label_smoothing: float = setting(0.0, same_on_resume=True)
+    crop_padding: int = setting(4, same_on_resume=True)
+    flip: bool = setting(True, same_on_resume=True)
+    cutout: int = option(16, "side of the cutout square, 0 for none", same_on_resume=True, type=int)
+    imagenet_augment: bool = setting(False, same_on_resume=True)
+    amp: str | None = option(
+        None, "mixed precision (fp16 uses loss scaling on CUDA)", same_on_resume=True, choices=AMP_DTYPES
+    )
+    device: str = option("cpu", "where to run (default: {default})", choices=DEVICES)
+    workers: int = option(0, "data-loader worker processes (default: {default})", type=int)
+    seed: int = option(0, "random seed (default: {default})", same_on_resume=True, type=int)
+    world_size: int = setting(1, same_on_resume=True)
+    latency_batch: int = option(1, "batch of the latency measurement ({default})", type=positive_int)
+    # Folder of TensorBoard event files (fastnas.run.scalars); how a run reports, so a resumed run may change it.
+    tensorboard: str | None = option(
+        None,
+        "also write each epoch's losses and accuracies as TensorBoard event files to DIR (needs tensorboard)",
+        metavar="DIR",
+    )
 
     @classmethod
     def create(cls, space: str = "darts", dataset: str = "digits", **overrides) -> TrainConfig:
@@ -102,7 +112,7 @@ class TrainConfig:
         if self.batch_size < 2:
             raise TrainError(f"--batch-size must be at least 2 (batch norm needs two samples), got {self.batch_size}")
         if self.tensorboard is not None:
-            from fastnas.search.scalars import missing_reason
+            from fastnas.run.scalars import missing_reason
 
             reason = missing_reason()
             if reason:
@@ -136,3 +146,7 @@ class TrainConfig:
     def from_dict(cls, values: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
+
+
+# Fields a resumed training must share with its checkpoint, or it would be a different training.
+RESUME_FIELDS = same_on_resume_fields(TrainConfig)
