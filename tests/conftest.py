@@ -89,12 +89,12 @@ def fused_edge_calls(monkeypatch):
     comparing the engine with the reference can assert that the engine ran. Skips where
     no fused kernels serve CPU tensors (the comparison would set the reference against itself)."""
     from fastnas import backends
-    from fastnas.nn import cell, mixed_op
+    from fastnas.nn import cell, edge_runner
 
     if backends.resolve("darts_edge", "cpu") == "reference":
         pytest.skip("no fused kernels serve CPU tensors here: " + (backends.backend_status()["cpu"] or "?"))
     calls = []
-    real_edge, real_node = mixed_op.darts_edge, cell.partial_channel_node
+    real_edge, real_node = edge_runner.darts_edge, cell.partial_channel_node
 
     def counting_edge(*args, **kwargs):
         calls.append(kwargs.get("memory"))
@@ -104,6 +104,6 @@ def fused_edge_calls(monkeypatch):
         calls.extend([kwargs.get("memory")] * len(states))
         return real_node(states, *args, **kwargs)
 
-    monkeypatch.setattr(mixed_op, "darts_edge", counting_edge)
+    monkeypatch.setattr(edge_runner, "darts_edge", counting_edge)
     monkeypatch.setattr(cell, "partial_channel_node", counting_node)
     return calls

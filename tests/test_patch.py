@@ -146,7 +146,7 @@ def test_pc_darts_trains_like_the_original(backend, dtype, steps):
 @pytest.mark.parametrize("build", ("darts", "pc-darts"))
 def test_fused_edge_memory_modes_train_like_the_original(build, memory, monkeypatch):
     """In training, recognised DARTS edges run through the fused edge in the memory mode asked for."""
-    module = importlib.import_module("fastnas.patch.replace")
+    module = importlib.import_module("fastnas.nn.edge_runner")
     calls = []
     real = module.darts_edge
 

@@ -16,9 +16,16 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastnas.nn.edge_plan import BoundEdge, EdgePlan, check_memory, plan_edge
+from fastnas.nn.edge_runner import (
+    Terms,
+    bound_edge,
+    edge_terms,
+    fused_edge,
+    hard_sample_sum,
+    partial_channel_sum,
+    run_edge,
+)
 from fastnas.nn.operations import OPS, check_primitives
-from fastnas.ops import mixed_sum, partial_channel_mixed_sum
-from fastnas.ops.darts_edge import darts_edge
 
 #: How an edge computes a GDAS hard sample (``MixedOp``): "sum", the sampled candidate
 #: times its hard weight plus the other hard weights (AutoDL's NAS-Bench-201 GDAS), or
@@ -149,14 +156,10 @@ class MixedOp(nn.Module):
                 op = nn.Sequential(op, nn.BatchNorm2d(C, affine=False))
             self.ops.append(op)
         self.plan = plan_edge(self.ops, C, stride)
-        self._bound: BoundEdge | None = None
+        self._bound: dict = {}  # the bound edge (fastnas.nn.edge_runner.bound_edge)
         # Why the last call did not run the fused edge (None when it did); before
         # any call, why the candidates cannot be fused at all.
         self.fused_reason = self.plan.reason
-        # An edge of only `none` still needs an output of the right shape.
-        self._active = list(self.plan.active) or [0]
-        a = self._active
-        self._active_slice = slice(a[0], a[-1] + 1) if a == list(range(a[0], a[-1] + 1)) else None
         # P-DARTS drops out the identity shortcut only, not the reducing one.
         self._dropped = {k for k, name in enumerate(self.primitives) if name == "skip_connect" and stride == 1}
         # With skip dropout active the identity term is added outside the fused edge.
@@ -170,7 +173,7 @@ class MixedOp(nn.Module):
     def replan(self) -> None:
         """Read the candidates again, after their batch norms changed (``SuperNet.use_batch_statistics``)."""
         self.plan = plan_edge(self.ops, None, self.stride)
-        self._bound = None
+        self._bound = {}
         self.fused_reason = self.plan.reason
         self._spec_no_skip = None
         if self.plan.spec is not None and self.plan.spec.skip_index is not None:
@@ -183,11 +186,6 @@ class MixedOp(nn.Module):
             out = F.dropout(out, p=self.skip_drop_prob)
         return out
 
-    def _active_weights(self, weights: torch.Tensor) -> torch.Tensor:
-        if self._active_slice is not None:
-            return weights[self._active_slice]
-        return weights[self._active]
-
     def _fusable(self, x: torch.Tensor, index: int | None) -> bool:
         """Whether this call runs the fused edge; records why not in ``fused_reason``."""
         training = self.training and index is None
@@ -195,19 +193,15 @@ class MixedOp(nn.Module):
         return self.fused_reason is None
 
     def _bound_edge(self) -> BoundEdge:
-        if self._bound is None or self._bound.candidates is not self.ops:
-            self._bound = self.plan.bind(self.ops)
-        return self._bound
+        return bound_edge(self._bound, None, self.plan, self.ops)
 
     def _fused(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        plan, bound = self.plan, self._bound_edge()
-        spec, extra = plan.spec, None
+        spec, extra = self.plan.spec, None
         if self._spec_no_skip is not None and self.skip_drop_prob > 0:
             spec = self._spec_no_skip
-            k = plan.spec.skip_index
+            k = self.plan.spec.skip_index
             extra = weights[k] * F.dropout(x, p=self.skip_drop_prob)
-        params, buffers = bound.parameters(), bound.buffers()
-        out = darts_edge(x, weights, params, spec, buffers, memory=self.memory, backend=self.backend)
+        out = fused_edge(x, weights, self._bound_edge(), spec, backend=self.backend, memory=self.memory)
         return out if extra is None else out + extra
 
     def _path_plan(self, active: tuple) -> EdgePlan:
@@ -228,13 +222,9 @@ class MixedOp(nn.Module):
         else:
             self.fused_reason = plan.fused_reason(x, self.backend, training=self.training, memory=self.memory)
         if self.fused_reason is None:
-            bound = self._path_bound.get(active)
-            if bound is None or bound.candidates is not self.ops:
-                bound = self._path_bound[active] = plan.bind(self.ops)
+            bound = bound_edge(self._path_bound, active, plan, self.ops)
             ones = x.new_ones(len(self.ops), dtype=torch.float32)
-            return darts_edge(
-                x, ones, bound.parameters(), plan.spec, bound.buffers(), memory=self.memory, backend=self.backend
-            )
+            return fused_edge(x, ones, bound, plan.spec, backend=self.backend, memory=self.memory)
         if self._recompute_unfused():
             return checkpoint_module(self, lambda x: self._path_modules(x, active), x)
         return self._path_modules(x, active)
@@ -275,15 +265,11 @@ class MixedOp(nn.Module):
 
     def _unfused(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         if index is not None:
-            out = mixed_sum([self._candidate(index, x)], weights[index : index + 1], backend=self.backend)
-            if self.hard_form == "sum" and len(weights) > 1:
-                # Exactly 0 in value ((0 - p) + p); the gradient of every other hard weight
-                # is the sum of the output's gradient, as in AutoDL's forward_gdas.
-                rest = torch.cat([weights[:index], weights[index + 1 :]]).sum()
-                out = out + rest.to(out.dtype)
-            return out
-        outs = [self._candidate(k, x) for k in self._active]
-        return mixed_sum(outs, self._active_weights(weights), backend=self.backend)
+            return hard_sample_sum(self._candidate(index, x), weights, index, self.hard_form, self.backend)
+        return run_edge(
+            x, weights, self.ops, self.plan, self._bound, backend=self.backend, memory=self.memory,
+            training=self.training, fuse=False, run=self._candidate,
+        )  # fmt: skip
 
     def _forward(self, x: torch.Tensor, weights: torch.Tensor, index: int | None) -> torch.Tensor:
         return self._edge(x, weights, index)
@@ -363,12 +349,15 @@ class PartialChannelMixedOp(MixedOp):
         part, bypass = self.split(x)
         if self._fusable(part, index) or self._recompute_unfused():
             # The fused edge, or its checkpointed fallback (see _edge).
-            outs, w = [self._edge(part, weights, index)], weights.new_ones(1)
+            terms = Terms([self._edge(part, weights, index)], weights.new_ones(1), False)
         elif index is not None:
-            outs, w = [self._candidate(index, part)], weights[index : index + 1]
+            terms = Terms([self._candidate(index, part)], weights[index : index + 1], True)
         else:
-            outs, w = [self._candidate(k, part) for k in self._active], self._active_weights(weights)
-        return partial_channel_mixed_sum(outs, w, bypass, self.groups, self.stride == 2, backend=self.backend)
+            terms = edge_terms(
+                part, weights, self.ops, self.plan, self._bound, backend=self.backend, memory=self.memory,
+                training=self.training, fuse=False, run=self._candidate,
+            )  # fmt: skip
+        return partial_channel_sum(terms, bypass, self.groups, self.stride == 2, self.backend)
 
     def extra_repr(self) -> str:
         return f"groups={self.groups}, " + super().extra_repr()

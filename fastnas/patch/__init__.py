@@ -17,6 +17,11 @@ untouched. ``nn.DataParallel`` replicas, deep copies and pickles of a patched mo
 run their own modules. ``unpatch`` deletes the instance attributes again, leaving
 each module's ``__dict__`` as it was.
 
+The package holds one idea per module: ``recognise`` (which modules are mixed ops or
+cells), ``replace`` (the replaced methods; each edge runs through
+``fastnas.nn.edge_runner``, as ``fastnas.nn.MixedOp``'s edges do), ``check`` (the
+float64 check at patch time) and ``report``; this module is the public API.
+
 Recognition is by structure, since forks rename classes, attributes and methods;
 the candidates themselves are read by ``fastnas.nn.edge_plan`` (the one recogniser).
 
@@ -48,7 +53,7 @@ and ``(x, weights, index)`` (GDAS hard samples: ``forward_gdas``), replaced by:
 * ``gdas-sum``: ``weights[a] * op_a(x) + sum_{k != a} weights[k]`` with ``a`` the
   sampled index (``index[edge2index[key]].item()`` in a cell): AutoDL's sum, in
   which the other candidates are not run but their hard weights (zero in value)
-  still receive the output gradient's sum. Computed as one ``addcmul``.
+  still receive the output gradient's sum, as ``fastnas.nn.MixedOp`` computes it.
 
 A method is replaced only when it computes what its replacement does. Besides the
 structure, each distinct (class, method, candidate kinds, stride) is checked once

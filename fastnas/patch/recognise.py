@@ -35,14 +35,6 @@ class Edge:
     def n(self) -> int:
         return len(self.plan.kinds)
 
-    @property
-    def active_index(self):
-        a = self.plan.active
-        # A slice is a view and its backward a narrow copy, cheaper than gathering.
-        if a == tuple(range(a[0], a[-1] + 1)):
-            return slice(a[0], a[-1] + 1)
-        return list(a)
-
 
 @dataclass(frozen=True)
 class Plan:

@@ -6,10 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from fastnas.nn.edge_plan import EdgePlan
+from fastnas.nn.edge_runner import Terms, edge_terms, hard_sample_sum, partial_channel_sum, run_edge, summable
 from fastnas.nn.mixed_op import checkpoint_module
-from fastnas.ops import channel_shuffle, mixed_sum, partial_channel_mixed_sum
-from fastnas.ops.darts_edge import darts_edge
+from fastnas.ops import channel_shuffle
 from fastnas.patch.recognise import Edge, Plan
 from fastnas.patch.report import GDAS_SUM, NB201_CELL, ONE, PC_DARTS
 
@@ -94,25 +93,38 @@ def replacement(module: nn.Module, plan: Plan, what: str, args: tuple):
     return _mixed(module, plan, *args)
 
 
-def _summable(outs: list[torch.Tensor]) -> bool:
-    o0 = outs[0]
-    return (
-        all(
-            isinstance(o, torch.Tensor) and o.shape == o0.shape and o.dtype == o0.dtype and o.device == o0.device
-            for o in outs
-        )
-        and o0.dtype.is_floating_point
-    )
-
-
-def _original_sum(ops, e: Edge, outs: list[torch.Tensor], x, weights):
-    """The original ``sum(w * op(x))`` from outputs already computed (zero ones run now)."""
-    done = dict(zip(e.plan.active, outs))
-    return sum(w * (done[k] if k in done else ops[k](x)) for k, w in zip(range(e.n), weights))
-
-
 def _takes_weights(weights, n: int) -> bool:
     return isinstance(weights, torch.Tensor) and weights.dim() == 1 and weights.shape[0] == n
+
+
+class _Cache:
+    """The bound edges of a module (``fastnas.nn.edge_runner.bound_edge``), kept on its
+    instance from the first fused call on, so that copies and replicas bind their own."""
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def get(self, key):
+        cache = self.module.__dict__.get(BOUND)
+        return cache.get(key) if isinstance(cache, dict) else None
+
+    def __setitem__(self, key, bound) -> None:
+        cache = self.module.__dict__.get(BOUND)
+        if not isinstance(cache, dict):
+            cache = {}
+            object.__setattr__(self.module, BOUND, cache)
+        cache[key] = bound
+
+
+def _original_sum(ops, e: Edge, terms: Terms, x, weights):
+    """The original ``sum(w * op(x))`` of terms the fused sum cannot take: from the
+    outputs already computed (zero candidates run now), or term by term."""
+    if not terms.outputs:
+        return sum(wk * t for wk, t in zip(terms.weights, terms.tensors))
+    done = dict(zip(e.plan.active, terms.tensors))
+    return sum(w * (done[k] if k in done else ops[k](x)) for k, w in zip(range(e.n), weights))
 
 
 def _mixed(module: nn.Module, plan: Plan, x, weights):
@@ -131,36 +143,13 @@ def _mixed_sum(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: tor
     return _weighted_sum(module, plan, plan.edges[0], ops, x, weights)
 
 
-def _terms(module: nn.Module, plan: Plan, e: Edge, ops, x: torch.Tensor, weights: torch.Tensor):
-    """The edge's weighted sum as (terms, their weights, whether the terms are the
-    non-zero candidates' outputs): the whole fused edge, the fused part and the other
-    candidates' outputs, or every non-zero candidate's output. Candidates that run as
-    modules run in their original order."""
-    fused = _fused_edge(module, plan, e, e.plan, ops, ops, x, weights)
-    if fused is not None:
-        return [fused], weights.new_ones(1), False
-    part = e.plan.part
-    if part is not None:
-        index = e.plan.part_index
-        y = _fused_edge(module, plan, e, part, ops, [ops[i] for i in index], x, weights[list(index)])
-        if y is not None:
-            rest = e.plan.rest
-            outs = [ops[k](x) for k in rest]
-            return [y, *outs], torch.cat([weights.new_ones(1), weights[list(rest)]]), False
-    return [ops[k](x) for k in e.plan.active], weights[e.active_index], True
-
-
 def _weighted_sum(module: nn.Module, plan: Plan, e: Edge, ops, x: torch.Tensor, weights: torch.Tensor):
-    """``sum_k weights[k] * op_k(x)`` of one edge: the fused edge (or its fused part),
-    the fused sum over the candidates' outputs, else the original sum."""
-    terms, w, outputs = _terms(module, plan, e, ops, x, weights)
-    if not outputs and len(terms) == 1:
-        return terms[0]
-    if _summable(terms):
-        return mixed_sum(terms, w, backend=plan.backend)
-    if outputs:
-        return _original_sum(ops, e, terms, x, weights)
-    return sum(wk * t for wk, t in zip(w, terms))
+    """``sum_k weights[k] * op_k(x)`` of one edge (``fastnas.nn.edge_runner.run_edge``),
+    the original sum where the fused sum cannot take the candidates' outputs."""
+    return run_edge(
+        x, weights, ops, e.plan, _Cache(module), backend=plan.backend, memory=plan.memory, training=ops.training,
+        key=e.key, fallback=lambda terms: _original_sum(ops, e, terms, x, weights),
+    )  # fmt: skip
 
 
 def _pc_forward(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: torch.Tensor):
@@ -168,13 +157,15 @@ def _pc_forward(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: to
     k = module.k
     c = x.shape[1]
     part, bypass = x[:, : c // k], x[:, c // k :]
-    outs, coef, outputs = _terms(module, plan, e, ops, part, weights)
-    o0 = outs[0]
+    terms = edge_terms(
+        part, weights, ops, e.plan, _Cache(module), backend=plan.backend, memory=plan.memory, training=ops.training
+    )
+    o0 = terms.tensors[0]
     # The original decides on pooling by comparing heights only; so does this.
     pool = o0.dim() == 4 and o0.shape[2] != x.shape[2]
     h, w = bypass.shape[2:]
     fits = (
-        _summable(outs)
+        summable(terms)
         and o0.dim() == 4
         and bypass.shape[1] > 0
         and bypass.dtype == o0.dtype
@@ -186,33 +177,11 @@ def _pc_forward(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: to
         )
     )
     if fits:
-        return partial_channel_mixed_sum(outs, coef, bypass, k, pool, backend=plan.backend)
-    if outputs:
-        mixed = _original_sum(ops, e, outs, part, weights)
-    else:
-        mixed = sum(c * t for c, t in zip(coef, outs))
+        return partial_channel_sum(terms, bypass, k, pool, plan.backend)
+    mixed = _original_sum(ops, e, terms, part, weights)
     if mixed.shape[2] == x.shape[2]:
         return channel_shuffle(torch.cat([mixed, bypass], dim=1), k)
     return channel_shuffle(torch.cat([mixed, module.mp(bypass)], dim=1), k)
-
-
-def _fused_edge(module: nn.Module, plan: Plan, e: Edge, edge: EdgePlan, ops, candidates, x, weights):
-    """``candidates`` (the edge's list ``ops``, or its fused part) through
-    ``fastnas.ops.darts_edge``, or None where ``edge`` says they cannot run fused
-    (``fastnas.nn.edge_plan.EdgePlan.fused_reason``)."""
-    if edge.fused_reason(x, plan.backend, training=ops.training, memory=plan.memory) is not None:
-        return None
-    cache = module.__dict__.get(BOUND)
-    if not isinstance(cache, dict):
-        cache = {}
-        object.__setattr__(module, BOUND, cache)
-    key = (e.key, edge is e.plan)
-    bound = cache.get(key)
-    if bound is None or any(a is not b for a, b in zip(bound.candidates, candidates)):
-        bound = cache[key] = edge.bind(candidates)
-    return darts_edge(
-        x, weights, bound.parameters(), edge.spec, bound.buffers(), memory=plan.memory, backend=plan.backend
-    )
 
 
 def _pick(index, n: int) -> int | None:
@@ -224,13 +193,12 @@ def _pick(index, n: int) -> int | None:
     return index
 
 
-def _gdas_sum(ops, e: Edge, x: torch.Tensor, weights: torch.Tensor, a: int):
-    """``weights[a] * op_a(x) + sum_{k != a} weights[k]`` in one pass over the output."""
+def _gdas_sum(ops, e: Edge, x: torch.Tensor, weights: torch.Tensor, a: int, backend: str | None):
+    """``weights[a] * op_a(x) + sum_{k != a} weights[k]`` (``fastnas.nn.edge_runner.hard_sample_sum``)."""
     y = ops[a](x)
-    rest = [k for k in range(e.n) if k != a]
-    if not rest or not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point:
+    if not isinstance(y, torch.Tensor) or not y.dtype.is_floating_point:
         return sum(weights[k] * y if k == a else weights[k] for k in range(e.n))
-    return torch.addcmul(weights[rest].sum().to(y.dtype), y, weights[a].to(y.dtype))
+    return hard_sample_sum(y, weights, a, "sum", backend)
 
 
 def _mixed_gdas(module: nn.Module, plan: Plan, x, weights, index):
@@ -239,7 +207,7 @@ def _mixed_gdas(module: nn.Module, plan: Plan, x, weights, index):
     a = _pick(index, e.n)
     if len(ops) != e.n or a is None or not isinstance(x, torch.Tensor) or not _takes_weights(weights, e.n):
         return None
-    return _gdas_sum(ops, e, x, weights, a)
+    return _gdas_sum(ops, e, x, weights, a, plan.backend)
 
 
 def _mixed_one(module: nn.Module, plan: Plan, x, weights, index):
@@ -288,7 +256,7 @@ def _cell(module: nn.Module, plan: Plan, what: str, inputs, weightss, index=None
         for j in range(i):
             e, ops, row = live[f"{i}<-{j}"]
             if picks is not None:
-                out = _gdas_sum(ops, e, nodes[j], weightss[row], picks[row])
+                out = _gdas_sum(ops, e, nodes[j], weightss[row], picks[row], plan.backend)
             elif plan.memory == "checkpoint" and torch.is_grad_enabled():
                 fn = _CellEdge(module, plan, e, ops)
                 out = checkpoint_module(ops, fn, nodes[j], weightss[row])
