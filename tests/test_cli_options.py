@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from fastnas.cli import build_parser, main
-from fastnas.cli.options import given, options, positive_int, same_on_resume_fields
+from fastnas.cli.options import given
+from fastnas.run.options import options, positive_int, same_on_resume_fields
 from fastnas.search.config import SearchConfig
 from fastnas.search.methods import REGISTRY
 from fastnas.spaces import REGISTRY as SPACES

@@ -6,7 +6,7 @@ import argparse
 import os
 
 from fastnas.cli import runs
-from fastnas.cli.options import positive_int
+from fastnas.run.options import positive_int
 
 NAME = "rank-eval"
 

@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from fastnas.cli.options import positive_int
+from fastnas.run.options import positive_int
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130

@@ -7,7 +7,7 @@ import os
 import shlex
 
 from fastnas.cli import runs
-from fastnas.cli.options import positive_int
+from fastnas.run.options import positive_int
 
 NAME = "select"
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fastnas.cli.options import name_list, option, positive_int, rate_list, same_on_resume_fields, setting
 from fastnas.data.pipeline import DECODERS
 from fastnas.errors import SearchError
 from fastnas.nn.edge_plan import MEMORY_MODES
 from fastnas.nn.mixed_op import HARD_FORMS
+from fastnas.run.options import name_list, option, positive_int, rate_list, same_on_resume_fields, setting
 from fastnas.search.methods import METHODS, get_method
 from fastnas.spaces import SPACES, get_space
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from fastnas.cli.options import option, positive_int, same_on_resume_fields, setting
 from fastnas.errors import TrainError
+from fastnas.run.options import option, positive_int, same_on_resume_fields, setting
 from fastnas.spaces import SPACES, get_space
 
 DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
