@@ -27,8 +27,11 @@ the candidates themselves are read by ``fastnas.nn.edge_plan`` (the one recognis
 
 * A **mixed op** holds one ``nn.ModuleList`` of candidates, under any name (``_ops``,
   ``m_ops``, ``ops``, ``layers``, ``candidate_ops``, ...), and nothing else but, in the
-  PC-DARTS style, a child ``mp`` that is ``nn.MaxPool2d(2, 2)`` with an int attribute
-  ``k`` (the channel proportion). Every candidate must be one ``edge_plan`` knows:
+  PC-DARTS style, a child (``mp``) that is ``nn.MaxPool2d(2, 2)``; the channel
+  proportion 1/K is the module's int attribute ``k`` or, where it keeps none (K
+  written into its forward, as PC-DARTS' ImageNet search does), read by probing:
+  each K of ``recognise.PROPORTIONS`` is checked in turn (see below) and the first
+  that computes what the module does is taken. Every candidate must be one ``edge_plan`` knows:
   zero, identity, pools (alone, wrapped as AutoDL's ``POOLING``, or followed by a
   batch norm), identity + dropout (P-DARTS), factorized reduces, ReLU/Conv2d/
   BatchNorm2d chains; batch norms affine or not, tracking running statistics or not.
@@ -47,6 +50,11 @@ and that take plain positional arguments: ``(x, weights)`` (``forward``,
   max-pooled 2x2 when the candidates reduce, or, for a cell, node ``i`` = the sum
   over ``j < i`` of edge ``"i<-j"``'s weighted sum of node ``j``, with the weights
   ``weightss[edge2index["i<-j"]]``, returning the last node;
+* ``nonzero-sum`` (mixed ops): the same over the candidates whose weight is not
+  exactly 0, the others not run (``if w == 0: continue``, as searches that prune
+  candidates write it): their batch norms keep their statistics and their weights
+  get a zero gradient; the subset is read once per call (one host sync) and runs
+  fused (``EdgePlan.restrict``) where the fused edge computes it;
 
 and ``(x, weights, index)`` (GDAS hard samples: ``forward_gdas``), replaced by:
 
@@ -58,7 +66,9 @@ and ``(x, weights, index)`` (GDAS hard samples: ``forward_gdas``), replaced by:
 A method is replaced only when it computes what its replacement does. Besides the
 structure, each distinct (class, method, candidate kinds, stride) is checked once
 per ``patch`` call: the original method and the replacement run on two float64
-copies of the module, in training and in eval mode, with the same seeded probe
+copies of the module, in training and in eval mode (and for a weighted sum once
+more in training with some weights exactly 0, which tells ``sum`` from
+``nonzero-sum``), with the same seeded probe
 input, weights (and index) and random state; their outputs, the gradients of the
 input, of the weights and of every parameter, and the batch-norm buffers must agree
 to rounding. The model itself, its batch-norm statistics and the random state are
@@ -157,30 +167,20 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
         if isinstance(found, str):
             _skip(report, module, path, found)
             continue
-        plan = Plan(found.style, found.attr, found.edges, backend, memory, (), found.index_attr, found.nodes)
-        replaced, failed = [], []
-        for meth, arity in found.methods.items():
-            if meth in module.__dict__:
-                failed.append((meth, f"its instance already has a {meth} of its own"))
-                continue
-            reasons = []
-            for what in replacements_for(found, arity):
-                key = check_key(module, found, meth, what)
-                if key not in checked:
-                    checked[key] = check_method(module, plan, meth, what)
-                reasons.append(checked[key])
-                if checked[key] is None:
-                    break
-            if reasons and reasons[-1] is None:
-                if what == ONE:
-                    report.methods_left.append(
-                        SkippedOp(path, f"runs one sampled candidate; nothing to fuse ({type(module).__name__})", meth)
-                    )
-                else:
-                    replaced.append((meth, what))
-            else:
-                why = reasons[0] if reasons else f"{meth}{signature(type(module), meth)} is not a sum fastnas knows"
-                failed.append((meth, why))
+        tries = []
+        for reading in found.readings():
+            plan = Plan(
+                reading.style, reading.attr, reading.edges, backend, memory, (), reading.index_attr, reading.nodes,
+                reading.groups or 0, reading.pool,
+            )  # fmt: skip
+            tries.append((plan, *_replace_methods(module, reading, plan, path, checked)))
+            if tries[-1][1]:
+                break
+        plan, replaced, failed, left = tries[-1] if tries[-1][1] else tries[0]
+        if not replaced and len(tries) > 1:
+            tried = ", ".join(f"1/{t[0].groups}" for t in tries)
+            failed = [(meth, f"with each channel proportion tried ({tried}): {why}") for meth, why in failed]
+        report.methods_left.extend(left)
         for meth, why in failed:
             report.methods_left.append(SkippedOp(path, why, meth))
         if not replaced:
@@ -208,9 +208,39 @@ def patch(model: nn.Module, backend: str | None = None, memory: str = "save") ->
                 methods=plan.methods,
                 how=_how(plan),
                 edges=len(plan.edges),
+                notes=(f"channel proportion 1/{plan.groups} read by probing",) if len(tries) > 1 else (),
             )
         )
     return report
+
+
+def _replace_methods(module: nn.Module, found, plan: Plan, path: str, checked: dict):
+    """Which methods of ``module`` its replacements compute (checked once per
+    ``check_key`` in ``checked``): (replaced, failed with why, methods left as they are)."""
+    replaced, failed, left = [], [], []
+    for meth, arity in found.methods.items():
+        if meth in module.__dict__:
+            failed.append((meth, f"its instance already has a {meth} of its own"))
+            continue
+        reasons = []
+        for what in replacements_for(found, arity):
+            key = check_key(module, found, meth, what)
+            if key not in checked:
+                checked[key] = check_method(module, plan, meth, what)
+            reasons.append(checked[key])
+            if checked[key] is None:
+                break
+        if reasons and reasons[-1] is None:
+            if what == ONE:
+                left.append(
+                    SkippedOp(path, f"runs one sampled candidate; nothing to fuse ({type(module).__name__})", meth)
+                )
+            else:
+                replaced.append((meth, what))
+        else:
+            why = reasons[0] if reasons else f"{meth}{signature(type(module), meth)} is not a sum fastnas knows"
+            failed.append((meth, why))
+    return replaced, failed, left
 
 
 def _skip(report: PatchReport, module: nn.Module, path: str, reason: str) -> None:

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from fastnas.patch.recognise import Found, Plan, signature
 from fastnas.patch.replace import replacement, unbind
-from fastnas.patch.report import DESCRIBE, GDAS_SUM, NB201_CELL, ONE, PC_DARTS
+from fastnas.patch.report import DESCRIBE, GDAS_SUM, NB201_CELL, NONZERO_SUM, ONE, PC_DARTS, SUM
 
 _PROBE_SIZE = 8
 _PROBE_TOL = dict(rtol=1e-6, atol=1e-9)
@@ -35,7 +35,7 @@ def _twin(module: nn.Module) -> nn.Module:
     return twin.to(device="cpu", dtype=torch.float64)
 
 
-def _probe_args(module: nn.Module, plan: Plan, what: str, gen: torch.Generator):
+def _probe_args(module: nn.Module, plan: Plan, what: str, gen: torch.Generator, zeros: bool):
     n = plan.n
     if plan.style == NB201_CELL:
         C = plan.edges[0].plan.channels
@@ -43,12 +43,17 @@ def _probe_args(module: nn.Module, plan: Plan, what: str, gen: torch.Generator):
     else:
         C = plan.edge.channels
         if C is not None and plan.style == PC_DARTS:
-            C *= module.k
+            C *= plan.groups
         weights_shape = (n,)
     if C is None:
         raise ValueError("the channels cannot be read off the candidates")
     x = torch.randn(2, C, _PROBE_SIZE, _PROBE_SIZE, generator=gen, dtype=torch.float64).requires_grad_(True)
-    weights = torch.randn(weights_shape, generator=gen, dtype=torch.float64).softmax(-1).requires_grad_(True)
+    weights = torch.randn(weights_shape, generator=gen, dtype=torch.float64).softmax(-1)
+    if zeros:
+        # Every other non-zero candidate weighted exactly 0: code that skips such
+        # candidates computes their weights' gradient and batch norms differently.
+        weights[..., list(plan.edges[0].plan.active[1::2])] = 0
+    weights.requires_grad_(True)
     args = [x, weights]
     if what in (GDAS_SUM, ONE):
         if plan.style == NB201_CELL:
@@ -59,22 +64,25 @@ def _probe_args(module: nn.Module, plan: Plan, what: str, gen: torch.Generator):
 
 
 def _probe_run(twin: nn.Module, fn, plan: Plan, what: str) -> dict:
-    """Outputs, gradients and buffers of ``fn(twin, *probe)`` in training then eval mode."""
+    """Outputs, gradients and buffers of ``fn(twin, *probe)`` in training then eval mode,
+    and for a weighted sum once more in training with some weights exactly 0."""
     gen = torch.Generator().manual_seed(0)
     grad_gen = torch.Generator().manual_seed(1)
     params = [(n, p) for n, p in twin.named_parameters() if p.requires_grad]
     seen = {}
     with _random_state_kept():
-        for training in (True, False):
+        runs = [("training", True, False), ("eval", False, False)]
+        if what in (SUM, NONZERO_SUM):
+            runs.append(("training, zero weights", True, True))
+        for mode, training, zeros in runs:
             twin.train(training)
-            args, leaves = _probe_args(twin, plan, what, gen)
+            args, leaves = _probe_args(twin, plan, what, gen, zeros)
             torch.manual_seed(2)
             out = fn(twin, *args)
             if not isinstance(out, torch.Tensor) or not out.dtype.is_floating_point:
                 raise TypeError(f"returned {type(out).__name__}, not a floating-point tensor")
             g = torch.randn(out.shape, generator=grad_gen, dtype=out.dtype)
             grads = torch.autograd.grad(out, leaves + [p for _, p in params], g, allow_unused=True)
-            mode = "training" if training else "eval"
             seen[f"output ({mode})"] = out.detach()
             seen[f"input gradient ({mode})"] = grads[0]
             seen[f"weights gradient ({mode})"] = grads[1]
@@ -138,4 +146,4 @@ def _check_on_copies(module: nn.Module, plan: Plan, name: str, what: str) -> str
 
 def check_key(module: nn.Module, found: Found, name: str, what: str):
     edges = tuple((e.key, e.plan.kinds, e.plan.stride, e.plan.spec is not None) for e in found.edges)
-    return (type(module), name, what, found.style, edges)
+    return (type(module), name, what, found.style, found.groups, edges)

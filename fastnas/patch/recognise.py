@@ -8,6 +8,7 @@ probe (``fastnas.patch.check``).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
@@ -15,13 +16,16 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from fastnas.nn.edge_plan import EdgePlan, plan_edge
-from fastnas.patch.report import DARTS, GDAS_SUM, NB201_CELL, ONE, PC_DARTS, SUM
+from fastnas.patch.report import DARTS, GDAS_SUM, NB201_CELL, NONZERO_SUM, ONE, PC_DARTS, SUM
 
 # Candidate lists under these names are taken for mixed ops even when no candidate is recognised,
 # so that an unknown candidate is named in a warning rather than passed over.
 MIXED_OP_LISTS = ("_ops", "m_ops")
 _EDGE_KEY = re.compile(r"^(\d+)<-(\d+)$")
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict, nn.Sequential)
+# The channel proportions 1/K tried on a PC-DARTS mixed op that does not keep K on the
+# module (K written into its forward): PC-DARTS' CIFAR and ImageNet searches, and 1/8.
+PROPORTIONS = (4, 2, 8)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class Plan:
     methods: tuple[tuple[str, str], ...] = ()  # (method name, what its replacement computes)
     index_attr: str | None = None  # cell: the instance dict from edge key to row of the weights
     nodes: int = 0  # cell: the number of nodes
+    groups: int = 0  # PC-DARTS: K, the candidates take the first C/K channels
+    pool: str | None = None  # PC-DARTS: the bypass's 2x2 max pool (its attribute)
 
     @property
     def edge(self) -> EdgePlan:
@@ -89,6 +95,16 @@ class Found:
     methods: dict[str, int]  # name -> number of arguments (2 or 3)
     index_attr: str | None = None
     nodes: int = 0
+    groups: int | None = 0  # PC-DARTS: K as the module keeps it, or None: read by probing
+    pool: str | None = None
+
+    def readings(self) -> list[Found]:
+        """What the module may compute, one reading each: itself, or, for a PC-DARTS
+        mixed op that does not keep its channel proportion, one per proportion tried
+        (``PROPORTIONS``); the float64 check at patch time settles which it is."""
+        if self.groups is not None:
+            return [self]
+        return [dataclasses.replace(self, groups=k) for k in PROPORTIONS]
 
 
 def _plain_arity(fn) -> int | None:
@@ -172,31 +188,36 @@ def _find_mixed_op(module: nn.Module, reader: Reader, methods: dict[str, int]) -
     for k, (op, kind) in enumerate(zip(ops, edge.kinds)):
         if kind is None:
             return f"candidate {attr}[{k}] ({type(op).__name__}) is not a recognised DARTS candidate"
-    style = DARTS
+    style, groups, pool = DARTS, 0, None
     extra = [name for name in module._modules if name != attr]
-    if "mp" in extra:
-        mp = module._modules["mp"]
-        if not (
-            isinstance(mp, nn.MaxPool2d)
-            and _pair(mp.kernel_size) == (2, 2)
-            and _pair(mp.stride) == (2, 2)
-            and _pair(mp.padding) == (0, 0)
-            and _pair(mp.dilation) == (1, 1)
-            and not mp.ceil_mode
-        ):
-            return f"its mp ({mp}) is not the 2x2 max pool of PC-DARTS"
+    pools = [name for name in extra if _is_bypass_pool(module._modules[name])]
+    if "mp" in extra and "mp" not in pools:
+        return f"its mp ({module._modules['mp']}) is not the 2x2 max pool of PC-DARTS"
+    if len(pools) == 1:
+        # PC-DARTS: K kept on the module as an int k, or else written into its forward.
+        style, pool = PC_DARTS, pools[0]
         k = getattr(module, "k", None)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            return f"it has a PC-DARTS bypass pool mp but no positive int channel proportion k (k={k!r})"
-        style = PC_DARTS
-        extra.remove("mp")
+        groups = k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else None
+        extra.remove(pool)
     if extra:
         return (
             f"it has submodules besides {attr} ({', '.join(extra)}), so its forward may do more than the weighted sum"
         )
     if not edge.active:
         return "every candidate is zero; there is nothing to sum"
-    return Found(style, attr, (Edge(None, edge),), methods)
+    return Found(style, attr, (Edge(None, edge),), methods, groups=groups, pool=pool)
+
+
+def _is_bypass_pool(m: nn.Module) -> bool:
+    """Whether ``m`` is PC-DARTS' 2x2 max pool of the bypass channels."""
+    return (
+        isinstance(m, nn.MaxPool2d)
+        and _pair(m.kernel_size) == (2, 2)
+        and _pair(m.stride) == (2, 2)
+        and _pair(m.padding) == (0, 0)
+        and _pair(m.dilation) == (1, 1)
+        and not m.ceil_mode
+    )
 
 
 def _find_cell(module: nn.Module, reader: Reader, methods: dict[str, int]) -> Found | str | None:
@@ -265,8 +286,9 @@ def _pair(v):
 
 
 def replacements_for(found: Found, arity: int) -> tuple[str, ...]:
+    """What a method of ``arity`` arguments may compute, in the order tried."""
     if arity == 2:
-        return (SUM,)
+        return (SUM,) if found.style == NB201_CELL else (SUM, NONZERO_SUM)
     if found.style == NB201_CELL:
         return (GDAS_SUM,)
     if found.style == DARTS:

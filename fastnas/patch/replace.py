@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fastnas.nn.edge_plan import EdgePlan
 from fastnas.nn.edge_runner import Terms, edge_terms, hard_sample_sum, partial_channel_sum, run_edge, summable
 from fastnas.nn.mixed_op import checkpoint_module
 from fastnas.ops import channel_shuffle
 from fastnas.patch.recognise import Edge, Plan
-from fastnas.patch.report import GDAS_SUM, NB201_CELL, ONE, PC_DARTS
+from fastnas.patch.report import GDAS_SUM, NB201_CELL, NONZERO_SUM, ONE, PC_DARTS
 
 STATE = "_fastnas_patch"
 BOUND = "_fastnas_bound"
@@ -90,7 +91,7 @@ def replacement(module: nn.Module, plan: Plan, what: str, args: tuple):
         return _mixed_gdas(module, plan, *args)
     if what == ONE:
         return _mixed_one(module, plan, *args)
-    return _mixed(module, plan, *args)
+    return _mixed(module, plan, *args, nonzero=what == NONZERO_SUM)
 
 
 def _takes_weights(weights, n: int) -> bool:
@@ -98,8 +99,9 @@ def _takes_weights(weights, n: int) -> bool:
 
 
 class _Cache:
-    """The bound edges of a module (``fastnas.nn.edge_runner.bound_edge``), kept on its
-    instance from the first fused call on, so that copies and replicas bind their own."""
+    """The bound edges of a module (``fastnas.nn.edge_runner.bound_edge``) and the plans
+    of its candidate subsets, kept on its instance from the first call that needs one
+    on, so that copies and replicas bind their own."""
 
     __slots__ = ("module",)
 
@@ -118,48 +120,76 @@ class _Cache:
         cache[key] = bound
 
 
-def _original_sum(ops, e: Edge, terms: Terms, x, weights):
+def _original_sum(ops, e: Edge, edge: EdgePlan, terms: Terms, x, weights):
     """The original ``sum(w * op(x))`` of terms the fused sum cannot take: from the
     outputs already computed (zero candidates run now), or term by term."""
     if not terms.outputs:
         return sum(wk * t for wk, t in zip(terms.weights, terms.tensors))
-    done = dict(zip(e.plan.active, terms.tensors))
-    return sum(w * (done[k] if k in done else ops[k](x)) for k, w in zip(range(e.n), weights))
+    done = dict(zip(edge.active, terms.tensors))
+    kept = range(e.n) if edge is e.plan else [k for k in range(e.n) if weights[k] != 0]
+    return sum(weights[k] * (done[k] if k in done else ops[k](x)) for k in kept)
 
 
-def _mixed(module: nn.Module, plan: Plan, x, weights):
+def _nonzero_plan(module: nn.Module, e: Edge, weights: torch.Tensor) -> EdgePlan | None:
+    """The plan of the candidates whose weight is not zero (``EdgePlan.restrict``, made
+    once per subset), or None when no candidate but zeros is left, which the original
+    then sums its own way."""
+    keep = tuple(k for k, nonzero in enumerate((weights != 0).tolist()) if nonzero)  # one host sync
+    if not any(k in keep for k in e.plan.active):
+        return None
+    if len(keep) == e.n:
+        return e.plan
+    cache = _Cache(module)
+    key = ("nonzero", e.key, keep)
+    plan = cache.get(key)
+    if plan is None:
+        plan = cache[key] = e.plan.restrict(keep)
+    return plan
+
+
+def _mixed(module: nn.Module, plan: Plan, x, weights, nonzero: bool = False):
     e = plan.edges[0]
     ops = module._modules[plan.attr]
     if len(ops) != e.n or not isinstance(x, torch.Tensor) or not _takes_weights(weights, e.n):
         return None
+    edge = _nonzero_plan(module, e, weights) if nonzero else e.plan
+    if edge is None:
+        return None
     if plan.memory == "checkpoint" and torch.is_grad_enabled():
-        return checkpoint_module(module, lambda x, weights: _mixed_sum(module, ops, plan, x, weights), x, weights)
-    return _mixed_sum(module, ops, plan, x, weights)
+        return checkpoint_module(module, lambda x, weights: _mixed_sum(module, ops, plan, edge, x, weights), x, weights)
+    return _mixed_sum(module, ops, plan, edge, x, weights)
 
 
-def _mixed_sum(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: torch.Tensor):
+def _mixed_sum(module: nn.Module, ops, plan: Plan, edge: EdgePlan, x: torch.Tensor, weights: torch.Tensor):
     if plan.style == PC_DARTS:
-        return _pc_forward(module, ops, plan, x, weights)
-    return _weighted_sum(module, plan, plan.edges[0], ops, x, weights)
+        return _pc_forward(module, ops, plan, edge, x, weights)
+    return _weighted_sum(module, plan, plan.edges[0], edge, ops, x, weights)
 
 
-def _weighted_sum(module: nn.Module, plan: Plan, e: Edge, ops, x: torch.Tensor, weights: torch.Tensor):
-    """``sum_k weights[k] * op_k(x)`` of one edge (``fastnas.nn.edge_runner.run_edge``),
-    the original sum where the fused sum cannot take the candidates' outputs."""
+def _weighted_sum(module: nn.Module, plan: Plan, e: Edge, edge: EdgePlan, ops, x, weights):
+    """``sum_k weights[k] * op_k(x)`` of one edge (``fastnas.nn.edge_runner.run_edge``)
+    over the candidates ``edge`` computes, the original sum where the fused sum cannot
+    take the candidates' outputs."""
     return run_edge(
-        x, weights, ops, e.plan, _Cache(module), backend=plan.backend, memory=plan.memory, training=ops.training,
-        key=e.key, fallback=lambda terms: _original_sum(ops, e, terms, x, weights),
+        x, weights, ops, edge, _Cache(module), backend=plan.backend, memory=plan.memory, training=ops.training,
+        key=_key(e, edge), fallback=lambda terms: _original_sum(ops, e, edge, terms, x, weights),
     )  # fmt: skip
 
 
-def _pc_forward(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: torch.Tensor):
+def _key(e: Edge, edge: EdgePlan):
+    """Where the bound edges of ``edge`` (the edge's plan or a subset's) are kept."""
+    return e.key if edge is e.plan else (e.key, edge.active)
+
+
+def _pc_forward(module: nn.Module, ops, plan: Plan, edge: EdgePlan, x: torch.Tensor, weights: torch.Tensor):
     e = plan.edges[0]
-    k = module.k
+    k = plan.groups
     c = x.shape[1]
     part, bypass = x[:, : c // k], x[:, c // k :]
     terms = edge_terms(
-        part, weights, ops, e.plan, _Cache(module), backend=plan.backend, memory=plan.memory, training=ops.training
-    )
+        part, weights, ops, edge, _Cache(module), backend=plan.backend, memory=plan.memory, training=ops.training,
+        key=_key(e, edge),
+    )  # fmt: skip
     o0 = terms.tensors[0]
     # The original decides on pooling by comparing heights only; so does this.
     pool = o0.dim() == 4 and o0.shape[2] != x.shape[2]
@@ -178,10 +208,10 @@ def _pc_forward(module: nn.Module, ops, plan: Plan, x: torch.Tensor, weights: to
     )
     if fits:
         return partial_channel_sum(terms, bypass, k, pool, plan.backend)
-    mixed = _original_sum(ops, e, terms, part, weights)
+    mixed = _original_sum(ops, e, edge, terms, part, weights)
     if mixed.shape[2] == x.shape[2]:
         return channel_shuffle(torch.cat([mixed, bypass], dim=1), k)
-    return channel_shuffle(torch.cat([mixed, module.mp(bypass)], dim=1), k)
+    return channel_shuffle(torch.cat([mixed, getattr(module, plan.pool)(bypass)], dim=1), k)
 
 
 def _pick(index, n: int) -> int | None:
@@ -261,7 +291,7 @@ def _cell(module: nn.Module, plan: Plan, what: str, inputs, weightss, index=None
                 fn = _CellEdge(module, plan, e, ops)
                 out = checkpoint_module(ops, fn, nodes[j], weightss[row])
             else:
-                out = _weighted_sum(module, plan, e, ops, nodes[j], weightss[row])
+                out = _weighted_sum(module, plan, e, e.plan, ops, nodes[j], weightss[row])
             total = out if total is None else total + out
         nodes.append(total)
     return nodes[-1]
@@ -274,4 +304,4 @@ class _CellEdge:
         self.module, self.plan, self.edge, self.ops = module, plan, edge, ops
 
     def __call__(self, x, weights):
-        return _weighted_sum(self.module, self.plan, self.edge, self.ops, x, weights)
+        return _weighted_sum(self.module, self.plan, self.edge, self.edge.plan, self.ops, x, weights)

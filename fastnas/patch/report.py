@@ -14,10 +14,12 @@ PC_DARTS = "pc-darts"
 NB201_CELL = "nb201-cell"
 # What a replaced method computes (see the package docstring).
 SUM = "sum"
+NONZERO_SUM = "nonzero-sum"  # the sum over the candidates whose weight is not zero
 GDAS_SUM = "gdas-sum"
 ONE = "one"  # a GDAS hard sample that runs one candidate: recognised, never replaced
 DESCRIBE = {
     SUM: "the weighted sum of its candidates",
+    NONZERO_SUM: "the weighted sum of its candidates whose weight is not zero, the others not run",
     GDAS_SUM: "the GDAS hard-sample sum (the sampled candidate times its weight, plus the other weights)",
     ONE: "one sampled candidate times its weight",
 }
@@ -40,6 +42,7 @@ class PatchedOp:
     methods: tuple[tuple[str, str], ...] = (("forward", SUM),)
     how: str = "fused edge"
     edges: int = 1
+    notes: tuple[str, ...] = ()  # what was read by probing rather than off the module
 
 
 @dataclass(frozen=True)
@@ -74,12 +77,14 @@ class PatchReport:
             f"{len(self.already_patched)} already patched, {len(self.skipped)} left unchanged"
         ]
         groups = Counter(
-            (op.style, op.methods, op.how, op.edges, op.candidates, len(op.skipped_zero)) for op in self.patched
+            (op.style, op.methods, op.how, op.edges, op.candidates, len(op.skipped_zero), op.notes)
+            for op in self.patched
         )
-        for (style, methods, how, edges, cands, zeros), count in sorted(groups.items()):
+        for (style, methods, how, edges, cands, zeros, notes), count in sorted(groups.items()):
             names = ", ".join(f"{name} ({what})" for name, what in methods)
             per = f" of {edges} edges" if style == NB201_CELL else ""
             note = f"; {zeros} zero candidate(s) not run" if zeros else ""
+            note += "".join(f"; {n}" for n in notes)
             lines.append(f"  patched {count:4d} x {style}{per} {names}: [{', '.join(cands)}] via {how}{note}")
         for op in self.skipped:
             lines.append(f"  unchanged {op.path}: {op.reason}")
