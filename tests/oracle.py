@@ -128,6 +128,34 @@ def grads_of(out, grad_out, tensors):
     return [next(it) if t.requires_grad else None for t in tensors]
 
 
+# multi_depthwise's inputs, drawn by its tests and the activations': (N, C, H, W), odd sizes.
+DEPTHWISE_SHAPES = [(1, 1, 5, 5), (2, 3, 7, 7), (3, 6, 9, 9), (2, 5, 7, 9)]
+# The interpreter runs one (channel, image) program at a time: there the same odd sizes get fewer programs.
+_INTERPRETER_SHAPES = {(2, 3, 7, 7): (2, 2, 7, 7), (3, 6, 9, 9): (1, 3, 9, 9), (2, 5, 7, 9): (2, 2, 7, 9)}
+
+
+def sized(case, shape):
+    """``shape``, or its smaller stand-in where ``case`` runs under the Triton interpreter."""
+    return _INTERPRETER_SHAPES.get(shape, shape) if interpreted(case) else shape
+
+
+def depthwise_inputs(cands, mode, shape, dtype, device, seed):
+    """(x, weights, dilations, mean, rstd) of a multi_depthwise call on ``cands`` ((kernel size, dilation)
+    each): one shared x (``mode`` "shared") or one per candidate, with batch statistics ("batch-norm")."""
+    gen = generator("multi_depthwise", seed)
+    n, c, h, w = shape
+    j = len(cands)
+    x_shape = (n, c, h, w) if mode == "shared" else (j, c, n, h, w)
+    x = randn(gen, x_shape, dtype, device)
+    weights = [randn(gen, (c, 1, k, k), dtype, device) for k, _ in cands]
+    dilations = [d for _, d in cands]
+    mean = rstd = None
+    if mode == "batch-norm":
+        mean = randn(gen, (j, c), torch.float32, device, scale=0.5)
+        rstd = (0.5 + torch.rand((j, c), generator=gen)).float().to(device)
+    return x, weights, dilations, mean, rstd
+
+
 # --- the oracle rule ------------------------------------------------------------------------
 
 

@@ -4,8 +4,7 @@ every backend against the reference, and the fused edge of activation x convolut
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_oracle, backend_case, runs_on
-from test_multi_depthwise import SHAPES, make_inputs, sized
+from oracle import DEPTHWISE_SHAPES, assert_oracle, backend_case, depthwise_inputs, runs_on, sized
 
 from fastnas import backends
 from fastnas.nn import MixedOp
@@ -40,7 +39,7 @@ def test_activation_math_matches_torch():
 
 
 def _inputs(cands, mode, shape, dtype, device, seed):
-    x, ws, ds, mean, rstd = make_inputs([(k, d) for k, d, _ in cands], mode, shape, dtype, device, seed)
+    x, ws, ds, mean, rstd = depthwise_inputs([(k, d) for k, d, _ in cands], mode, shape, dtype, device, seed)
     return x, ws, ds, mean, rstd, [a for _, _, a in cands]
 
 
@@ -64,7 +63,7 @@ def test_reference_applies_each_candidates_activation():
 def test_matches_reference(case, cands, stride, mode, dtype, poison_empty):
     name, device = case
     i = list(CANDIDATES).index(cands) + 2 * stride + MODES.index(mode) + (dtype == torch.float32)
-    shape = sized(case, SHAPES[i % len(SHAPES)])
+    shape = sized(case, DEPTHWISE_SHAPES[i % len(DEPTHWISE_SHAPES)])
     x, ws, ds, mean, rstd, acts = _inputs(CANDIDATES[cands], mode, shape, dtype, device, ("act", cands, stride, mode))
     with runs_on(name, "multi_depthwise"):
         out = multi_depthwise(x, ws, ds, stride, mean, rstd, activations=acts, backend=name)

@@ -5,7 +5,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
-from test_search import INFO, assert_state_close, losses, run, tiny_config, tiny_dataset  # noqa: F401
+from search_helpers import assert_state_close, losses, run, tiny_config
 
 from fastnas.search import SearchConfig, SearchError, build_supernet
 from fastnas.search.architect import AmendedArchGrad, first_order_arch_grads

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from search_helpers import INFO, search, tiny_config, tiny_dataset
 
 from fastnas import backends, bench
 from fastnas.cli import build_parser, main
@@ -34,7 +34,6 @@ from fastnas.search.cuda_graph import (
     set_capturable,
 )
 
-INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 # C=4, 3 cells, 10% of the digits: four steps of 16 images.
 SMALL = ["--epochs", "1", "--layers", "3", "--init-channels", "4", "--batch-size", "16", "--fraction", "0.1",
          "--no-progress"]  # fmt: skip
@@ -48,27 +47,6 @@ def keep_threads():
         torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-def tiny_dataset(n=32, seed=0, poison=False):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 8, 8, generator=g)
-    if poison:
-        x[:] = float("nan")
-    y = torch.randint(0, INFO["num_classes"], (n,), generator=g)
-    return TensorDataset(x, y), INFO
-
-
-def tiny_config(method="darts", **overrides):
-    """C=4, 3 cells, batch 8 on 16 images per side of the split: 2 steps an epoch."""
-    kw = dict(epochs=1, batch_size=8, init_channels=4, layers=3, warmup_epochs=0)
-    kw.update(overrides)
-    return SearchConfig.create(method, dataset="digits", **kw)
-
-
-def run(config, out_dir=None, dataset=None):
-    searcher = Searcher(config, out_dir=out_dir, dataset=dataset or tiny_dataset(), progress=False)
-    return searcher.run(), searcher
 
 
 # --- CPU: the flag, the config, the checkpoint, the refusals ---------------------------
@@ -167,7 +145,7 @@ def test_a_search_that_cannot_capture_by_default_says_why_in_one_line(monkeypatc
 
 def test_resume_with_cuda_graph_on_cpu_is_refused(tmp_path):
     out = str(tmp_path / "run")
-    run(tiny_config(), out)
+    search(tiny_config(), out)
     assert ckpt.load_checkpoint(out)["config"]["cuda_graph"] is None
     with pytest.raises(CUDAGraphError, match="needs a CUDA device"):
         Searcher.resume(out, {"cuda_graph": True}, dataset=tiny_dataset(), progress=False)
@@ -312,10 +290,10 @@ def test_stand_in_graphed_step_matches_eager(stand_in_graphs, monkeypatch):
 
 @pytest.mark.slow
 def test_stand_in_graphed_search_matches_eager_search(stand_in_graphs):
-    eager, eager_searcher = run(tiny_config("pc-darts", epochs=2, warmup_epochs=1))
+    eager, eager_searcher = search(tiny_config("pc-darts", epochs=2, warmup_epochs=1))
     config = tiny_config("pc-darts", epochs=2, warmup_epochs=1)
     config.cuda_graph = True
-    graphed, graph_searcher = run(config)
+    graphed, graph_searcher = search(config)
     _history_close(graphed.history, eager.history, "stand-in pc-darts")
     _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), "stand-in final network")
 
@@ -334,10 +312,10 @@ def test_stand_in_graphed_search_matches_eager_for_more_methods(stand_in_graphs,
     P-DARTS (a capture per stage and epoch, skip dropout drawn on the device) and
     recompute take the graphed path and follow the eager search."""
     kw = {"epochs": 2, **overrides}
-    eager, eager_searcher = run(tiny_config(method, **kw))
+    eager, eager_searcher = search(tiny_config(method, **kw))
     config = tiny_config(method, **kw)
     config.cuda_graph = True
-    graphed, graph_searcher = run(config)
+    graphed, graph_searcher = search(config)
     assert graph_searcher.cuda_graph is True
     _history_close(graphed.history, eager.history, f"stand-in {method}")
     _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), f"stand-in {method}")
@@ -348,9 +326,9 @@ def test_stand_in_graphed_search_nan_and_checkpoint(stand_in_graphs, tmp_path):
     config = tiny_config("darts")
     config.cuda_graph = True
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
-        run(config, dataset=tiny_dataset(poison=True))
+        search(config, dataset=tiny_dataset(poison=True))
     out = str(tmp_path / "run")
-    run(config, out)
+    search(config, out)
     state = ckpt.load_checkpoint(out)
     assert state["config"]["cuda_graph"] is True and state["a_opt"]["param_groups"][0]["capturable"] is True
     assert all(float(s["step"]) == 2.0 for s in state["a_opt"]["state"].values())
@@ -511,8 +489,8 @@ def test_graphed_search_matches_eager_search(method, overrides, backend):
     # P-DARTS takes three stages of one epoch, each a new network and capture.
     where = f"{method} {overrides}, {_describe_backend(backend)}"
     kw = {"epochs": 3 if method == "p-darts" else 2, "device": "cuda", "backend": backend, **overrides}
-    eager, eager_searcher = run(tiny_config(method, cuda_graph=False, **kw))
-    graphed, graph_searcher = run(tiny_config(method, cuda_graph=True, **kw))
+    eager, eager_searcher = search(tiny_config(method, cuda_graph=False, **kw))
+    graphed, graph_searcher = search(tiny_config(method, cuda_graph=True, **kw))
     _history_close(graphed.history, eager.history, where)
     _assert_states_close(graph_searcher.net.state_dict(), eager_searcher.net.state_dict(), f"{where}: final network")
     assert graphed.genotype_dict == eager.genotype_dict, f"{where}: genotypes differ"
@@ -520,7 +498,7 @@ def test_graphed_search_matches_eager_search(method, overrides, backend):
 
 @pytest.mark.requires_cuda
 def test_graphed_search_with_bf16_autocast_runs():
-    result, searcher = run(tiny_config("darts", epochs=2, device="cuda", amp="bf16", cuda_graph=True))
+    result, searcher = search(tiny_config("darts", epochs=2, device="cuda", amp="bf16", cuda_graph=True))
     bad = [n for n, p in searcher.net.named_parameters() if not torch.isfinite(p).all()]
     assert not bad, f"non-finite parameters after a bf16 graphed search: {bad}"
     assert all(math.isfinite(h["train_loss"]) for h in result.history), result.history
@@ -529,13 +507,13 @@ def test_graphed_search_with_bf16_autocast_runs():
 @pytest.mark.requires_cuda
 def test_graphed_search_nan_loss_is_a_clear_error(tmp_path):
     with pytest.raises(NonFiniteLossError, match="epoch 1, step 1"):
-        run(tiny_config("darts", device="cuda", cuda_graph=True), str(tmp_path / "run"), tiny_dataset(poison=True))
+        search(tiny_config("darts", device="cuda", cuda_graph=True), str(tmp_path / "run"), tiny_dataset(poison=True))
 
 
 @pytest.mark.requires_cuda
 def test_resume_across_eager_and_graphed_runs(tmp_path, monkeypatch):
     """An eager checkpoint resumes with --cuda-graph, and a graphed one without it."""
-    full, full_searcher = run(tiny_config("darts", epochs=3, device="cuda", cuda_graph=False))
+    full, full_searcher = search(tiny_config("darts", epochs=3, device="cuda", cuda_graph=False))
     out = str(tmp_path / "run")
     original = Searcher._epoch
     calls = {"n": 0}
@@ -549,7 +527,7 @@ def test_resume_across_eager_and_graphed_runs(tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(Searcher, "_epoch", epoch)
         with pytest.raises(KeyboardInterrupt):
-            run(tiny_config("darts", epochs=3, device="cuda", cuda_graph=False), out)
+            search(tiny_config("darts", epochs=3, device="cuda", cuda_graph=False), out)
     assert len(ckpt.load_checkpoint(out)["history"]) == 1
 
     # Epoch 2 with the graph (the checkpoint's Adam is not capturable), then stop again.

@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_search import tiny_dataset
+from search_helpers import tiny_dataset
 
 from fastnas.nn import MixedOp
 from fastnas.search import SearchConfig, Searcher, SearchError

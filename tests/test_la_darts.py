@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from test_search import _interrupt_at, _strip_times, assert_state_close, losses, run, tiny_config, tiny_dataset
+from search_helpers import assert_state_close, interrupt_at, losses, run, strip_times, tiny_config, tiny_dataset
 
 from fastnas.cli import main
 from fastnas.search import Searcher, SearchError
@@ -238,11 +238,11 @@ def test_la_darts_resumes_exactly_and_refuses_a_changed_model(tmp_path, monkeypa
     full, _ = run(tiny_config("la-darts", **config), str(tmp_path / "full"))
     out = str(tmp_path / "cut")
     with monkeypatch.context() as m:
-        _interrupt_at(m, 1)
+        interrupt_at(m, 1)
         with pytest.raises(KeyboardInterrupt):
             run(tiny_config("la-darts", **config), out)
     resumed = Searcher.resume(out, dataset=tiny_dataset(), progress=False).run()
-    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert strip_times(resumed.history) == strip_times(full.history)
 
     with pytest.raises(SearchError, match="latency_weight"):
         Searcher.resume(out, {"latency_weight": 0.5})

@@ -5,7 +5,19 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from oracle import assert_oracle, backend_case, generator, interpreted, randn, runs_on, skip_unless_runs, to64
+from oracle import (
+    DEPTHWISE_SHAPES,
+    assert_oracle,
+    backend_case,
+    depthwise_inputs,
+    generator,
+    interpreted,
+    randn,
+    runs_on,
+    sized,
+    skip_unless_runs,
+    to64,
+)
 
 from fastnas import backends
 from fastnas.ops.multi_depthwise import (
@@ -23,33 +35,10 @@ CANDIDATES = {
     "sep": [(3, 1), (5, 1)],
     "k7": [(7, 1)],
 }
-# (N, C, H, W), odd sizes.
-SHAPES = [(1, 1, 5, 5), (2, 3, 7, 7), (3, 6, 9, 9), (2, 5, 7, 9)]
-# The interpreter runs one (channel, image) program at a time: there the same odd sizes get fewer programs.
-INTERPRETER_SHAPES = {(2, 3, 7, 7): (2, 2, 7, 7), (3, 6, 9, 9): (1, 3, 9, 9), (2, 5, 7, 9): (2, 2, 7, 9)}
 MODES = ["shared", "per-candidate", "batch-norm"]
 
 
-def sized(case, shape):
-    return INTERPRETER_SHAPES.get(shape, shape) if interpreted(case) else shape
-
-
 case = backend_case("multi_depthwise")
-
-
-def make_inputs(cands, mode, shape, dtype, device, seed):
-    gen = generator("multi_depthwise", seed)
-    n, c, h, w = shape
-    j = len(cands)
-    x_shape = (n, c, h, w) if mode == "shared" else (j, c, n, h, w)
-    x = randn(gen, x_shape, dtype, device)
-    weights = [randn(gen, (c, 1, k, k), dtype, device) for k, _ in cands]
-    dilations = [d for _, d in cands]
-    mean = rstd = None
-    if mode == "batch-norm":
-        mean = randn(gen, (j, c), torch.float32, device, scale=0.5)
-        rstd = (0.5 + torch.rand((j, c), generator=gen)).float().to(device)
-    return x, weights, dilations, mean, rstd
 
 
 def conv2d_oracle(x, weights, dilations, stride, mean=None, rstd=None):
@@ -83,7 +72,7 @@ def _out_shape(x, stride):
 @pytest.mark.parametrize("stride", [1, 2])
 @pytest.mark.parametrize("cands", list(CANDIDATES), ids=str)
 def test_reference_matches_conv2d(cands, stride, mode):
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES[cands], mode, (2, 3, 9, 7), torch.float64, "cpu", 1)
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES[cands], mode, (2, 3, 9, 7), torch.float64, "cpu", 1)
     out = multi_depthwise_reference(x, ws, ds, stride, mean, rstd)
     want = conv2d_oracle(x, ws, ds, stride, mean, rstd)
     assert out.is_contiguous() and out.dtype == x.dtype
@@ -93,7 +82,7 @@ def test_reference_matches_conv2d(cands, stride, mode):
 def test_reference_backward_matches_autograd_of_conv2d():
     # grad_pre of the per-candidate batch-norm case is the gradient with respect to (x - mean) * rstd.
     cands = CANDIDATES["darts"]
-    x, ws, ds, mean, rstd = make_inputs(cands, "batch-norm", (2, 3, 7, 7), torch.float64, "cpu", 2)
+    x, ws, ds, mean, rstd = depthwise_inputs(cands, "batch-norm", (2, 3, 7, 7), torch.float64, "cpu", 2)
     pre = ((x - mean.double()[:, :, None, None, None]) * rstd.double()[:, :, None, None, None]).requires_grad_()
     w64 = [w.clone().requires_grad_() for w in ws]
     out = conv2d_oracle(pre, w64, ds, 2)
@@ -109,7 +98,7 @@ def test_reference_backward_matches_autograd_of_conv2d():
 
 
 def _run_and_check(name, device, cands, mode, shape, stride, dtype, seed):
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES[cands], mode, shape, dtype, device, seed)
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES[cands], mode, shape, dtype, device, seed)
     grad_out = randn(generator("grad_out", seed), (len(ws), *_out_shape(x, stride)), dtype, device)
     with runs_on(name, "multi_depthwise", "multi_depthwise_backward"):
         out = multi_depthwise(x, ws, ds, stride, mean, rstd, backend=name)
@@ -139,7 +128,7 @@ def _run_and_check(name, device, cands, mode, shape, stride, dtype, seed):
 def test_matches_reference(case, cands, stride, mode, dtype, poison_empty):
     name, device = case
     i = list(CANDIDATES).index(cands) + 2 * stride + MODES.index(mode) + (dtype == torch.float32)
-    shape = sized(case, SHAPES[i % len(SHAPES)])
+    shape = sized(case, DEPTHWISE_SHAPES[i % len(DEPTHWISE_SHAPES)])
     _run_and_check(name, device, cands, mode, shape, stride, dtype, seed=(cands, stride, mode, dtype))
 
 
@@ -153,7 +142,7 @@ def test_low_precision(case, stride, dtype, poison_empty):
 def test_bit_identical_reruns(case):
     name, device = case
     shape = (2, 2, 9, 9) if interpreted(case) else (3, 4, 9, 9)
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES["darts"], "shared", shape, torch.float32, device, "rerun")
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES["darts"], "shared", shape, torch.float32, device, "rerun")
     runs = []
     with runs_on(name, "multi_depthwise", "multi_depthwise_backward"):
         for _ in range(2):
@@ -166,7 +155,7 @@ def test_bit_identical_reruns(case):
 
 def test_input_need_grad_false(case):
     name, device = case
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES["sep"], "batch-norm", (2, 3, 5, 7), torch.float64, device, 4)
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES["sep"], "batch-norm", (2, 3, 5, 7), torch.float64, device, 4)
     grad_out = randn(generator("input_need_grad"), (2, 3, 2, 3, 4), torch.float64, device)
     with runs_on(name, "multi_depthwise_backward"):
         grad_pre, grad_ws = multi_depthwise_backward(grad_out, x, ws, ds, 2, mean, rstd, False, backend=name)
@@ -188,7 +177,7 @@ def test_shared_strided_input(case):
 
 def test_autograd_through_op(case):
     name, device = case
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES["sep"], "batch-norm", (2, 3, 5, 5), torch.float64, device, 5)
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES["sep"], "batch-norm", (2, 3, 5, 5), torch.float64, device, 5)
     leaves = [x, *ws, mean, rstd]
     for t in leaves:
         t.requires_grad_(True)
@@ -277,7 +266,7 @@ def test_triton_candidate_limit():
 @pytest.mark.parametrize("mode", MODES)
 def test_opcheck_cpp(mode):
     skip_unless_runs("multi_depthwise", "cpu")
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES["sep"], mode, (2, 3, 5, 5), torch.float32, "cpu", 6)
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES["sep"], mode, (2, 3, 5, 5), torch.float32, "cpu", 6)
     torch.library.opcheck(torch.ops.fastnas.multi_depthwise.default, (x, ws, ds, 2, mean, rstd))
     grad_out = randn(generator("opcheck cpp"), (2, 3, 2, 3, 3))
     for need in (True, False):
@@ -289,7 +278,7 @@ def test_opcheck_cpp(mode):
 def test_opcheck_triton():
     skip_unless_runs("multi_depthwise", "triton")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    x, ws, ds, mean, rstd = make_inputs(CANDIDATES["sep"], "batch-norm", (1, 2, 5, 5), torch.float32, device, 8)
+    x, ws, ds, mean, rstd = depthwise_inputs(CANDIDATES["sep"], "batch-norm", (1, 2, 5, 5), torch.float32, device, 8)
     torch.library.opcheck(
         torch.ops.fastnas.multi_depthwise_triton.default,
         (x, ws, ds, 1, mean, rstd),

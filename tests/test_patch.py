@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from search_helpers import assert_steps_alike
 
 import fastnas
 from fastnas.patch import PatchWarning, accelerate, patch, unpatch
@@ -85,22 +86,6 @@ def _step(model, opts, x, y, rng_seed):
     for opt in opts:
         opt.step()
     return logits.detach(), loss.detach(), grads, after
-
-
-def assert_steps_alike(ref, fast, ref_opts, fast_opts, steps, batch, step, dtype, tol):
-    """Train ``ref`` and ``fast`` side by side for ``steps`` steps on the same batches
-    (``batch(i, dtype=)``, ``step(model, opts, x, y, i)``): logits, losses, every gradient
-    and the random numbers drawn after each step agree."""
-    for i in range(steps):
-        x, y = batch(i, dtype=dtype)
-        l_ref, loss_ref, g_ref, r_ref = step(ref, ref_opts, x, y, i)
-        l_fast, loss_fast, g_fast, r_fast = step(fast, fast_opts, x, y, i)
-        torch.testing.assert_close(l_fast, l_ref, **tol)
-        torch.testing.assert_close(loss_fast, loss_ref, **tol)
-        assert g_fast.keys() == g_ref.keys()
-        for name in g_ref:
-            torch.testing.assert_close(g_fast[name], g_ref[name], **tol, msg=lambda m, n=name: f"grad of {n}: {m}")
-        torch.testing.assert_close(r_fast, r_ref, rtol=0, atol=0)
 
 
 def _assert_train_alike(build, backend, dtype, steps, memory="save"):

@@ -20,7 +20,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-from test_patch import assert_steps_alike
+from search_helpers import assert_steps_alike
 
 import fastnas
 from fastnas.patch import PatchWarning, accelerate, patch, unpatch

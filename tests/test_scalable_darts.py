@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from test_search import _interrupt_at, _strip_times, assert_state_close, losses, run, tiny_config, tiny_dataset
+from search_helpers import assert_state_close, interrupt_at, losses, run, strip_times, tiny_config, tiny_dataset
 
 from fastnas.nn.operations import OPS, split_activation, with_activation
 from fastnas.search import SearchConfig, Searcher, SearchError, build_supernet
@@ -125,11 +125,11 @@ def test_scalable_resume_and_settings(tmp_path, monkeypatch):
     full, _ = run(tiny_config("scalable-darts", **config), str(tmp_path / "full"))
     out = str(tmp_path / "cut")
     with monkeypatch.context() as m:
-        _interrupt_at(m, 1)
+        interrupt_at(m, 1)
         with pytest.raises(KeyboardInterrupt):
             run(tiny_config("scalable-darts", **config), out)
     resumed = Searcher.resume(out, dataset=tiny_dataset(), progress=False).run()
-    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert strip_times(resumed.history) == strip_times(full.history)
     with pytest.raises(SearchError, match="activations"):
         Searcher.resume(out, {"activations": ("relu", "elu")})
 

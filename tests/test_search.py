@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils.data import TensorDataset
+from search_helpers import assert_state_close, interrupt_at, losses, run, strip_times, tiny_config, tiny_dataset
 
 from fastnas.run import checkpoint as ckpt
 from fastnas.run.data import EpochShardSampler, split_indices
@@ -26,44 +26,9 @@ from fastnas.search.architect import UnrolledArchGrad, first_order_arch_grads
 from fastnas.spaces import NB201Arch, validate_genotype
 
 METHODS = ["darts", "darts-2nd", "pc-darts", "p-darts", "gdas"]
-INFO = {"num_classes": 4, "in_channels": 3, "image_size": 8}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_dataset(n=32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 8, 8, generator=g)
-    y = torch.randint(0, INFO["num_classes"], (n,), generator=g)
-    return TensorDataset(x, y), INFO
-
-
-def tiny_config(method, **overrides):
-    """C=4, 3 cells, batch 8 on 16 images per side of the split: 2 steps an epoch."""
-    kw = dict(epochs=1, batch_size=8, init_channels=4, layers=3, warmup_epochs=0)
-    if method == "p-darts":
-        kw.update(epochs=3, stage_layers=(3, 3, 3))
-    if method == "gdas":
-        kw.update(epochs=2)
-    kw.update(overrides)
-    return SearchConfig.create(method, dataset="digits", **kw)
-
-
-def run(config, out_dir=None, **kwargs):
-    searcher = Searcher(config, out_dir=out_dir, dataset=tiny_dataset(), progress=False, **kwargs)
-    result = searcher.run()
-    return result, searcher.net
-
-
-def losses(history):
-    return [(h["train_loss"], h["search_val_loss"]) for h in history]
-
-
-def assert_state_close(a, b, atol=1e-6, rtol=1e-5):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 # --- configuration ------------------------------------------------------------------
@@ -255,26 +220,6 @@ def test_unrolled_step_keeps_model_and_statistics():
 # --- checkpoints and resume ------------------------------------------------------------
 
 
-class _Interrupt(KeyboardInterrupt):
-    pass
-
-
-def _interrupt_at(monkeypatch, global_epoch):
-    """Make the search stop with Ctrl-C at the start of ``global_epoch`` (0-based)."""
-    original = Searcher._epoch
-
-    def epoch(self, model, net, parts, stage, s, e, g):
-        if g == global_epoch:
-            raise _Interrupt()
-        return original(self, model, net, parts, stage, s, e, g)
-
-    monkeypatch.setattr(Searcher, "_epoch", epoch)
-
-
-def _strip_times(history):
-    return [{k: v for k, v in h.items() if k not in ("time_s", "images_per_s")} for h in history]
-
-
 @pytest.mark.parametrize(
     "method, epochs, stop",
     [("darts", 2, 1), ("p-darts", 3, 1), ("gdas", 2, 1)],
@@ -285,7 +230,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, method, epochs, 
 
     out = str(tmp_path / "cut")
     with monkeypatch.context() as m:
-        _interrupt_at(m, stop)
+        interrupt_at(m, stop)
         with pytest.raises(KeyboardInterrupt):
             run(tiny_config(method, epochs=epochs), out)
     state = ckpt.load_checkpoint(out)
@@ -295,7 +240,7 @@ def test_resume_equals_uninterrupted_run(tmp_path, monkeypatch, method, epochs, 
 
     searcher = Searcher.resume(out, dataset=tiny_dataset(), progress=False)
     resumed = searcher.run()
-    assert _strip_times(resumed.history) == _strip_times(full.history)
+    assert strip_times(resumed.history) == strip_times(full.history)
     resumed_state = searcher.net.state_dict()
     for k, v in full_net.state_dict().items():
         assert torch.equal(v, resumed_state[k]), k

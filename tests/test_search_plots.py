@@ -9,7 +9,7 @@ import os
 
 import pytest
 from PIL import Image
-from test_search import _interrupt_at, run, tiny_config, tiny_dataset
+from search_helpers import interrupt_at, run, tiny_config, tiny_dataset
 
 from fastnas.cli import main
 from fastnas.search import SearchConfig, Searcher
@@ -65,7 +65,7 @@ def test_darts_search_draws_every_edge_and_the_curves(tmp_path):
 def test_pictures_follow_each_epoch_and_a_resumed_run_continues_them(tmp_path, monkeypatch):
     out = str(tmp_path / "cut")
     with monkeypatch.context() as m:
-        _interrupt_at(m, 2)
+        interrupt_at(m, 2)
         with pytest.raises(KeyboardInterrupt):
             run(tiny_config("darts", epochs=3), out)
     # Interrupted in its third epoch: the pictures show the two it finished.

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from test_search import _interrupt_at, run, tiny_config, tiny_dataset
+from search_helpers import interrupt_at, run, tiny_config, tiny_dataset
 from torch.utils.data import TensorDataset
 
 from fastnas.cli import main
@@ -46,7 +46,7 @@ def test_search_writes_losses_accuracies_and_every_edge_weight(tmp_path):
 def test_resume_may_change_the_folder_and_continues_the_steps(tmp_path, monkeypatch):
     out, first, second = tmp_path / "run", tmp_path / "tb1", tmp_path / "tb2"
     with monkeypatch.context() as m:
-        _interrupt_at(m, 1)
+        interrupt_at(m, 1)
         with pytest.raises(KeyboardInterrupt):
             run(tiny_config("darts", epochs=2, tensorboard=str(first)), str(out))
     Searcher.resume(str(out), {"tensorboard": str(second)}, dataset=tiny_dataset(), progress=False).run()
