@@ -169,7 +169,8 @@ def run_edge(
         x, weights, candidates, plan, cache, backend=backend, memory=memory, training=training, fuse=fuse, run=run,
         key=key,
     )  # fmt: skip
-    if fallback is not None and not (not terms.outputs and len(terms.tensors) == 1) and not summable(terms):
+    lone_fused = not terms.outputs and len(terms.tensors) == 1
+    if fallback is not None and not lone_fused and not summable(terms):
         return fallback(terms)
     return weighted_sum(terms, backend)
 
