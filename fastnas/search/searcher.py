@@ -520,7 +520,6 @@ class _GraphedRunner:
         return self.graphed(*batch)
 
 
-
 def _correct_count(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``fastnas.run.loop.correct`` left on the device, as a float tensor."""
     return (logits.argmax(dim=1) == y).sum().float()
