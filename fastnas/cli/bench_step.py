@@ -21,13 +21,13 @@ def main(argv: list[str]) -> int:
     except ImportError as exc:
         print(f"fastnas {NAME}: the benchmark module is not available ({exc})", file=sys.stderr)
         return EXIT_ERROR
-    from fastnas.errors import SearchError
+    from fastnas.errors import RunError
 
     parser = argparse.ArgumentParser(prog=f"fastnas {NAME}", description="Time one full search step; prints JSON.")
     add_bench_step_args(parser)
     try:
         run_bench_step(parser.parse_args(argv))
-    except SearchError as exc:
+    except RunError as exc:
         print(f"fastnas {NAME}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     return 0
