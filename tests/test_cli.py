@@ -87,6 +87,14 @@ def test_info_and_bench_step_are_delegated(capsys):
     assert "--network" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no GPU is visible")
+@pytest.mark.parametrize("extra", [[], ["--imagenet"]])
+def test_bench_step_without_a_gpu_says_so_in_one_line(extra, capsys):
+    assert main(["bench-step", "--device", "cuda", *extra]) == 1
+    err = capsys.readouterr().err
+    assert "no CUDA GPU" in err and "Traceback" not in err
+
+
 def test_help_names_every_method(capsys):
     with pytest.raises(SystemExit):
         main(["search", "--help"])

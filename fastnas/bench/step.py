@@ -189,6 +189,10 @@ def run_bench_step(args: argparse.Namespace) -> dict:
     this process has freed nothing large before, i.e. a fresh process per
     configuration (as benchmarks/bench_search_step.py runs it).
     """
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        from fastnas.errors import RunError
+
+        raise RunError(f"--device {args.device}: torch sees no CUDA GPU here")
     if getattr(args, "imagenet", False):
         from fastnas.bench.memory import imagenet_memory
 
