@@ -31,14 +31,15 @@ COLUMNS = [
     "network", "backend", "backend_used", "memory", "batch_size", "threads", "reps", "step_ms_median", "step_ms_q25",
     "step_ms_q75", "time_vs_reference", "peak_memory_mib", "memory_vs_reference", "live_peak_mib",
     "live_vs_reference", "aten_ops", "aten_ops_vs_reference",
-    "fastnas_ops", "graph_step_ms_median", "graph_speedup", "graph_capture_ms", "graph_peak_memory_mib", "note",
+    "fastnas_ops", "graph_step_ms_median", "graph_speedup", "graph_capture_ms", "graph_peak_memory_mib", "compiled",
+    "compile_s", "note",
 ]  # fmt: skip
 # The eager reference first: the fused engine (memory save and recompute) and
 # torch.utils.checkpoint around each eager mixed op are measured against it.
 DEFAULT_CONFIGS = "reference:save,auto:save,auto:recompute,auto:checkpoint"
 
 
-def child_command(args, network: str, backend: str, memory: str) -> list[str]:
+def child_command(args, network: str, backend: str, memory: str, compiled: bool = False) -> list[str]:
     cmd = [
         sys.executable, "-m", "fastnas.bench", "--network", network, "--backend", backend, "--memory", memory,
         "--batch-size", str(args.batch_size), "--image-size", str(args.image_size), "--device", args.device,
@@ -54,6 +55,8 @@ def child_command(args, network: str, backend: str, memory: str) -> list[str]:
         cmd += ["--stem", args.stem]
     if args.cuda_graph:
         cmd.append("--cuda-graph")
+    if compiled:
+        cmd.append("--compile")
     return cmd
 
 
@@ -64,14 +67,15 @@ def child_command(args, network: str, backend: str, memory: str) -> list[str]:
 LIVE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
-def run_config(args, network: str, backend: str, memory: str) -> dict:
+def run_config(args, network: str, backend: str, memory: str, compiled: bool = False) -> dict:
     row = {"network": network, "backend": backend, "memory": memory, "batch_size": args.batch_size}
-    result, why = bench.run_child(child_command(args, network, backend, memory), args.timeout)
+    row["compiled"] = compiled
+    result, why = bench.run_child(child_command(args, network, backend, memory, compiled), args.timeout)
     if result is None:
         return {**row, "note": why}
     ops = result.get("ops_per_step") or {}
     row = {**row, **result, "aten_ops": ops.get("aten"), "fastnas_ops": ops.get("fastnas")}
-    if args.device == "cpu" and args.live_memory:
+    if args.device == "cpu" and args.live_memory and not compiled:
         cmd = child_command(args, network, backend, memory) + ["--reps", "1", "--warmup", "0", "--no-count-ops"]
         live, why = bench.run_child(cmd, args.timeout, LIVE_MEMORY_ENV)
         if live is None:
@@ -85,7 +89,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--networks", default="darts,pc-darts")
-    parser.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma list of backend:memory")
+    parser.add_argument(
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="comma list of backend:memory[:compile] (compile: the network through torch.compile)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--channels", type=int, default=16)
@@ -137,15 +145,18 @@ def main(argv=None) -> int:
         "Ops: ops reaching the dispatcher below autograd in one step (TorchDispatchMode), forward, backward "
         "and optimisers; fastnas_ops are the fused kernels among them.",
         "time_vs_reference and memory_vs_reference: this row over the same network with backend=reference, "
-        "memory=save.",
+        "memory=save, not compiled.",
+        "compiled rows: the network through torch.compile (static shapes, default mode), optimisers eager; "
+        "compile_s is the first step, which compiles (not in the median); ops are not counted.",
     ]
     rows = []
     for network in [n.strip() for n in args.networks.split(",") if n.strip()]:
         ref = None
         for config in [c.strip() for c in args.configs.split(",") if c.strip()]:
-            backend, _, memory = config.partition(":")
+            backend, memory, *flags = config.split(":") + [""]
+            compiled = "compile" in flags
             t0 = time.perf_counter()
-            row = run_config(args, network, backend, memory or "save")
+            row = run_config(args, network, backend, memory or "save", compiled)
             print(
                 f"{network:9s} {backend:10s} {memory or 'save':11s} "
                 + (
@@ -158,7 +169,7 @@ def main(argv=None) -> int:
                 flush=True,
             )
             rows.append(row)
-            if backend == "reference" and (memory or "save") == "save" and "step_ms_median" in row:
+            if backend == "reference" and (memory or "save") == "save" and not compiled and "step_ms_median" in row:
                 ref = row
         if ref is not None:
             for row in rows:

@@ -206,3 +206,29 @@ def test_cell_with_edge_normalization_scales_edges_by_softmaxed_betas():
 
 def test_zero_op_strides():
     assert Zero(2)(torch.randn(1, 2, 5, 5)).shape == (1, 2, 3, 3)
+
+
+@pytest.mark.parametrize("memory", ["save", "recompute"])
+def test_compiled_search_network_matches_eager(memory):
+    """torch.compile of the fused search network (the checkpointed preprocessing runs plainly
+    under the compiler): the same logits, gradients and running statistics as eager."""
+    from fastnas.spaces.darts import SearchNetwork
+
+    torch.manual_seed(0)
+    eager = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=3, memory=memory)
+    twin = SearchNetwork(C=4, num_classes=3, layers=2, in_channels=3, memory=memory)
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, dynamic=False)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    outs = []
+    for model in (eager, compiled):
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        outs.append(logits.detach())
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    grads = dict(twin.named_parameters())
+    for name, p in eager.named_parameters():
+        torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+    buffers = dict(twin.named_buffers())
+    for name, b in eager.named_buffers():
+        torch.testing.assert_close(buffers[name], b, rtol=1e-4, atol=1e-6, msg=name)

@@ -75,6 +75,12 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="also time the step captured once as a CUDA graph and replayed (CUDA only); reports both",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the network through torch.compile (static shapes); the first step, which compiles, is "
+        "reported apart as compile_s, and ops are not counted",
+    )
+    parser.add_argument(
         "--partial-channels", type=int, default=None, help="K of PC-DARTS (default: the network's, 4 for pc-darts)"
     )
     parser.add_argument(
@@ -114,7 +120,14 @@ def build_step_network(args, device):
 
 
 def make_search_step(
-    net, device, batch_size: int, image_size: int, num_classes: int, seed: int = 0, cuda_graph: bool = False
+    net,
+    device,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    seed: int = 0,
+    cuda_graph: bool = False,
+    compiled: bool = False,
 ):
     """One first-order DARTS step as a closure: arch step on a val batch, then weight step.
 
@@ -123,7 +136,8 @@ def make_search_step(
     training loss as a tensor. With ``cuda_graph`` the step is captured here
     (warm-up steps included, the model restored after them) and each call
     replays it; the returned loss is then the graph's static output, which the
-    next call overwrites.
+    next call overwrites. With ``compiled`` the forward runs through
+    ``torch.compile(net)`` (the optimisers stay eager); the first call compiles.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = (batch_size, 3, image_size, image_size)
@@ -137,6 +151,7 @@ def make_search_step(
     weight_opt = torch.optim.SGD(weight_params, lr=0.025, momentum=0.9, weight_decay=3e-4)
     loss_fn = torch.nn.functional.cross_entropy
     net.train()
+    model = torch.compile(net, dynamic=False) if compiled else net
 
     # Profiler regions (nothing when no profiler runs): what profiler_events splits the
     # events by. Not in a captured step, which replays kernels only.
@@ -149,12 +164,12 @@ def make_search_step(
         with optimizer:
             arch_opt.zero_grad(set_to_none=True)
         with network:
-            loss_fn(net(x_val), y_val).backward()
+            loss_fn(model(x_val), y_val).backward()
         with optimizer:
             arch_opt.step()
             weight_opt.zero_grad(set_to_none=True)
         with network:
-            loss = loss_fn(net(x_train), y_train)
+            loss = loss_fn(model(x_train), y_train)
             loss.backward()
         with optimizer:
             torch.nn.utils.clip_grad_norm_(weight_params, 5.0)
@@ -301,7 +316,14 @@ def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     reps = args.reps if args.reps is not None else (20 if device.type == "cuda" else 3)
     net = build_step_network(args, device)
-    step = make_search_step(net, device, args.batch_size, args.image_size, args.num_classes, args.seed)
+    compiled = getattr(args, "compile", False)
+    if compiled and cuda_graph:
+        from fastnas.errors import RunError
+
+        raise RunError("--compile and --cuda-graph time different steps; give one of them")
+    step = make_search_step(
+        net, device, args.batch_size, args.image_size, args.num_classes, args.seed, compiled=compiled
+    )
     resolved = backends.resolve("darts_edge", device, None if args.backend == "auto" else args.backend)
 
     if device.type == "cuda":
@@ -317,6 +339,15 @@ def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
             torch.cuda.synchronize(device)
 
     counter = None
+    compile_s = None
+    if compiled:
+        # The first step compiles the forward and backward graphs; timed apart. Counting
+        # ops under the dispatch mode would trace the compiled code again.
+        args.count_ops = False
+        t0 = time.perf_counter()
+        step()
+        sync()
+        compile_s = time.perf_counter() - t0
     for i in range(args.warmup):
         if i == 0 and args.count_ops:
             # The warm-up step is untimed anyway; counting there saves a step,
@@ -368,6 +399,8 @@ def _run_bench_step(args: argparse.Namespace, device: torch.device) -> dict:
             "TorchDispatchMode, one step (the first), forward and backward of both halves plus optimisers"
         ),
         "loss": float(loss),
+        "compiled": compiled,
+        "compile_s": compile_s,
         "torch": torch.__version__,
         "commit": git_commit(),
     }

@@ -69,8 +69,12 @@ def checkpoint_module(module: nn.Module, fn, *args, preserve_rng_state: bool = T
     The module's parameters are explicit inputs of the checkpoint: under
     ``torch.func.functional_call`` (as second-order DARTS runs the network) the
     recomputation then sees the tensors the forward saw, not the module's own.
-    Batch-norm running statistics are updated by the forward only.
+    Batch-norm running statistics are updated by the forward only. Under
+    ``torch.compile`` it is ``fn(*args)``: the compiler's partitioner decides what
+    backward recomputes (dynamo cannot trace the checkpoint's context function).
     """
+    if torch.compiler.is_compiling():
+        return fn(*args)
     named = list(module.named_parameters())
     names = ["module." + n for n, _ in named]
     bound = _Bound(module, fn)
