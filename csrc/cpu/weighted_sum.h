@@ -45,8 +45,8 @@ C10_ALWAYS_INLINE void weighted_sum_streams(const scalar_t* const* xs, const acc
 }
 
 template <int G, typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void weighted_sum_group(const scalar_t* const* xs, const acc_t* w, int64_t k0, bool first,
-                                          bool last, int64_t src, int64_t len, acc_t* buf, scalar_t* dst) {
+C10_ALWAYS_INLINE void weighted_sum_group(const scalar_t* const* xs, const acc_t* w, int64_t k0, bool first, bool last,
+                                          int64_t src, int64_t len, acc_t* buf, scalar_t* dst) {
   if (first && last) {
     weighted_sum_streams<G, true, true>(xs, w, k0, src, len, buf, dst);
   } else if (first) {
