@@ -43,6 +43,11 @@ class Terms(NamedTuple):
     weights: torch.Tensor
     outputs: bool
 
+    @property
+    def lone_fused(self) -> bool:
+        """A whole fused edge alone: its output is the sum."""
+        return not self.outputs and len(self.tensors) == 1
+
 
 def bound_edge(cache, key, plan: EdgePlan, candidates) -> BoundEdge:
     """``plan`` bound to ``candidates``, kept in ``cache`` (a dict, or anything with its
@@ -140,7 +145,7 @@ def summable(terms: Terms) -> bool:
 
 def weighted_sum(terms: Terms, backend: str | None) -> torch.Tensor:
     """``sum_k weights[k] * tensors[k]``; a lone fused edge is its own sum."""
-    if not terms.outputs and len(terms.tensors) == 1:
+    if terms.lone_fused:
         return terms.tensors[0]
     return mixed_sum(terms.tensors, terms.weights, backend=backend)
 
