@@ -21,6 +21,7 @@ import random
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from fastnas.errors import CheckpointError, NonFiniteLossError, OutOfMemoryError, RunError
 from fastnas.run import checkpoint as ckpt
@@ -206,6 +207,22 @@ class Run:
                 "checkpoint is kept. Try a lower --lr, --amp bf16 instead of fp16, or another --seed"
             )
         return value
+
+    @torch.no_grad()
+    def _score(self, net: nn.Module, batches, logits_of=lambda out: out) -> tuple[float, float]:
+        """Mean loss and accuracy of ``net`` over ``batches`` and every rank's batches,
+        batch norm in eval mode; ``logits_of`` picks the logits from the network's output."""
+        net.eval()
+        totals = torch.zeros(3, dtype=torch.float64)
+        for x, y in batches:
+            x, y = x.to(self.dist.device), y.to(self.dist.device)
+            with self._autocast():
+                logits = logits_of(net(x))
+            loss = F.cross_entropy(logits.float(), y, reduction="sum")
+            totals += torch.tensor([float(loss), correct(logits, y), len(y)], dtype=torch.float64)
+        net.train()
+        totals = self.dist.all_reduce_sum(totals)
+        return ratio(totals[0], totals[2]), ratio(totals[1], totals[2])
 
     def _progress(self, steps: int, epoch: int, epochs: int):
         """A progress bar for one epoch, on the first rank when progress is shown; else None."""

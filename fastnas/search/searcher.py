@@ -24,7 +24,7 @@ from fastnas.errors import SearchError
 from fastnas.run import checkpoint as ckpt
 from fastnas.run.data import SearchLoader, default_workers, search_split
 from fastnas.run.distributed import data_fingerprint
-from fastnas.run.loop import Run, correct, ratio
+from fastnas.run.loop import Run, ratio
 from fastnas.search import cuda_graph
 from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
@@ -457,23 +457,10 @@ class Searcher(Run):
         parts["a_opt"].zero_grad(set_to_none=True)
         return loss.detach(), logits.detach()
 
-    @torch.no_grad()
     def _evaluate(self, net, global_epoch) -> tuple[float, float]:
         """Loss and accuracy on the architecture's half, batch norm in eval mode (as DARTS' infer)."""
-        dist = self.dist
         # Not augmented: an image folder's evaluation crop (resize and centre crop).
-        loader = self._loader(self.val_idx, 2, augment=False)
-        net.eval()
-        totals = torch.zeros(3, dtype=torch.float64)
-        for x, y in loader.batches(global_epoch):
-            x, y = x.to(dist.device), y.to(dist.device)
-            with self._autocast():
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            totals += torch.tensor([float(loss), correct(logits, y), len(y)], dtype=torch.float64)
-        net.train()
-        totals = dist.all_reduce_sum(totals)
-        return ratio(totals[0], totals[2]), ratio(totals[1], totals[2])
+        return self._score(net, self._loader(self.val_idx, 2, augment=False).batches(global_epoch))
 
     # --- checkpoints and outputs ----------------------------------------------------
 

@@ -203,7 +203,6 @@ class Trainer(Run):
         scaler.update()
         return loss.detach(), logits.detach()
 
-    @torch.no_grad()
     def evaluate(self, net: nn.Module, test_set) -> tuple[float, float]:
         """Loss and accuracy on every test image once, batch norm in eval mode."""
         cfg, dist = self.config, self.dist
@@ -216,17 +215,7 @@ class Trainer(Run):
             num_workers=cfg.workers,
             pin_memory=dist.device.type == "cuda",
         )
-        net.eval()
-        totals = torch.zeros(3, dtype=torch.float64)
-        for x, y in loader:
-            x, y = x.to(dist.device), y.to(dist.device)
-            with self._autocast():
-                logits, _ = net(x)
-            loss = F.cross_entropy(logits.float(), y, reduction="sum")
-            totals += torch.tensor([float(loss), correct(logits, y), len(y)], dtype=torch.float64)
-        net.train()
-        totals = dist.all_reduce_sum(totals)
-        return ratio(totals[0], totals[2]), ratio(totals[1], totals[2])
+        return self._score(net, loader, logits_of=lambda out: out[0])
 
     def _report(self, net: nn.Module, info: dict, history: list, test_images: int) -> dict:
         """Accuracy of the last epoch, parameters, FLOPs and latency (latency on the first rank only)."""
