@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from fastnas.run.checkpoint import CHECKPOINT_NAME
 from fastnas.run.options import positive_int
 
 EXIT_ERROR = 1
@@ -80,7 +81,7 @@ def open_run(args: argparse.Namespace, what: str, error: type, runner: type, ove
             raise error("--resume continues in its own folder; drop --out or give the same folder")
         return runner.resume(args.resume, overrides, progress=progress), args.resume
     config, out = create()
-    if os.path.exists(os.path.join(out, "checkpoint.pt")):
+    if os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
         raise error(f"{out} already holds a {what}; continue it with --resume {out}, or choose another --out")
     return runner(config, out_dir=out, progress=progress), out
 

@@ -8,6 +8,7 @@ import shlex
 import textwrap
 
 from fastnas.cli import runs
+from fastnas.run.checkpoint import CHECKPOINT_NAME
 
 NAME = "search"
 
@@ -110,7 +111,7 @@ def add_parser(sub) -> None:
 def default_out(method: str, dataset: str) -> str:
     base = os.path.join("runs", f"{method}-{dataset}")
     out, n = base, 1
-    while os.path.exists(os.path.join(out, "checkpoint.pt")):
+    while os.path.exists(os.path.join(out, CHECKPOINT_NAME)):
         n += 1
         out = f"{base}-{n}"
     return out
