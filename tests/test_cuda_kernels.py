@@ -317,6 +317,27 @@ def test_darts_sum(target, poison_empty, flags, jz, stride, dtype):
         assert_oracle(a, b, c, name, scale=scale if name == "grad_coef" else None, reduction=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("shape", [(2, 2, 6, 7), (1, 2, 1, 5), (2, 1, 4, 1), (1, 1, 2, 2)], ids=str)
+def test_darts_sum_pool_ties_and_borders(target, poison_empty, shape, stride, dtype):
+    """x takes three values, so most max windows tie, and the planes are mostly border: each window
+    sends its gradient to its first maximum, as the CPU kernel and max_pool2d do. Jz = 5 gives nine
+    backward sums, more than the kernel reduces in one round."""
+    T = target
+    jz, has_skip = 5, stride == 1
+    x, z, mean, rstd, coef, g = darts_inputs(shape, jz, stride, dtype, seed=40 + stride)
+    x = x.round().clamp(-1, 1)
+    args = (stride, True, True, has_skip)
+    got = T.ops.darts_sum_backward(T(g), T(x), T(z), T(mean), T(rstd), T(coef), *args, True)
+    cpu = torch.ops.fastnas.darts_sum_backward(g, x, z, mean, rstd, coef, *args, True)
+    ref = darts_sum_backward_reference(g, x, z, mean, rstd, coef, *args)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
+    for name, a, b, c in zip(("grad_z", "grad_x", "grad_coef"), got, cpu, ref):
+        torch.testing.assert_close(a.cpu(), b, **tol, msg=lambda m, name=name: f"{name} against the CPU kernel: {m}")
+        torch.testing.assert_close(a.cpu(), c, **tol, msg=lambda m, name=name: f"{name} against the reference: {m}")
+
+
 def test_darts_sum_nan_rules_match_the_cpu_kernel(target):
     """A NaN in a max-pool window wins it, as max_pool2d does: the same outputs are NaN as on the CPU."""
     T = target

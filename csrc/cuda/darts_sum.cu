@@ -4,9 +4,10 @@
 // A block covers a chunk of one channel's N*Ho*Wo outputs (or N*H*W inputs),
 // so the per-channel statistics and coefficients are the same for the whole
 // block. The 3x3 pools are recomputed from x (math::pool_window_3x3, the CPU
-// kernels' window) wherever they are needed and never stored. Every reduction
-// is two-stage and fixed-order (per-block partials, then fixed-order sums), so
-// results are bit-identical from run to run.
+// kernels' window, or its scan over registers in grad_x_kernel) wherever they
+// are needed and never stored. Every reduction is two-stage and fixed-order
+// (per-block partials, then fixed-order sums), so results are bit-identical
+// from run to run.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -212,21 +213,23 @@ at::Tensor darts_sum(const at::Tensor& x_in, const at::Tensor& z_in, const at::T
 // (grad_z_kernel) and grad_x by gathering, for each input, what the skip and
 // the pool windows that contain it send back (grad_x_kernel).
 
+// Sums a block reduces together: each warp reduces its share of kSumGroup
+// sums, then one barrier, then the warps' totals are added in warp order (the
+// order of block_sum), so a block pays two barriers per kSumGroup sums.
+constexpr int kSumGroup = 8;
+
 // Block (c, chunk) writes part[(k * C + c) * chunks + chunk] for the Jz + 4
 // sums: [g, g * (z_j - mean_j) for each j, g * (max - mean), g * (avg - mean), g * x];
-// absent terms get 0.
+// absent terms get 0. Each thread reads its grad_out elements once, into
+// registers, and every sum is taken from them.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
     backward_sums_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                          const scalar_t* __restrict__ z, Terms<acc_t> t, Shape s, int64_t chunks,
                          acc_t* __restrict__ part) {
-  __shared__ acc_t scratch[kWarps];
+  __shared__ acc_t scratch[kWarps * kSumGroup];
   const int64_t c = blockIdx.x / chunks, chunk = blockIdx.x % chunks;
-  const int64_t start = chunk * kChunk, m = s.m(), jz = s.jz, C = s.c;
-  const auto put = [&](int64_t k, acc_t v) {
-    v = block_sum(v, scratch);
-    if (threadIdx.x == 0) part[(k * C + c) * chunks + chunk] = v;
-  };
+  const int64_t start = chunk * kChunk, m = s.m(), jz = s.jz, C = s.c, sums = jz + 4;
   acc_t g[kItems];
   acc_t sg = acc_t(0), smax = acc_t(0), savg = acc_t(0), sskip = acc_t(0);
 #pragma unroll
@@ -246,8 +249,13 @@ __global__ void __launch_bounds__(kThreads)
     }
     sg += g[i];
   }
-  put(0, sg);
-  for (int64_t j = 0; j < jz; ++j) {
+  // This thread's share of sum k.
+  const auto value = [&](int64_t k) {
+    if (k == 0) return sg;
+    if (k == jz + 1) return smax;
+    if (k == jz + 2) return savg;
+    if (k == jz + 3) return sskip;
+    const int64_t j = k - 1;
     const acc_t mu = t.mean[j * C + c];
     acc_t v = acc_t(0);
 #pragma unroll
@@ -255,11 +263,25 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t mm = start + threadIdx.x + i * kThreads;
       if (mm < m) v += g[i] * (static_cast<acc_t>(z[(j * C + c) * m + mm]) - mu);
     }
-    put(1 + j, v);
+    return v;
+  };
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t k0 = 0; k0 < sums; k0 += kSumGroup) {
+#pragma unroll
+    for (int q = 0; q < kSumGroup; ++q) {
+      if (k0 + q >= sums) break;  // the same for the whole block
+      const acc_t v = warp_sum(value(k0 + q));
+      if (lane == 0) scratch[warp * kSumGroup + q] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < kSumGroup && k0 + threadIdx.x < sums) {
+      acc_t total = scratch[threadIdx.x];
+#pragma unroll
+      for (int w = 1; w < kWarps; ++w) total += scratch[w * kSumGroup + threadIdx.x];
+      part[((k0 + threadIdx.x) * C + c) * chunks + chunk] = total;
+    }
+    __syncthreads();
   }
-  put(1 + jz, smax);
-  put(2 + jz, savg);
-  put(3 + jz, sskip);
 }
 
 // Block c: the channel's sums over its blocks, in order, to channel_sum[k * C + c];
@@ -305,61 +327,176 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block (j * C + c, chunk): grad z_j = scale * ((g - mean(g)) - (z_j - mean_j) * slope).
+// Block (c, chunk): grad z_j = scale * ((g - mean(g)) - (z_j - mean_j) * slope)
+// for every j. Each thread reads its grad_out elements once and serves every
+// candidate from registers, so grad_out is read once rather than Jz times.
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
     grad_z_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ z, const acc_t* __restrict__ mean,
                   const acc_t* __restrict__ g_mean, const acc_t* __restrict__ scale, const acc_t* __restrict__ slope,
                   Shape s, int64_t chunks, scalar_t* __restrict__ grad_z) {
-  const int64_t r = blockIdx.x / chunks, start = (blockIdx.x % chunks) * kChunk, m = s.m();
-  const int64_t c = r % s.c;
-  const acc_t a = scale[r], b = slope[r], mu = mean[r], gm = g_mean[c];
+  const int64_t c = blockIdx.x / chunks, start = (blockIdx.x % chunks) * kChunk, m = s.m();
+  const acc_t gm = g_mean[c];
+  acc_t gc[kItems];
+#pragma unroll
   for (int i = 0; i < kItems; ++i) {
     const int64_t mm = start + threadIdx.x + i * kThreads;
-    if (mm >= m) break;
-    const int64_t n = mm / s.plane_out(), o = mm % s.plane_out();
-    const acc_t gc = static_cast<acc_t>(grad[(n * s.c + c) * s.plane_out() + o]) - gm;
-    grad_z[r * m + mm] = static_cast<scalar_t>(math::bn_input_grad(a, gc, static_cast<acc_t>(z[r * m + mm]), mu, b));
+    gc[i] = acc_t(0);
+    if (mm < m) {
+      const int64_t n = mm / s.plane_out(), o = mm % s.plane_out();
+      gc[i] = static_cast<acc_t>(grad[(n * s.c + c) * s.plane_out() + o]) - gm;
+    }
+  }
+  for (int64_t j = 0; j < s.jz; ++j) {
+    const int64_t r = j * s.c + c;
+    const acc_t a = scale[r], b = slope[r], mu = mean[r];
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t mm = start + threadIdx.x + i * kThreads;
+      if (mm < m) {
+        grad_z[r * m + mm] =
+            static_cast<scalar_t>(math::bn_input_grad(a, gc[i], static_cast<acc_t>(z[r * m + mm]), mu, b));
+      }
+    }
   }
 }
 
+// What the pool windows containing input (h, w) of one (n, c) plane send
+// back to it: the max window its candidate gradient when (h, w) is its argmax,
+// the avg window its candidate gradient over its count; summed in the windows'
+// row-major order, max before avg in each.
+//
+// Those windows all lie in the 5x5 block of x centred on (h, w): window (oh,
+// ow) starts at block row R = oh * stride + 1 - h, in 0..2, and block column
+// likewise. The thread loads the block once (25 loads in the interior at
+// stride 1, at most 5 x 5 and on average 16 at stride 2, where a parity leaves
+// one window row or column) and computes the windows from registers,
+// separably (each row's share of the three window columns, then the windows
+// from three rows; 45 + 27 steps instead of 81), in math::pool_window_3x3's
+// order: the max-pool rule (math::max_takes: the first maximum in row-major
+// order, or the last NaN), each row summed left to right, then the rows, so
+// the argmax, the sum and the count, and so the gradient, are those of
+// pool_window_3x3. Reloading each window from x instead cost up to
+// 9 windows x 9 loads per input, and recording the windows in the sums pass
+// would write and reread a per-output buffer.
+template <typename acc_t>
+struct PoolGrads {
+  acc_t gm;                              // mean(g) of the channel
+  acc_t max_scale, max_mean, max_slope;  // math::bn_input_grad's terms of each pool
+  acc_t avg_scale, avg_mean, avg_slope;
+  bool has_max, has_avg;
+};
+
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t pools_grad_at(const scalar_t* __restrict__ xplane, const scalar_t* __restrict__ gplane,
+                                               const Shape& s, int64_t h, int64_t w, const PoolGrads<acc_t>& p) {
+  // Block row R starts window row (h - 1 + R) / stride where that divides:
+  // from one division, h + 1 = qh * stride + rh, the remainder of h - 1 + R is
+  // rh - (2 - R), which divides when it is 0, -stride or -2 * stride.
+  bool win_r[3], win_c[3];  // whether block row / column R starts a window
+  int64_t oh[3], ow[3];
+  const int64_t st = s.stride, qh = (h + 1) / st, rh = h + 1 - qh * st, qw = (w + 1) / st, rw = w + 1 - qw * st;
+#pragma unroll
+  for (int r = 0; r < 3; ++r) {
+    const int64_t dh = rh - (2 - r), dw = rw - (2 - r);
+    oh[r] = qh - (dh == 0 ? 0 : dh == -st ? 1 : 2);
+    ow[r] = qw - (dw == 0 ? 0 : dw == -st ? 1 : 2);
+    win_r[r] = (dh == 0 || dh == -st || dh == -2 * st) && oh[r] >= 0 && oh[r] < s.ho;
+    win_c[r] = (dw == 0 || dw == -st || dw == -2 * st) && ow[r] >= 0 && ow[r] < s.wo;
+  }
+  // The block rows (columns) in the plane that some window reads.
+  bool in_r[5], in_c[5];
+#pragma unroll
+  for (int r = 0; r < 5; ++r) {
+    const bool read_r = (win_r[0] && r <= 2) || (win_r[1] && r >= 1 && r <= 3) || (win_r[2] && r >= 2);
+    const bool read_c = (win_c[0] && r <= 2) || (win_c[1] && r >= 1 && r <= 3) || (win_c[2] && r >= 2);
+    in_r[r] = read_r && h - 2 + r >= 0 && h - 2 + r < s.h;
+    in_c[r] = read_c && w - 2 + r >= 0 && w - 2 + r < s.w;
+  }
+  const int64_t base = (h - 2) * s.w + (w - 2);
+  acc_t v[5][5];
+#pragma unroll
+  for (int r = 0; r < 5; ++r) {
+#pragma unroll
+    for (int q = 0; q < 5; ++q) {
+      v[r][q] = in_r[r] && in_c[q] ? static_cast<acc_t>(xplane[base + r * s.w + q]) : acc_t(0);
+    }
+  }
+  // Each row's share of window column Q (block columns Q..Q+2): its maximum
+  // by the max-pool rule, whether that is column 2, and its sum left to right.
+  acc_t row_max[5][3], row_sum[5][3];
+  bool row_centre[5][3];
+#pragma unroll
+  for (int r = 0; r < 5; ++r) {
+#pragma unroll
+    for (int Q = 0; Q < 3; ++Q) {
+      acc_t best = acc_t(0), sum = acc_t(0);
+      bool centre = false, first = true;
+#pragma unroll
+      for (int b = Q; b < Q + 3; ++b) {
+        // Selects, not branches: lanes differ at the borders.
+        const bool take = in_c[b] && (first || math::max_takes(v[r][b], best));
+        best = take ? v[r][b] : best;
+        centre = take ? b == 2 : centre;
+        sum = in_c[b] ? (first ? v[r][b] : sum + v[r][b]) : sum;
+        first = first && !in_c[b];
+      }
+      row_max[r][Q] = best;
+      row_sum[r][Q] = sum;
+      row_centre[r][Q] = centre;
+    }
+  }
+  // Window (R, Q) from its rows, top to bottom: the first row holding the
+  // window's first maximum (or last NaN) holds it at that row's argmax, as in
+  // a row-major scan.
+  acc_t acc = acc_t(0);
+#pragma unroll
+  for (int R = 0; R < 3; ++R) {
+#pragma unroll
+    for (int Q = 0; Q < 3; ++Q) {
+      if (!win_r[R] || !win_c[Q]) continue;
+      acc_t best = acc_t(0), sum = acc_t(0);
+      bool mine = false;  // the window's argmax is (h, w), the block's centre
+      int rows = 0;
+#pragma unroll
+      for (int a = R; a < R + 3; ++a) {
+        const bool take = in_r[a] && (rows == 0 || math::max_takes(row_max[a][Q], best));
+        best = take ? row_max[a][Q] : best;
+        mine = take ? a == 2 && row_centre[a][Q] : mine;
+        sum = in_r[a] ? (rows == 0 ? row_sum[a][Q] : sum + row_sum[a][Q]) : sum;
+        rows += in_r[a];
+      }
+      const acc_t gc = static_cast<acc_t>(gplane[oh[R] * s.wo + ow[Q]]) - p.gm;
+      if (p.has_max && mine) acc += math::bn_input_grad(p.max_scale, gc, best, p.max_mean, p.max_slope);
+      if (p.has_avg) {
+        const int cols = int(in_c[Q]) + int(in_c[Q + 1]) + int(in_c[Q + 2]);
+        const acc_t count = static_cast<acc_t>(rows) * static_cast<acc_t>(cols);
+        acc += math::bn_input_grad(p.avg_scale, gc, sum / count, p.avg_mean, p.avg_slope) / count;
+      }
+    }
+  }
+  return acc;
+}
+
 // Block (c, chunk of N * H * W inputs): each input gathers the skip's
-// coef * g and what every pool window containing it sends back: the max
-// window its candidate gradient when this input is its argmax, the avg window
-// its candidate gradient over its count.
+// coef * g and what the pool windows containing it send back (pools_grad_at).
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads)
     grad_x_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x, Terms<acc_t> t,
                   const acc_t* __restrict__ g_mean, const acc_t* __restrict__ scale, const acc_t* __restrict__ slope,
                   Shape s, int64_t chunks, scalar_t* __restrict__ grad_x) {
   const int64_t c = blockIdx.x / chunks, start = (blockIdx.x % chunks) * kChunk;
-  const int64_t C = s.c, jz = s.jz, total = s.n * s.plane_in(), st = s.stride;
-  const acc_t gm = g_mean[c];
+  const int64_t C = s.c, jz = s.jz, total = s.n * s.plane_in();
   const int64_t kmax = jz * C + c, kavg = (jz + 1) * C + c;
+  const PoolGrads<acc_t> p{g_mean[c],    scale[kmax], t.mean[kmax], slope[kmax], scale[kavg],
+                           t.mean[kavg], slope[kavg], t.has_max,    t.has_avg};
   for (int i = 0; i < kItems; ++i) {
     const int64_t e = start + threadIdx.x + i * kThreads;
     if (e >= total) break;
     const int64_t n = e / s.plane_in(), hw = e % s.plane_in(), h = hw / s.w, w = hw % s.w;
-    const scalar_t* xplane = x + (n * C + c) * s.plane_in();
     const scalar_t* gplane = grad + (n * C + c) * s.plane_out();
     acc_t acc = t.has_skip ? t.coef[jz + 2] * static_cast<acc_t>(gplane[hw]) : acc_t(0);
-    if (t.has_max || t.has_avg) {
-      // The windows (oh, ow) with oh * stride - 1 <= h <= oh * stride + 1, likewise for w.
-      const int64_t oh0 = h <= 1 ? 0 : (h - 1 + st - 1) / st, oh1 = (h + 1) / st < s.ho - 1 ? (h + 1) / st : s.ho - 1;
-      const int64_t ow0 = w <= 1 ? 0 : (w - 1 + st - 1) / st, ow1 = (w + 1) / st < s.wo - 1 ? (w + 1) / st : s.wo - 1;
-      for (int64_t oh = oh0; oh <= oh1; ++oh) {
-        for (int64_t ow = ow0; ow <= ow1; ++ow) {
-          const auto win = window_at<scalar_t, acc_t>(xplane, s, oh * s.wo + ow);
-          const acc_t gc = static_cast<acc_t>(gplane[oh * s.wo + ow]) - gm;
-          if (t.has_max && win.arg == hw) {
-            acc += math::bn_input_grad(scale[kmax], gc, win.max, t.mean[kmax], slope[kmax]);
-          }
-          if (t.has_avg) {
-            acc += math::bn_input_grad(scale[kavg], gc, win.avg(), t.mean[kavg], slope[kavg]) / win.count;
-          }
-        }
-      }
-    }
+    if (t.has_max || t.has_avg) acc += pools_grad_at(x + (n * C + c) * s.plane_in(), gplane, s, h, w, p);
     grad_x[(n * C + c) * s.plane_in() + hw] = static_cast<scalar_t>(acc);
   }
 }
@@ -408,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> darts_sum_backward(const at::Tens
            g_mean.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), slope.data_ptr<acc_t>());
     launch(grad_coef_kernel<acc_t>, 1, 0, channel_sum.data_ptr<acc_t>(), t, s, grad_coef_acc.data_ptr<acc_t>());
     if (g.jz > 0) {
-      launch(grad_z_kernel<scalar_t>, g.jz * g.c * chunks, 0, gp, zp, mean.data_ptr<acc_t>(), g_mean.data_ptr<acc_t>(),
+      launch(grad_z_kernel<scalar_t>, g.c * chunks, 0, gp, zp, mean.data_ptr<acc_t>(), g_mean.data_ptr<acc_t>(),
              scale.data_ptr<acc_t>(), slope.data_ptr<acc_t>(), s, chunks, grad_z.data_ptr<scalar_t>());
     }
     if (x_need_grad) {
