@@ -198,6 +198,22 @@ def test_multi_depthwise_activations(target, poison_empty, mode, stride):
                           activations=["swish", "relu", "swish", "relu"])  # fmt: skip
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize(
+    "cands",
+    [[(5, 2), (3, 1)], [(3, 2), (5, 1), (3, 1)], [(3, 1), (3, 1)], [(3, 1), (9, 1), (5, 2)]],
+    ids=["two-darts-kinds", "three-darts-kinds", "a-kind-twice", "darts-and-generic"],
+)
+def test_multi_depthwise_shared_tiles(target, poison_empty, cands, stride):
+    """The weights' gradient of a shared x: candidates of distinct DARTS kinds, in any order, read
+    each loaded tile together; a kind twice or another kernel size (16 taps at a time) goes a
+    candidate at a time. Planes wider than a tile: in the emulation, which aims for 4 blocks,
+    each block sums a run of several tiles."""
+    check_multi_depthwise(target, cands, "shared", (2, 2, 5, 130), stride, torch.float32, seed=21)
+    check_multi_depthwise(target, cands, "shared", (2, 2, 5, 130), stride, torch.bfloat16, seed=22,
+                          activations=["swish", "relu", "swish"][: len(cands)])  # fmt: skip
+
+
 def test_multi_depthwise_large_plane(target, poison_empty):
     """A plane wider than a tile (bands of rows, two column tiles), stride 2."""
     check_multi_depthwise(target, DARTS, "shared", (1, 1, 21, 70), 2, torch.float32, seed=5)

@@ -24,12 +24,16 @@
 //   kernel: at stride 1 a correlation with the flipped kernel, at stride 2
 //   only the taps whose output lands on the stride grid. The sum is masked by
 //   activation > 0 (math::depthwise_grad_passes) and written once; no atomics.
-// - weight_grad_kernel: a block owns a group and a fixed run of tiles; each
-//   thread keeps the k*k tap sums of a candidate in registers over the run,
-//   then the block adds them in a fixed order into one partial per tap and
-//   block; a second kernel adds the blocks' partials in order
-//   (launch_strided_sums). The split depends on the shape only, so reruns are
-//   bit-identical.
+// - weight_grad_shared_kernel: a block owns a channel of a shared x and a
+//   fixed run of tiles; each thread keeps the tap sums of every candidate in
+//   registers over the run (one array per DARTS kind), each tile's activation
+//   loaded once and correlated with every candidate's output gradient. Then
+//   the block adds them in a fixed order into one partial per tap and block;
+//   a second kernel adds the blocks' partials in order (launch_strided_sums).
+//   The split depends on the shape only, so reruns are bit-identical.
+// - weight_grad_kernel: the same, a candidate at a time, for a per-candidate
+//   x (one candidate per group) and the shared calls the first does not take
+//   (other kernel sizes, a kind twice, float64).
 //
 // The common DARTS kernels (3x3, 5x5, 7x7 with dilation 1; 3x3 and 5x5 with
 // dilation 2) have unrolled code with compile-time taps; other sizes, and
@@ -64,13 +68,18 @@ constexpr int kRows = 4;  // rows of a thread's strip
 // tile in shared memory.
 constexpr int kMaxCandidates = 16;
 constexpr int kMaxPadding = 16;
-constexpr int kMaxTaps = kMaxDepthwiseKernel * kMaxDepthwiseKernel;
 // Shared memory per block: the default limit, so no opt-in is needed, and
 // several blocks fit on an SM.
 constexpr int64_t kSmemBudget = 48 * 1024;
 // The weights' gradient aims for this many blocks: enough to fill a large GPU,
-// few enough that each block sums many outputs before its reduction.
+// few enough that each block sums many outputs before its reduction. The host
+// emulation aims for a few, so that its small test shapes give each block a
+// run of several tiles.
+#ifdef FASTNAS_CUDA_EMULATION
+constexpr int64_t kWeightGradBlocks = 4;
+#else
 constexpr int64_t kWeightGradBlocks = 512;
+#endif
 
 // Candidates with unrolled code.
 enum Kind : int { kAnyKernel = 0, k3d1, k5d1, k7d1, k3d2, k5d2 };
@@ -504,50 +513,64 @@ struct WeightGradArgs {
   Tile t;
   int64_t items_per_block, chunks, taps_all;
   acc_t* partials;  // (groups, taps_all, chunks)
+  // The block's run of items: [first_item(), last_item()).
+  __device__ int64_t first_item() const { return (blockIdx.x % chunks) * items_per_block; }
+  __device__ int64_t last_item() const { return min(t.items(), first_item() + items_per_block); }
 };
 
-// The block's items for candidate j: for each, the activation tile into
-// shared memory, then this thread's strip of output gradients against it.
-// visit(src, g) adds a strip's share of the taps.
-template <typename scalar_t, typename acc_t, typename Visit>
-__device__ __forceinline__ void for_each_strip(const WeightGradArgs<scalar_t, acc_t>& a, acc_t* region, int64_t group,
-                                               int j, int c, Visit&& visit) {
-  const Dims& dm = a.dm;
-  const Tile& t = a.t;
-  const int64_t chunk = blockIdx.x % a.chunks;
-  const int64_t first = chunk * a.items_per_block;
-  const int64_t last = min(t.items(), first + a.items_per_block);
-  const acc_t m = dm.bn ? a.mean[group] : acc_t(0), r = dm.bn ? a.rstd[group] : acc_t(1);
-  const int off = dm.P - a.cd.pad[j];
-  for (int64_t item = first; item < last; ++item) {
-    const TileCoord tc = tile_coord(t, item, dm.Ho, dm.Wo, dm.N);
-    __syncthreads();  // the previous tile is read
-    load_activation(region, t, tc, a.x, dm, group, a.cd.act[j], m, r);
-    __syncthreads();
-    const Strip st = my_strip(t, tc);
-    if (!st.valid) continue;
-    acc_t g[kRows];
-    const scalar_t* gsrc = a.grad + out_plane_offset(dm, j, c, tc.n0 + st.pb) + tc.c0 + st.col;
+// This thread's strip of candidate j's output gradient in tile tc, 0 past the tile's rows.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_grad_strip(const WeightGradArgs<scalar_t, acc_t>& a, const TileCoord& tc,
+                                                const Strip& st, int j, int c, acc_t (&g)[kRows]) {
+  const scalar_t* gsrc = a.grad + out_plane_offset(a.dm, j, c, tc.n0 + st.pb) + tc.c0 + st.col;
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) {
-      const int row = st.rg * kRows + i;
-      g[i] = row < tc.th ? static_cast<acc_t>(gsrc[static_cast<int64_t>(tc.r0 + row) * dm.Wo]) : acc_t(0);
-    }
-    visit(region + (st.pb * t.rows + st.rg * kRows * dm.stride + off) * t.pitch + st.col * dm.stride + off, g);
+  for (int i = 0; i < kRows; ++i) {
+    const int row = st.rg * kRows + i;
+    g[i] = row < tc.th ? static_cast<acc_t>(gsrc[static_cast<int64_t>(tc.r0 + row) * a.dm.Wo]) : acc_t(0);
   }
 }
 
-// The block's sums of n values over its threads, in a fixed order (a
+// Where this thread's strip of candidate j reads the activation tile.
+template <int S, typename scalar_t, typename acc_t>
+__device__ __forceinline__ const acc_t* strip_source(const WeightGradArgs<scalar_t, acc_t>& a, const acc_t* region,
+                                                     const Strip& st, int j) {
+  const int off = a.dm.P - a.cd.pad[j];
+  return region + (st.pb * a.t.rows + st.rg * kRows * S + off) * a.t.pitch + st.col * S + off;
+}
+
+// The block's items for candidate j alone: for each, the activation tile into
+// shared memory, then this thread's strip of output gradients against it.
+// visit(src, g) adds a strip's share of the taps.
+template <int S, typename scalar_t, typename acc_t, typename Visit>
+__device__ __forceinline__ void for_each_strip(const WeightGradArgs<scalar_t, acc_t>& a, acc_t* region, int64_t group,
+                                               int j, int c, Visit&& visit) {
+  const Dims& dm = a.dm;
+  const acc_t m = dm.bn ? a.mean[group] : acc_t(0), r = dm.bn ? a.rstd[group] : acc_t(1);
+  for (int64_t item = a.first_item(); item < a.last_item(); ++item) {
+    const TileCoord tc = tile_coord(a.t, item, dm.Ho, dm.Wo, dm.N);
+    __syncthreads();  // the previous tile is read
+    load_activation(region, a.t, tc, a.x, dm, group, a.cd.act[j], m, r);
+    __syncthreads();
+    const Strip st = my_strip(a.t, tc);
+    if (!st.valid) continue;
+    acc_t g[kRows];
+    load_grad_strip(a, tc, st, j, c, g);
+    visit(strip_source<S>(a, region, st, j), g);
+  }
+}
+
+// The block's sums of n <= N values over its threads, in a fixed order (a
 // butterfly within each warp, then the warps in order), to
 // partials[(group * taps_all + tap_offset + k) * chunks + chunk]. value(k)
-// gives this thread's k-th value; with a compile-time n the loop unrolls and
-// the values stay in registers.
-template <typename scalar_t, typename acc_t, typename Value>
+// gives this thread's k-th value; N is a compile-time bound, so the loop
+// unrolls and the values stay in registers.
+template <int N, typename scalar_t, typename acc_t, typename Value>
 __device__ __forceinline__ void store_tap_sums(const WeightGradArgs<scalar_t, acc_t>& a, int n, Value&& value,
                                                acc_t* scratch, int64_t group, int tap_offset) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
-  for (int k = 0; k < n; ++k) {
+  for (int k = 0; k < N; ++k) {
+    if (k >= n) break;  // the same for the whole block
     const acc_t s = warp_sum(value(k));
     if (lane == 0) scratch[warp * n + k] = s;
   }
@@ -566,33 +589,48 @@ template <int K, int D, int S, typename scalar_t, typename acc_t>
 __device__ void weight_grad_unrolled(const WeightGradArgs<scalar_t, acc_t>& a, acc_t* region, acc_t* scratch,
                                      int64_t group, int j, int c) {
   acc_t acc[K * K] = {};
-  for_each_strip(a, region, group, j, c,
-                 [&](const acc_t* src, const acc_t(&g)[kRows]) { tap_dots_strip<K, D, S>(src, a.t.pitch, g, acc); });
-  store_tap_sums(a, K * K, [&](int k) { return acc[k]; }, scratch, group, a.cd.tap_offset[j]);
+  for_each_strip<S>(a, region, group, j, c,
+                    [&](const acc_t* src, const acc_t(&g)[kRows]) { tap_dots_strip<K, D, S>(src, a.t.pitch, g, acc); });
+  store_tap_sums<K * K>(a, K * K, [&](int k) { return acc[k]; }, scratch, group, a.cd.tap_offset[j]);
 }
 
-template <typename scalar_t, typename acc_t>
+// Any kernel size: the taps in blocks of kTapBlock, each block's sums held in
+// registers (tap offsets fixed per block, so no array is indexed at run time
+// and nothing goes to local memory) over a pass of the block's items; a
+// kernel of more than kTapBlock taps reads its tiles once per block of taps.
+constexpr int kTapBlock = 16;
+
+template <int S, typename scalar_t, typename acc_t>
 __device__ void weight_grad_any(const WeightGradArgs<scalar_t, acc_t>& a, acc_t* region, acc_t* scratch, int64_t group,
                                 int j, int c) {
-  const int k = a.cd.k[j], d = a.cd.d[j], s = a.dm.stride, pitch = a.t.pitch;
-  acc_t acc[kMaxTaps];
-  for (int q = 0; q < k * k; ++q) acc[q] = acc_t(0);
-  for_each_strip(a, region, group, j, c, [&](const acc_t* src, const acc_t(&g)[kRows]) {
-    for (int u = 0; u < k; ++u) {
-      for (int v = 0; v < k; ++v) {
-        acc_t sum = acc[u * k + v];
+  const int k = a.cd.k[j], d = a.cd.d[j], pitch = a.t.pitch, kk = k * k;
+  for (int t0 = 0; t0 < kk; t0 += kTapBlock) {
+    int offset[kTapBlock];  // of tap t0 + q in the tile; taps past the kernel repeat its last
 #pragma unroll
-        for (int i = 0; i < kRows; ++i) sum += g[i] * src[(i * s + u * d) * pitch + v * d];
-        acc[u * k + v] = sum;
-      }
+    for (int q = 0; q < kTapBlock; ++q) {
+      const int tap = min(t0 + q, kk - 1);
+      offset[q] = (tap / k) * d * pitch + (tap % k) * d;
     }
-  });
-  store_tap_sums(a, k * k, [&](int q) { return acc[q]; }, scratch, group, a.cd.tap_offset[j]);
+    acc_t acc[kTapBlock] = {};
+    for_each_strip<S>(a, region, group, j, c, [&](const acc_t* src, const acc_t(&g)[kRows]) {
+#pragma unroll
+      for (int q = 0; q < kTapBlock; ++q) {
+        acc_t sum = acc[q];
+#pragma unroll
+        for (int i = 0; i < kRows; ++i) sum += g[i] * src[i * S * pitch + offset[q]];
+        acc[q] = sum;
+      }
+    });
+    store_tap_sums<kTapBlock>(
+        a, min(kTapBlock, kk - t0), [&](int q) { return acc[q]; }, scratch, group, a.cd.tap_offset[j] + t0);
+  }
 }
 
-// Block (group, chunk): per candidate of the group, the partial sums of its
-// weights' gradient over the chunk's items.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+// Block (group, chunk): per candidate of the group, in turn, the partial sums
+// of its weights' gradient over the chunk's items. A per-candidate x (one
+// candidate per group), or a shared x that weight_grad_shared_kernel does not
+// take.
+template <typename scalar_t, int S, typename acc_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<scalar_t, acc_t> a) {
   FASTNAS_DYNAMIC_SHARED(smem_bytes);
   acc_t* region = reinterpret_cast<acc_t*>(smem_bytes);
@@ -601,22 +639,112 @@ __global__ void __launch_bounds__(kThreads) weight_grad_kernel(WeightGradArgs<sc
   const int c = static_cast<int>(a.dm.shared ? group : group % a.dm.C);
   const GroupCandidates gc = candidates_of(a.dm, a.cd.J, group);
   for (int j = gc.j0; j < gc.j1; ++j) {
-    const int kind = a.cd.kind[j];
     if constexpr (kUnrolled<acc_t>) {
-#define FASTNAS_DW_CALL(K, D, S) weight_grad_unrolled<K, D, S>(a, region, scratch, group, j, c)
-      if (a.dm.stride == 1) {
-        if (kind != kAnyKernel) {
-          [&] { FASTNAS_DW_KINDS(FASTNAS_DW_CALL, 1) }();
-          continue;
-        }
-      } else if (kind != kAnyKernel) {
-        [&] { FASTNAS_DW_KINDS(FASTNAS_DW_CALL, 2) }();
+      const int kind = a.cd.kind[j];
+      if (kind != kAnyKernel) {
+#define FASTNAS_DW_CALL(K, D, S_) weight_grad_unrolled<K, D, S_>(a, region, scratch, group, j, c)
+        [&] { FASTNAS_DW_KINDS(FASTNAS_DW_CALL, S) }();
+#undef FASTNAS_DW_CALL
         continue;
       }
-#undef FASTNAS_DW_CALL
     }
-    weight_grad_any(a, region, scratch, group, j, c);
+    weight_grad_any<S>(a, region, scratch, group, j, c);
   }
+}
+
+// The DARTS space's depthwise candidates: weight_grad_shared_kernel holds an
+// accumulator array for each.
+inline bool darts_kind(int kind) { return kind == k3d1 || kind == k5d1 || kind == k3d2 || kind == k5d2; }
+
+// Whether weight_grad_shared_kernel takes a call: a shared x with several
+// candidates of distinct DARTS kinds (accumulated in float).
+template <typename acc_t>
+bool shares_tiles(const Dims& dm, const Candidates<acc_t>& cd) {
+  if (!dm.shared || cd.J < 2) return false;
+  unsigned seen = 0;
+  for (int j = 0; j < cd.J; ++j) {
+    if (!darts_kind(cd.kind[j]) || (seen >> cd.kind[j] & 1u)) return false;
+    seen |= 1u << cd.kind[j];
+  }
+  return true;
+}
+
+// Block (channel, chunk) of a shared x: every candidate's partial sums over
+// the chunk's items, tiles outside candidates. Each tile's activation is
+// loaded once per activation (the candidates visited grouped by activation)
+// and serves every candidate of it, where a loop over candidates outside tiles
+// loads each tile once per candidate. Each DARTS kind keeps its tap sums in
+// its own register array (9 + 25 + 9 + 25 for the four), with compile-time
+// taps, so a candidate's kind picks an array, not an index.
+template <typename scalar_t, int S, typename acc_t = at::opmath_type<scalar_t>>
+__global__ void __launch_bounds__(kThreads) weight_grad_shared_kernel(WeightGradArgs<scalar_t, acc_t> a) {
+  FASTNAS_DYNAMIC_SHARED(smem_bytes);
+  acc_t* region = reinterpret_cast<acc_t*>(smem_bytes);
+  acc_t* scratch = region + a.t.region();
+  const Dims& dm = a.dm;
+  const Candidates<acc_t>& cd = a.cd;
+  const int64_t group = blockIdx.x / a.chunks;
+  const int c = static_cast<int>(group);
+  const acc_t m = dm.bn ? a.mean[group] : acc_t(0), r = dm.bn ? a.rstd[group] : acc_t(1);
+  acc_t acc3[9] = {}, acc5[25] = {}, acc3d2[9] = {}, acc5d2[25] = {};
+  for (int64_t item = a.first_item(); item < a.last_item(); ++item) {
+    const TileCoord tc = tile_coord(a.t, item, dm.Ho, dm.Wo, dm.N);
+    const Strip st = my_strip(a.t, tc);
+    for (int q = 0; q < cd.J; ++q) {
+      const int j = cd.order[q];
+      if (q == 0 || cd.act[j] != cd.act[cd.order[q - 1]]) {
+        __syncthreads();  // the previous tile or activation is read
+        load_activation(region, a.t, tc, a.x, dm, group, cd.act[j], m, r);
+        __syncthreads();
+      }
+      if (!st.valid) continue;
+      acc_t g[kRows];
+      load_grad_strip(a, tc, st, j, c, g);
+      const acc_t* src = strip_source<S>(a, region, st, j);
+      switch (cd.kind[j]) {
+        case k3d1:
+          tap_dots_strip<3, 1, S>(src, a.t.pitch, g, acc3);
+          break;
+        case k5d1:
+          tap_dots_strip<5, 1, S>(src, a.t.pitch, g, acc5);
+          break;
+        case k3d2:
+          tap_dots_strip<3, 2, S>(src, a.t.pitch, g, acc3d2);
+          break;
+        default:
+          tap_dots_strip<5, 2, S>(src, a.t.pitch, g, acc5d2);
+          break;
+      }
+    }
+  }
+  for (int j = 0; j < cd.J; ++j) {
+    const int off = cd.tap_offset[j];
+    switch (cd.kind[j]) {
+      case k3d1:
+        store_tap_sums<9>(a, 9, [&](int k) { return acc3[k]; }, scratch, group, off);
+        break;
+      case k5d1:
+        store_tap_sums<25>(a, 25, [&](int k) { return acc5[k]; }, scratch, group, off);
+        break;
+      case k3d2:
+        store_tap_sums<9>(a, 9, [&](int k) { return acc3d2[k]; }, scratch, group, off);
+        break;
+      default:
+        store_tap_sums<25>(a, 25, [&](int k) { return acc5d2[k]; }, scratch, group, off);
+        break;
+    }
+  }
+}
+
+// The weight-gradient kernel of a call.
+template <typename scalar_t, typename acc_t>
+auto weight_grad_kernel_for(const Dims& dm, const Candidates<acc_t>& cd) -> void (*)(WeightGradArgs<scalar_t, acc_t>) {
+  if constexpr (kUnrolled<acc_t>) {
+    if (shares_tiles(dm, cd)) {
+      return dm.stride == 1 ? weight_grad_shared_kernel<scalar_t, 1> : weight_grad_shared_kernel<scalar_t, 2>;
+    }
+  }
+  return dm.stride == 1 ? weight_grad_kernel<scalar_t, 1> : weight_grad_kernel<scalar_t, 2>;
 }
 
 #undef FASTNAS_DW_KINDS
@@ -835,7 +963,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
           go.data_ptr<scalar_t>(),   x.data_ptr<scalar_t>(), cd, mp, rp, dm, t, per_block, chunks, taps_all,
           partials.data_ptr<acc_t>()};
       const int64_t smem = (t.region() + scratch) * sizeof(acc_t);
-      launch(weight_grad_kernel<scalar_t>, grid_size(kBackward, s.groups() * chunks), smem, args);
+      launch(weight_grad_kernel_for<scalar_t>(dm, cd), grid_size(kBackward, s.groups() * chunks), smem, args);
       launch_strided_sums(partials.data_ptr<acc_t>(), s.groups() * taps_all, chunks, chunks, 1,
                           summed.data_ptr<acc_t>());
     });
