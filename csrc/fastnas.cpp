@@ -73,4 +73,14 @@ TORCH_LIBRARY(fastnas, m) {
       "Tensor[] params, Tensor mixed, Tensor? zs, Tensor mid_mean, Tensor mid_rstd, Tensor mean, Tensor rstd, "
       "int[] specs, int groups) -> (Tensor[] grad_states, Tensor grad_weights, Tensor grad_edge_weights, "
       "Tensor[] grad_params)");
+
+  // A DARTS cell's input preprocessing (csrc/relu_conv_bn.cpp): ReLU, one 1x1
+  // convolution (or two stride-2 ones, a factorized reduce), a non-affine batch
+  // norm in training mode; backward recomputes the convolution from x.
+  m.def(
+      "relu_conv_bn(Tensor x, Tensor[] weights, Tensor(a!) running_mean, Tensor(b!) running_var, "
+      "Tensor(c!) num_batches_tracked, float eps, float momentum) -> (Tensor out, Tensor mean, Tensor rstd)");
+  m.def(
+      "relu_conv_bn_backward(Tensor grad_out, Tensor x, Tensor[] weights, Tensor mean, Tensor rstd, float eps) "
+      "-> (Tensor grad_x, Tensor[] grad_weights)");
 }

@@ -23,6 +23,7 @@ from fastnas.ops import (
     partial_channel_mixed_sum,
     partial_channel_node_sum,
     pool_batch_norm_stats,
+    relu_conv_bn,
     stacked_batch_norm_backward,
     stacked_batch_norm_stats,
     update_running_stats,
@@ -147,6 +148,20 @@ BAD = {
         None,
         ("multi_depthwise_triton",),
         backend="triton",
+    ),
+    "relu_conv_bn-reduce-odd": Bad(
+        relu_conv_bn,
+        lambda: (_z(2, 4, 5, 6), [_z(3, 4, 1, 1)] * 2, _z(6), _z(6), _z(dtype=torch.int64), 1e-5, 0.1),
+        "relu_conv_bn",
+        "relu_conv_bn",
+        (),
+    ),
+    "relu_conv_bn-stats": Bad(
+        relu_conv_bn,
+        lambda: (_z(2, 4, 6, 6), [_z(6, 4, 1, 1)], _z(5), _z(6), _z(dtype=torch.int64), 1e-5, 0.1),
+        "relu_conv_bn",
+        "relu_conv_bn",
+        (),
     ),
 }
 

@@ -7,11 +7,14 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from fastnas import backends
 from fastnas.nn.mixed_op import MixedOp, PartialChannelMixedOp, checkpoint_module
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 from fastnas.ops import mixed_sum
+from fastnas.ops._common import STAT_DTYPES
 from fastnas.ops.partial_channel_node import NodeSpec, partial_channel_node
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
+from fastnas.ops.relu_conv_bn import relu_conv_bn
 
 
 def num_edges(steps: int) -> int:
@@ -35,6 +38,29 @@ def normalize_edge_weights(betas: torch.Tensor, steps: int) -> torch.Tensor:
         parts.append(torch.softmax(betas[start:end], dim=-1))
         start = end
     return torch.cat(parts)
+
+
+def _preprocess_parts(module: nn.Module) -> tuple[list[torch.Tensor], nn.BatchNorm2d] | None:
+    """The convolution weights and the batch norm of a cell's input preprocessing, when
+    ``fastnas.ops.relu_conv_bn`` computes it (a ReLU, 1x1 convolutions, a non-affine batch
+    norm with running statistics and a momentum, in training mode), else None."""
+    if isinstance(module, ReLUConvBN):
+        relu, conv, bn = module.op
+        convs, stride = [conv], 1
+    elif isinstance(module, FactorizedReduce):
+        relu, convs, bn, stride = module.relu, [module.conv_1, module.conv_2], module.bn, 2
+    else:
+        return None
+    plain = all(
+        c.kernel_size == (1, 1) and c.stride == (stride, stride) and c.padding == (0, 0) and c.dilation == (1, 1)
+        and c.groups == 1 and c.bias is None
+        for c in convs
+    )  # fmt: skip
+    norm = isinstance(bn, nn.BatchNorm2d) and not bn.affine and bn.training and bn.momentum is not None
+    stats = bn.track_running_stats and bn.running_mean is not None and bn.running_mean.dtype in STAT_DTYPES
+    if not (type(relu) is nn.ReLU and plain and norm and stats):
+        return None
+    return [c.weight for c in convs], bn
 
 
 class Cell(nn.Module):
@@ -142,6 +168,13 @@ class Cell(nn.Module):
     def _preprocess(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled() and self.edges and self._recompute_preprocess(s)):
             return module(s)
+        parts = None if self.backend == "reference" or torch.compiler.is_compiling() else _preprocess_parts(module)
+        if parts is not None and s.device.type in backends.runnable("relu_conv_bn", s.device):
+            weights, bn = parts
+            return relu_conv_bn(
+                s, weights, bn.running_mean, bn.running_var, bn.num_batches_tracked, bn.eps, bn.momentum,
+                backend=s.device.type,
+            )  # fmt: skip
         # No randomness inside.
         return checkpoint_module(module, module, s, preserve_rng_state=False)
 

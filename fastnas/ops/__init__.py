@@ -13,6 +13,7 @@ from fastnas.ops.partial_channel_mixed_sum import (
 )
 from fastnas.ops.partial_channel_node import NodeSpec, partial_channel_node
 from fastnas.ops.partial_channel_node_sum import partial_channel_node_sum
+from fastnas.ops.relu_conv_bn import relu_conv_bn
 from fastnas.ops.stacked_batch_norm import (
     stacked_batch_norm_backward,
     stacked_batch_norm_stats,
@@ -31,6 +32,7 @@ __all__ = [
     "partial_channel_node",
     "partial_channel_node_sum",
     "pool_batch_norm_stats",
+    "relu_conv_bn",
     "stacked_batch_norm_backward",
     "stacked_batch_norm_stats",
     "update_running_stats",
