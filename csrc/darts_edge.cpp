@@ -641,6 +641,9 @@ class DartsEdgeFunction : public torch::autograd::Function<DartsEdgeFunction> {
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fastnas::darts_edge", "")
                                .typed<decltype(fastnas::edge::darts_edge)>();
+    // The building blocks this op calls skip autograd (they would each pass through
+    // its dispatch, a Python function for the ops registered from Python).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, zs, mid_mean, mid_rstd, mean, rstd] =
         op.redispatch(keys & c10::after_autograd_keyset, x, weights, params, buffers.mean, buffers.var, buffers.count,
                       spec, eps, momentum, memory);
@@ -670,6 +673,12 @@ class DartsEdgeFunction : public torch::autograd::Function<DartsEdgeFunction> {
     const TensorList params(saved.data() + 2, n_params);
     const Tensor& zs = saved[2 + n_params];
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
+    // Grad mode is on in backward only under create_graph: the building blocks have no
+    // derivatives of their backward, so the result would lack second-order terms.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "darts_edge: double backward (create_graph=True) is not supported; "
+                "run the edges on backend='reference' to differentiate twice");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_x, grad_weights, grad_params] =
         op.call(grads[0], saved[0], saved[1], params, zs.defined() ? std::optional<Tensor>(zs) : std::nullopt,
                 saved[3 + n_params], saved[4 + n_params], saved[5 + n_params], saved[6 + n_params], spec);

@@ -263,6 +263,9 @@ class PartialChannelNodeFunction : public torch::autograd::Function<PartialChann
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("fastnas::partial_channel_node", "")
                                .typed<decltype(fastnas::edge::partial_channel_node)>();
+    // The building blocks this op calls skip autograd (they would each pass through
+    // its dispatch, a Python function for the ops registered from Python).
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mixed, zs, mid_mean, mid_rstd, mean, rstd] = op.redispatch(
         keys & c10::after_autograd_keyset, states, weights, edge_weights, params, args.running_mean, args.running_var,
         args.num_batches_tracked, args.specs, args.eps, args.momentum, args.groups, args.memory);
@@ -293,6 +296,12 @@ class PartialChannelNodeFunction : public torch::autograd::Function<PartialChann
     const TensorList states(p, E), params(p + E + 2, P);
     const Tensor* packed = p + E + 2 + P;
     const std::vector<int64_t> specs = ctx->saved_data["specs"].toIntVector();
+    // Grad mode is on in backward only under create_graph: the building blocks have no
+    // derivatives of their backward, so the result would lack second-order terms.
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "partial_channel_node: double backward (create_graph=True) is not supported; "
+                "run the edges on backend='reference' to differentiate twice");
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_states, grad_weights, grad_edge_weights, grad_params] =
         op.call(grads[0], states, p[E], p[E + 1], params, packed[0],
                 packed[1].defined() ? std::optional<Tensor>(packed[1]) : std::nullopt, packed[2], packed[3], packed[4],

@@ -137,6 +137,16 @@ def test_gradcheck_float64(stride, memory):
     assert torch.autograd.gradcheck(edge, (x, w, *params))
 
 
+@pytest.mark.parametrize("memory", MEMORY)
+def test_double_backward_is_refused(memory):
+    """create_graph=True would differentiate a backward whose building blocks have no derivatives:
+    the op says so instead of returning gradients without their second-order terms."""
+    spec, x, w, params, _ = _opcheck_case(1)
+    out = darts_edge(x, w, params, spec, memory=memory, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"darts_edge: double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(out.sum(), w, create_graph=True)
+
+
 def _opcheck_case(stride):
     prims = ["none", "sep_conv_3x3", "max_pool_3x3", "skip_connect", "dil_conv_3x3", "avg_pool_3x3"]
     op = _edge(prims, 2, stride, torch.float64)

@@ -167,6 +167,14 @@ def test_opcheck(memory):
     torch.library.opcheck(torch.ops.fastnas.partial_channel_node_backward.default, bargs)
 
 
+@pytest.mark.parametrize("memory", MEMORY)
+def test_double_backward_is_refused(memory):
+    spec, _, states, weights, beta, params = _tiny()
+    out = partial_channel_node(states, weights, beta, params, spec, memory=memory, backend="cpu")
+    with pytest.raises(RuntimeError, match=r"partial_channel_node: double backward \(create_graph=True\)"):
+        torch.autograd.grad(out.sum(), weights, create_graph=True)
+
+
 def test_one_call_per_direction():
     spec, _, states, weights, beta, params = _tiny()
     counter = bench.count_ops(
