@@ -26,6 +26,7 @@ from fastnas.bench.measure import (
     reset_peak_rss,
     rss_bytes,
 )
+from fastnas.run.loop import weight_sgd
 
 # --- the search-step benchmark -------------------------------------------------------
 
@@ -148,7 +149,7 @@ def make_search_step(
     arch_params = list(net.arch_parameters())
     weight_params = list(net.weight_parameters())
     arch_opt = torch.optim.Adam(arch_params, lr=3e-4, betas=(0.5, 0.999), weight_decay=1e-3, capturable=cuda_graph)
-    weight_opt = torch.optim.SGD(weight_params, lr=0.025, momentum=0.9, weight_decay=3e-4)
+    weight_opt = weight_sgd(weight_params, lr=0.025, momentum=0.9, weight_decay=3e-4)
     loss_fn = torch.nn.functional.cross_entropy
     net.train()
     model = torch.compile(net, dynamic=False) if compiled else net

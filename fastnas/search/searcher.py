@@ -24,7 +24,7 @@ from fastnas.errors import SearchError
 from fastnas.run import checkpoint as ckpt
 from fastnas.run.data import SearchLoader, default_workers, search_split
 from fastnas.run.distributed import data_fingerprint
-from fastnas.run.loop import Run, ratio
+from fastnas.run.loop import Run, ratio, weight_sgd
 from fastnas.search import cuda_graph
 from fastnas.search.architect import first_order_arch_grads
 from fastnas.search.config import RESUME_FIELDS, SearchConfig
@@ -202,7 +202,7 @@ class Searcher(Run):
 
     def _make_optimizers(self, net: nn.Module, stage: dict) -> dict:
         cfg = self.config
-        w_opt = torch.optim.SGD(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        w_opt = weight_sgd(net.weight_parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         # A captured step keeps Adam's step count on the device (capturable).
         a_opt = torch.optim.Adam(
             net.arch_parameters(),

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from fastnas.errors import TrainError
 from fastnas.run import checkpoint as ckpt
 from fastnas.run.data import epoch_loader
-from fastnas.run.loop import Run, correct, ratio
+from fastnas.run.loop import Run, correct, ratio, weight_sgd
 from fastnas.train import report as costs
 from fastnas.train.architecture import build_eval_network, describe
 from fastnas.train.config import RESUME_FIELDS, TrainConfig
@@ -106,7 +106,7 @@ class Trainer(Run):
 
     def _make_optimizer(self, net: nn.Module) -> dict:
         cfg = self.config
-        opt = torch.optim.SGD(
+        opt = weight_sgd(
             net.parameters(), cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
         )
         if cfg.lr_schedule == "cosine":

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastnas.errors import SearchError
+from fastnas.run.loop import weight_sgd
 from fastnas.search.methods.base import SearchMethod
 
 Path = tuple[tuple[int, ...], ...]
@@ -164,7 +165,7 @@ class SinglePathMethod(SearchMethod):
         cfg = searcher.config
         decay = [p for p in net.weight_parameters() if p.dim() > 1]
         no_decay = [p for p in net.weight_parameters() if p.dim() <= 1]
-        w_opt = torch.optim.SGD(
+        w_opt = weight_sgd(
             [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}],
             cfg.lr,
             momentum=cfg.momentum,
