@@ -48,7 +48,7 @@ COLUMNS = [
 # "*-composite" the fused engine with the C++ edge and node ops set aside, i.e. the
 # Python composite of the same building blocks (what ran before those ops);
 # "save-kept-preprocess" the fused engine with the cells' input preprocessing kept for
-# backward instead of recomputed under torch.utils.checkpoint (what that costs).
+# backward instead of recomputed (by fastnas.ops.relu_conv_bn: what recomputing costs).
 CONFIGS = {
     "original": (None, None),
     "reference": ("reference", "save"),
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
         "model (tests/darts_fixture/model_search.py), eager. save/recompute: the fused engine, each edge (DARTS) or "
         "node (PC-DARTS) one C++ op per direction; *-composite: the same with those ops set aside, i.e. the Python "
         "composite of the same building blocks; save-kept-preprocess: save with the cells' input preprocessing kept "
-        "for backward, not recomputed under torch.utils.checkpoint.",
+        "for backward, not recomputed (fastnas.ops.relu_conv_bn).",
         "profiler_events: op events torch.profiler records in one step (every operator call at every level, nested "
         "ones included, and autograd's node evaluations); network_events under the forward and backward passes, "
         "optimizer_events under zero_grad, gradient clipping and the optimiser steps. aten_ops, fastnas_ops: ops "
