@@ -2,7 +2,8 @@
 """Benchmark of the memory engine's ops, each pass on its own: multi_depthwise (also
 against aten's depthwise convolutions, cuDNN on the GPU), stacked_batch_norm,
 pool_batch_norm_stats, darts_sum and partial_channel_node_sum, forward and
-backward, every fused backend against the eager reference and ``torch.compile`` of
+backward, and the whole DARTS and partial-channel edge (forward and backward in one
+pass, as a training step runs them), every fused backend against the eager reference and ``torch.compile`` of
 it (fullgraph, static shapes, compiled before the timing) in the same run.
 
     python benchmarks/bench_engine_ops.py [--device cpu|cuda] [--quick] [--case TEXT]
@@ -183,6 +184,33 @@ def node_case(n, c, h, strides, device, dtype, k=4) -> Case:
     return Case("partial_channel_node_sum", label, passes={"fwd": fwd, "bwd": bwd}, bytes=sizes)
 
 
+def edge_case(n, c, h, stride, device, dtype, groups=None) -> Case:
+    """A whole DARTS edge (all eight candidates; with ``groups``, PC-DARTS' partial-channel edge) in
+    training mode, forward and backward together: the eager candidate modules (also compiled)
+    against the fused edge."""
+    from fastnas.nn import MixedOp, PartialChannelMixedOp
+    from fastnas.spaces.darts import DARTS_PRIMITIVES
+
+    x = _randn((n, c, h, h), device, dtype).requires_grad_()
+    w = _randn((len(DARTS_PRIMITIVES),), device, torch.float32, seed=1).softmax(0).requires_grad_()
+    ho = (h - 1) // stride + 1
+    g = _randn((n, c, ho, ho), device, dtype, seed=2)
+
+    def step(impl):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            if groups is None:
+                edge = MixedOp(c, stride, DARTS_PRIMITIVES, backend=impl)
+            else:
+                edge = PartialChannelMixedOp(c, stride, DARTS_PRIMITIVES, groups, backend=impl)
+        edge = edge.to(device=device, dtype=dtype).train()
+        inputs = [x, w, *edge.parameters()]
+        return lambda: torch.autograd.grad(edge(x, w), inputs, g)
+
+    kind = "darts_edge" if groups is None else f"partial-channel edge K={groups}"
+    return Case("darts_edge", f"{kind} (8 candidates) {n}x{c}x{h}x{h} s{stride}", {"fwd+bwd": step}, {})
+
+
 def cases(device: str, dtype: torch.dtype, quick: bool, batch: int | None) -> list[Case]:
     b64, b32 = batch or 64, batch or 32
     out = [
@@ -203,9 +231,16 @@ def cases(device: str, dtype: torch.dtype, quick: bool, batch: int | None) -> li
         batch_norm_case(6, 16, b64, 32, device, dtype),
         darts_sum_case(b64, 16, 32, 4, 1, device, dtype),
         node_case(b64, 16, 16, [2, 2, 1, 1, 1], device, dtype),
+        edge_case(b64, 16, 32, 1, device, dtype),
+        edge_case(b64, 16, 32, 1, device, dtype, groups=4),
     ]
     if not quick:
-        out += [darts_sum_case(b64, 16, 32, 5, 2, device, dtype), node_case(b64, 16, 32, [1, 1, 1, 1], device, dtype)]
+        out += [
+            darts_sum_case(b64, 16, 32, 5, 2, device, dtype),
+            node_case(b64, 16, 32, [1, 1, 1, 1], device, dtype),
+            edge_case(b64, 16, 32, 2, device, dtype),
+            edge_case(b64, 32, 16, 1, device, dtype),
+        ]
     return out
 
 
