@@ -553,7 +553,7 @@ EdgeGrads edge_backward(const Spec& s, const Tensor& grad_out, const Tensor& x_i
   std::vector<Tensor> g_dw1, g_pw1, g_dw2, g_pw2;
   if (J1) {
     const Tensor d1 = pass.d1.view({J1, C, M});
-    Tensor gz1 = gz.narrow(0, 0, nd).view({nd, C, M});  // the first 1x1 convolutions' output gradients
+    Tensor gz_mid;
     if (ns) {
       const Tensor gz_end = gz.narrow(0, nd, ns).view({ns, C, M});
       g_pw2 = at::unbind_copy(at::bmm(gz_end, pass.d2.view({ns, C, M}).transpose(1, 2)).view({ns, C, C, 1, 1}));
@@ -562,12 +562,22 @@ EdgeGrads edge_backward(const Spec& s, const Tensor& grad_out, const Tensor& x_i
       auto [gpre2, gdw2] = B.multi_depthwise_backward.call(gd2.view({ns, C, N, sh.Ho, sh.Wo}), a2, P.dw2, P.ones, 1,
                                                            m_a2, r_a2, true, s.act2);
       g_dw2 = std::move(gdw2);
-      const Tensor gz_mid = B.stats_backward.call(gpre2, pass.z_mid, m1, r1);
-      gz1 = nd ? at::cat({gz_mid.view({ns, C, M}), gz1}) : gz_mid.view({ns, C, M});
+      gz_mid = B.stats_backward.call(gpre2, pass.z_mid, m1, r1).view({ns, C, M});
     }
-    const Tensor gd1 = at::bmm(pass.pw1.transpose(1, 2), gz1);
+    // The first 1x1 convolutions, [seps, dils], per part: their output gradients are
+    // never concatenated (a copy of J1 x C x M values).
+    const Tensor gd1 = at::empty({J1, C, M}, gz.options());
+    const Tensor gw1 = at::empty({J1, C, C}, gz.options());
+    const std::pair<int64_t, Tensor> parts[] = {{0, gz_mid}, {ns, gz.narrow(0, 0, nd).view({nd, C, M})}};
+    for (const auto& [start, gz_part] : parts) {
+      if (!gz_part.defined() || gz_part.size(0) == 0) continue;
+      const int64_t count = gz_part.size(0);
+      Tensor gd1_part = gd1.narrow(0, start, count), gw1_part = gw1.narrow(0, start, count);
+      at::bmm_out(gd1_part, pass.pw1.narrow(0, start, count).transpose(1, 2), gz_part);
+      at::bmm_out(gw1_part, gz_part, d1.narrow(0, start, count).transpose(1, 2));
+    }
     // Copies, not views: an op's outputs must not alias each other.
-    g_pw1 = at::unbind_copy(at::bmm(gz1, d1.transpose(1, 2)).view({J1, C, C, 1, 1}));
+    g_pw1 = at::unbind_copy(gw1.view({J1, C, C, 1, 1}));
     auto [gx1, gdw1] = B.multi_depthwise_backward.call(gd1.view({J1, C, N, sh.Ho, sh.Wo}), x, P.dw1, P.dil1, s.stride,
                                                        std::nullopt, std::nullopt, true, s.act1);
     g_dw1 = std::move(gdw1);

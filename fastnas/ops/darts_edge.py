@@ -428,7 +428,7 @@ class DartsEdgeFunction(torch.autograd.Function):
         g_dw1 = g_pw1 = g_dw2 = g_pw2 = None
         if J1:
             d1 = fwd.d1.view(J1, C, M)
-            gz1 = gz[:nd].view(nd, C, M)  # the first 1x1 convolutions' output gradients, [seps, dils]
+            gz_dil = gz[:nd].view(nd, C, M)
             if ns:
                 gz_end = gz[nd : nd + ns].view(ns, C, M)
                 g_pw2 = torch.bmm(gz_end, fwd.d2.view(ns, C, M).transpose(1, 2)).view(ns, C, C, 1, 1).unbind(0)
@@ -439,9 +439,16 @@ class DartsEdgeFunction(torch.autograd.Function):
                     activations=_activations(spec)[:ns], backend=backend,
                 )  # fmt: skip
                 gz_mid = stacked_batch_norm_backward(gpre2, fwd.z_mid, st["m1"], st["r1"], backend=backend)
-                gz1 = torch.cat((gz_mid.view(ns, C, M), gz1)) if nd else gz_mid.view(ns, C, M)
-            gd1 = torch.bmm(fwd.pw1.transpose(1, 2), gz1)
-            g_pw1 = torch.bmm(gz1, d1.transpose(1, 2)).view(J1, C, C, 1, 1).unbind(0)
+            # The first 1x1 convolutions, [seps, dils], per part: their output gradients are
+            # never concatenated (a copy of J1 x C x M values).
+            gd1 = d1.new_empty(J1, C, M)
+            g_pw1 = d1.new_empty(J1, C, C)
+            for start, count, gz_part in ((0, ns, gz_mid.view(ns, C, M) if ns else None), (ns, nd, gz_dil)):
+                if count:
+                    part = slice(start, start + count)
+                    torch.bmm(fwd.pw1[part].transpose(1, 2), gz_part, out=gd1[part])
+                    torch.bmm(gz_part, d1[part].transpose(1, 2), out=g_pw1[part])
+            g_pw1 = g_pw1.view(J1, C, C, 1, 1).unbind(0)
             gx1, g_dw1 = multi_depthwise_backward(
                 gd1.view(J1, C, N, Ho, Wo), x, fwd.dw1, _first_dilations(spec), spec.stride, None, None, True,
                 activations=_activations(spec), backend=backend,
