@@ -17,15 +17,12 @@ Targets:
              speed or the GPU's rounding (no fused multiply-adds).
 """
 
-import glob
-import os
-from pathlib import Path
-
 import pytest
 import torch
 from oracle import assert_oracle
 
 from fastnas import backends
+from fastnas.bench.emulation import emulation_requested, load_emulation
 from fastnas.ops.activations import activation_code
 from fastnas.ops.darts_sum import (
     darts_sum,
@@ -42,7 +39,6 @@ from fastnas.ops.stacked_batch_norm import (
     update_running_stats_reference,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
 LOW = [torch.float16, torch.bfloat16]
 DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation) of the DARTS depthwise candidates
 
@@ -52,24 +48,11 @@ DARTS = [(3, 1), (5, 1), (3, 2), (5, 2)]  # (kernel size, dilation) of the DARTS
 
 def _emulated_ops():
     """Build (once per process) and load the host emulation of the CUDA kernels."""
-    if os.environ.get("FASTNAS_CUDA_EMULATION", "0") in ("", "0"):
+    if not emulation_requested():
         pytest.skip("set FASTNAS_CUDA_EMULATION=1 to run the CUDA kernels in the host emulation")
     if backends.extension() is None:
         pytest.skip("fastnas._C is not built: the emulated ops copy its schemas")
-    if not hasattr(torch.ops, "fastnas_emu") or not hasattr(torch.ops.fastnas_emu, "darts_sum"):
-        from torch.utils.cpp_extension import load
-
-        build = ROOT / "build" / "cuda_emulation"
-        build.mkdir(parents=True, exist_ok=True)
-        load(
-            name="fastnas_cuda_emulation",
-            sources=sorted(glob.glob(str(ROOT / "tests" / "cuda_emulation" / "*.cpp"))),
-            extra_include_paths=[str(ROOT / "csrc")],
-            extra_cflags=["-O2", "-std=c++20", "-DFASTNAS_CUDA_EMULATION", "-Wno-unknown-pragmas"],
-            build_directory=str(build),
-            is_python_module=False,
-        )
-    return torch.ops.fastnas_emu
+    return load_emulation()
 
 
 class Target:
