@@ -2,7 +2,8 @@
 
 One configuration of the DARTS or PC-DARTS search step, eager against fused, in
 this process: time, peak memory and dispatcher op counts; ``--host`` measures the
-host's share of a step, ``--imagenet`` live memory per image (``fastnas.bench.memory``).
+host's share of a step, ``--imagenet`` live memory per image (``fastnas.bench.memory``),
+``--emulate-launches`` device launches per step (``fastnas.bench.emulation``).
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ def add_bench_step_args(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--partial-channels", type=int, default=None, help="K of PC-DARTS (default: the network's, 4 for pc-darts)"
+    )
+    parser.add_argument(
+        "--emulate-launches",
+        action="store_true",
+        help="device launches per step: the fused network's in the host emulation of the CUDA kernels (built "
+        "on first use from tests/cuda_emulation) against eager's kernel-running ops, and their ratio; CPU "
+        "tensors, batch 2 at 8x8 unless given",
     )
     parser.add_argument(
         "--imagenet",
@@ -213,6 +221,10 @@ def run_bench_step(args: argparse.Namespace) -> dict:
         from fastnas.bench.memory import imagenet_memory
 
         return imagenet_memory(args)
+    if getattr(args, "emulate_launches", False):
+        from fastnas.bench.emulation import run_emulated_launches
+
+        return run_emulated_launches(args)
     device = torch.device(args.device)
     host = getattr(args, "host", False)
     for name, default in (HOST_DEFAULTS if host else STEP_DEFAULTS).items():
