@@ -377,7 +377,7 @@ c10::SmallVector<int64_t, 16> coef_index(const Spec& s) {
 Tensor gather_coef(const Spec& s, const Tensor& weights, at::ScalarType acc) {
   const auto index = coef_index(s);
   const Tensor w = weights.scalar_type() == acc ? weights : weights.to(acc);
-  if (!w.is_cpu()) {
+  if (!host_loops(w)) {
     std::vector<Tensor> rows;
     for (const int64_t i : index) rows.push_back(w.select(0, i));
     return at::stack(rows);
@@ -405,7 +405,7 @@ void update_running_stats(const Buffers& b, const c10::SmallVector<StatRow, 16>&
   const double unbias = static_cast<double>(count) / static_cast<double>(count - 1);
   bool cpu = true;
   for (const auto& list : {b.mean, b.var, b.count}) {
-    for (const Tensor& t : list) cpu = cpu && t.is_cpu();
+    for (const Tensor& t : list) cpu = cpu && host_loops(t);
   }
   if (!cpu) {
     // Views of the statistics' rows, and one launch for all the unbiased variances.
@@ -600,7 +600,7 @@ EdgeGrads edge_backward(const Spec& s, const Tensor& grad_out, const Tensor& x_i
       gx.slice(2, k, sh.H, 2).slice(3, k, sh.W, 2).add_(ga * (xs > 0));
     }
   }
-  return {gx, scatter_coef(s, gcoef, weights.scalar_type(), !gcoef.is_cpu()), std::move(grads)};
+  return {gx, scatter_coef(s, gcoef, weights.scalar_type(), !host_loops(gcoef)), std::move(grads)};
 }
 
 // --- the ops ---------------------------------------------------------------------------

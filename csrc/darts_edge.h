@@ -83,6 +83,19 @@ at::Tensor scatter_coef(const Spec& s, const at::Tensor& grad_coef, at::ScalarTy
 // Bumps the version counters of tensors that a kernel wrote through raw pointers.
 void bump_versions(std::initializer_list<at::TensorList> lists);
 
+// Whether the orchestration runs a small step as a loop on the host, for tensors on
+// the CPU, instead of the ATen ops a GPU runs. The CUDA emulation
+// (tests/cuda_emulation) defines FASTNAS_EMULATE_DEVICE_PATHS: its CPU tensors stand
+// for device tensors, so it takes the GPU's path.
+inline bool host_loops(const at::Tensor& t) {
+#ifdef FASTNAS_EMULATE_DEVICE_PATHS
+  (void)t;
+  return false;
+#else
+  return t.is_cpu();
+#endif
+}
+
 // out, zs (the pre-BN tensors darts_sum normalised, (nz, C, N, Ho, Wo)), the
 // statistics of the separable middles (mid_mean, mid_rstd, (ns, C)) and
 // darts_sum's (mean, rstd, (nz + 2, C)). Only out is differentiable.

@@ -1,16 +1,18 @@
 // The whole-edge and node ops' orchestration (csrc/darts_edge.cpp,
 // csrc/partial_channel_node.cpp) compiled into the emulation, so that it runs
-// on CPU tensors exactly as it runs on a GPU: where it asks whether a tensor is
-// on the CPU to take a host loop instead of the ATen ops a GPU runs, here the
+// on CPU tensors exactly as it runs on a GPU: where it asks (host_loops())
+// whether to take a host loop instead of the ATen ops a GPU runs, here the
 // answer is no (the CPU tensors stand for CUDA ones). Its CUDA registration
 // (csrc/cuda/darts_edge.cu) becomes the emulated kernels'; its Autograd kernels
 // stay fastnas._C's, which call the op through the dispatcher.
 //
 // Include this, then the orchestration's .cpp; every header they include must
-// be included here first, so that the is_cpu() below reaches their code only.
+// be included here first, so that the macros below reach their code only.
 #pragma once
 
 #define FASTNAS_CUDA_EMULATION
+// darts_edge.h's host_loops(): no, the CPU tensors stand for device ones.
+#define FASTNAS_EMULATE_DEVICE_PATHS
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,4 +37,3 @@
 #define FASTNAS_EMU_CUDA_IMPL(m) FASTNAS_CUDA_LIBRARY_IMPL(m)
 #define FASTNAS_EMU_Autograd_IMPL(m) \
   [[maybe_unused]] static void C10_CONCATENATE(fastnas_emu_unused_, C10_UID)(torch::Library & m)
-#define is_cpu() is_cuda()
