@@ -57,9 +57,11 @@ test: build-cuda lint
 	FASTNAS_CUDA=1 $(PY) -m pytest -q -ra tests
 
 # The CUDA kernels' tests without a GPU: the same kernel code built for the host
-# and run by csrc/cuda/emulation.h on CPU tensors (first build: a few minutes).
+# and run by csrc/cuda/emulation.h on CPU tensors (first build: a few minutes), and
+# whole DARTS and PC-DARTS steps on them, orchestration included.
 test-cuda-emulation: build
 	FASTNAS_CUDA_EMULATION=1 $(PY) -m pytest -q -ra tests/test_cuda_kernels.py -k emulation
+	FASTNAS_CUDA_EMULATION=1 $(PY) -m pytest -q -ra tests/test_emulated_step.py
 
 search: build
 	$(VENV)/bin/fastnas search $(ARGS)
