@@ -272,3 +272,8 @@ def test_engine_ops_compile_column_matches_eager():
         got = module.compiled(make("reference"))()
         for g, w in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want)):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_repo_root_is_the_repository():
+    """Child benchmark processes run from the repository root, and the commit is read there."""
+    assert (bench.REPO_ROOT / "setup.py").is_file() and (bench.REPO_ROOT / "fastnas").is_dir()

@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # environment when the process starts; children that measure CPU memory get it.
 CPU_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def steady_cpu_allocator() -> str:
