@@ -24,16 +24,14 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastnas.bench.measure import git_commit
+from fastnas.bench.measure import REPO_ROOT, git_commit
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCES = ROOT / "tests" / "cuda_emulation"
-BUILD = ROOT / "build" / "cuda_emulation"
+SOURCES = REPO_ROOT / "tests" / "cuda_emulation"
+BUILD = REPO_ROOT / "build" / "cuda_emulation"
 # The namespaces whose ops hold launches rather than being one: the counter follows
 # their C++ inside.
 CONTAINERS = ("fastnas", "fastnas_emu")
@@ -86,7 +84,7 @@ def load_emulation():
         load(
             name="fastnas_cuda_emulation",
             sources=sorted(str(p) for p in SOURCES.glob("*.cpp")),
-            extra_include_paths=[str(ROOT / "csrc")],
+            extra_include_paths=[str(REPO_ROOT / "csrc")],
             extra_cflags=["-O2", "-std=c++20", "-DFASTNAS_CUDA_EMULATION", "-Wno-unknown-pragmas"],
             build_directory=str(BUILD),
             is_python_module=False,
