@@ -1,5 +1,6 @@
 """relu_conv_bn against the modules it replaces (ReLUConvBN, FactorizedReduce), and in the search cell."""
 
+import contextlib
 import copy
 import re
 
@@ -16,6 +17,7 @@ from oracle import (
     skip_unless_runs,
 )
 
+from fastnas.backends import use_backend
 from fastnas.nn import cell as cell_module
 from fastnas.nn.operations import FactorizedReduce, ReLUConvBN
 from fastnas.ops.relu_conv_bn import relu_conv_bn
@@ -293,3 +295,22 @@ def test_search_cell_preprocesses_with_the_op(memory, monkeypatch):
         assert torch.equal(got[2][n], want[2][n]), n
     with runs_on("reference"):
         _network_step(reference, x, y)
+
+
+@pytest.mark.parametrize("how", ["context", "variable"])
+def test_search_cell_keeps_the_eager_modules_when_the_reference_is_asked_for(how, monkeypatch):
+    """The reference backend asked for by use_backend or FASTNAS_BACKEND, not only by argument: a recompute
+    cell's preprocessing runs its eager modules, and no fastnas kernel runs."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = SearchNetwork(C=4, num_classes=3, layers=3, memory="recompute")
+    gen = generator("cell reference", how)
+    x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 3, (4,), generator=gen)
+    if how == "variable":
+        monkeypatch.setenv("FASTNAS_BACKEND", "reference")
+        context = contextlib.nullcontext()
+    else:
+        monkeypatch.delenv("FASTNAS_BACKEND", raising=False)
+        context = use_backend("reference")
+    with context, runs_on("reference"):
+        _network_step(net, x, y)

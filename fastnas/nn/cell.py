@@ -168,7 +168,8 @@ class Cell(nn.Module):
     def _preprocess(self, module: nn.Module, s: torch.Tensor) -> torch.Tensor:
         if not (self.training and torch.is_grad_enabled() and self.edges and self._recompute_preprocess(s)):
             return module(s)
-        parts = None if self.backend == "reference" or torch.compiler.is_compiling() else _preprocess_parts(module)
+        eager = backends.requested_backend(self.backend) == "reference" or torch.compiler.is_compiling()
+        parts = None if eager else _preprocess_parts(module)
         if parts is not None and s.device.type in backends.runnable("relu_conv_bn", s.device):
             weights, bn = parts
             return relu_conv_bn(
