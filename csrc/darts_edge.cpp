@@ -683,11 +683,7 @@ class DartsEdgeFunction : public torch::autograd::Function<DartsEdgeFunction> {
     const TensorList params(saved.data() + 2, n_params);
     const Tensor& zs = saved[2 + n_params];
     const std::vector<int64_t> spec = ctx->saved_data["spec"].toIntVector();
-    // Grad mode is on in backward only under create_graph: the building blocks have no
-    // derivatives of their backward, so the result would lack second-order terms.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "darts_edge: double backward (create_graph=True) is not supported; "
-                "run the edges on backend='reference' to differentiate twice");
+    check_not_double_backward("darts_edge");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_x, grad_weights, grad_params] =
         op.call(grads[0], saved[0], saved[1], params, zs.defined() ? std::optional<Tensor>(zs) : std::nullopt,

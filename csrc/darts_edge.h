@@ -10,6 +10,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <c10/util/SmallVector.h>
 #include <c10/util/string_view.h>
 
@@ -82,6 +83,14 @@ at::Tensor scatter_coef(const Spec& s, const at::Tensor& grad_coef, at::ScalarTy
 
 // Bumps the version counters of tensors that a kernel wrote through raw pointers.
 void bump_versions(std::initializer_list<at::TensorList> lists);
+
+// A whole-edge or node op's backward: grad mode is on there only under create_graph,
+// and the building blocks have no derivatives of their backward, so the result would
+// lack its second-order terms: refused.
+inline void check_not_double_backward(const char* op) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), op, ": double backward (create_graph=True) is not supported; ",
+              "run the edges on backend='reference' to differentiate twice");
+}
 
 // Whether the orchestration runs a small step as a loop on the host, for tensors on
 // the CPU, instead of the ATen ops a GPU runs. The CUDA emulation

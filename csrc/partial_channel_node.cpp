@@ -296,11 +296,7 @@ class PartialChannelNodeFunction : public torch::autograd::Function<PartialChann
     const TensorList states(p, E), params(p + E + 2, P);
     const Tensor* packed = p + E + 2 + P;
     const std::vector<int64_t> specs = ctx->saved_data["specs"].toIntVector();
-    // Grad mode is on in backward only under create_graph: the building blocks have no
-    // derivatives of their backward, so the result would lack second-order terms.
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "partial_channel_node: double backward (create_graph=True) is not supported; "
-                "run the edges on backend='reference' to differentiate twice");
+    check_not_double_backward("partial_channel_node");
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [grad_states, grad_weights, grad_edge_weights, grad_params] =
         op.call(grads[0], states, p[E], p[E + 1], params, packed[0],

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "darts_edge.h"
 
 namespace fastnas {
 namespace preprocess {
@@ -49,6 +50,14 @@ void check_inputs(const char* op, const Tensor& x, TensorList weights) {
   }
 }
 
+// A per-channel vector (running or batch statistics) of c entries, on x's device.
+void check_channel_stat(const char* op, const char* name, const Tensor& t, int64_t c, const Tensor& x) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == c, op, ": ", name, " must have ", c,
+                    " entries (the output channels), got shape ", t.sizes());
+  check_stat_dtype(op, name, t);
+  check_same_device(op, name, t, "x", x);
+}
+
 // The convolution of r = relu(x): as the modules compute it, views and all, so
 // that the kernels (and so the results) are theirs.
 Tensor convolve(const Tensor& r, TensorList weights) {
@@ -62,13 +71,8 @@ std::tuple<Tensor, Tensor, Tensor> relu_conv_bn(const Tensor& x, TensorList weig
   constexpr const char* op = "relu_conv_bn";
   check_inputs(op, x, weights);
   const int64_t c_out = weights.size() == 1 ? weights[0].size(0) : weights[0].size(0) + weights[1].size(0);
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"running_mean", running_mean},
-                                std::pair<const char*, const Tensor&>{"running_var", running_var}}) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == c_out, op, ": ", name, " must have ", c_out,
-                      " entries (the output channels), got shape ", t.sizes());
-    check_stat_dtype(op, name, t);
-    check_same_device(op, name, t, "x", x);
-  }
+  check_channel_stat(op, "running_mean", running_mean, c_out, x);
+  check_channel_stat(op, "running_var", running_var, c_out, x);
   TORCH_CHECK_VALUE(num_batches_tracked.numel() == 1, op, ": num_batches_tracked must hold one count, got shape ",
                     num_batches_tracked.sizes());
   const Tensor z = convolve(at::relu(x), weights);
@@ -92,12 +96,8 @@ std::tuple<Tensor, std::vector<Tensor>> relu_conv_bn_backward(const Tensor& grad
   TORCH_CHECK_VALUE(grad_out.sizes() == z.sizes(), op, ": grad_out has shape ", grad_out.sizes(),
                     " but the output has shape ", z.sizes());
   check_same_dtype(op, "grad_out", grad_out, "x", x);
-  for (const auto& [name, t] :
-       {std::pair<const char*, const Tensor&>{"mean", mean}, std::pair<const char*, const Tensor&>{"rstd", rstd}}) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == z.size(1), op, ": ", name, " must have ", z.size(1),
-                      " entries, got shape ", t.sizes());
-    check_stat_dtype(op, name, t);
-  }
+  check_channel_stat(op, "mean", mean, z.size(1), x);
+  check_channel_stat(op, "rstd", rstd, z.size(1), x);
   const Tensor grad_z =
       std::get<0>(at::native_batch_norm_backward(grad_out, z, {}, {}, {}, mean, rstd, true, eps, {true, false, false}));
   const int64_t stride = weights.size() == 1 ? 1 : 2;
@@ -142,7 +142,7 @@ class ReluConvBnFunction : public torch::autograd::Function<ReluConvBnFunction> 
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, rstd] =
         op.redispatch(keys & c10::after_autograd_keyset, x, weights, stats.mean, stats.var, stats.count, eps, momentum);
-    for (const Tensor& t : {stats.mean, stats.var, stats.count}) torch::autograd::impl::bump_version(t);
+    edge::bump_versions({stats.mean, stats.var, stats.count});
     std::vector<Tensor> saved{x};
     saved.insert(saved.end(), weights.begin(), weights.end());
     saved.push_back(mean);
