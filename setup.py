@@ -105,7 +105,7 @@ def _extensions():
     # Headers too, so that setuptools relinks when only a header changed.
     depends = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-std=c++20"] + openmp
+    cxx_flags = ["-O3", "-std=c++20", "-ffp-contract=off"] + openmp
     define_macros = []
     include_dirs = [str(ROOT / "csrc")]
     if build_cuda:

@@ -40,8 +40,8 @@ std::vector<BypassView<scalar_t>> bypass_views(at::TensorList bypass, at::IntArr
 // null, also which window element each maximum came from. plane points at
 // bypass element (n, c, 0, 0).
 template <typename scalar_t, typename acc_t>
-inline void gather_bypass(const BypassView<scalar_t>& b, const scalar_t* plane, int64_t w, int64_t off, int64_t len,
-                          acc_t* __restrict__ vals, int8_t* __restrict__ arg) {
+C10_ALWAYS_INLINE void gather_bypass(const BypassView<scalar_t>& b, const scalar_t* plane, int64_t w, int64_t off,
+                                     int64_t len, acc_t* __restrict__ vals, int8_t* __restrict__ arg) {
   const int64_t sh = b.sh, sw = b.sw;
   for_row_runs(off, len, w, [&](int64_t oh, int64_t ow, int64_t i, int64_t run) {
     acc_t* __restrict__ v = vals + i;
@@ -69,8 +69,8 @@ inline void gather_bypass(const BypassView<scalar_t>& b, const scalar_t* plane, 
 // window of the contiguous (2h, 2w) gradient plane gets wk * g at its argmax
 // and zeros elsewhere. The windows tile the plane, so every element is written.
 template <typename scalar_t, typename acc_t>
-inline void scatter_pool_grad(const acc_t* __restrict__ g, acc_t wk, const int8_t* __restrict__ arg, int64_t w,
-                              int64_t off, int64_t len, scalar_t* __restrict__ grad) {
+C10_ALWAYS_INLINE void scatter_pool_grad(const acc_t* __restrict__ g, acc_t wk, const int8_t* __restrict__ arg,
+                                         int64_t w, int64_t off, int64_t len, scalar_t* __restrict__ grad) {
   for_row_runs(off, len, w, [&](int64_t oh, int64_t ow, int64_t i, int64_t run) {
     scalar_t* __restrict__ g_top = grad + (2 * oh) * (2 * w) + 2 * ow;
     scalar_t* __restrict__ g_bottom = g_top + 2 * w;

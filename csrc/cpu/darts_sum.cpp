@@ -36,7 +36,7 @@ constexpr int kLanes = 8;
 
 // Sum of g[i] * (p[i] - m) over a plane.
 template <typename acc_t>
-inline acc_t centered_dot(const acc_t* __restrict__ g, const acc_t* __restrict__ p, acc_t m, int64_t len) {
+C10_ALWAYS_INLINE acc_t centered_dot(const acc_t* __restrict__ g, const acc_t* __restrict__ p, acc_t m, int64_t len) {
   return lane_sum<kLanes, acc_t>(len, [&](int64_t i) { return g[i] * (p[i] - m); });
 }
 
@@ -72,7 +72,8 @@ struct PlanePools {
     rs[ow] = sum;
   }
 
-  void run(const scalar_t* __restrict__ x, acc_t* __restrict__ max_out, acc_t* __restrict__ avg_out) {
+  FASTNAS_CPU_CLONES void run(const scalar_t* __restrict__ x, acc_t* __restrict__ max_out,
+                              acc_t* __restrict__ avg_out) {
     const int64_t h = g.h, w = g.w, s = g.stride, ho = g.ho, wo = g.wo;
     for (int64_t ih = 0; ih < h; ++ih) {
       const scalar_t* __restrict__ xr = x + ih * w;
@@ -132,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pool_batch_norm_stats(const at::T
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pool_batch_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    at::parallel_for(0, g.planes(), grain_for(g.plane_in() * 4), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.planes(), grain_for(g.plane_in() * 4), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       PlanePools<scalar_t, acc_t> pools(g);
       std::vector<acc_t> pooled(2 * m_plane);
       std::vector<double> wide(m_plane);
@@ -199,7 +200,7 @@ at::Tensor darts_sum(const at::Tensor& x_in, const at::Tensor& z_in, const at::T
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t jz = g.jz, cz = g.c;
     const int64_t z_stride = g.planes() * m_plane;
-    at::parallel_for(0, g.planes(), grain_for(m_plane * (jz + 3)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, g.planes(), grain_for(m_plane * (jz + 3)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       PlanePools<scalar_t, acc_t> pools(g);
       std::vector<acc_t> acc(m_plane), pmax(has_max ? m_plane : 0), pavg(has_avg ? m_plane : 0);
       for (int64_t t = begin; t < end; ++t) {
@@ -265,7 +266,7 @@ void plane_sums(const BackwardArgs<scalar_t, acc_t>& a, acc_t* partial) {
   const DartsGeometry& g = a.g;
   const int64_t jz = g.jz, m_plane = g.plane_out(), k1 = a.sums();
   const bool pools_needed = a.has_max || a.has_avg;
-  at::parallel_for(0, g.planes(), grain_for(m_plane * (jz + 4)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.planes(), grain_for(m_plane * (jz + 4)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
     PlanePools<scalar_t, acc_t> pools(g);
     std::vector<acc_t> gbuf(m_plane), pbuf(m_plane), pmax(a.has_max ? m_plane : 0), pavg(a.has_avg ? m_plane : 0);
     for (int64_t t = begin; t < end; ++t) {
@@ -336,8 +337,8 @@ struct BackwardCoefficients {
 
 // grad_z of plane t = (c, n) of every z candidate; gc holds g - mean(g) of the plane.
 template <typename scalar_t, typename acc_t>
-void grad_z_plane(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficients<acc_t>& bc, int64_t t, int64_t c,
-                  const acc_t* gc, scalar_t* grad_z) {
+FASTNAS_CPU_CLONES void grad_z_plane(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficients<acc_t>& bc,
+                                     int64_t t, int64_t c, const acc_t* gc, scalar_t* grad_z) {
   const DartsGeometry& g = a.g;
   const int64_t m_plane = g.plane_out();
   for (int64_t j = 0; j < g.jz; ++j) {
@@ -368,9 +369,10 @@ struct GradXScratch {
 // The max pool's backward into gx: each window sends its candidate gradient
 // to its argmax (by the max-pool rule).
 template <typename scalar_t, typename acc_t>
-void max_pool_backward_plane(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficients<acc_t>& bc,
-                             const PlanePools<scalar_t, acc_t>& pools, int64_t c, const scalar_t* xplane,
-                             const acc_t* gc, GradXScratch<acc_t>& sc) {
+FASTNAS_CPU_CLONES void max_pool_backward_plane(const BackwardArgs<scalar_t, acc_t>& a,
+                                                const BackwardCoefficients<acc_t>& bc,
+                                                const PlanePools<scalar_t, acc_t>& pools, int64_t c,
+                                                const scalar_t* xplane, const acc_t* gc, GradXScratch<acc_t>& sc) {
   const DartsGeometry& g = a.g;
   const int64_t jz = g.jz, h = g.h, w = g.w, s = g.stride;
   acc_t* __restrict__ gxa = sc.gx.data();
@@ -418,9 +420,10 @@ void max_pool_backward_plane(const BackwardArgs<scalar_t, acc_t>& a, const Backw
 // The avg pool's backward into gx: each window's candidate gradient, divided
 // by its count, goes to every element of the window.
 template <typename scalar_t, typename acc_t>
-void avg_pool_backward_plane(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficients<acc_t>& bc,
-                             PlanePools<scalar_t, acc_t>& pools, int64_t c, const scalar_t* xplane, const acc_t* gc,
-                             GradXScratch<acc_t>& sc) {
+FASTNAS_CPU_CLONES void avg_pool_backward_plane(const BackwardArgs<scalar_t, acc_t>& a,
+                                                const BackwardCoefficients<acc_t>& bc,
+                                                PlanePools<scalar_t, acc_t>& pools, int64_t c, const scalar_t* xplane,
+                                                const acc_t* gc, GradXScratch<acc_t>& sc) {
   const DartsGeometry& g = a.g;
   const int64_t jz = g.jz, h = g.h, w = g.w, s = g.stride;
   acc_t* __restrict__ gxa = sc.gx.data();
@@ -467,9 +470,9 @@ void avg_pool_backward_plane(const BackwardArgs<scalar_t, acc_t>& a, const Backw
 
 // grad_x of plane (c, n): the skip's coef * g, then both pools' backward.
 template <typename scalar_t, typename acc_t>
-void grad_x_plane(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficients<acc_t>& bc,
-                  PlanePools<scalar_t, acc_t>& pools, int64_t c, int64_t n, const acc_t* gc, GradXScratch<acc_t>& sc,
-                  scalar_t* grad_x) {
+FASTNAS_CPU_CLONES void grad_x_plane(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficients<acc_t>& bc,
+                                     PlanePools<scalar_t, acc_t>& pools, int64_t c, int64_t n, const acc_t* gc,
+                                     GradXScratch<acc_t>& sc, scalar_t* grad_x) {
   const DartsGeometry& g = a.g;
   const scalar_t* gplane = a.grad_plane(c, n);
   const scalar_t* xplane = a.x_plane(c, n);
@@ -491,7 +494,7 @@ void grad_planes(const BackwardArgs<scalar_t, acc_t>& a, const BackwardCoefficie
                  scalar_t* grad_x) {
   const DartsGeometry& g = a.g;
   const int64_t m_plane = g.plane_out();
-  at::parallel_for(0, g.planes(), grain_for(m_plane * (g.jz + 12)), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.planes(), grain_for(m_plane * (g.jz + 12)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
     PlanePools<scalar_t, acc_t> pools(g);
     std::vector<acc_t> gc(m_plane);
     GradXScratch<acc_t> scratch(g, a.has_max && grad_x != nullptr, a.has_avg && grad_x != nullptr);

@@ -13,6 +13,17 @@
 #include <algorithm>
 #include <cstdint>
 
+// The streaming loops are compiled for AVX-512, AVX2 and the baseline, and the
+// dynamic loader picks the widest one the CPU runs (GNU ifunc): a function
+// marked FASTNAS_CPU_CLONES gets the clones, and the loops inlined into it with
+// them. The build's -ffp-contract=off keeps every clone's rounding the same (no
+// fused multiply-add), so the results are the same bits on every CPU.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTNAS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTNAS_CPU_CLONES
+#endif
+
 namespace fastnas {
 namespace cpu {
 

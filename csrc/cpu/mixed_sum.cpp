@@ -38,7 +38,7 @@ at::Tensor mixed_sum(at::TensorList xs, const at::Tensor& weights) {
     const acc_t* wp = w.data_ptr<acc_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t chunks = ceil_div(n, kChunk);
-    at::parallel_for(0, chunks, grain_for(kChunk), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, chunks, grain_for(kChunk), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       alignas(64) acc_t buf[kChunk];
       for (int64_t c = begin; c < end; ++c) {
         const int64_t off = c * kChunk;
@@ -81,7 +81,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> mixed_sum_backward(const at::Ten
       const scalar_t* gop = go.data_ptr<scalar_t>();
       const acc_t* wp = w.data_ptr<acc_t>();
       acc_t* pp = weights_need_grad ? partials.data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, chunks, grain_for(kChunk), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, chunks, grain_for(kChunk), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
         alignas(64) acc_t buf[kChunk];
         for (int64_t c = begin; c < end; ++c) {
           const int64_t off = c * kChunk;

@@ -57,7 +57,7 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
     const BypassView<scalar_t> b = contiguous_bypass<scalar_t>(bc, bypass_pool);
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t tasks = s.n * channels * chunks_per_plane;
-    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       alignas(64) acc_t buf[kChunk];
       for (int64_t t = begin; t < end; ++t) {
         const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
@@ -119,7 +119,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
       for (const auto& x : xc) x_ptrs.push_back(x.data_ptr<scalar_t>());
       const acc_t* wp = w.data_ptr<acc_t>();
       acc_t* pp = weights_need_grad ? partials.data_ptr<acc_t>() : nullptr;
-      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
         alignas(64) acc_t buf[kChunk];
         for (int64_t t = begin; t < end; ++t) {
           const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
@@ -139,7 +139,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
       const BypassView<scalar_t> b = bypass_pool ? contiguous_bypass<scalar_t>(bc, true) : BypassView<scalar_t>{};
       scalar_t* gbp = grad_b.data_ptr<scalar_t>();
       const int64_t bypass_plane = bypass_pool ? 4 * hw : hw;
-      at::parallel_for(0, s.n * s.cb * chunks_per_plane, grain, [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, s.n * s.cb * chunks_per_plane, grain, [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
         alignas(64) acc_t buf[kChunk];
         alignas(64) acc_t vals[kChunk];
         alignas(64) int8_t arg[kChunk];

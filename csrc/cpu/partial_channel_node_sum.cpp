@@ -50,7 +50,7 @@ at::Tensor partial_channel_node_sum(at::TensorList mixed, at::TensorList bypass,
     const acc_t* wp = w.data_ptr<acc_t>();
     scalar_t* outp = out.data_ptr<scalar_t>();
     const int64_t tasks = s.n * channels * chunks_per_plane;
-    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       alignas(64) acc_t buf[kChunk];
       alignas(64) acc_t vals[kChunk];
       for (int64_t t = begin; t < end; ++t) {
@@ -125,7 +125,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> partial
     const auto views = bypass_views<scalar_t>(bypass, strides);
     const acc_t* wp = w.data_ptr<acc_t>();
     acc_t* pp = weights_need_grad ? partials.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       alignas(64) acc_t buf[kChunk];
       alignas(64) acc_t vals[kChunk];
       alignas(64) int8_t arg[kChunk];

@@ -35,7 +35,7 @@ constexpr int kLanes = 16;
 // x - x[0]: with a large mean and a small spread the shifted values, and so
 // the partial sums, are small, and the mean loses no digits to them.
 template <typename acc_t, typename scalar_t>
-inline void row_mean_m2(const scalar_t* x, int64_t m, acc_t& mean, acc_t& m2) {
+C10_ALWAYS_INLINE void row_mean_m2(const scalar_t* x, int64_t m, acc_t& mean, acc_t& m2) {
   const acc_t shift = static_cast<acc_t>(x[0]);
   acc_t count = 0;
   mean = 0;
@@ -72,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> stacked_batch_norm_stats(const at
     acc_t* rp = rstd.data_ptr<acc_t>();
     acc_t* vp = var.data_ptr<acc_t>();
     const acc_t eps_acc = static_cast<acc_t>(eps);
-    at::parallel_for(0, rows, grain_for(m), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(m), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       for (int64_t r = begin; r < end; ++r) {
         acc_t mu, m2;
         row_mean_m2(zp + r * m, m, mu, m2);
@@ -105,7 +105,7 @@ at::Tensor stacked_batch_norm_backward(const at::Tensor& grad_yhat, const at::Te
     const acc_t* rp = rc.data_ptr<acc_t>();
     scalar_t* op = grad_z.data_ptr<scalar_t>();
     const acc_t inv_m = acc_t(1) / static_cast<acc_t>(m);
-    at::parallel_for(0, rows, grain_for(m), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(m), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* __restrict__ zr = zp + r * m;
         const scalar_t* __restrict__ gr = gp + r * m;

@@ -60,8 +60,8 @@ C10_ALWAYS_INLINE void weighted_sum_group(const scalar_t* const* xs, const acc_t
 
 // dst[i] = sum_k w[k] * xs[k][src + i] for i < len, accumulated in buf, kStreams streams per sweep.
 template <typename scalar_t, typename acc_t>
-inline void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_count, const acc_t* w, int64_t src, int64_t len,
-                               scalar_t* __restrict__ dst, acc_t* __restrict__ buf) {
+C10_ALWAYS_INLINE void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_count, const acc_t* w, int64_t src,
+                                          int64_t len, scalar_t* __restrict__ dst, acc_t* __restrict__ buf) {
   for (int64_t k0 = 0; k0 < k_count; k0 += kStreams) {
     const int64_t g = std::min<int64_t>(kStreams, k_count - k0);
     const bool first = k0 == 0, last = k0 + g == k_count;
@@ -85,8 +85,8 @@ inline void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_count, const
 // gx[i] = wk * g[i] in the same sweep, which keeps the number of memory
 // streams in flight down.
 template <typename scalar_t, typename acc_t>
-inline acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len,
-                       scalar_t* __restrict__ gx = nullptr, acc_t wk = acc_t(0)) {
+C10_ALWAYS_INLINE acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len,
+                                  scalar_t* __restrict__ gx = nullptr, acc_t wk = acc_t(0)) {
   constexpr int kLanes = 16;
   acc_t s[kLanes] = {};
   if (gx != nullptr) {
@@ -100,16 +100,73 @@ inline acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__
   return combine_lanes<kLanes>(s);
 }
 
+// Streams k0 .. k0 + G - 1 of the backward in one sweep: gx_g[i] = w_g * g[i]
+// and each stream's 16-lane dot product sum_i g[i] * x_g[i], added into its
+// lanes in the same order as chunk_dot's (the same bits), with G loads and G
+// stores in flight together instead of one of each.
+template <int G, typename scalar_t, typename acc_t>
+C10_ALWAYS_INLINE void weighted_sum_backward_streams(const acc_t* __restrict__ g, scalar_t* const* gxs,
+                                                     const scalar_t* const* xs, int64_t k0, const acc_t* w, int64_t src,
+                                                     int64_t len, acc_t* dots) {
+  constexpr int kLanes = 16;
+  const scalar_t* __restrict__ x[G];
+  scalar_t* __restrict__ gx[G];
+  acc_t wk[G];
+  acc_t s[G][kLanes] = {};
+  for (int j = 0; j < G; ++j) {
+    x[j] = xs[k0 + j] + src;
+    gx[j] = gxs[k0 + j] + src;
+    wk[j] = w[k0 + j];
+  }
+  // for_lanes' order. Each block of 16 goes through local arrays, which alias
+  // nothing, so that the compiler vectorises the lanes of every stream.
+  int64_t i = 0;
+  for (; i + kLanes <= len; i += kLanes) {
+    acc_t gv[kLanes];
+    for (int lane = 0; lane < kLanes; ++lane) gv[lane] = g[i + lane];
+    for (int j = 0; j < G; ++j) {
+      scalar_t out[kLanes];
+      for (int lane = 0; lane < kLanes; ++lane) {
+        out[lane] = static_cast<scalar_t>(wk[j] * gv[lane]);
+        s[j][lane] = math::dot_accumulate(s[j][lane], gv[lane], x[j][i + lane]);
+      }
+      for (int lane = 0; lane < kLanes; ++lane) gx[j][i + lane] = out[lane];
+    }
+  }
+  for (int lane = 0; i < len; ++i, ++lane) {
+    for (int j = 0; j < G; ++j) {
+      gx[j][i] = static_cast<scalar_t>(wk[j] * g[i]);
+      s[j][lane] = math::dot_accumulate(s[j][lane], g[i], x[j][i]);
+    }
+  }
+  for (int j = 0; j < G; ++j) dots[k0 + j] = combine_lanes<kLanes>(s[j]);
+}
+
 // One chunk of the backward of the weighted sum. go holds the len output
 // gradients of the chunk; the inputs and their gradients are at offset src.
 // gxs[k] is null when input k needs no gradient; dots (K entries) is null
 // when the weights need none, and xs is then not read.
 template <typename scalar_t, typename acc_t>
-inline void weighted_sum_backward_chunk(const scalar_t* __restrict__ go, scalar_t* const* gxs,
-                                        const scalar_t* const* xs, int64_t k_count, const acc_t* w, int64_t src,
-                                        int64_t len, acc_t* dots, acc_t* __restrict__ buf) {
+C10_ALWAYS_INLINE void weighted_sum_backward_chunk(const scalar_t* __restrict__ go, scalar_t* const* gxs,
+                                                   const scalar_t* const* xs, int64_t k_count, const acc_t* w,
+                                                   int64_t src, int64_t len, acc_t* dots, acc_t* __restrict__ buf) {
   for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<acc_t>(go[i]);
-  for (int64_t k = 0; k < k_count; ++k) {
+  for (int64_t k = 0; k < k_count;) {
+    // Groups of kStreams inputs that all need both gradients take one sweep.
+    bool grouped = dots != nullptr && k + 8 <= k_count;
+    for (int j = 0; grouped && j < 8; ++j) grouped = gxs[k + j] != nullptr;
+    if (grouped) {
+      weighted_sum_backward_streams<8>(buf, gxs, xs, k, w, src, len, dots);
+      k += 8;
+      continue;
+    }
+    grouped = dots != nullptr && k + kStreams <= k_count;
+    for (int j = 0; grouped && j < kStreams; ++j) grouped = gxs[k + j] != nullptr;
+    if (grouped) {
+      weighted_sum_backward_streams<kStreams>(buf, gxs, xs, k, w, src, len, dots);
+      k += kStreams;
+      continue;
+    }
     scalar_t* gx = gxs[k] != nullptr ? gxs[k] + src : nullptr;
     if (dots != nullptr) {
       dots[k] = chunk_dot(buf, xs[k] + src, len, gx, w[k]);
@@ -117,6 +174,7 @@ inline void weighted_sum_backward_chunk(const scalar_t* __restrict__ go, scalar_
       const acc_t wk = w[k];
       for (int64_t i = 0; i < len; ++i) gx[i] = static_cast<scalar_t>(wk * buf[i]);
     }
+    ++k;
   }
 }
 
