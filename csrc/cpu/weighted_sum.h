@@ -81,23 +81,25 @@ C10_ALWAYS_INLINE void weighted_sum_chunk(const scalar_t* const* xs, int64_t k_c
   }
 }
 
-// sum_i g[i] * x[i] over 16 lanes. With gx non-null it also writes
+// Lanes of the chunks' dot products.
+constexpr int kDotLanes = 16;
+
+// sum_i g[i] * x[i] over kDotLanes lanes. With gx non-null it also writes
 // gx[i] = wk * g[i] in the same sweep, which keeps the number of memory
 // streams in flight down.
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE acc_t chunk_dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ x, int64_t len,
                                   scalar_t* __restrict__ gx = nullptr, acc_t wk = acc_t(0)) {
-  constexpr int kLanes = 16;
-  acc_t s[kLanes] = {};
+  acc_t s[kDotLanes] = {};
   if (gx != nullptr) {
-    for_lanes<kLanes>(len, [&](int64_t i, int j) {
+    for_lanes<kDotLanes>(len, [&](int64_t i, int j) {
       gx[i] = static_cast<scalar_t>(wk * g[i]);
       s[j] = math::dot_accumulate(s[j], g[i], x[i]);
     });
   } else {
-    for_lanes<kLanes>(len, [&](int64_t i, int j) { s[j] = math::dot_accumulate(s[j], g[i], x[i]); });
+    for_lanes<kDotLanes>(len, [&](int64_t i, int j) { s[j] = math::dot_accumulate(s[j], g[i], x[i]); });
   }
-  return combine_lanes<kLanes>(s);
+  return combine_lanes<kDotLanes>(s);
 }
 
 // Streams k0 .. k0 + G - 1 of the backward in one sweep: gx_g[i] = w_g * g[i]
@@ -108,29 +110,28 @@ template <int G, typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void weighted_sum_backward_streams(const acc_t* __restrict__ g, scalar_t* const* gxs,
                                                      const scalar_t* const* xs, int64_t k0, const acc_t* w, int64_t src,
                                                      int64_t len, acc_t* dots) {
-  constexpr int kLanes = 16;
   const scalar_t* __restrict__ x[G];
   scalar_t* __restrict__ gx[G];
   acc_t wk[G];
-  acc_t s[G][kLanes] = {};
+  acc_t s[G][kDotLanes] = {};
   for (int j = 0; j < G; ++j) {
     x[j] = xs[k0 + j] + src;
     gx[j] = gxs[k0 + j] + src;
     wk[j] = w[k0 + j];
   }
-  // for_lanes' order. Each block of 16 goes through local arrays, which alias
+  // for_lanes' order. Each block of lanes goes through local arrays, which alias
   // nothing, so that the compiler vectorises the lanes of every stream.
   int64_t i = 0;
-  for (; i + kLanes <= len; i += kLanes) {
-    acc_t gv[kLanes];
-    for (int lane = 0; lane < kLanes; ++lane) gv[lane] = g[i + lane];
+  for (; i + kDotLanes <= len; i += kDotLanes) {
+    acc_t gv[kDotLanes];
+    for (int lane = 0; lane < kDotLanes; ++lane) gv[lane] = g[i + lane];
     for (int j = 0; j < G; ++j) {
-      scalar_t out[kLanes];
-      for (int lane = 0; lane < kLanes; ++lane) {
+      scalar_t out[kDotLanes];
+      for (int lane = 0; lane < kDotLanes; ++lane) {
         out[lane] = static_cast<scalar_t>(wk[j] * gv[lane]);
         s[j][lane] = math::dot_accumulate(s[j][lane], gv[lane], x[j][i + lane]);
       }
-      for (int lane = 0; lane < kLanes; ++lane) gx[j][i + lane] = out[lane];
+      for (int lane = 0; lane < kDotLanes; ++lane) gx[j][i + lane] = out[lane];
     }
   }
   for (int lane = 0; i < len; ++i, ++lane) {
@@ -139,7 +140,7 @@ C10_ALWAYS_INLINE void weighted_sum_backward_streams(const acc_t* __restrict__ g
       s[j][lane] = math::dot_accumulate(s[j][lane], g[i], x[j][i]);
     }
   }
-  for (int j = 0; j < G; ++j) dots[k0 + j] = combine_lanes<kLanes>(s[j]);
+  for (int j = 0; j < G; ++j) dots[k0 + j] = combine_lanes<kDotLanes>(s[j]);
 }
 
 // One chunk of the backward of the weighted sum. go holds the len output
@@ -152,15 +153,8 @@ C10_ALWAYS_INLINE void weighted_sum_backward_chunk(const scalar_t* __restrict__ 
                                                    int64_t src, int64_t len, acc_t* dots, acc_t* __restrict__ buf) {
   for (int64_t i = 0; i < len; ++i) buf[i] = static_cast<acc_t>(go[i]);
   for (int64_t k = 0; k < k_count;) {
-    // Groups of kStreams inputs that all need both gradients take one sweep.
-    bool grouped = dots != nullptr && k + 8 <= k_count;
-    for (int j = 0; grouped && j < 8; ++j) grouped = gxs[k + j] != nullptr;
-    if (grouped) {
-      weighted_sum_backward_streams<8>(buf, gxs, xs, k, w, src, len, dots);
-      k += 8;
-      continue;
-    }
-    grouped = dots != nullptr && k + kStreams <= k_count;
+    // kStreams inputs that all need both gradients take one sweep together.
+    bool grouped = dots != nullptr && k + kStreams <= k_count;
     for (int j = 0; grouped && j < kStreams; ++j) grouped = gxs[k + j] != nullptr;
     if (grouped) {
       weighted_sum_backward_streams<kStreams>(buf, gxs, xs, k, w, src, len, dots);
