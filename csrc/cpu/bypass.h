@@ -41,7 +41,7 @@ std::vector<BypassView<scalar_t>> bypass_views(at::TensorList bypass, at::IntArr
 // bypass element (n, c, 0, 0).
 template <typename scalar_t, typename acc_t>
 C10_ALWAYS_INLINE void gather_bypass(const BypassView<scalar_t>& b, const scalar_t* plane, int64_t w, int64_t off,
-                                     int64_t len, acc_t* __restrict__ vals, int8_t* __restrict__ arg) {
+                                     int64_t len, acc_t* __restrict__ vals, int32_t* __restrict__ arg) {
   const int64_t sh = b.sh, sw = b.sw;
   for_row_runs(off, len, w, [&](int64_t oh, int64_t ow, int64_t i, int64_t run) {
     acc_t* __restrict__ v = vals + i;
@@ -55,11 +55,24 @@ C10_ALWAYS_INLINE void gather_bypass(const BypassView<scalar_t>& b, const scalar
     } else {
       const scalar_t* __restrict__ top = plane + (2 * oh) * sh + (2 * ow) * sw;
       const scalar_t* __restrict__ bottom = top + sh;
-      for (int64_t j = 0; j < run; ++j) {
-        const int64_t x0 = 2 * j * sw, x1 = x0 + sw;
-        const auto r = math::max_pool_2x2<acc_t>(top[x0], top[x1], bottom[x0], bottom[x1]);
-        v[j] = r.value;
-        if (arg != nullptr) arg[i + j] = static_cast<int8_t>(r.index);
+      int32_t* __restrict__ a = arg != nullptr ? arg + i : nullptr;
+      if (sw == 1 && a != nullptr) {  // contiguous rows: the loop vectorises
+        for (int64_t j = 0; j < run; ++j) {
+          const auto r = math::max_pool_2x2<acc_t>(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]);
+          v[j] = r.value;
+          a[j] = r.index;
+        }
+      } else if (sw == 1) {
+        for (int64_t j = 0; j < run; ++j) {
+          v[j] = math::max_pool_2x2<acc_t>(top[2 * j], top[2 * j + 1], bottom[2 * j], bottom[2 * j + 1]).value;
+        }
+      } else {
+        for (int64_t j = 0; j < run; ++j) {
+          const int64_t x0 = 2 * j * sw, x1 = x0 + sw;
+          const auto r = math::max_pool_2x2<acc_t>(top[x0], top[x1], bottom[x0], bottom[x1]);
+          v[j] = r.value;
+          if (a != nullptr) a[j] = r.index;
+        }
       }
     }
   });
@@ -69,7 +82,7 @@ C10_ALWAYS_INLINE void gather_bypass(const BypassView<scalar_t>& b, const scalar
 // window of the contiguous (2h, 2w) gradient plane gets wk * g at its argmax
 // and zeros elsewhere. The windows tile the plane, so every element is written.
 template <typename scalar_t, typename acc_t>
-C10_ALWAYS_INLINE void scatter_pool_grad(const acc_t* __restrict__ g, acc_t wk, const int8_t* __restrict__ arg,
+C10_ALWAYS_INLINE void scatter_pool_grad(const acc_t* __restrict__ g, acc_t wk, const int32_t* __restrict__ arg,
                                          int64_t w, int64_t off, int64_t len, scalar_t* __restrict__ grad) {
   for_row_runs(off, len, w, [&](int64_t oh, int64_t ow, int64_t i, int64_t run) {
     scalar_t* __restrict__ g_top = grad + (2 * oh) * (2 * w) + 2 * ow;
@@ -77,10 +90,13 @@ C10_ALWAYS_INLINE void scatter_pool_grad(const acc_t* __restrict__ g, acc_t wk, 
     for (int64_t j = 0; j < run; ++j) {
       const scalar_t v = static_cast<scalar_t>(wk * g[i + j]);
       const int a = arg[i + j];
-      g_top[2 * j] = math::pool_grad_at(0, a, v);
-      g_top[2 * j + 1] = math::pool_grad_at(1, a, v);
-      g_bottom[2 * j] = math::pool_grad_at(2, a, v);
-      g_bottom[2 * j + 1] = math::pool_grad_at(3, a, v);
+      // All four first, then the stores: that order vectorises.
+      const scalar_t v0 = math::pool_grad_at(0, a, v), v1 = math::pool_grad_at(1, a, v);
+      const scalar_t v2 = math::pool_grad_at(2, a, v), v3 = math::pool_grad_at(3, a, v);
+      g_top[2 * j] = v0;
+      g_top[2 * j + 1] = v1;
+      g_bottom[2 * j] = v2;
+      g_bottom[2 * j + 1] = v3;
     }
   });
 }

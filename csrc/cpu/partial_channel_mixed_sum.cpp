@@ -67,7 +67,7 @@ at::Tensor partial_channel_mixed_sum(at::TensorList xs, const at::Tensor& weight
           weighted_sum_chunk(ptrs.data(), k_count, wp, (n * s.cp + c) * hw + pc.off, pc.len, dst, buf);
         } else if (bypass_pool) {
           gather_bypass(b, b.data + n * b.sn + (c - s.cp) * b.sc, s.w, pc.off, pc.len, buf,
-                        static_cast<int8_t*>(nullptr));
+                        static_cast<int32_t*>(nullptr));
           for (int64_t i = 0; i < pc.len; ++i) dst[i] = static_cast<scalar_t>(buf[i]);
         } else {
           const scalar_t* src = b.data + n * b.sn + (c - s.cp) * b.sc + pc.off;
@@ -142,7 +142,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> partial_channel_mixe
       at::parallel_for(0, s.n * s.cb * chunks_per_plane, grain, [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
         alignas(64) acc_t buf[kChunk];
         alignas(64) acc_t vals[kChunk];
-        alignas(64) int8_t arg[kChunk];
+        alignas(64) int32_t arg[kChunk];
         for (int64_t t = begin; t < end; ++t) {
           const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
           const int64_t n = pc.plane / s.cb, c = s.cp + (pc.plane - n * s.cb);

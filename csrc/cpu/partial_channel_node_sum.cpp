@@ -65,7 +65,7 @@ at::Tensor partial_channel_node_sum(at::TensorList mixed, at::TensorList bypass,
         const int64_t cb = c - s.cp;
         for (int64_t e = 0; e < s.edges; ++e) {
           const auto& b = views[e];
-          gather_bypass(b, b.data + n * b.sn + cb * b.sc, s.w, pc.off, pc.len, vals, static_cast<int8_t*>(nullptr));
+          gather_bypass(b, b.data + n * b.sn + cb * b.sc, s.w, pc.off, pc.len, vals, static_cast<int32_t*>(nullptr));
           const acc_t we = wp[e];
           if (e == 0) {
             for (int64_t i = 0; i < pc.len; ++i) buf[i] = math::weighted_accumulate(acc_t(0), we, vals[i]);
@@ -128,7 +128,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, at::Tensor> partial
     at::parallel_for(0, tasks, grain_for(std::min(hw, kChunk)), [&](int64_t begin, int64_t end) FASTNAS_CPU_CLONES {
       alignas(64) acc_t buf[kChunk];
       alignas(64) acc_t vals[kChunk];
-      alignas(64) int8_t arg[kChunk];
+      alignas(64) int32_t arg[kChunk];
       for (int64_t t = begin; t < end; ++t) {
         const PlaneChunk pc = plane_chunk(t, chunks_per_plane, hw);
         const int64_t n = pc.plane / channels, oc = pc.plane - n * channels;
