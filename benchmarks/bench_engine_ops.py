@@ -1,10 +1,13 @@
 #!/usr/bin/env python
 """Benchmark of the memory engine's ops, each pass on its own: multi_depthwise (also
 against aten's depthwise convolutions, cuDNN on the GPU), stacked_batch_norm,
-pool_batch_norm_stats, darts_sum and partial_channel_node_sum, forward and
-backward, and the whole DARTS and partial-channel edge (forward and backward in one
-pass, as a training step runs them), every fused backend against the eager reference and ``torch.compile`` of
-it (fullgraph, static shapes, compiled before the timing) in the same run.
+pool_batch_norm_stats, darts_sum and partial_channel_node_sum, forward,
+backward, and both (fwd+bwd: the forward through autograd, then the gradients, as a
+training step runs them), and the whole DARTS and partial-channel edge (fwd+bwd),
+every fused backend against the eager reference and ``torch.compile`` of it
+(fullgraph, static shapes, compiled before the timing) in the same run. A compiled
+backward alone is the compiled forward's own backward graph where ``autograd.grad``
+of a graph built outside cannot be compiled (the node sum).
 
     python benchmarks/bench_engine_ops.py [--device cpu|cuda] [--quick] [--case TEXT]
         [--impls cuda,triton,eager,aten] [--batch N] [--dtype fp32|bf16] [--out DIR]
@@ -64,6 +67,9 @@ class Case:
     passes: dict  # pass name -> function of the implementation name returning a closure to time
     bytes: dict  # pass name -> minimal bytes moved
     aten: dict = field(default_factory=dict)  # pass name -> closure (multi_depthwise only)
+    # pass name -> closure of the compiled reference, where compiling the pass's closure is not how a
+    # compile user runs it (a backward alone: the compiled forward's own backward graph)
+    compiled: dict = field(default_factory=dict)
 
 
 def _nbytes(*tensors) -> int:
@@ -73,6 +79,16 @@ def _nbytes(*tensors) -> int:
 def _randn(shape, device, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+
+def _train_pass(forward, inputs, grads):
+    """The fwd+bwd pass of an op with autograd: ``forward(impl)`` on inputs that require a gradient,
+    then ``torch.autograd.grad`` of its output, as a training step runs it."""
+    return lambda impl: lambda: torch.autograd.grad(forward(impl), inputs, grads)
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
 
 
 def depthwise_case(n, c, h, stride, device, dtype, per_candidate=False) -> Case:
@@ -88,9 +104,13 @@ def depthwise_case(n, c, h, stride, device, dtype, per_candidate=False) -> Case:
     ho = (h - 1) // stride + 1
     g = _randn((j, c, n, ho, ho), device, dtype, seed=11)
     label = f"multi_depthwise {'2nd stage bn ' if per_candidate else ''}J={j} {n}x{c}x{h}x{h} s{stride}"
+    xg, *wg = _leaves(x, *ws)
     passes = {
         "fwd": lambda impl: lambda: multi_depthwise(x, ws, ds, stride, mean, rstd, backend=impl),
         "bwd": lambda impl: lambda: multi_depthwise_backward(g, x, ws, ds, stride, mean, rstd, backend=impl),
+        "fwd+bwd": _train_pass(
+            lambda impl: multi_depthwise(xg, wg, ds, stride, mean, rstd, backend=impl), [xg, *wg], g
+        ),
     }
     out_bytes = _nbytes(g)
     case = Case("multi_depthwise", label, passes, {"fwd": _nbytes(x) + out_bytes, "bwd": out_bytes + 2 * _nbytes(x)})
@@ -128,9 +148,18 @@ def batch_norm_case(j, c, n, h, device, dtype) -> Case:
     z = _randn((j, c, n, h, h), device, dtype) + 1.0
     g = _randn(z.shape, device, dtype, seed=1)
     mean, rstd, _ = stacked_batch_norm_stats(z, backend="reference")
+
+    def both(impl):  # the statistics, then the backward from them, as the fused edge calls them
+        def call():
+            m, r, _ = stacked_batch_norm_stats(z, backend=impl)
+            return stacked_batch_norm_backward(g, z, m, r, backend=impl)
+
+        return call
+
     passes = {
         "fwd": lambda impl: lambda: stacked_batch_norm_stats(z, backend=impl),
         "bwd": lambda impl: lambda: stacked_batch_norm_backward(g, z, mean, rstd, backend=impl),
+        "fwd+bwd": both,
     }
     return Case("stacked_batch_norm_stats", f"stacked_batch_norm J={j} {c}x{n}x{h}x{h}", passes,
                 {"fwd": _nbytes(z), "bwd": 3 * _nbytes(z)})  # fmt: skip
@@ -147,10 +176,14 @@ def darts_sum_case(n, c, h, jz, stride, device, dtype) -> Case:
     g = _randn((n, c, ho, ho), device, dtype, seed=5)
     skip = stride == 1
     args = (x, z, mean, rstd, coef, stride, True, True, skip)
+    xg, zg, cg = _leaves(x, z, coef)
     passes = {
         "stats": lambda impl: lambda: pool_batch_norm_stats(x, stride, backend=impl),
         "fwd": lambda impl: lambda: darts_sum(*args, backend=impl),
         "bwd": lambda impl: lambda: darts_sum_backward(g, *args, True, backend=impl),
+        "fwd+bwd": _train_pass(
+            lambda impl: darts_sum(xg, zg, mean, rstd, cg, stride, True, True, skip, backend=impl), [xg, zg, cg], g
+        ),
     }
     sizes = {
         "stats": _nbytes(x),
@@ -170,18 +203,31 @@ def node_case(n, c, h, strides, device, dtype, k=4) -> Case:
     inputs = [*mixed, *bypass, weights]
     held = {}
 
-    def fwd(impl):
-        return lambda: partial_channel_node_sum(mixed, bypass, weights, k, strides, backend=impl)
+    def forward(impl):
+        return partial_channel_node_sum(mixed, bypass, weights, k, strides, backend=impl)
 
-    def bwd(impl):
+    def fwd(impl):
+        return lambda: forward(impl)
+
+    def backward_of(key, forward_fn):
         # Backward alone: the graph of one untimed forward, kept for the timed calls.
-        held[impl] = partial_channel_node_sum(mixed, bypass, weights, k, strides, backend=impl)
-        return lambda: torch.autograd.grad(held[impl], inputs, g, retain_graph=True)
+        held[key] = forward_fn()
+        return lambda: torch.autograd.grad(held[key], inputs, g, retain_graph=True)
+
+    def compiled_bwd():
+        # What a compile user's backward is: the compiled forward's own backward graph.
+        torch._dynamo.reset()
+        return backward_of("compile", torch.compile(lambda: forward("reference"), fullgraph=True, dynamic=False))
 
     read = _nbytes(*mixed) + sum(b.numel() * b.element_size() for b in bypass)
     sizes = {"fwd": read + _nbytes(g), "bwd": _nbytes(g) + 2 * read}
     label = f"partial_channel_node_sum E={len(strides)} strides {''.join(map(str, strides))} {n}x{c}x{h}x{h}"
-    return Case("partial_channel_node_sum", label, passes={"fwd": fwd, "bwd": bwd}, bytes=sizes)
+    passes = {
+        "fwd": fwd,
+        "bwd": lambda impl: backward_of(impl, lambda: forward(impl)),
+        "fwd+bwd": _train_pass(forward, inputs, g),
+    }
+    return Case("partial_channel_node_sum", label, passes=passes, bytes=sizes, compiled={"bwd": compiled_bwd})
 
 
 def edge_case(n, c, h, stride, device, dtype, groups=None) -> Case:
@@ -300,9 +346,12 @@ def run(args) -> int:
                         continue
                 else:
                     try:
-                        fn = make("reference" if impl in ("eager", "compile") else impl)
-                        if impl == "compile":
-                            fn = compiled(fn)
+                        if impl == "compile" and name in case.compiled:
+                            fn = case.compiled[name]()
+                        else:
+                            fn = make("reference" if impl in ("eager", "compile") else impl)
+                            if impl == "compile":
+                                fn = compiled(fn)
                     except Exception as exc:
                         rows.append({"case": case.label, "dtype": args.dtype, "impl": impl, "pass": name,
                                      "note": f"failed: {type(exc).__name__}: {exc}"[:200]})  # fmt: skip
