@@ -278,6 +278,28 @@ def test_engine_ops_compile_column_matches_eager():
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_engine_ops_node_sum_passes_match_eager():
+    """The node sum's compiled backward alone (its compiled forward's backward graph) and every op's
+    fwd+bwd pass, fused and compiled, give the eager reference's gradients."""
+    spec = importlib.util.spec_from_file_location("bench_engine_ops", REPO / "benchmarks" / "bench_engine_ops.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_engine_ops"] = module
+    spec.loader.exec_module(module)
+    node = module.node_case(2, 8, 4, [2, 1], "cpu", torch.float32)
+    want = node.passes["bwd"]("reference")()
+    for got in (node.compiled["bwd"](), node.passes["bwd"]("cpu")):
+        for g, w in zip(got(), want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    cases = [node, module.depthwise_case(2, 3, 6, 1, "cpu", torch.float32)]
+    cases += [module.darts_sum_case(2, 3, 6, 4, 1, "cpu", torch.float32)]
+    for case in cases:
+        make = case.passes["fwd+bwd"]
+        want = make("reference")()
+        for got in (make("cpu")(), module.compiled(make("reference"))()):
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
 def test_repo_root_is_the_repository():
     """Child benchmark processes run from the repository root, and the commit is read there."""
     assert (bench.REPO_ROOT / "setup.py").is_file() and (bench.REPO_ROOT / "fastnas").is_dir()
