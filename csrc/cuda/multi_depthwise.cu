@@ -930,8 +930,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
   at::Tensor grad_pre =
       input_need_grad ? empty_contiguous(x_in.sizes(), x_in.options()) : at::empty({0}, x_in.options());
   const int64_t taps_all = tap_offsets(cands).back();
-  at::Tensor summed = at::zeros({s.groups(), taps_all}, x_in.options().dtype(acc_dtype));
-  if (s.N > 0 && s.C > 0 && s.Ho > 0 && s.Wo > 0) {
+  const bool any = s.N > 0 && s.C > 0 && s.Ho > 0 && s.Wo > 0;
+  // The sums below write every element: zeros only where they do not run.
+  const auto sum_options = x_in.options().dtype(acc_dtype);
+  at::Tensor summed =
+      any ? at::empty({s.groups(), taps_all}, sum_options) : at::zeros({s.groups(), taps_all}, sum_options);
+  if (any) {
     const at::Tensor x = x_in.contiguous();
     const at::Tensor go = grad_out_in.contiguous();
     const auto ws = for_accumulation_all(weights, dtype);
