@@ -749,6 +749,34 @@ auto weight_grad_kernel_for(const Dims& dm, const Candidates<acc_t>& cd) -> void
 
 #undef FASTNAS_DW_KINDS
 
+// Where the weights' gradients go: one (C, 1, k, k) tensor in acc_t per candidate.
+template <typename acc_t>
+struct WeightGradOutputs {
+  acc_t* grad[kMaxCandidates];
+};
+
+// The second stage of the weights' gradients, straight into each candidate's
+// own tensor: block b sums channel c = b / taps_all's tap b % taps_all over the
+// chunks of partials (groups, taps_all, chunks), in strided_sums_kernel's
+// order. It reads only the candidate's own group (c for a shared x, j * C + c
+// per candidate), so a per-candidate group's other taps are never read.
+template <typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    weight_grad_sums_kernel(const acc_t* __restrict__ partials, const Candidates<acc_t> cd, WeightGradOutputs<acc_t> o,
+                            int64_t C, int taps_all, int64_t chunks, bool shared) {
+  __shared__ acc_t scratch[kWarps];
+  const int64_t c = blockIdx.x / taps_all;
+  const int tap = static_cast<int>(blockIdx.x % taps_all);
+  int j = 0;
+  while (j + 1 < cd.J && tap >= cd.tap_offset[j + 1]) ++j;
+  const int64_t group = shared ? c : j * C + c;
+  const acc_t* row = partials + (group * taps_all + tap) * chunks;
+  acc_t v = acc_t(0);
+  for (int64_t p = threadIdx.x; p < chunks; p += kThreads) v += row[p];
+  v = block_sum(v, scratch);
+  if (threadIdx.x == 0) o.grad[j][c * cd.k[j] * cd.k[j] + tap - cd.tap_offset[j]] = v;
+}
+
 // --- host side ----------------------------------------------------------------------
 
 void check_cuda_limits(const char* op, const DepthwiseShape& s, const std::vector<DepthwiseCandidate>& cands) {
@@ -931,10 +959,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
       input_need_grad ? empty_contiguous(x_in.sizes(), x_in.options()) : at::empty({0}, x_in.options());
   const int64_t taps_all = tap_offsets(cands).back();
   const bool any = s.N > 0 && s.C > 0 && s.Ho > 0 && s.Wo > 0;
-  // The sums below write every element: zeros only where they do not run.
-  const auto sum_options = x_in.options().dtype(acc_dtype);
-  at::Tensor summed =
-      any ? at::empty({s.groups(), taps_all}, sum_options) : at::zeros({s.groups(), taps_all}, sum_options);
+  // The weights' gradients in acc_t, written whole by weight_grad_sums_kernel
+  // (zeros only where it does not run).
+  std::vector<at::Tensor> grad_ws;
+  for (const auto& cd : cands) {
+    const auto options = x_in.options().dtype(acc_dtype);
+    grad_ws.push_back(any ? at::empty({s.C, 1, cd.k, cd.k}, options) : at::zeros({s.C, 1, cd.k, cd.k}, options));
+  }
   if (any) {
     const at::Tensor x = x_in.contiguous();
     const at::Tensor go = grad_out_in.contiguous();
@@ -961,18 +992,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
       // A fixed split of each group's tiles into chunks, from the shape alone.
       const int64_t per_block = std::max<int64_t>(1, s.groups() * t.items() / kWeightGradBlocks);
       const int64_t chunks = ceil_div(t.items(), per_block);
-      // Zeros: per candidate, a group writes only its candidate's taps.
-      at::Tensor partials = at::zeros({s.groups(), taps_all, chunks}, x_in.options().dtype(acc_dtype));
+      // Every (group, chunk) writes its candidates' taps, the only ones read.
+      at::Tensor partials = at::empty({s.groups(), taps_all, chunks}, x_in.options().dtype(acc_dtype));
       const WeightGradArgs<scalar_t, acc_t> args{
           go.data_ptr<scalar_t>(),   x.data_ptr<scalar_t>(), cd, mp, rp, dm, t, per_block, chunks, taps_all,
           partials.data_ptr<acc_t>()};
       const int64_t smem = (t.region() + scratch) * sizeof(acc_t);
       launch(weight_grad_kernel_for<scalar_t>(dm, cd), grid_size(kBackward, s.groups() * chunks), smem, args);
-      launch_strided_sums(partials.data_ptr<acc_t>(), s.groups() * taps_all, chunks, chunks, 1,
-                          summed.data_ptr<acc_t>());
+      WeightGradOutputs<acc_t> outs{};
+      for (int64_t j = 0; j < s.J; ++j) outs.grad[j] = grad_ws[j].data_ptr<acc_t>();
+      launch(weight_grad_sums_kernel<acc_t>, s.C * taps_all, 0, partials.data_ptr<acc_t>(), cd, outs, s.C,
+             static_cast<int>(taps_all), chunks, s.shared);
     });
   }
-  return {grad_pre, depthwise_weight_grads(summed, s, cands, weights)};
+  for (int64_t j = 0; j < s.J; ++j) grad_ws[j] = grad_ws[j].to(weights[j].scalar_type());
+  return {grad_pre, std::move(grad_ws)};
 }
 
 }  // namespace
