@@ -18,6 +18,7 @@
 // marked FASTNAS_CPU_CLONES gets the clones, and the loops inlined into it with
 // them. The build's -ffp-contract=off keeps every clone's rounding the same (no
 // fused multiply-add), so the results are the same bits on every CPU.
+// (multi_depthwise.cpp's convolution taps have their own clones, with FMA.)
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define FASTNAS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else

@@ -38,7 +38,8 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
 // AVX2 and FMA where the CPU has them, chosen once at load time (fused
-// multiply-adds need fp-contract, which strict -std=c++20 turns off).
+// multiply-adds need fp-contract, which the build turns off elsewhere; the
+// other CPU kernels' clones, FASTNAS_CPU_CLONES in cpu/loops.h, keep it off).
 #define FASTNAS_DW_CLONES __attribute__((target_clones("arch=x86-64-v3", "default"), optimize("fp-contract=fast")))
 #else
 #define FASTNAS_DW_CLONES
