@@ -668,6 +668,9 @@ class DartsEdgeFunction : public torch::autograd::Function<DartsEdgeFunction> {
     ctx->save_for_backward(saved);
     ctx->saved_data["spec"] = spec.vec();
     ctx->mark_non_differentiable({zs, mid_mean, mid_rstd, mean, rstd});
+    // The non-differentiable outputs' gradients stay undefined (materialised, they
+    // would be one zero-filled launch each per backward); backward reads only grads[0].
+    ctx->set_materialize_grads(false);
     return {out, zs, mid_mean, mid_rstd, mean, rstd};
   }
 

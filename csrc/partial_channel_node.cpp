@@ -279,6 +279,9 @@ class PartialChannelNodeFunction : public torch::autograd::Function<PartialChann
     ctx->saved_data["groups"] = args.groups;
     ctx->saved_data["edges"] = static_cast<int64_t>(states.size());
     ctx->mark_non_differentiable({mixed, zs, mid_mean, mid_rstd, mean, rstd});
+    // The non-differentiable outputs' gradients stay undefined (materialised, they
+    // would be one zero-filled launch each per backward); backward reads only grads[0].
+    ctx->set_materialize_grads(false);
     return {out, mixed, zs, mid_mean, mid_rstd, mean, rstd};
   }
 

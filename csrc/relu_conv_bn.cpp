@@ -150,6 +150,9 @@ class ReluConvBnFunction : public torch::autograd::Function<ReluConvBnFunction> 
     ctx->save_for_backward(saved);
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({mean, rstd});
+    // The non-differentiable outputs' gradients stay undefined (materialised, they
+    // would be one zero-filled launch each per backward); backward reads only grads[0].
+    ctx->set_materialize_grads(false);
     return {out, mean, rstd};
   }
 
