@@ -198,7 +198,8 @@ def test_compile_fullgraph_matches_eager_and_updates_buffers_once():
 
 
 def test_one_call_per_direction():
-    """Below autograd, a fused edge's forward and backward are one op each."""
+    """Below autograd, a fused edge's forward and backward are one op each, and autograd zero-fills no
+    gradient for its non-differentiable outputs (one launch each on a GPU)."""
     op = _edge(DARTS_PRIMITIVES, 4, 2, torch.float32)
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     w = torch.softmax(torch.randn(8), 0).requires_grad_(True)
@@ -206,6 +207,7 @@ def test_one_call_per_direction():
     counter = bench.count_ops(lambda: op(x, w).backward(torch.ones_like(out)))
     fastnas_ops = {k: v for k, v in counter.counts.items() if k.startswith("fastnas::")}
     assert fastnas_ops == {"fastnas::darts_edge": 1, "fastnas::darts_edge_backward": 1}, counter.counts
+    assert "aten::zeros" not in counter.counts, counter.counts
 
 
 def test_version_counters_of_buffers_move():

@@ -176,12 +176,14 @@ def test_double_backward_is_refused(memory):
 
 
 def test_one_call_per_direction():
+    """One op per direction, and no zero-filled gradient for the node's non-differentiable outputs."""
     spec, _, states, weights, beta, params = _tiny()
     counter = bench.count_ops(
         lambda: partial_channel_node(states, weights, beta, params, spec, backend="cpu").sum().backward()
     )
     fastnas_ops = {k: v for k, v in counter.counts.items() if k.startswith("fastnas::")}
     assert fastnas_ops == {"fastnas::partial_channel_node": 1, "fastnas::partial_channel_node_backward": 1}
+    assert "aten::zeros" not in counter.counts, counter.counts
 
 
 def test_spec_round_trips():
