@@ -962,9 +962,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
   // The weights' gradients in acc_t, written whole by weight_grad_sums_kernel
   // (zeros only where it does not run).
   std::vector<at::Tensor> grad_ws;
-  for (const auto& cd : cands) {
+  for (const auto& cand : cands) {
     const auto options = x_in.options().dtype(acc_dtype);
-    grad_ws.push_back(any ? at::empty({s.C, 1, cd.k, cd.k}, options) : at::zeros({s.C, 1, cd.k, cd.k}, options));
+    grad_ws.push_back(any ? at::empty({s.C, 1, cand.k, cand.k}, options)
+                          : at::zeros({s.C, 1, cand.k, cand.k}, options));
   }
   if (any) {
     const at::Tensor x = x_in.contiguous();
@@ -1001,8 +1002,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
       launch(weight_grad_kernel_for<scalar_t>(dm, cd), grid_size(kBackward, s.groups() * chunks), smem, args);
       WeightGradOutputs<acc_t> outs{};
       for (int64_t j = 0; j < s.J; ++j) outs.grad[j] = grad_ws[j].data_ptr<acc_t>();
-      launch(weight_grad_sums_kernel<acc_t>, s.C * taps_all, 0, partials.data_ptr<acc_t>(), cd, outs, s.C,
-             static_cast<int>(taps_all), chunks, s.shared);
+      launch(weight_grad_sums_kernel<acc_t>, grid_size(kBackward, s.C * taps_all), 0, partials.data_ptr<acc_t>(), cd,
+             outs, s.C, static_cast<int>(taps_all), chunks, s.shared);
     });
   }
   for (int64_t j = 0; j < s.J; ++j) grad_ws[j] = grad_ws[j].to(weights[j].scalar_type());
