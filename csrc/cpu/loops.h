@@ -19,7 +19,8 @@
 // them. The build's -ffp-contract=off keeps every clone's rounding the same (no
 // fused multiply-add), so the results are the same bits on every CPU.
 // (multi_depthwise.cpp's convolution taps have their own clones, with FMA.)
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// GCC 12 is the oldest checked to build these (x86-64-v4 arrived in GCC 11).
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
 #define FASTNAS_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define FASTNAS_CPU_CLONES

@@ -35,7 +35,7 @@
 #include "fastnas_math.h"
 #include "host/multi_depthwise.h"
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12 && defined(__x86_64__) && defined(__linux__)
 // The build targets baseline x86-64 (SSE2); these clones let the hot loops use
 // AVX2 and FMA where the CPU has them, chosen once at load time (fused
 // multiply-adds need fp-contract, which the build turns off elsewhere; the
