@@ -700,6 +700,22 @@ void sum_over_chunks(const acc_t* partials, int64_t groups, int64_t chunks, int6
   }
 }
 
+// The weights' gradients from their sums per group, (groups, taps of all
+// candidates): for shared x a group is a channel and holds every candidate's
+// taps; per candidate, group j * C + c holds candidate j's.
+std::vector<at::Tensor> depthwise_weight_grads(const at::Tensor& summed, const DepthwiseShape& s,
+                                               const std::vector<DepthwiseCandidate>& cands, at::TensorList weights) {
+  const std::vector<int64_t> offsets = tap_offsets(cands);
+  std::vector<at::Tensor> grad_ws;
+  for (int64_t j = 0; j < s.J; ++j) {
+    const int64_t k = cands[j].k;
+    const at::Tensor rows =
+        s.shared ? summed.narrow(1, offsets[j], k * k) : summed.narrow(0, j * s.C, s.C).narrow(1, offsets[j], k * k);
+    grad_ws.push_back(rows.reshape({s.C, 1, k, k}).to(weights[j].scalar_type()).contiguous());
+  }
+  return grad_ws;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> multi_depthwise_backward(
     const at::Tensor& grad_out_in, const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef dilations,
     int64_t stride, const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& rstd, bool input_need_grad,

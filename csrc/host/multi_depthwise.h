@@ -1,5 +1,5 @@
-// multi_depthwise's shapes, argument checks and the assembly of its weight
-// gradients, shared by its CPU and CUDA kernels.
+// multi_depthwise's shapes, argument checks and the candidates' tap layout,
+// shared by its CPU and CUDA kernels.
 //
 // x is (N, C, H, W), shared by all J candidates, or (J, C, N, H, W), one input
 // per candidate (which may carry a batch-norm prologue, mean and rstd (J, C));
@@ -118,23 +118,6 @@ inline std::vector<int64_t> tap_offsets(const std::vector<DepthwiseCandidate>& c
   std::vector<int64_t> offsets(cands.size() + 1, 0);
   for (size_t j = 0; j < cands.size(); ++j) offsets[j + 1] = offsets[j] + cands[j].k * cands[j].k;
   return offsets;
-}
-
-// The weights' gradients from their sums per group, (groups, taps of all
-// candidates): for shared x a group is a channel and holds every candidate's
-// taps; per candidate, group j * C + c holds candidate j's.
-inline std::vector<at::Tensor> depthwise_weight_grads(const at::Tensor& summed, const DepthwiseShape& s,
-                                                      const std::vector<DepthwiseCandidate>& cands,
-                                                      at::TensorList weights) {
-  const std::vector<int64_t> offsets = tap_offsets(cands);
-  std::vector<at::Tensor> grad_ws;
-  for (int64_t j = 0; j < s.J; ++j) {
-    const int64_t k = cands[j].k;
-    const at::Tensor rows =
-        s.shared ? summed.narrow(1, offsets[j], k * k) : summed.narrow(0, j * s.C, s.C).narrow(1, offsets[j], k * k);
-    grad_ws.push_back(rows.reshape({s.C, 1, k, k}).to(weights[j].scalar_type()).contiguous());
-  }
-  return grad_ws;
 }
 
 }  // namespace fastnas
